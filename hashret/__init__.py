@@ -1,0 +1,11 @@
+"""hashret: cross-modal (image <-> text) hashing search.
+
+Sub-packages: ``hashret.data`` (datasets, splits, featurizers), ``hashret.models``
+(hash models built by name), ``hashret.eval`` (mAP and friends, the benchmark).
+"""
+
+__version__ = "0.1.0"
+
+from hashret.errors import HashretError  # noqa: E402
+
+__all__ = ["HashretError", "__version__"]

@@ -1,0 +1,257 @@
+"""One dataset shape for every source: features of two modalities, labels, ids and a split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from hashret.errors import HashretError, check
+
+MODALITIES = ("image", "text")
+SPLIT_PARTS = ("query", "train", "database")
+
+
+def _as_index(values, part):
+    arr = np.asarray(values)
+    if arr.size == 0:
+        raise HashretError(f"the {part} split is empty: give it at least one item")
+    if arr.dtype.kind == "b":
+        raise HashretError(f"the {part} split is a boolean mask: pass row indices instead")
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.mod(arr, 1) == 0):
+            arr = arr.astype(np.int64)
+        else:
+            raise HashretError(f"the {part} split holds non-integer values: pass 0-based row indices")
+    return arr.astype(np.int64).ravel()
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices of the query, training and database (retrieval) parts of a dataset.
+
+    The evaluation protocol wants queries and database disjoint; the training items
+    are usually drawn from the database (Wikipedia: train is the database).
+    """
+
+    query: np.ndarray
+    train: np.ndarray
+    database: np.ndarray
+    seed: int | None = None
+    note: str = ""
+
+    def __post_init__(self):
+        for part in SPLIT_PARTS:
+            object.__setattr__(self, part, _as_index(getattr(self, part), part))
+
+    def validate(self, n_items: int) -> "Split":
+        for part in SPLIT_PARTS:
+            idx = getattr(self, part)
+            check(idx.min() >= 0 and idx.max() < n_items,
+                  f"the {part} split points outside the dataset (rows 0..{n_items - 1}): "
+                  "rebuild the split for this dataset")
+            check(len(np.unique(idx)) == len(idx),
+                  f"the {part} split lists a row twice: give each row once")
+        overlap = np.intersect1d(self.query, self.database)
+        check(overlap.size == 0,
+              f"{overlap.size} rows are both queries and database items: the protocol "
+              "needs disjoint query and database parts")
+        return self
+
+    def sizes(self) -> dict:
+        return {part: int(len(getattr(self, part))) for part in SPLIT_PARTS}
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for part in SPLIT_PARTS:
+            h.update(getattr(self, part).astype("<i8").tobytes())
+            h.update(b"|")
+        return h.hexdigest()[:16]
+
+    def save(self, path, dataset: str = "", n_items: int | None = None) -> Path:
+        """Write the split as ``.npz`` (written to a temp file, then renamed)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"dataset": dataset, "n_items": n_items, "seed": self.seed, "note": self.note,
+                "fingerprint": self.fingerprint()}
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, query=self.query, train=self.train, database=self.database,
+                     meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path, n_items: int | None = None) -> "Split":
+        path = Path(path)
+        check(path.is_file(), f"split file {path} does not exist: pass the split.npz saved beside the results")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                parts = {part: z[part] for part in SPLIT_PARTS}
+                meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        except (OSError, ValueError, KeyError) as exc:
+            raise HashretError(f"split file {path} is unreadable ({exc}): re-create it") from None
+        split = cls(**parts, seed=meta.get("seed"), note=meta.get("note", ""))
+        saved_n = meta.get("n_items")
+        if n_items is not None:
+            check(saved_n in (None, n_items),
+                  f"split file {path} was made for {saved_n} items, the dataset has {n_items}: "
+                  "use the split saved with this dataset")
+            split.validate(n_items)
+        return split
+
+
+def random_split(n_items: int, n_query: int, n_train: int, seed: int = 0,
+                 train_from_database: bool = True) -> Split:
+    """The DCMH protocol's split: random queries, the rest is the database, training drawn from it."""
+    check(0 < n_query < n_items, f"cannot draw {n_query} queries from {n_items} items: "
+          "ask for fewer queries")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n_items)
+    query, database = np.sort(perm[:n_query]), perm[n_query:]
+    pool = database if train_from_database else perm
+    n_train = min(n_train, len(pool))
+    train = np.sort(rng.choice(pool, size=n_train, replace=False))
+    return Split(query, train, np.sort(database), seed=seed,
+                 note=f"random: {n_query} query, {n_train} train from database, seed {seed}")
+
+
+def _check_matrix(name, matrix, n_rows, what):
+    if matrix is None:
+        return None
+    if sp.issparse(matrix):
+        matrix = sp.csr_matrix(matrix, dtype=np.float32)
+        data = matrix.data
+    else:
+        matrix = np.asarray(matrix)
+        if matrix.dtype.kind not in "biuf":
+            raise HashretError(f"{name}: {what} features are not numeric ({matrix.dtype}): "
+                               "pass a numeric matrix")
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        data = matrix
+    check(matrix.ndim == 2, f"{name}: {what} features must be a 2-D matrix (items x dims), "
+          f"got shape {matrix.shape}")
+    check(matrix.shape[0] == n_rows,
+          f"{name}: {what} features have {matrix.shape[0]} rows but there are {n_rows} label rows: "
+          "each item needs one row of each")
+    check(matrix.shape[1] > 0, f"{name}: {what} features have zero columns")
+    if not np.isfinite(data).all():
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise HashretError(f"{name}: {what} features hold {bad} NaN/inf values: clean or impute "
+                           "them before loading")
+    return matrix
+
+
+@dataclass
+class CrossModalDataset:
+    """Image features, text features, multi-hot labels, item ids and a split.
+
+    ``image`` is an (N, d_i) float32 array, or None where the source has no image side;
+    ``text`` is (N, d_t), dense or a scipy CSR bag-of-words. ``synthetic`` is True for any
+    data with generated parts, and the name then says so.
+    """
+
+    name: str
+    image: np.ndarray | None
+    text: np.ndarray | sp.csr_matrix | None
+    labels: np.ndarray
+    ids: np.ndarray | None = None
+    split: Split | None = None
+    synthetic: bool = False
+    label_names: list | None = None
+    vocab: list | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        labels = np.asarray(self.labels)
+        if labels.ndim == 1:  # class indices -> one-hot
+            check(labels.dtype.kind in "iu", f"{self.name}: 1-D labels must be class indices")
+            labels = np.eye(int(labels.max()) + 1, dtype=np.uint8)[labels]
+        check(labels.ndim == 2, f"{self.name}: labels must be (items x classes), got {labels.shape}")
+        check(labels.shape[0] > 0, f"{self.name}: the dataset has no items")
+        if not np.isfinite(labels.astype(np.float64)).all():
+            raise HashretError(f"{self.name}: labels hold NaN/inf values: labels must be 0/1")
+        check(np.isin(labels, (0, 1)).all(), f"{self.name}: labels must be multi-hot 0/1 values")
+        self.labels = labels.astype(np.uint8)
+        n = labels.shape[0]
+        self.image = _check_matrix(self.name, self.image, n, "image")
+        self.text = _check_matrix(self.name, self.text, n, "text")
+        check(self.image is not None or self.text is not None, f"{self.name}: no features at all")
+        if self.ids is None:
+            self.ids = np.array([str(i) for i in range(n)])
+        self.ids = np.asarray(self.ids).astype(str)
+        check(len(self.ids) == n, f"{self.name}: {len(self.ids)} ids for {n} items")
+        if self.split is not None:
+            self.split.validate(n)
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def n_labels(self) -> int:
+        return int(self.labels.shape[1])
+
+    def dim(self, modality: str) -> int:
+        m = self._matrix(modality)
+        return int(m.shape[1])
+
+    def has(self, modality: str) -> bool:
+        return self._raw(modality) is not None
+
+    # -- access ------------------------------------------------------------------------------
+    def _raw(self, modality):
+        if modality not in MODALITIES:
+            raise HashretError(f"unknown modality {modality!r}: use 'image' or 'text'")
+        return self.image if modality == "image" else self.text
+
+    def _matrix(self, modality):
+        m = self._raw(modality)
+        if m is None:
+            raise HashretError(f"{self.name} has no {modality} features: use a dataset with both "
+                               "modalities (e.g. wikipedia or a synthetic one)")
+        return m
+
+    def features(self, modality: str, rows=None) -> np.ndarray:
+        """Dense float32 features of ``modality`` for ``rows`` (all rows when None)."""
+        m = self._matrix(modality)
+        if rows is not None:
+            m = m[np.asarray(rows)]
+        if sp.issparse(m):
+            m = m.toarray()
+        return np.ascontiguousarray(m, dtype=np.float32)
+
+    def part(self, name: str) -> np.ndarray:
+        """Row indices of a split part: 'query', 'train' or 'database'."""
+        check(self.split is not None, f"{self.name} has no split: give one or use random_split")
+        check(name in SPLIT_PARTS, f"unknown split part {name!r}: use one of {', '.join(SPLIT_PARTS)}")
+        return getattr(self.split, name)
+
+    def summary(self) -> dict:
+        out = {"name": self.name, "items": self.n_items, "labels": self.n_labels,
+               "synthetic": self.synthetic, "source": self.source,
+               "image_dim": self.dim("image") if self.has("image") else None,
+               "text_dim": self.dim("text") if self.has("text") else None,
+               "text_sparse": bool(sp.issparse(self.text)) if self.has("text") else None,
+               "labels_per_item": round(float(self.labels.sum(1).mean()), 3)}
+        if self.split is not None:
+            out["split"] = self.split.sizes()
+        return out
+
+    def fingerprint(self) -> str:
+        """A short hash of the labels, sizes and split: identifies the data a model was fit on."""
+        h = hashlib.sha256()
+        h.update(self.name.encode())
+        h.update(np.ascontiguousarray(self.labels).tobytes())
+        for mod in MODALITIES:
+            h.update(str(self.dim(mod) if self.has(mod) else None).encode())
+        if self.split is not None:
+            h.update(self.split.fingerprint().encode())
+        return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Codes on disk and the Hamming scan."""

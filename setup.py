@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# scipy: .mat files (every published cross-modal set ships them); h5py: MATLAB v7.3 / HDF5
+# files (DCMH's IAll, GCH's FLICKR-25K.mat); tqdm: progress bars. torch is pinned to the
+# release whose CPU wheel the project's machines carry (an unpinned torch pulls CUDA).
+setup(
+    name="hashret",
+    version="0.1.0",
+    description="Cross-modal (image <-> text) hashing search: GCH, distilled matcher hash heads, "
+                "an LMDB code store and a Numba Hamming scan",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hashret", "hashret.*"]),
+    package_data={"hashret.data": ["packaged/wikipedia/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.13.0",
+        "numpy>=1.24",
+        "numba>=0.60",
+        "bitarray>=2.8",
+        "lmdb>=1.4",
+        "click>=8.1",
+        "scipy>=1.10",
+        "h5py>=3.8",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "plots": ["matplotlib>=3.7"],
+        "dev": ["pytest>=7", "matplotlib>=3.7", "faiss-cpu>=1.8"],
+    },
+    entry_points={"console_scripts": ["hashret=hashret.cli:main"]},
+)
