@@ -1,0 +1,139 @@
+"""What every hash model shares: a resolved config, input standardisation, sign codes, and a
+state made only of arrays (so a checkpoint loads with ``torch.load(weights_only=True)``)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from hashret.data.dataset import MODALITIES
+from hashret.errors import HashretError, check
+from hashret.index.bits import sign_codes
+
+REGISTRY: dict = {}
+
+
+def register(cls):
+    """Class decorator: make a model buildable by its ``name`` through the factory."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class HashModel:
+    """A cross-modal hash model: two hash functions (image, text) into one Hamming space.
+
+    Subclasses set ``name``, ``defaults`` (config fields with default values) and implement
+    ``_fit(image, text, labels)``, ``_project(x, modality)`` (real-valued outputs of
+    already standardised features) and the array state (``_state`` / ``_load_state``).
+    """
+
+    name = "base"
+    supervised = True
+    defaults: dict = {}
+
+    def __init__(self, bits: int, image_dim: int, text_dim: int, n_labels: int, seed: int = 0,
+                 **overrides):
+        check(int(bits) > 0 and int(bits) % 8 == 0,
+              f"code length {bits} is not a positive multiple of 8: use 16, 32, 64 or 128")
+        unknown = sorted(set(overrides) - set(self.defaults))
+        check(not unknown, f"{self.name} has no config field {', '.join(unknown)}: known fields "
+              f"are {', '.join(sorted(self.defaults)) or 'none'}")
+        self.config = {"model": self.name, "bits": int(bits), "image_dim": int(image_dim),
+                       "text_dim": int(text_dim), "n_labels": int(n_labels), "seed": int(seed),
+                       **copy.deepcopy(self.defaults), **overrides}
+        self.stats: dict = {}
+        self.fitted = False
+
+    @property
+    def bits(self) -> int:
+        return self.config["bits"]
+
+    # -- training ------------------------------------------------------------------------
+    def fit(self, image, text, labels, progress: bool = False):
+        image = np.asarray(image, dtype=np.float32)
+        text = np.asarray(text, dtype=np.float32)
+        labels = np.asarray(labels, dtype=np.float32)
+        self._check_input(image, "image")
+        self._check_input(text, "text")
+        check(len(image) == len(text) == len(labels),
+              f"training parts differ in length: {len(image)} images, {len(text)} texts, "
+              f"{len(labels)} label rows")
+        check(labels.ndim == 2 and labels.shape[1] == self.config["n_labels"],
+              f"labels have {labels.shape[-1]} classes, the model was configured for "
+              f"{self.config['n_labels']}")
+        for mod, x in (("image", image), ("text", text)):
+            mean = x.mean(axis=0)
+            std = x.std(axis=0)
+            self.stats[mod] = (mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
+        self._fit(self._standardise(image, "image"), self._standardise(text, "text"), labels,
+                  progress=progress)
+        self.fitted = True
+        return self
+
+    def _fit(self, image, text, labels, progress=False):
+        raise NotImplementedError
+
+    # -- encoding ------------------------------------------------------------------------
+    def project(self, x, modality: str) -> np.ndarray:
+        """Real-valued hash-layer outputs (N, bits) for raw features of ``modality``."""
+        check(self.fitted, f"the {self.name} model is not trained: fit it or load a checkpoint")
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        self._check_input(x, modality)
+        if len(x) == 0:
+            return np.zeros((0, self.bits), dtype=np.float32)
+        out = np.asarray(self._project(self._standardise(x, modality), modality), dtype=np.float32)
+        if not np.isfinite(out).all():
+            raise HashretError(f"the {self.name} model produced non-finite outputs: retrain with a "
+                               "lower learning rate")
+        return out
+
+    def encode(self, x, modality: str) -> np.ndarray:
+        """Codes in {-1, +1} (int8), sign(0) -> +1."""
+        return sign_codes(self.project(x, modality))
+
+    def _project(self, x, modality):
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------------------
+    def _check_input(self, x, modality):
+        check(modality in MODALITIES, f"unknown modality {modality!r}: use 'image' or 'text'")
+        want = self.config[f"{modality}_dim"]
+        check(x.ndim == 2, f"{modality} features must be 2-D (items x dims), got shape {x.shape}")
+        check(x.shape[1] == want, f"{modality} features have {x.shape[1]} dimensions but the "
+              f"{self.name} model takes {want}: use features from the dataset it was trained on")
+        if not np.isfinite(x).all():
+            raise HashretError(f"{modality} features hold NaN/inf values: clean them first")
+
+    def _standardise(self, x, modality):
+        mean, std = self.stats[modality]
+        return (x - mean) / std
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Flat name -> array mapping (numpy or torch), standardisation included."""
+        out = {}
+        for mod, (mean, std) in self.stats.items():
+            out[f"stats.{mod}.mean"] = mean
+            out[f"stats.{mod}.std"] = std
+        for k, v in self._state().items():
+            out[f"model.{k}"] = v
+        return out
+
+    def load_state_dict(self, state: dict):
+        state = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+                 for k, v in state.items()}
+        for mod in MODALITIES:
+            if f"stats.{mod}.mean" in state:
+                self.stats[mod] = (state[f"stats.{mod}.mean"], state[f"stats.{mod}.std"])
+        self._load_state({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        self.fitted = True
+        return self
+
+    def _state(self) -> dict:
+        raise NotImplementedError
+
+    def _load_state(self, state: dict):
+        raise NotImplementedError

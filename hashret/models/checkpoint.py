@@ -1,0 +1,91 @@
+"""A checkpoint is a folder: ``weights.pt`` (a flat dict of tensors: ``torch.load`` with
+``weights_only=True``), ``config.json`` (the resolved config, the dataset's name and
+fingerprint) and ``split.npz``. Each file is written to a temporary name and renamed;
+``config.json`` is written last, so a folder with it is complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hashret.errors import HashretError, check
+
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir, model, dataset=None, extra: dict | None = None) -> Path:
+    """Write ``model`` (and the dataset's split) to ``run_dir``."""
+    from hashret import __version__
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)))
+               for k, v in model.state_dict().items()}
+    _atomic_write(run_dir / "weights.pt", lambda fh: torch.save(tensors, fh))
+    info = {"format_version": FORMAT_VERSION, "hashret_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": model.config}
+    if dataset is not None:
+        info["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint(),
+                           "synthetic": dataset.synthetic, "items": dataset.n_items}
+        if dataset.split is not None:
+            dataset.split.save(run_dir / "split.npz", dataset=dataset.name, n_items=dataset.n_items)
+    if extra:
+        info.update(extra)
+    _atomic_write(run_dir / "config.json",
+                  lambda fh: fh.write(json.dumps(info, indent=2, sort_keys=True).encode()))
+    return run_dir
+
+
+def read_checkpoint_info(run_dir) -> dict:
+    run_dir = Path(run_dir)
+    check(run_dir.is_dir(), f"checkpoint folder {run_dir} does not exist: pass a RUN_DIR written "
+          "by 'hashret train'")
+    cfg = run_dir / "config.json"
+    check(cfg.is_file(), f"{run_dir} has no config.json: the checkpoint is incomplete; train again")
+    try:
+        info = json.loads(cfg.read_text())
+    except (OSError, ValueError) as exc:
+        raise HashretError(f"{cfg} is corrupt ({exc}): train again") from None
+    check(isinstance(info, dict) and "config" in info, f"{cfg} is not a hashret checkpoint config")
+    check(info.get("format_version") == FORMAT_VERSION,
+          f"{run_dir} has checkpoint format {info.get('format_version')}, this hashret reads "
+          f"{FORMAT_VERSION}: retrain with this version")
+    return info
+
+
+def load_checkpoint(run_dir):
+    """The trained model in ``run_dir``."""
+    from hashret.models import build_model
+
+    run_dir = Path(run_dir)
+    info = read_checkpoint_info(run_dir)
+    cfg = dict(info["config"])
+    name = cfg.pop("model")
+    dims = {k: cfg.pop(k) for k in ("bits", "image_dim", "text_dim", "n_labels", "seed")}
+    model = build_model(name, **dims, **cfg)
+    weights = run_dir / "weights.pt"
+    check(weights.is_file(), f"{run_dir} has no weights.pt: the checkpoint is incomplete")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except HashretError:
+        raise
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise HashretError(f"{weights} is unreadable ({type(exc).__name__}): the checkpoint is "
+                           "corrupt; train again") from None
+    model.checkpoint_info = info
+    return model
