@@ -1,0 +1,160 @@
+"""The mAP benchmark: train (or load) each method, encode queries and database with the
+same learned hash functions, and report the protocol's metrics for I→T and T→I.
+
+:func:`run_benchmark` is what ``python benchmarks/mAP.py`` and ``hashret benchmark`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from hashret.data import load_dataset
+from hashret.errors import HashretError, check
+from hashret.eval.metrics import evaluate_codes
+from hashret.eval.report import format_table, plot_curves, write_curves, write_records
+from hashret.models import (build_for_dataset, load_checkpoint, model_names, parse_model_name,
+                            save_checkpoint)
+from hashret.models.checkpoint import read_checkpoint_info
+
+
+def parse_list(value, cast=str, what="value") -> list:
+    """'16,32,64' -> [16, 32, 64]; lists pass through."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    out = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        try:
+            out.append(cast(item))
+        except ValueError:
+            raise HashretError(f"bad {what} {item!r}: give a comma-separated list") from None
+    return out
+
+
+def _resolve_methods(methods) -> list:
+    names = parse_list(methods) if methods else model_names()
+    check(names, "no method given: name at least one of " + ", ".join(model_names()))
+    for name in names:
+        base, bits = parse_model_name(name)
+        check(bits is None, f"method {name!r} names a code length: give lengths with --bits")
+    return list(dict.fromkeys(n.lower() for n in names))
+
+
+def _job_matches(run_dir: Path, config: dict, fingerprint: str) -> bool:
+    try:
+        info = read_checkpoint_info(run_dir)
+    except HashretError:
+        return False
+    saved = dict(info["config"])
+    return saved == config and info.get("dataset", {}).get("fingerprint") == fingerprint
+
+
+def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), seeds=(0,),
+                  out="results/mAP", topk=(100, 1000), radius: int = 2, n_max: int = 1000,
+                  data_root=None, split=None, reuse: bool = False, progress: bool = True,
+                  log=print) -> list:
+    """Run every (method, bits, seed) on ``dataset`` and write the results to ``out``.
+
+    Writes ``table.md``, ``results.csv``, ``results.json`` (one record per method, bits,
+    direction and seed with ``map_all`` and the other metrics), ``p_at_n.csv``,
+    ``pr_curve.csv``, PNG plots, ``split.npz`` and ``run.json`` (the resolved arguments);
+    trained models go to ``out/models`` (``reuse=True`` loads those whose config matches).
+    Returns the records.
+    """
+    methods = _resolve_methods(methods)
+    bits = parse_list(bits, int, "code length")
+    seeds = parse_list(seeds, int, "seed")
+    topk = parse_list(topk, int, "K")
+    check(bits, "no code length given: e.g. --bits 16,32,64")
+    check(all(b > 0 and b % 8 == 0 for b in bits), f"code lengths must be positive multiples of 8, "
+          f"got {bits}")
+    check(seeds, "no seed given: e.g. --seeds 0,1,2")
+    check(all(k > 0 for k in topk), "every K of --topk must be positive")
+    check(radius >= 0, "--radius must be >= 0")
+
+    ds = load_dataset(dataset, data_root=data_root, split=split, seed=0)
+    for mod in ("image", "text"):
+        check(ds.has(mod), f"dataset {ds.name} has no {mod} features, so cross-modal mAP cannot be "
+              f"measured: use {ds.name}+synthetic-image or a dataset with both modalities")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds.split.save(out / "split.npz", dataset=ds.name, n_items=ds.n_items)
+    q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
+    feats = {(mod, part): ds.features(mod, idx) for mod in ("image", "text")
+             for part, idx in (("query", q_idx), ("train", tr_idx), ("database", db_idx))}
+    labels = {part: ds.labels[idx] for part, idx in (("query", q_idx), ("train", tr_idx),
+                                                      ("database", db_idx))}
+    run_info = {"dataset": ds.summary(), "methods": methods, "bits": bits, "seeds": seeds,
+                "topk": topk, "radius": radius, "n_max": n_max, "split": str(out / "split.npz"),
+                "split_fingerprint": ds.split.fingerprint(), "python": platform.python_version(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    tag = "SYNTHETIC " if ds.synthetic else ""
+    log(f"{tag}dataset {ds.name}: {ds.split.sizes()} (query/train/database), "
+        f"image {ds.dim('image')}-d, text {ds.dim('text')}-d, {ds.n_labels} labels")
+
+    records, curve_sums = [], defaultdict(lambda: defaultdict(list))
+    jobs = [(s, m, b) for s in seeds for m in methods for b in bits]
+    from tqdm.auto import tqdm
+
+    fp = ds.fingerprint()
+    for seed, method, b in tqdm(jobs, desc="benchmark", disable=not progress):
+        model = build_for_dataset(method, ds, b, seed=seed)
+        run_dir = out / "models" / f"{method}-{b}-seed{seed}"
+        t0 = time.perf_counter()
+        if reuse and _job_matches(run_dir, model.config, fp):
+            model = load_checkpoint(run_dir)
+            trained = False
+        else:
+            model.fit(feats[("image", "train")], feats[("text", "train")], labels["train"])
+            save_checkpoint(run_dir, model, dataset=ds)
+            trained = True
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        codes = {(mod, part): model.encode(feats[(mod, part)], mod)
+                 for mod in ("image", "text") for part in ("query", "database")}
+        enc_s = time.perf_counter() - t0
+        for direction, qmod, dmod in (("i2t", "image", "text"), ("t2i", "text", "image")):
+            res = evaluate_codes(codes[(qmod, "query")], codes[(dmod, "database")],
+                                 labels["query"], labels["database"], topk=topk, radius=radius,
+                                 n_max=n_max)
+            rec = {"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
+                   "direction": direction, "seed": seed, "map_all": res["map_all"],
+                   "map_expected": res["map_expected"]}
+            for k in topk:
+                rec[f"map@{k}_found"] = res["map_at_k"][k]["found"]
+                rec[f"map@{k}_truncated"] = res["map_at_k"][k]["truncated"]
+            rec.update({f"precision_r{radius}": res["precision_radius"],
+                        f"recall_r{radius}": res["recall_radius"],
+                        "fit_s": round(fit_s, 3), "trained": trained, "encode_s": round(enc_s, 4),
+                        "n_query": res["n_query"], "n_database": res["n_database"]})
+            records.append(rec)
+            c = curve_sums[(method, b, direction)]
+            c["p_at_n"].append(res["p_at_n"])
+            c["precision"].append(res["pr_curve"]["precision"])
+            c["recall"].append(res["pr_curve"]["recall"])
+            write_records(out, records)  # partial results survive an interrupted run
+
+    curves = {k: {name: np.mean(v, axis=0) for name, v in c.items()} for k, c in curve_sums.items()}
+    write_curves(out, curves)
+    header = (f"### mAP@all on {tag}{ds.name} — {len(q_idx)} queries, {len(db_idx)} database items, "
+              f"{len(tr_idx)} training items; relevance = shared label; ties broken by database "
+              f"position; seeds {','.join(map(str, seeds))} (mean ± std). The database is encoded "
+              "by the same learned hash functions as the queries.")
+    table = format_table(records, header)
+    extra = format_table(records, f"#### tie-aware expected mAP (McSherry & Najork)",
+                         metric="map_expected")
+    (out / "table.md").write_text(table + "\n" + extra)
+    plot_curves(out, curves, f"{tag}{ds.name}")
+    log(table)
+    log(f"wrote {out}/table.md, results.csv, results.json, curves and plots")
+    return records

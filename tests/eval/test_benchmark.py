@@ -1,0 +1,83 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hashret.cli import main
+from hashret.errors import HashretError
+from hashret.eval.benchmark import run_benchmark
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "synthetic:n_items=400,n_labels=8,image_dim=24,text_dim=60,n_query=60,n_train=200"
+
+
+def test_benchmark_writes_table_and_records(tmp_path):
+    out = tmp_path / "bench"
+    recs = run_benchmark(TINY, methods="cca-itq,label-ridge", bits="8,16", seeds="0,1", out=out,
+                         topk="10", progress=False, log=lambda *a: None)
+    assert len(recs) == 2 * 2 * 2 * 2  # methods x bits x directions x seeds
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(recs))
+    for r in saved:
+        assert {"dataset", "method", "bits", "direction", "seed", "map_all"} <= set(r)
+        assert r["direction"] in ("i2t", "t2i") and 0 <= r["map_all"] <= 1 and r["synthetic"]
+    table = (out / "table.md").read_text()
+    assert "same learned hash functions" in table and "I→T 16" in table and "±" in table
+    for name in ("results.csv", "p_at_n.csv", "pr_curve.csv", "split.npz", "run.json"):
+        assert (out / name).is_file(), name
+    assert (out / "models" / "cca-itq-8-seed0" / "weights.pt").is_file()
+    # a second run with --reuse loads the models and gives the same numbers
+    again = run_benchmark(TINY, methods="cca-itq", bits="8", seeds="0", out=out, topk="10",
+                          reuse=True, progress=False, log=lambda *a: None)
+    assert not again[0]["trained"]
+    assert again[0]["map_all"] == recs[0]["map_all"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(methods="cca-itq,nosuch"), "unknown model"),
+    (dict(dataset="nosuch"), "unknown dataset"),
+    (dict(bits="12"), "multiples of 8"),
+    (dict(seeds=""), "no seed"),
+    (dict(dataset="mirflickr25k"), "no image features|not found"),
+])
+def test_benchmark_rejects_bad_arguments(kwargs, match, tmp_path):
+    args = dict(dataset=TINY, methods="cca-itq", bits="8", seeds="0", out=tmp_path / "o")
+    args.update(kwargs)
+    with pytest.raises(HashretError, match=match):
+        run_benchmark(**args, progress=False, log=lambda *a: None)
+
+
+def _script(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mAP.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_map_script_end_to_end(tmp_path):
+    res = _script("--dataset", TINY, "--methods", "label-ridge", "--bits", "16",
+                  "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "label-ridge" in res.stdout and (tmp_path / "o" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--methods", "nosuch"], "unknown model"),
+    (["--dataset", "nosuch"], "unknown dataset"),
+    (["--dataset", "missing/file.npz"], "does not exist"),
+])
+def test_map_script_bad_input_is_one_line(args, match, tmp_path):
+    res = _script(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_describe_and_errors():
+    runner = CliRunner()
+    res = runner.invoke(main, ["describe", "--dataset", "wikipedia", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["items"] == 2866
+    res = runner.invoke(main, ["describe", "--dataset", "nosuch"])
+    assert res.exit_code == 2 and "error: unknown dataset" in res.output
