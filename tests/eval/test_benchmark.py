@@ -75,6 +75,31 @@ def test_map_script_bad_input_is_one_line(args, match, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def _bad_file(tmp_path, kind):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = dict(image=rng.random((40, 5)), text=rng.random((40, 6)),
+                  labels=np.eye(4, dtype=np.uint8)[rng.integers(0, 4, 40)])
+    if kind == "rows":
+        arrays["image"] = arrays["image"][:39]
+    elif kind == "nan":
+        arrays["text"][3, 2] = np.nan
+    elif kind == "empty-split":
+        arrays.update(query=np.zeros(0, int), train=np.arange(10, 40), database=np.arange(10, 40))
+    path = tmp_path / f"{kind}.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind,match", [("rows", "image has shape (39, 5), no axis matches the 40 label rows"),
+                                        ("nan", "NaN"), ("empty-split", "query split is empty")])
+def test_map_script_bad_data_files(kind, match, tmp_path):
+    res = _script("--dataset", _bad_file(tmp_path, kind), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and match in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 def test_cli_describe_and_errors():
     runner = CliRunner()
     res = runner.invoke(main, ["describe", "--dataset", "wikipedia", "--json"])
