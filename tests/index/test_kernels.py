@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+
+from hashret.index import HashIndex, pack_codes, sign_codes, unpack_codes
+
+
+def brute_distances(db_packed, q_packed):
+    x = np.unpackbits(db_packed[None, :, :] ^ q_packed[:, None, :], axis=2)
+    return x.sum(axis=2).astype(np.int64)
+
+
+def brute_topk(db_packed, q_packed, k, removed=()):
+    d = brute_distances(db_packed, q_packed)
+    alive = np.setdiff1d(np.arange(len(db_packed)), np.asarray(removed, dtype=int))
+    out_d = np.full((len(q_packed), k), -1)
+    out_r = np.full((len(q_packed), k), -1)
+    for i, row in enumerate(d):
+        order = alive[np.lexsort((alive, row[alive]))][:k]  # by distance, then row
+        out_d[i, : len(order)] = row[order]
+        out_r[i, : len(order)] = order
+    return out_d, out_r
+
+
+def test_bit_convention_is_pinned():
+    # +1 -> bit 1, sign(0) -> +1, most significant bit first (np.packbits order)
+    codes = np.array([[1, -1, -1, -1, -1, -1, -1, 0.0, -2, -1, -1, -1, -1, -1, -1, 3]])
+    np.testing.assert_array_equal(pack_codes(codes), [[0b10000001, 0b00000001]])
+    np.testing.assert_array_equal(unpack_codes(pack_codes(codes)), sign_codes(codes))
+    assert sign_codes(np.array([0.0, -0.0, 1e-30, -1e-30])).tolist() == [1, 1, 1, -1]
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("n,k", [(1, 4), (37, 10), (2049, 100), (5003, 7)])
+def test_topk_equals_brute_force(bits, n, k):
+    rng = np.random.default_rng(bits * 7 + n)
+    # few distinct codes -> many ties, which must resolve by row
+    pool = rng.integers(0, 256, size=(max(3, n // 20), bits // 8), dtype=np.uint8)
+    db = pool[rng.integers(0, len(pool), size=n)]
+    q = rng.integers(0, 256, size=(9, bits // 8), dtype=np.uint8)
+    index = HashIndex(bits)
+    index.add(db)
+    d, ids = index.search(q, k)
+    bd, br = brute_topk(db, q, k)
+    np.testing.assert_array_equal(d, bd)
+    np.testing.assert_array_equal(ids, br)
+
+
+@pytest.mark.parametrize("bits", [16, 64, 128, 256])
+def test_removed_rows_never_come_back(bits):
+    rng = np.random.default_rng(bits)
+    db = rng.integers(0, 256, size=(3001, bits // 8), dtype=np.uint8)
+    q = np.vstack([db[:5], rng.integers(0, 256, size=(3, bits // 8), dtype=np.uint8)])
+    index = HashIndex(bits)
+    index.add(db)
+    removed = np.concatenate([np.arange(0, 3001, 3), [1, 2, 4]])
+    index.remove(removed)
+    d, ids = index.search(q, 50)
+    bd, br = brute_topk(db, q, 50, removed)
+    np.testing.assert_array_equal(d, bd)
+    np.testing.assert_array_equal(ids, br)
+    assert len(index) == 3001 - len(np.unique(removed))
+
+
+def test_k_larger_than_the_index_pads_with_minus_one():
+    db = np.array([[1], [2], [3]], dtype=np.uint8)
+    index = HashIndex(8)
+    index.add(db)
+    index.remove([1])
+    d, ids = index.search(np.array([[3]], dtype=np.uint8), 5)
+    assert ids.tolist() == [[2, 0, -1, -1, -1]] and d.tolist() == [[0, 1, -1, -1, -1]]
+
+
+@pytest.mark.parametrize("bits", [8, 64, 128, 256])
+@pytest.mark.parametrize("radius", [0, 3, 40])
+def test_range_search_equals_brute_force(bits, radius):
+    rng = np.random.default_rng(radius + bits)
+    db = rng.integers(0, 256, size=(2500, bits // 8), dtype=np.uint8)
+    db[::7] = db[0]  # exact duplicates
+    q = np.vstack([db[:2], rng.integers(0, 256, size=(5, bits // 8), dtype=np.uint8)])
+    index = HashIndex(bits)
+    index.add(db)
+    index.remove([7, 14])
+    lims, dist, ids = index.range_search(q, radius)
+    full = brute_distances(db, q)
+    for i in range(len(q)):
+        rows = np.array([r for r in np.flatnonzero(full[i] <= radius) if r not in (7, 14)], dtype=int)
+        rows = rows[np.lexsort((rows, full[i][rows]))]
+        np.testing.assert_array_equal(ids[lims[i]:lims[i + 1]], rows)
+        np.testing.assert_array_equal(dist[lims[i]:lims[i + 1]], full[i][rows])
+
+
+def test_real_valued_queries_are_packed_the_same_way():
+    rng = np.random.default_rng(1)
+    real = rng.standard_normal((200, 32))
+    index = HashIndex(32)
+    index.add(real)
+    d1, i1 = index.search(real[:4], 10)
+    d2, i2 = index.search(pack_codes(real[:4]), 10)
+    np.testing.assert_array_equal(i1, i2)
+    assert (d1[:, 0] == 0).all() and (i1[:, 0] == np.arange(4)).all()
