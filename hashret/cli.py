@@ -109,5 +109,138 @@ def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, da
                   radius=radius, split=split, reuse=reuse, data_root=data_root, log=click.echo)
 
 
+def _parse_options(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise HashretError(f"--set {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+@main.command()
+@click.option("--model", required=True, help="Model name (see 'hashret models').")
+@click.option("--bits", type=int, default=64, show_default=True, help="Code length.")
+@click.option("--dataset", default="wikipedia", show_default=True, help="Dataset name or path.")
+@click.option("--epochs", type=int, default=None, help="Epochs (models trained by epochs).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--set", "settings", multiple=True, help="Config field, key=value (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (RUN_DIR).")
+@data_root_option
+def train(model, bits, dataset, epochs, seed, device, settings, out, data_root):
+    """Train a model and write a checkpoint (weights.pt, config.json, split.npz)."""
+    from hashret.training import train as train_model
+
+    train_model(model=model, dataset=dataset, bits=bits, seed=seed, out=out, data_root=data_root,
+                epochs=epochs, device=device, options=_parse_options(settings), log=click.echo)
+
+
+@main.command()
+def models():
+    """List the model names the factory builds."""
+    from hashret.models import REGISTRY
+
+    for name, cls in sorted(REGISTRY.items()):
+        kind = "supervised" if cls.supervised else "unsupervised"
+        fields = ", ".join(f"{k}={v}" for k, v in cls.defaults.items())
+        click.echo(f"{name:14s} {kind:12s} {fields}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(), help="RUN_DIR written by 'hashret train'.")
+@click.option("--modality", required=True, type=click.Choice(["image", "text"]))
+@click.option("--split", "part", default="database", show_default=True,
+              type=click.Choice(["query", "train", "database", "all"]))
+@click.option("--features", type=click.Path(), default=None, help="Encode this .npy instead of the dataset.")
+@click.option("--dataset", default=None, help="Another dataset than the checkpoint's.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="codes.npy (packed bits).")
+@data_root_option
+def encode(checkpoint, modality, part, features, dataset, out, data_root):
+    """Encode features into packed codes (np.packbits order, +1 -> bit 1) with a student."""
+    import numpy as np
+
+    from hashret.index.pipeline import _read_features
+    from hashret.models.checkpoint import encode as encode_codes, read_checkpoint_info
+
+    feats = None
+    if features is not None:
+        dim = read_checkpoint_info(checkpoint)["config"][f"{modality}_dim"]
+        feats = _read_features(features, dim, modality)
+    codes, rows = encode_codes(checkpoint, modality, features=feats, part=part, dataset=dataset,
+                               data_root=data_root)
+    np.save(out, codes)
+    click.echo(f"wrote {len(codes)} codes ({codes.shape[1] * 8} bits, packed) to {out}")
+
+
+@main.command("build-index")
+@click.option("--checkpoint", required=True, type=click.Path(), help="RUN_DIR written by 'hashret train'.")
+@click.option("--modality", required=True, type=click.Choice(["image", "text"]), help="Side to index.")
+@click.option("--dataset", default=None, help="Dataset to index (default: the checkpoint's).")
+@click.option("--split", "part", default="database", show_default=True,
+              type=click.Choice(["query", "train", "database", "all"]))
+@click.option("--append", is_flag=True, help="Add to an existing index of the same model.")
+@click.option("--batch-size", type=int, default=65536, show_default=True, help="Items per transaction.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder (IDX_DIR).")
+@data_root_option
+def build_index_cmd(checkpoint, modality, dataset, part, append, batch_size, out, data_root):
+    """Encode a dataset's database side and write it to an LMDB index."""
+    from hashret.index.pipeline import build_index
+
+    build_index(checkpoint, modality, out, dataset=dataset, data_root=data_root, part=part,
+                batch_size=batch_size, append=append, log=click.echo)
+
+
+@main.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(), help="IDX_DIR from build-index.")
+@click.option("--checkpoint", required=True, type=click.Path(), help="The RUN_DIR the index was built with.")
+@click.option("--text", default=None, help="Free-text query (tags), for an image index.")
+@click.option("--text-file", type=click.Path(), default=None, help="File holding the text query.")
+@click.option("--image-features", type=click.Path(), default=None, help=".npy image features (rows = queries).")
+@click.option("--item", default=None, help="A dataset item (row number or key), seen through the other modality.")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Results per query.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {rank, id, distance, item}.")
+@click.option("--dataset", default=None, help="Dataset for --item/--text (default: the checkpoint's).")
+@data_root_option
+def query(index_dir, checkpoint, text, text_file, image_features, item, k, as_json, dataset, data_root):
+    """Search an index with a text, image-feature or item query."""
+    from hashret.index.pipeline import query_index
+
+    res = query_index(index_dir, checkpoint, text=text, text_file=text_file,
+                      image_features=image_features, item=item, k=k, dataset=dataset,
+                      data_root=data_root)
+    if res["unknown_words"]:
+        click.echo(f"words outside the vocabulary (ignored): {' '.join(res['unknown_words'])}", err=True)
+    groups = res["results"]
+    if as_json:
+        if len(groups) == 1:
+            click.echo(json.dumps(groups[0], indent=1))
+        else:
+            click.echo(json.dumps([dict(r, query=q) for q, g in enumerate(groups) for r in g], indent=1))
+        return
+    for q, group in enumerate(groups):
+        if len(groups) > 1:
+            click.echo(f"query {q}:")
+        click.echo(f"{'rank':>4}  {'id':>8}  {'dist':>4}  item")
+        for r in group:
+            item_text = json.dumps(r["item"], ensure_ascii=False) if r["item"] is not None else ""
+            click.echo(f"{r['rank']:>4}  {r['id']:>8}  {r['distance']:>4}  {item_text[:100]}")
+    click.echo(f"encode {res['encode_ms']:.2f} ms, search {res['search_ms']:.2f} ms "
+               f"({res['query_modality']} query)", err=True)
+
+
+@main.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(), help="IDX_DIR.")
+def info(index_dir):
+    """Size, code length, model and dataset of an index."""
+    from hashret.index.pipeline import index_info
+
+    click.echo(json.dumps(index_info(index_dir), indent=2, default=str))
+
+
 if __name__ == "__main__":
     main()

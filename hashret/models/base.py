@@ -14,6 +14,21 @@ from hashret.index.bits import sign_codes
 REGISTRY: dict = {}
 
 
+def resolve_device(device) -> str:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (the GPU when there is one); a clear error otherwise."""
+    import torch
+
+    device = str(device or "cpu").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        check(torch.cuda.is_available(), f"device {device!r} asked for, but torch sees no GPU "
+              "here: use --device cpu")
+        return device
+    check(device == "cpu", f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    return device
+
+
 def register(cls):
     """Class decorator: make a model buildable by its ``name`` through the factory."""
     REGISTRY[cls.name] = cls
@@ -50,7 +65,9 @@ class HashModel:
         return self.config["bits"]
 
     # -- training ------------------------------------------------------------------------
-    def fit(self, image, text, labels, progress: bool = False):
+    def fit(self, image, text, labels, progress: bool = False, device: str = "cpu"):
+        """Train on (N, d_i) image features, (N, d_t) text features and (N, c) labels.
+        ``device`` is used by the torch models ("cpu", "cuda", "cuda:1", ...)."""
         image = np.asarray(image, dtype=np.float32)
         text = np.asarray(text, dtype=np.float32)
         labels = np.asarray(labels, dtype=np.float32)
@@ -67,11 +84,11 @@ class HashModel:
             std = x.std(axis=0)
             self.stats[mod] = (mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
         self._fit(self._standardise(image, "image"), self._standardise(text, "text"), labels,
-                  progress=progress)
+                  progress=progress, device=resolve_device(device))
         self.fitted = True
         return self
 
-    def _fit(self, image, text, labels, progress=False):
+    def _fit(self, image, text, labels, progress=False, device="cpu"):
         raise NotImplementedError
 
     # -- encoding ------------------------------------------------------------------------
@@ -93,6 +110,15 @@ class HashModel:
     def encode(self, x, modality: str) -> np.ndarray:
         """Codes in {-1, +1} (int8), sign(0) -> +1."""
         return sign_codes(self.project(x, modality))
+
+    def encode_rows(self, dataset, modality: str, rows, batch_size: int = 65536) -> np.ndarray:
+        """Codes of a dataset's ``rows``, densified batch by batch (a million sparse
+        bag-of-words rows would not fit in memory as one dense matrix)."""
+        rows = np.asarray(rows)
+        out = np.empty((len(rows), self.bits), dtype=np.int8)
+        for s in range(0, len(rows), batch_size):
+            out[s:s + batch_size] = self.encode(dataset.features(modality, rows[s:s + batch_size]), modality)
+        return out
 
     def _project(self, x, modality):
         raise NotImplementedError

@@ -103,7 +103,7 @@ class CCAITQ(HashModel):
     supervised = False
     defaults = {"anchors": 0, "reg": 1e-1, "itq_iters": 50}
 
-    def _fit(self, image, text, labels, progress=False):
+    def _fit(self, image, text, labels, progress=False, device="cpu"):
         cfg = self.config
         rng = np.random.default_rng(cfg["seed"])
         self.kernel = _AnchorFeatures(cfg["anchors"], cfg["seed"])
@@ -157,7 +157,7 @@ class LabelRidge(HashModel):
     name = "label-ridge"
     defaults = {"anchors": 500, "ridge": 1.0}
 
-    def _fit(self, image, text, labels, progress=False):
+    def _fit(self, image, text, labels, progress=False, device="cpu"):
         cfg = self.config
         rng = np.random.default_rng(cfg["seed"])
         self.codewords = label_codewords(labels.shape[1], self.bits, rng)
@@ -218,14 +218,15 @@ class DCMHMLP(HashModel):
         self.nets = nn.ModuleDict({"image": mlp(cfg["image_dim"], cfg["hidden"], self.bits),
                                    "text": mlp(cfg["text_dim"], cfg["hidden"], self.bits)})
 
-    def _fit(self, image, text, labels, progress=False):
+    def _fit(self, image, text, labels, progress=False, device="cpu"):
         from tqdm.auto import tqdm
 
         cfg = self.config
         self._build()
+        self.nets.to(device)
         gen = torch.Generator().manual_seed(cfg["seed"])
-        feats = {"image": torch.from_numpy(image), "text": torch.from_numpy(text)}
-        lab = torch.from_numpy(labels)
+        feats = {"image": torch.from_numpy(image).to(device), "text": torch.from_numpy(text).to(device)}
+        lab = torch.from_numpy(labels).to(device)
         n, b = len(lab), self.bits
         with torch.no_grad():
             buf = {m: self.nets[m](feats[m]) for m in feats}  # F (image) and G (text)
@@ -237,7 +238,7 @@ class DCMHMLP(HashModel):
         for _ in bar:
             for mod, other in (("image", "text"), ("text", "image")):
                 self.nets[mod].train()
-                perm = torch.randperm(n, generator=gen)
+                perm = torch.randperm(n, generator=gen).to(device)
                 for s in range(0, n, cfg["batch_size"]):
                     idx = perm[s:s + cfg["batch_size"]]
                     out = self.nets[mod](feats[mod][idx])
@@ -254,8 +255,7 @@ class DCMHMLP(HashModel):
             codes = torch.sign(buf["image"] + buf["text"])
             codes[codes == 0] = 1
             bar.set_postfix(loss=float(loss.detach()))
-        for net in self.nets.values():
-            net.eval()
+        self.nets.to("cpu").eval()
 
     def _project(self, x, modality):
         with torch.no_grad():

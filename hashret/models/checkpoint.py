@@ -89,3 +89,49 @@ def load_checkpoint(run_dir):
                            "corrupt; train again") from None
     model.checkpoint_info = info
     return model
+
+
+def checkpoint_dataset(run_dir, dataset=None, data_root=None):
+    """The dataset a checkpoint was trained on (with its saved split), or ``dataset`` if given."""
+    from hashret.data import load_dataset
+
+    run_dir = Path(run_dir)
+    info = read_checkpoint_info(run_dir)
+    spec = info.get("dataset_spec")
+    if dataset is None:
+        check(spec is not None, f"{run_dir} does not record its dataset: pass --dataset")
+        dataset = spec
+        data_root = data_root or info.get("data_root")
+    split = run_dir / "split.npz" if dataset == spec and (run_dir / "split.npz").is_file() else None
+    return load_dataset(dataset, data_root=data_root, split=split)
+
+
+def fingerprint(run_dir) -> str:
+    """Identifies a trained model: a hash of its weights file and its config."""
+    import hashlib
+
+    run_dir = Path(run_dir)
+    h = hashlib.sha256()
+    h.update(json.dumps(read_checkpoint_info(run_dir)["config"], sort_keys=True).encode())
+    with open(run_dir / "weights.pt", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def encode(run_dir, modality: str, features=None, part: str = "database", dataset=None,
+           data_root=None, packed: bool = True):
+    """Codes from a checkpoint's student for ``modality``: of ``features`` if given, else of
+    the dataset's ``part`` ('query', 'train', 'database' or 'all'). Packed uint8
+    (np.packbits order, +1 -> 1) by default, else int8 +-1. Returns (codes, row indices)."""
+    from hashret.index.bits import pack_codes
+
+    model = load_checkpoint(run_dir)
+    if features is not None:
+        rows = np.arange(len(np.atleast_2d(features)))
+        codes = model.encode(np.atleast_2d(np.asarray(features, dtype=np.float32)), modality)
+    else:
+        ds = checkpoint_dataset(run_dir, dataset, data_root)
+        rows = np.arange(ds.n_items) if part == "all" else ds.part(part)
+        codes = model.encode_rows(ds, modality, rows)
+    return (pack_codes(codes) if packed else codes), rows

@@ -1,0 +1,171 @@
+"""Exact Hamming top-k: hashret's Numba scan beside faiss IndexBinaryFlat and numpy, in one run.
+
+    python benchmarks/search.py                  # 1e6 and 1e7 x 64 bits, 1e6 x 128 bits
+    python benchmarks/search.py --quick          # 1e5 codes, a smoke run
+
+Random codes; k = 100 and 1000; 1 query and 100 queries; medians over --repeats runs, and
+the ratio of each peer's median to hashret's (> 1: hashret is faster). Every hashret result
+is checked against numpy's (ids, ties by row) or faiss' (distances) before it is timed.
+Then LMDB: build throughput (batches of 65,536, one transaction each) and the time to open
+and load the largest index into memory.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from hashret.index import HashIndex  # noqa: E402
+
+
+def median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
+
+def numpy_topk(db, q, k):
+    """Brute force with np.bitwise_count; ties by row."""
+    out_d = np.empty((len(q), k), np.int64)
+    out_i = np.empty((len(q), k), np.int64)
+    for j, qq in enumerate(q):
+        d = np.bitwise_count(db ^ qq).sum(axis=1, dtype=np.int64)
+        kth = np.partition(d, k - 1)[k - 1]
+        less = np.flatnonzero(d < kth)
+        eq = np.flatnonzero(d == kth)[: k - len(less)]
+        rows = np.concatenate([less, eq])
+        rows = rows[np.lexsort((rows, d[rows]))]
+        out_d[j], out_i[j] = d[rows], rows
+    return out_d, out_i
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000000:64,10000000:64,1000000:128",
+                    help="comma list of N:bits")
+    ap.add_argument("--k", default="100,1000")
+    ap.add_argument("--queries", default="1,100")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--numpy-limit", type=float, default=2e8,
+                    help="skip numpy where N x queries exceeds this (it takes minutes)")
+    ap.add_argument("--quick", action="store_true", help="1e5 codes, 3 repeats")
+    ap.add_argument("--out", default=None, help="write results.json here")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.repeats = "100000:64,100000:128", 3
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+        print("faiss is not installed (pip install hashret[dev]): peer columns skipped")
+    import numba
+
+    sizes = [tuple(int(float(v)) for v in s.split(":")) for s in args.sizes.split(",")]
+    ks = [int(v) for v in args.k.split(",")]
+    nqs = [int(v) for v in args.queries.split(",")]
+    print(f"threads: numba {numba.get_num_threads()}, faiss "
+          f"{faiss.omp_get_max_threads() if faiss else '-'}; cpus {os.cpu_count()}; "
+          f"medians of {args.repeats} runs")
+    rng = np.random.default_rng(0)
+    rows, records = [], []
+    largest = None
+    for n, bits in sizes:
+        db = rng.integers(0, 256, size=(n, bits // 8), dtype=np.uint8)
+        queries = rng.integers(0, 256, size=(max(nqs), bits // 8), dtype=np.uint8)
+        index = HashIndex(bits)
+        index.add(db)
+        index.search(queries[:1], 10)  # compile / load the cached kernels outside the timings
+        if largest is None or n * bits > largest[0].size * 8:
+            largest = (db, bits)
+        fidx = None
+        if faiss is not None:
+            fidx = faiss.IndexBinaryFlat(bits)
+            fidx.add(db)
+        for nq in nqs:
+            q = queries[:nq]
+            for k in ks:
+                d, ids = index.search(q, k)
+                rec = {"n": n, "bits": bits, "queries": nq, "k": k}
+                run_np = n * nq <= args.numpy_limit
+                if run_np:
+                    nd, ni = numpy_topk(db, q, k)
+                    assert (nd == d).all() and (ni == ids).all(), "hashret differs from numpy"
+                if fidx is not None:
+                    fd, _ = fidx.search(q, k)
+                    assert (fd == d).all(), "hashret's distances differ from faiss'"
+                rec["hashret_ms"] = median_ms(lambda: index.search(q, k), args.repeats)
+                if fidx is not None:
+                    rec["faiss_ms"] = median_ms(lambda: fidx.search(q, k), args.repeats)
+                if run_np:
+                    rec["numpy_ms"] = median_ms(lambda: numpy_topk(db, q, k), max(1, args.repeats // 3))
+                records.append(rec)
+                rows.append(rec)
+                print(_row(rec), flush=True)
+        del index, fidx
+    print()
+    print(_table(rows))
+
+    # LMDB: build throughput and open-and-load time of the largest set
+    db, bits = largest
+    tmp = Path(tempfile.mkdtemp(prefix="hashret-bench-"))
+    try:
+        t = time.perf_counter()
+        with HashIndex.create(tmp / "ix", bits) as w:
+            for s in range(0, len(db), 65536):
+                w.add(db[s:s + 65536])
+        build_s = time.perf_counter() - t
+        size_mb = sum(f.stat().st_size for f in (tmp / "ix").iterdir()) / 2**20
+
+        def load():
+            HashIndex.open(tmp / "ix").close()
+
+        load()  # warm the page cache: the figure is the warm open-and-load
+        load_ms = median_ms(load, 5)
+        with HashIndex.open(tmp / "ix") as r:
+            assert len(r) == len(db) and np.array_equal(r.packed_codes(np.arange(1000)), db[:1000])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lm = {"n": len(db), "bits": bits, "build_s": build_s, "build_items_per_s": len(db) / build_s,
+          "disk_mb": size_mb, "open_and_load_ms": load_ms}
+    print(f"\nLMDB, {len(db):,} x {bits}-bit codes: build {build_s:.2f} s "
+          f"({len(db) / build_s / 1e6:.2f} M codes/s, batches of 65,536, one transaction each), "
+          f"{size_mb:.0f} MB on disk; open and load (warm, median) {load_ms:.1f} ms")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps({"search": records, "lmdb": lm}, indent=1))
+
+
+def _row(r):
+    parts = [f"N={r['n']:>10,} bits={r['bits']:>3} Q={r['queries']:>3} k={r['k']:>4}:",
+             f"hashret {r['hashret_ms']:9.2f} ms"]
+    for peer in ("faiss", "numpy"):
+        if f"{peer}_ms" in r:
+            parts.append(f"{peer} {r[f'{peer}_ms']:9.2f} ms ({r[f'{peer}_ms'] / r['hashret_ms']:5.1f}x)")
+    return "  ".join(parts)
+
+
+def _table(rows):
+    lines = ["| N | bits | queries | k | hashret ms | faiss ms | faiss / hashret | numpy ms | numpy / hashret |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r.get("faiss_ms")
+        npm = r.get("numpy_ms")
+        lines.append(f"| {r['n']:,} | {r['bits']} | {r['queries']} | {r['k']} | {r['hashret_ms']:.2f} | "
+                     + (f"{f:.2f} | {f / r['hashret_ms']:.1f}x | " if f else "– | – | ")
+                     + (f"{npm:.1f} | {npm / r['hashret_ms']:.0f}x |" if npm else "– | – |"))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

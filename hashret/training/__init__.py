@@ -1,0 +1,63 @@
+"""Training entry point shared by ``hashret train`` and Python users."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hashret.data import load_dataset
+from hashret.errors import check
+from hashret.eval.metrics import evaluate_codes
+from hashret.models import build_for_dataset, save_checkpoint
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(model: str = "dcmh-mlp", dataset: str = "wikipedia", bits: int | None = 64,
+          seed: int = 0, out="runs/model", data_root=None, epochs: int | None = None,
+          device: str = "cpu", options: dict | None = None, evaluate: bool = True,
+          progress: bool = True, log=print):
+    """Train ``model`` on the training part of ``dataset`` and write a checkpoint to ``out``
+    (weights.pt, config.json with the resolved config, split.npz). With ``evaluate``, mAP@all
+    of both directions on the dataset's query/database parts is logged and saved in the
+    checkpoint's config.json. Returns the trained model."""
+    options = dict(options or {})
+    if epochs is not None:
+        options["epochs"] = int(epochs)
+    ds = load_dataset(dataset, data_root=data_root)
+    for mod in ("image", "text"):
+        check(ds.has(mod), f"dataset {ds.name} has no {mod} features to train on: use "
+              f"{ds.name}+synthetic-image or a dataset with both modalities")
+    seed_everything(seed)
+    net = build_for_dataset(model, ds, bits, seed=seed, **options)
+    tr = ds.part("train")
+    tag = "SYNTHETIC " if ds.synthetic else ""
+    log(f"training {net.name} ({net.bits} bits, seed {seed}) on {tag}{ds.name}: {len(tr)} items")
+    t0 = time.perf_counter()
+    net.fit(ds.features("image", tr), ds.features("text", tr), ds.labels[tr], progress=progress,
+            device=device)
+    fit_s = time.perf_counter() - t0
+    extra = {"dataset_spec": dataset, "data_root": str(data_root) if data_root else None,
+             "train": {"seconds": round(fit_s, 2), "device": device, "items": int(len(tr))}}
+    q, db = ds.part("query"), ds.part("database")
+    if evaluate and len(q) * len(db) > 2e8:
+        log(f"skipping the mAP of {len(q)} x {len(db)} pairs (minutes): run benchmarks/mAP.py for it")
+        evaluate = False
+    if evaluate:
+        res = {}
+        for name, qm, dm in (("i2t", "image", "text"), ("t2i", "text", "image")):
+            res[name] = evaluate_codes(net.encode_rows(ds, qm, q), net.encode_rows(ds, dm, db),
+                                       ds.labels[q], ds.labels[db])["map_all"]
+        extra["eval"] = {"map_all": res, "queries": int(len(q)), "database": int(len(db))}
+        log(f"mAP@all: I→T {res['i2t']:.4f}, T→I {res['t2i']:.4f} ({fit_s:.1f} s training)")
+    save_checkpoint(out, net, dataset=ds, extra=extra)
+    log(f"wrote {Path(out)}")
+    return net

@@ -1,0 +1,127 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hashret.cli import main
+from hashret.data import load_dataset
+from hashret.index import HashIndex
+from hashret.index.pipeline import build_index, query_index
+from hashret.training import train
+
+SPEC = "synthetic:n_items=600,n_labels=6,image_dim=20,text_dim=50,n_query=60,n_train=300"
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    a = train("label-ridge", SPEC, 32, seed=0, out=root / "a", progress=False, evaluate=False, **QUIET)
+    train("label-ridge", SPEC, 64, seed=0, out=root / "b64", progress=False, evaluate=False, **QUIET)
+    train("cca-itq", SPEC, 32, seed=0, out=root / "c", progress=False, evaluate=False, **QUIET)
+    build_index(root / "a", "text", root / "ix_text", progress=False, **QUIET)
+    build_index(root / "a", "image", root / "ix_image", progress=False, **QUIET)
+    return root, a
+
+
+def test_index_holds_the_database_codes_of_the_model(runs):
+    root, model = runs
+    ds = load_dataset(SPEC)
+    db = ds.part("database")
+    with HashIndex.open(root / "ix_text") as ix:
+        assert len(ix) == len(db) and ix.bits == 32 and ix.info_meta["modality"] == "text"
+        from hashret.index import pack_codes
+        np.testing.assert_array_equal(ix.packed_codes(ix.rows_of(db)), pack_codes(model.encode(ds.features("text", db), "text")))
+        assert ix.items([int(db[0])])[0]["key"] == ds.ids[db[0]]
+    saved = json.loads((root / "ix_text" / "index.json").read_text())
+    assert saved["modality"] == "text" and saved["synthetic"] and saved["items"] == len(db)
+
+
+def test_item_query_equals_a_direct_search(runs):
+    root, model = runs
+    ds = load_dataset(SPEC)
+    q = int(ds.part("query")[0])
+    res = query_index(root / "ix_text", root / "a", item=q, k=7)
+    assert res["query_modality"] == "image"
+    with HashIndex.open(root / "ix_text") as ix:
+        d, i = ix.search(model.encode(ds.features("image", [q]), "image"), 7)
+    assert [r["id"] for r in res["results"][0]] == i[0].tolist()
+    assert [r["distance"] for r in res["results"][0]] == d[0].tolist()
+
+
+def test_free_text_reports_unknown_words(runs):
+    root, _ = runs
+    res = query_index(root / "ix_image", root / "a", text="w1 w7 w30 zebra", k=3)
+    assert res["known_words"] == ["w1", "w7", "w30"] and res["unknown_words"] == ["zebra"]
+    assert len(res["results"][0]) == 3
+
+
+def test_image_feature_file_query(runs, tmp_path):
+    root, _ = runs
+    np.save(tmp_path / "q.npy", np.ones((2, 20), dtype=np.float32))
+    res = query_index(root / "ix_text", root / "a", image_features=str(tmp_path / "q.npy"), k=4)
+    assert len(res["results"]) == 2 and all(len(g) == 4 for g in res["results"])
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_end_to_end_json(runs):
+    root, _ = runs
+    res = _cli("query", "--index", root / "ix_text", "--checkpoint", root / "a", "--item", "3",
+               "-k", "5", "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output[res.output.index("["):res.output.rindex("]") + 1])
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert {"rank", "id", "distance"} <= set(rows[0])
+    assert _cli("info", "--index", root / "ix_text").exit_code == 0
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--item", "3", "-k", "0"], "positive"),
+    (["--item", "99999"], "unknown item 99999"),
+    (["--item", "nokey"], "unknown item 'nokey'"),
+    (["--text", "w1"], "queries are images"),
+    (["--image-features", "MISSING.npy"], "does not exist"),
+    (["--image-features", "BADDIM"], "takes 20 dimensions"),
+    ([], "exactly one query"),
+])
+def test_cli_query_errors(runs, tmp_path, args, match):
+    root, _ = runs
+    np.save(tmp_path / "bad.npy", np.ones((1, 7)))
+    args = [str(tmp_path / "bad.npy") if a == "BADDIM" else a for a in args]
+    res = _cli("query", "--index", root / "ix_text", "--checkpoint", root / "a", *args)
+    assert res.exit_code == 2 and match in res.output, res.output
+
+
+def test_cli_refuses_other_models_and_bad_indexes(runs, tmp_path):
+    root, _ = runs
+    res = _cli("query", "--index", root / "ix_text", "--checkpoint", root / "c", "--item", "1")
+    assert res.exit_code == 2 and "query with the checkpoint the index was built from" in res.output
+    before = (root / "ix_text" / "data.mdb").read_bytes()
+    for ckpt in ("b64", "c"):  # another code length, another model
+        res = _cli("build-index", "--checkpoint", root / ckpt, "--modality", "text",
+                   "--out", root / "ix_text", "--append")
+        assert res.exit_code == 2 and "refusing to mix" in res.output
+    res = _cli("build-index", "--checkpoint", root / "a", "--modality", "text", "--out", root / "ix_text")
+    assert res.exit_code == 2 and "--append" in res.output
+    assert (root / "ix_text" / "data.mdb").read_bytes() == before
+    res = _cli("query", "--index", tmp_path / "none", "--checkpoint", root / "a", "--item", "1")
+    assert res.exit_code == 2 and "does not exist" in res.output
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "ix_text", bad)
+    (bad / "data.mdb").write_bytes(b"\0" * 4096)
+    res = _cli("info", "--index", bad)
+    assert res.exit_code == 2 and "corrupt" in res.output
+
+
+def test_append_with_the_same_model(runs, tmp_path):
+    root, _ = runs
+    out = tmp_path / "ix"
+    build_index(root / "a", "text", out, part="query", progress=False, **QUIET)
+    build_index(root / "a", "text", out, part="database", append=True, progress=False, **QUIET)
+    with HashIndex.open(out) as ix:
+        assert len(ix) == 600
