@@ -8,7 +8,7 @@ from a dataset. Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint`.
 from __future__ import annotations
 
 from hashret.errors import HashretError, check
-from hashret.models import baselines  # noqa: F401  (registers the baselines)
+from hashret.models import baselines, gch  # noqa: F401  (registers the models)
 from hashret.models.base import REGISTRY, HashModel
 from hashret.models.checkpoint import load_checkpoint, save_checkpoint
 

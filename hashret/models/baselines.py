@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 import torch
-import torch.nn.functional as nnf
 from torch import nn
 
 from hashret.models.base import HashModel, register
+from hashret.models.losses import label_similarity, pairwise_nll
 
 
 # -- shared pieces ---------------------------------------------------------------------------
@@ -190,11 +190,6 @@ class LabelRidge(HashModel):
 
 
 # -- DCMH-style MLP pair ---------------------------------------------------------------------
-def pairwise_nll(theta, s):
-    """-sum(S * theta - log(1 + e^theta)), stable for any |theta| (softplus)."""
-    return (nnf.softplus(theta) - s * theta).sum()
-
-
 def mlp(d_in, hidden, d_out, depth=1):
     layers, d = [], d_in
     for _ in range(depth):
@@ -242,7 +237,7 @@ class DCMHMLP(HashModel):
                 for s in range(0, n, cfg["batch_size"]):
                     idx = perm[s:s + cfg["batch_size"]]
                     out = self.nets[mod](feats[mod][idx])
-                    sim = (lab[idx] @ lab.T > 0).float()
+                    sim = label_similarity(lab[idx], lab)
                     theta = 0.5 * out @ buf[other].T
                     total = buf[mod].sum(0) - buf[mod][idx].sum(0) + out.sum(0)
                     loss = (pairwise_nll(theta, sim)

@@ -1,0 +1,248 @@
+"""GCH: Graph Convolutional Network Hashing (Xu et al., IJCAI 2019), in PyTorch.
+
+A label semantic encoder (teacher) learns codes from labels; an image and a text encoder
+(students) learn to reproduce them from features; a GCN over the batch's label graph fuses
+both students' features into *beacon* codes the students are then pulled towards. Query
+codes are sign(student output), sign(0) -> +1.
+
+Every loss term as the paper states it (``shared/design/models.md``), weights in the config:
+- teacher:  alpha * NLL(S, Gamma(H^l, H^l)) + gamma * ||L^l - L||^2
+- students: alpha * NLL(S, Gamma(H^l, H^*)) + beta * ||H^b - H^*||^2 + gamma * ||L^* - L||^2
+- GCN:      alpha * NLL(S, Gamma(H^b, H^b)) + gamma * ||L^b - L||^2
+with Gamma(A, B)_ij = <a_i, b_j> / 2 and the NLL the stable pairwise likelihood (the public
+code's squared error stand-in is not used). Each term is a mean per element (pair, bit,
+label), so the weights mean the same at any batch size, code length or label count.
+
+Training alternates per epoch: teacher; students towards the teacher's sign codes; GCN;
+students towards the beacons (and still the teacher). Ablations: ``gch-no-gcn`` (no beacon
+phases) and ``gch-no-teacher`` (students trained on labels directly: the likelihood between
+the two students' codes, as in DCMH, and no teacher).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+
+from hashret.models.base import HashModel, register
+from hashret.models.losses import label_similarity, pairwise_nll
+
+
+def normalized_adjacency(labels: torch.Tensor) -> torch.Tensor:
+    """D^-1/2 (A + I) D^-1/2 with A_ij = l_i . l_j (the batch's label graph)."""
+    a = labels @ labels.T
+    a = a + torch.eye(len(labels), dtype=a.dtype, device=a.device)
+    d = a.sum(dim=1).rsqrt()
+    return d[:, None] * a * d[None, :]
+
+
+def semantic_fusion(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+    """Each modality's batch features re-weighted by the other's, then averaged:
+    W = norm(fx fy^T), f^x_sa = fx + W fy, f^y_sa = fy + W^T fx, f_r = (f^x_sa + f^y_sa) / 2.
+
+    Two departures from the literal formula, both because it collapsed here: the affinity
+    is the cosine of batch-centred features (the students' ReLU features are all positive,
+    so raw products made every item look alike), normalised by its largest magnitude as
+    the public code does; and the re-weighted features are added to each item's own (a
+    residual), since W^T fx alone averages the whole batch into nearly one vector and the
+    GCN then gave every item the same beacon."""
+    cx = nnf.normalize(fx - fx.mean(dim=0, keepdim=True), dim=1)
+    cy = nnf.normalize(fy - fy.mean(dim=0, keepdim=True), dim=1)
+    w = cx @ cy.T
+    w = w / w.abs().max().clamp_min(1e-12)
+    return 0.5 * ((fx + w @ fy) + (fy + w.T @ fx))
+
+
+class _HashNet(nn.Module):
+    """MLP body -> (features, tanh hash, sigmoid label prediction made from the hash)."""
+
+    def __init__(self, d_in, hidden, depth, bits, n_labels, dropout, batchnorm, act):
+        super().__init__()
+        layers, d = [], d_in
+        for _ in range(depth):
+            layers.append(nn.Linear(d, hidden))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(hidden))
+            layers.append(act())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = hidden
+        self.body = nn.Sequential(*layers)
+        self.hash = nn.Linear(d, bits)
+        self.label = nn.Linear(bits, n_labels)
+
+    def forward(self, x):
+        f = self.body(x)
+        h = torch.tanh(self.hash(f))
+        return f, h, torch.sigmoid(self.label(h))
+
+
+class _GCN(nn.Module):
+    """Two graph convolutions over the batch graph: ReLU, then tanh -> beacon codes."""
+
+    def __init__(self, d_in, hidden, bits, n_labels):
+        super().__init__()
+        self.w1 = nn.Linear(d_in, hidden)
+        self.w2 = nn.Linear(hidden, bits)
+        self.label = nn.Linear(bits, n_labels)
+
+    def forward(self, f, adj):
+        h = torch.relu(adj @ self.w1(f))
+        hb = torch.tanh(adj @ self.w2(h))
+        return hb, torch.sigmoid(self.label(hb))
+
+
+def _sign(h):
+    return torch.where(h >= 0, 1.0, -1.0).to(h.dtype)
+
+
+@register
+class GCH(HashModel):
+    name = "gch"
+    defaults = {
+        "epochs": 60, "batch_size": 128,
+        "hidden": 512, "text_depth": 3, "image_depth": 1, "label_depth": 2,
+        "dropout": 0.0, "gcn_hidden": 512,
+        "lr_label": 1e-3, "lr_image": 1e-3, "lr_text": 1e-3, "lr_gcn": 1e-3, "weight_decay": 1e-5,
+        "alpha_likelihood": 1.0, "beta_beacon": 3.0, "gamma_label": 1.0,
+        "use_teacher": True, "use_gcn": True,
+    }
+
+    def _build(self):
+        cfg = self.config
+        torch.manual_seed(cfg["seed"])
+        b, c, hid = self.bits, cfg["n_labels"], cfg["hidden"]
+        leaky = lambda: nn.LeakyReLU(0.2)  # noqa: E731
+        self.nets = nn.ModuleDict({
+            "label": _HashNet(c, hid, cfg["label_depth"], b, c, 0.0, True, leaky),
+            "image": _HashNet(cfg["image_dim"], hid, cfg["image_depth"], b, c, cfg["dropout"], False, nn.ReLU),
+            "text": _HashNet(cfg["text_dim"], hid, cfg["text_depth"], b, c, cfg["dropout"], False, nn.ReLU),
+            "gcn": _GCN(hid, cfg["gcn_hidden"], b, c),
+        })
+
+    # -- training ------------------------------------------------------------------------
+    def _fit(self, image, text, labels, progress=False, device="cpu"):
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self._build()
+        nets = self.nets.to(device)
+        gen = torch.Generator().manual_seed(cfg["seed"])
+        x = {"image": torch.from_numpy(image).to(device), "text": torch.from_numpy(text).to(device)}
+        lab = torch.from_numpy(labels).to(device)
+        n, bs = len(lab), cfg["batch_size"]
+        opt = {name: torch.optim.Adam(nets[name].parameters(), lr=cfg[f"lr_{name}"],
+                                      weight_decay=cfg["weight_decay"])
+               for name in ("label", "image", "text", "gcn")}
+        a, beta, g = cfg["alpha_likelihood"], cfg["beta_beacon"], cfg["gamma_label"]
+
+        def step(name, loss):
+            opt[name].zero_grad()
+            loss.backward()
+            opt[name].step()
+            return float(loss.detach())
+
+        def label_loss(pred, target):
+            return ((pred - target) ** 2).mean()
+
+        history = []
+        bar = tqdm(range(cfg["epochs"]), desc="gch", disable=not progress, leave=False)
+        for _ in bar:
+            perm = torch.randperm(n, generator=gen).to(device)
+            batches = [perm[s:s + bs] for s in range(0, n, bs) if len(perm[s:s + bs]) > 1]
+            losses = {}
+            # 1. teacher: codes from labels
+            if cfg["use_teacher"]:
+                nets.train()
+                for idx in batches:
+                    l_b = lab[idx]
+                    s = label_similarity(l_b, l_b)
+                    _, h, pred = nets["label"](l_b)
+                    losses["label"] = step("label", a * pairwise_nll(0.5 * h @ h.T, s, "mean")
+                                           + g * label_loss(pred, l_b))
+            # 2. students towards the teacher's codes (or, without a teacher, towards each other)
+            self._student_phase(batches, x, lab, step, label_loss, beacons=False, losses=losses)
+            if cfg["use_gcn"]:
+                # 3. GCN over the batch graph, on the students' (fixed) features
+                for idx in batches:
+                    with torch.no_grad():
+                        nets["image"].eval()
+                        nets["text"].eval()
+                        fx, _, _ = nets["image"](x["image"][idx])
+                        fy, _, _ = nets["text"](x["text"][idx])
+                    l_b = lab[idx]
+                    hb, pred = nets["gcn"](semantic_fusion(fx, fy), normalized_adjacency(l_b))
+                    losses["gcn"] = step("gcn", a * pairwise_nll(0.5 * hb @ hb.T, label_similarity(l_b, l_b), "mean")
+                                         + g * label_loss(pred, l_b))
+                # 4. students towards the beacons (and still the teacher)
+                self._student_phase(batches, x, lab, step, label_loss, beacons=True, losses=losses)
+            history.append(losses)
+            bar.set_postfix({k: round(v, 3) for k, v in losses.items()})
+        self.history = history
+        self.nets.to("cpu").eval()
+
+    def _student_phase(self, batches, x, lab, step, label_loss, beacons, losses):
+        cfg, nets = self.config, self.nets
+        a, beta, g = cfg["alpha_likelihood"], cfg["beta_beacon"], cfg["gamma_label"]
+        for idx in batches:
+            l_b = lab[idx]
+            s = label_similarity(l_b, l_b)
+            with torch.no_grad():
+                target = None
+                if cfg["use_teacher"]:
+                    nets["label"].eval()
+                    target = _sign(nets["label"](l_b)[1])
+                hb = None
+                if beacons:
+                    nets["image"].eval()
+                    nets["text"].eval()
+                    fx, _, _ = nets["image"](x["image"][idx])
+                    fy, _, _ = nets["text"](x["text"][idx])
+                    nets["gcn"].eval()
+                    hb = _sign(nets["gcn"](semantic_fusion(fx, fy), normalized_adjacency(l_b))[0])
+                other = {}
+                if not cfg["use_teacher"]:  # DCMH-style: each student against the other's codes
+                    for m in ("image", "text"):
+                        other[m] = nets[m](x[m][idx])[1]
+            for m in ("image", "text"):
+                nets[m].train()
+                _, h, pred = nets[m](x[m][idx])
+                ref = target if target is not None else other["text" if m == "image" else "image"]
+                loss = a * pairwise_nll(0.5 * ref @ h.T, s, "mean") + g * label_loss(pred, l_b)
+                if hb is not None:
+                    loss = loss + beta * ((hb - h) ** 2).mean()
+                losses[m] = step(m, loss)
+
+    # -- encoding ------------------------------------------------------------------------
+    def _project(self, x, modality):
+        net = self.nets[modality]
+        net.eval()
+        with torch.no_grad():
+            return net(torch.from_numpy(np.ascontiguousarray(x)))[1].numpy()
+
+    def _state(self):
+        return {k: v.detach().clone() for k, v in self.nets.state_dict().items()}
+
+    def _load_state(self, state):
+        self._build()
+        self.nets.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+        self.nets.eval()
+
+
+@register
+class GCHNoGCN(GCH):
+    """Ablation: no GCN, no beacon codes."""
+
+    name = "gch-no-gcn"
+    defaults = {**GCH.defaults, "use_gcn": False}
+
+
+@register
+class GCHNoTeacher(GCH):
+    """Ablation: no label encoder; the students learn from labels directly (their likelihood
+    is taken against each other's codes)."""
+
+    name = "gch-no-teacher"
+    defaults = {**GCH.defaults, "use_teacher": False}

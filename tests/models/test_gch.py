@@ -1,0 +1,154 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hashret.cli import main
+from hashret.data import make_synthetic
+from hashret.errors import HashretError
+from hashret.eval import evaluate_codes
+from hashret.models import build_for_dataset, build_model, load_checkpoint, save_checkpoint
+from hashret.models.gch import _GCN, _HashNet, normalized_adjacency, semantic_fusion
+from hashret.models.losses import pairwise_nll
+
+SMALL = dict(hidden=64, gcn_hidden=64, epochs=12, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(n_items=900, n_labels=10, labels_per_item=1.5, image_dim=32,
+                          text_dim=80, n_query=100, n_train=500, noise=0.4, seed=2)
+
+
+def _fit(name, ds, bits=16, seed=0, **kw):
+    tr = ds.part("train")
+    m = build_for_dataset(name, ds, bits, seed=seed, **{**SMALL, **kw})
+    return m.fit(ds.features("image", tr), ds.features("text", tr), ds.labels[tr])
+
+
+def _maps(m, ds):
+    q, db = ds.part("query"), ds.part("database")
+    return [evaluate_codes(m.encode(ds.features(a, q), a), m.encode(ds.features(b, db), b),
+                           ds.labels[q], ds.labels[db])["map_all"] for a, b in (("image", "text"), ("text", "image"))]
+
+
+def test_hash_net_shapes_and_gradients():
+    net = _HashNet(12, 32, 3, 16, 5, 0.1, True, torch.nn.ReLU)
+    f, h, p = net(torch.randn(7, 12))
+    assert f.shape == (7, 32) and h.shape == (7, 16) and p.shape == (7, 5)
+    assert h.abs().max() <= 1 and ((p > 0) & (p < 1)).all()
+    (h.sum() + p.sum()).backward()
+    for name, prm in net.named_parameters():
+        assert prm.grad is not None and prm.grad.abs().sum() > 0, name
+
+
+def test_gcn_shapes_and_gradients():
+    gcn = _GCN(32, 24, 16, 5)
+    labels = (torch.rand(9, 5) < 0.4).float()
+    hb, p = gcn(torch.randn(9, 32), normalized_adjacency(labels))
+    assert hb.shape == (9, 16) and p.shape == (9, 5)
+    (hb.sum() + p.sum()).backward()
+    for name, prm in gcn.named_parameters():
+        assert prm.grad is not None and prm.grad.abs().sum() > 0, name
+
+
+def test_adjacency_normalisation_matches_direct_formula():
+    rng = np.random.default_rng(0)
+    lab = (rng.random((6, 4)) < 0.5).astype(np.float64)
+    a = lab @ lab.T + np.eye(6)
+    d = a.sum(1)
+    direct = np.array([[a[i, j] / np.sqrt(d[i] * d[j]) for j in range(6)] for i in range(6)])
+    np.testing.assert_allclose(normalized_adjacency(torch.from_numpy(lab)).numpy(), direct, atol=1e-12)
+
+
+def test_likelihood_matches_definition_and_stays_finite():
+    theta = torch.tensor([[-3.0, 0.0, 2.5], [1.0, -0.5, 4.0]], dtype=torch.float64)
+    s = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    direct = -(s * theta - torch.log(1 + torch.exp(theta)))
+    assert torch.allclose(pairwise_nll(theta, s), direct.sum())
+    assert torch.allclose(pairwise_nll(theta, s, "mean"), direct.mean())
+    big = torch.tensor([500.0, -500.0, 500.0], requires_grad=True)
+    loss = pairwise_nll(big, torch.tensor([1.0, 0.0, 0.0]))
+    loss.backward()
+    # the naive formula overflows (inf); softplus gives the exact 0 + 0 + 500
+    assert torch.isfinite(loss) and abs(float(loss.detach()) - 500.0) < 1e-3
+    assert torch.isfinite(big.grad).all()
+
+
+def test_fusion_keeps_items_apart_and_follows_the_batch_order():
+    fx, fy = torch.rand(8, 16), torch.rand(8, 16)
+    fr = semantic_fusion(fx, fy)
+    assert fr.shape == (8, 16)
+    assert torch.cdist(fr, fr).fill_diagonal_(1.0).min() > 1e-4  # no collapse onto one vector
+    perm = torch.randperm(8)
+    assert torch.allclose(semantic_fusion(fx[perm], fy[perm]), fr[perm], atol=1e-6)
+
+
+def test_tiny_training_rises_well_above_chance(data):
+    rng = np.random.default_rng(0)
+    q, db = data.part("query"), data.part("database")
+    chance = evaluate_codes(rng.standard_normal((len(q), 16)), rng.standard_normal((len(db), 16)),
+                            data.labels[q], data.labels[db])["map_all"]
+    model = _fit("gch", data)
+    for m in _maps(model, data):
+        assert m > chance + 0.15 and m > 1.5 * chance, (m, chance)
+    assert {"label", "image", "text", "gcn"} <= set(model.history[-1])
+
+
+def test_ablations_switch_parts_off(data):
+    assert "gcn" not in _fit("gch-no-gcn", data, epochs=2).history[-1]
+    assert "label" not in _fit("gch-no-teacher", data, epochs=2).history[-1]
+
+
+def test_checkpoint_round_trip_gives_identical_codes(data, tmp_path):
+    model = _fit("gch", data, epochs=3)
+    save_checkpoint(tmp_path / "run", model, dataset=data)
+    back = load_checkpoint(tmp_path / "run")
+    for mod in ("image", "text"):
+        x = data.features(mod, data.part("query"))
+        np.testing.assert_array_equal(back.encode(x, mod), model.encode(x, mod))
+    state = torch.load(tmp_path / "run" / "weights.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_seeded_training_is_repeatable(data):
+    a, b = _fit("gch", data, epochs=2, seed=5), _fit("gch", data, epochs=2, seed=5)
+    x = data.features("text", data.part("query"))
+    np.testing.assert_array_equal(a.encode(x, "text"), b.encode(x, "text"))
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64, 128])
+def test_named_configs(bits):
+    m = build_model(f"gch-{bits}", image_dim=5, text_dim=7, n_labels=3)
+    assert m.bits == bits and m.config["alpha_likelihood"] == 1.0
+
+
+def test_gpu_request_without_gpu_is_a_clear_error(data):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    tr = data.part("train")
+    model = build_for_dataset("gch", data, 16, **SMALL)
+    with pytest.raises(HashretError, match="no GPU"):
+        model.fit(data.features("image", tr), data.features("text", tr), data.labels[tr], device="cuda")
+
+
+def test_cli_train_then_encode(tmp_path):
+    spec = "synthetic:n_items=400,n_labels=6,image_dim=16,text_dim=40,n_query=40,n_train=200"
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "--model", "gch", "--bits", "16", "--dataset", spec,
+                               "--epochs", "2", "--seed", "1", "--set", "hidden=32",
+                               "--set", "gcn_hidden=32", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["config"]["epochs"] == 2 and cfg["config"]["hidden"] == 32 and cfg["dataset_spec"] == spec
+    assert "map_all" in cfg["eval"]
+    res = runner.invoke(main, ["encode", "--checkpoint", str(tmp_path / "run"), "--modality", "text",
+                               "--split", "query", "--out", str(tmp_path / "codes.npy")])
+    assert res.exit_code == 0, res.output
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (40, 2) and codes.dtype == np.uint8
+    res = runner.invoke(main, ["train", "--model", "gch", "--dataset", spec, "--set", "nosuch=1",
+                               "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no config field nosuch" in res.output
