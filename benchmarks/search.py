@@ -112,7 +112,7 @@ def main():
                 records.append(rec)
                 rows.append(rec)
                 print(_row(rec), flush=True)
-        del index, fidx
+        index = fidx = None  # free the memory before the next size
     print()
     print(_table(rows))
 

@@ -151,7 +151,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
               f"position; seeds {','.join(map(str, seeds))} (mean ± std). The database is encoded "
               "by the same learned hash functions as the queries.")
     table = format_table(records, header)
-    extra = format_table(records, f"#### tie-aware expected mAP (McSherry & Najork)",
+    extra = format_table(records, "#### tie-aware expected mAP (McSherry & Najork)",
                          metric="map_expected")
     (out / "table.md").write_text(table + "\n" + extra)
     plot_curves(out, curves, f"{tag}{ds.name}")

@@ -133,7 +133,7 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
         out = {"query_modality": qmod, "known_words": None, "unknown_words": None}
         t0 = time.perf_counter()
         if text is not None or text_file is not None:
-            check(qmod == "text", f"the index holds text codes, so queries are images: use "
+            check(qmod == "text", "the index holds text codes, so queries are images: use "
                   "--image-features or --item, or build an image index for text queries")
             if text_file is not None:
                 path = Path(text_file)

@@ -163,3 +163,20 @@ class HashModel:
 
     def _load_state(self, state: dict):
         raise NotImplementedError
+
+
+class TorchHashModel(HashModel):
+    """A hash model whose networks live in ``self.nets`` (an nn.ModuleDict made by ``_build``)."""
+
+    def _build(self):
+        raise NotImplementedError
+
+    def _state(self):
+        return {k: v.detach().clone() for k, v in self.nets.state_dict().items()}
+
+    def _load_state(self, state):
+        import torch
+
+        self._build()
+        self.nets.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+        self.nets.eval()

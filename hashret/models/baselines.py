@@ -18,7 +18,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from hashret.models.base import HashModel, register
+from hashret.models.base import HashModel, TorchHashModel, register
 from hashret.models.losses import label_similarity, pairwise_nll
 
 
@@ -83,6 +83,13 @@ class _AnchorFeatures:
             out[f"{mod}.sigma"] = np.array(self.sigma[mod], dtype=np.float32)
         return out
 
+    @classmethod
+    def from_model_state(cls, config, state):
+        """Rebuild from a model state whose anchor entries are prefixed 'kernel.'."""
+        kernel = cls(config["anchors"], config["seed"])
+        kernel.load({k[7:]: v for k, v in state.items() if k.startswith("kernel.")})
+        return kernel
+
     def load(self, state):
         for key, value in state.items():
             mod, what = key.split(".", 1)
@@ -144,8 +151,7 @@ class CCAITQ(HashModel):
         return out
 
     def _load_state(self, state):
-        self.kernel = _AnchorFeatures(self.config["anchors"], self.config["seed"])
-        self.kernel.load({k[7:]: v for k, v in state.items() if k.startswith("kernel.")})
+        self.kernel = _AnchorFeatures.from_model_state(self.config, state)
         self.mean = {m: state[f"mean.{m}"] for m in ("image", "text")}
         self.proj = {m: state[f"proj.{m}"] for m in ("image", "text")}
         self.rotation = state["rotation"]
@@ -183,8 +189,7 @@ class LabelRidge(HashModel):
         return out
 
     def _load_state(self, state):
-        self.kernel = _AnchorFeatures(self.config["anchors"], self.config["seed"])
-        self.kernel.load({k[7:]: v for k, v in state.items() if k.startswith("kernel.")})
+        self.kernel = _AnchorFeatures.from_model_state(self.config, state)
         self.weights = {m: state[f"weights.{m}"] for m in ("image", "text")}
         self.codewords = state["codewords"]
 
@@ -200,7 +205,7 @@ def mlp(d_in, hidden, d_out, depth=1):
 
 
 @register
-class DCMHMLP(HashModel):
+class DCMHMLP(TorchHashModel):
     name = "dcmh-mlp"
     # eta (DCMH's bit-balance weight) defaults to 0: on precomputed features any weight tried
     # cost mAP (Wikipedia, 32 bits, T->I: 0.71 at eta=0, 0.62 at 1e-3, 0.12 at 1e-2).
@@ -222,7 +227,7 @@ class DCMHMLP(HashModel):
         gen = torch.Generator().manual_seed(cfg["seed"])
         feats = {"image": torch.from_numpy(image).to(device), "text": torch.from_numpy(text).to(device)}
         lab = torch.from_numpy(labels).to(device)
-        n, b = len(lab), self.bits
+        n = len(lab)
         with torch.no_grad():
             buf = {m: self.nets[m](feats[m]) for m in feats}  # F (image) and G (text)
         codes = torch.sign(buf["image"] + buf["text"])
@@ -256,10 +261,3 @@ class DCMHMLP(HashModel):
         with torch.no_grad():
             return self.nets[modality](torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
-    def _state(self):
-        return {k: v.detach().clone() for k, v in self.nets.state_dict().items()}
-
-    def _load_state(self, state):
-        self._build()
-        self.nets.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
-        self.nets.eval()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from hashret.models.base import HashModel, register
+from hashret.models.base import TorchHashModel, register
 from hashret.models.losses import label_similarity, pairwise_nll
 
 
@@ -99,7 +99,7 @@ def _sign(h):
 
 
 @register
-class GCH(HashModel):
+class GCH(TorchHashModel):
     name = "gch"
     defaults = {
         "epochs": 60, "batch_size": 128,
@@ -136,7 +136,7 @@ class GCH(HashModel):
         opt = {name: torch.optim.Adam(nets[name].parameters(), lr=cfg[f"lr_{name}"],
                                       weight_decay=cfg["weight_decay"])
                for name in ("label", "image", "text", "gcn")}
-        a, beta, g = cfg["alpha_likelihood"], cfg["beta_beacon"], cfg["gamma_label"]
+        a, g = cfg["alpha_likelihood"], cfg["gamma_label"]
 
         def step(name, loss):
             opt[name].zero_grad()
@@ -222,13 +222,6 @@ class GCH(HashModel):
         with torch.no_grad():
             return net(torch.from_numpy(np.ascontiguousarray(x)))[1].numpy()
 
-    def _state(self):
-        return {k: v.detach().clone() for k, v in self.nets.state_dict().items()}
-
-    def _load_state(self, state):
-        self._build()
-        self.nets.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
-        self.nets.eval()
 
 
 @register
