@@ -58,6 +58,24 @@ def _job_matches(run_dir: Path, config: dict, fingerprint: str) -> bool:
     return saved == config and info.get("dataset", {}).get("fingerprint") == fingerprint
 
 
+DIRECTIONS = (("i2t", "image", "text"), ("t2i", "text", "image"))  # (name, query side, database side)
+
+
+def evaluate_model(model, dataset, query_rows=None, db_rows=None, **metric_args):
+    """Encode the query and database parts with ``model`` (the database by the same hash
+    functions as the queries) and evaluate both directions. Returns ({"i2t": metrics,
+    "t2i": metrics}, seconds spent encoding); ``metric_args`` go to :func:`evaluate_codes`."""
+    q = dataset.part("query") if query_rows is None else query_rows
+    db = dataset.part("database") if db_rows is None else db_rows
+    t0 = time.perf_counter()
+    codes = {(mod, part): model.encode_rows(dataset, mod, rows)
+             for mod in ("image", "text") for part, rows in (("query", q), ("database", db))}
+    enc_s = time.perf_counter() - t0
+    return {name: evaluate_codes(codes[(qmod, "query")], codes[(dmod, "database")],
+                                 dataset.labels[q], dataset.labels[db], **metric_args)
+            for name, qmod, dmod in DIRECTIONS}, enc_s
+
+
 def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), seeds=(0,),
                   out="results/mAP", topk=(100, 1000), radius: int = 2, n_max: int = 1000,
                   data_root=None, split=None, reuse: bool = False, progress: bool = True,
@@ -89,10 +107,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     out.mkdir(parents=True, exist_ok=True)
     ds.split.save(out / "split.npz", dataset=ds.name, n_items=ds.n_items)
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
-    feats = {(mod, part): ds.features(mod, idx) for mod in ("image", "text")
-             for part, idx in (("query", q_idx), ("train", tr_idx), ("database", db_idx))}
-    labels = {part: ds.labels[idx] for part, idx in (("query", q_idx), ("train", tr_idx),
-                                                      ("database", db_idx))}
+    train_feats = {mod: ds.features(mod, tr_idx) for mod in ("image", "text")}
     run_info = {"dataset": ds.summary(), "methods": methods, "bits": bits, "seeds": seeds,
                 "topk": topk, "radius": radius, "n_max": n_max, "split": str(out / "split.npz"),
                 "split_fingerprint": ds.split.fingerprint(), "python": platform.python_version(),
@@ -115,18 +130,13 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
             model = load_checkpoint(run_dir)
             trained = False
         else:
-            model.fit(feats[("image", "train")], feats[("text", "train")], labels["train"])
+            model.fit(train_feats["image"], train_feats["text"], ds.labels[tr_idx])
             save_checkpoint(run_dir, model, dataset=ds)
             trained = True
         fit_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        codes = {(mod, part): model.encode(feats[(mod, part)], mod)
-                 for mod in ("image", "text") for part in ("query", "database")}
-        enc_s = time.perf_counter() - t0
-        for direction, qmod, dmod in (("i2t", "image", "text"), ("t2i", "text", "image")):
-            res = evaluate_codes(codes[(qmod, "query")], codes[(dmod, "database")],
-                                 labels["query"], labels["database"], topk=topk, radius=radius,
-                                 n_max=n_max)
+        results, enc_s = evaluate_model(model, ds, q_idx, db_idx, topk=topk, radius=radius,
+                                        n_max=n_max)
+        for direction, res in results.items():
             rec = {"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
                    "direction": direction, "seed": seed, "map_all": res["map_all"],
                    "map_expected": res["map_expected"]}

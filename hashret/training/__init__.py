@@ -11,7 +11,7 @@ import torch
 
 from hashret.data import load_dataset
 from hashret.errors import check
-from hashret.eval.metrics import evaluate_codes
+from hashret.eval.benchmark import evaluate_model
 from hashret.models import build_for_dataset, save_checkpoint
 
 
@@ -52,10 +52,8 @@ def train(model: str = "dcmh-mlp", dataset: str = "wikipedia", bits: int | None 
         log(f"skipping the mAP of {len(q)} x {len(db)} pairs (minutes): run benchmarks/mAP.py for it")
         evaluate = False
     if evaluate:
-        res = {}
-        for name, qm, dm in (("i2t", "image", "text"), ("t2i", "text", "image")):
-            res[name] = evaluate_codes(net.encode_rows(ds, qm, q), net.encode_rows(ds, dm, db),
-                                       ds.labels[q], ds.labels[db])["map_all"]
+        results, _ = evaluate_model(net, ds, topk=(100,), n_max=1)
+        res = {name: r["map_all"] for name, r in results.items()}
         extra["eval"] = {"map_all": res, "queries": int(len(q)), "database": int(len(db))}
         log(f"mAP@all: I→T {res['i2t']:.4f}, T→I {res['t2i']:.4f} ({fit_s:.1f} s training)")
     save_checkpoint(out, net, dataset=ds, extra=extra)
