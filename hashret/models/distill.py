@@ -1,0 +1,267 @@
+"""Distilled hash heads for the fine-grained matchers, and :class:`MatcherModel`, the trained
+pair (matcher + hash head) that a checkpoint holds.
+
+A hash head is two per-modality encoders (regions -> b, words -> b, tanh). Distilled, it is
+trained so that <h_I, h_T> / b reproduces the matcher's in-batch score matrix: KL between the
+row (image -> captions) and column (caption -> images) softmaxes of teacher and student, each
+with a temperature, plus a quantisation term ||h - sign(h)||^2. Undistilled (the control), the
+same encoders learn from the matching pairs alone: the same listwise loss with a one-hot
+target (in-batch contrastive).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+
+from hashret.errors import HashretError, check
+from hashret.index.bits import sign_codes
+from hashret.models.matchers import (MATCHERS, TextEncoder, build_matcher,
+                                     masked_mean, n_rows, score_chunks, select)
+
+HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "head_batch_size": 128,
+                 "head_lr": 2e-3, "tau_teacher": 1.0, "tau_student": 0.05, "quantization": 0.1,
+                 "distill": True}
+
+
+class HashHead(nn.Module):
+    """Regions -> per-region MLP -> masked mean -> tanh(b); words -> Bi-GRU -> masked mean ->
+    tanh(b). The per-region MLP sees each attribute-object binding before pooling, and the
+    Bi-GRU sees each word in context, so the codes can keep bindings a plain mean loses."""
+
+    def __init__(self, region_dim, vocab_size, bits, hidden=256, word_dim=32):
+        super().__init__()
+        self.region_mlp = nn.Sequential(nn.LayerNorm(region_dim), nn.Linear(region_dim, hidden), nn.ReLU(),
+                                        nn.Linear(hidden, hidden), nn.ReLU())
+        # batch norm before tanh centres every bit over the data, so bits split items evenly
+        # (without it the mean of positive ReLU features pushed all images to one code)
+        self.image_out = nn.Sequential(nn.Linear(hidden, bits), nn.BatchNorm1d(bits))
+        self.words = TextEncoder(vocab_size, word_dim, hidden)
+        self.text_out = nn.Sequential(nn.Linear(hidden, bits), nn.BatchNorm1d(bits))
+
+    def image(self, regions, mask):
+        return torch.tanh(self.image_out(masked_mean(self.region_mlp(regions), mask, -2)))
+
+    def text(self, tokens, lengths):
+        t, m = self.words(tokens, lengths)
+        return torch.tanh(self.text_out(masked_mean(t, m, -2)))
+
+
+def distill_loss(teacher, h_img, h_txt, tau_teacher=1.0, tau_student=0.05, quantization=0.1):
+    """Listwise KL, both directions, between the teacher's score matrix (z-scored over the
+    batch, so every matcher's scale means the same) and the student's <h_I, h_T> / b."""
+    t = (teacher - teacher.mean()) / teacher.std().clamp_min(1e-6) / tau_teacher
+    s = (h_img @ h_txt.T) / h_img.shape[1] / tau_student
+    kl = lambda p_logits, q_logits, dim: nnf.kl_div(  # noqa: E731
+        nnf.log_softmax(q_logits, dim), nnf.log_softmax(p_logits, dim), log_target=True,
+        reduction="batchmean" if dim == 1 else "sum") / (len(p_logits) if dim == 0 else 1)
+    return kl(t, s, 1) + kl(t, s, 0) + quantization * quantization_loss(h_img, h_txt)
+
+
+def quantization_loss(*codes):
+    return sum(((h - torch.where(h >= 0, 1.0, -1.0)) ** 2).mean() for h in codes)
+
+
+def pairs_only_loss(h_img, h_txt, tau_student=0.05, quantization=0.1):
+    """The undistilled control: the same listwise loss with the matching pairs as a one-hot
+    target (in-batch contrastive), so only the teacher's soft scores differ."""
+    s = (h_img @ h_txt.T) / h_img.shape[1] / tau_student
+    target = torch.arange(len(s), device=s.device)
+    return (nnf.cross_entropy(s, target) + nnf.cross_entropy(s.T, target)
+            + quantization * quantization_loss(h_img, h_txt))
+
+
+def _to_tensors(x, modality):
+    if modality == "image":
+        regions, mask = x
+        return torch.as_tensor(np.asarray(regions, dtype=np.float32)), torch.as_tensor(np.asarray(mask, dtype=bool))
+    tokens, lengths = x
+    return torch.as_tensor(np.asarray(tokens, dtype=np.int64)), torch.as_tensor(np.asarray(lengths, dtype=np.int64))
+
+
+class MatcherModel:
+    """A trained matcher and (once distilled) its hash head; what ``hashret train --model
+    sgraf|cgam|han|shan`` writes and ``build-index`` / ``query --rerank`` read. Inputs:
+    images as (regions N x n_o x d, mask N x n_o), captions as (tokens N x L, lengths N) or
+    strings through the vocabulary."""
+
+    kind = "matcher"
+
+    def __init__(self, name, bits, region_dim, vocab, seed=0, **overrides):
+        from hashret.models.matchers import MATCHER_DEFAULTS, PER_MATCHER_DEFAULTS
+
+        check(name in MATCHERS, f"unknown matcher {name!r}: use one of {', '.join(MATCHERS)}")
+        check(int(bits) > 0 and int(bits) % 8 == 0,
+              f"code length {bits} is not a positive multiple of 8: use 16, 32, 64 or 128")
+        fields = {**MATCHER_DEFAULTS, **PER_MATCHER_DEFAULTS[name], **HEAD_DEFAULTS}
+        bad = sorted(set(overrides) - set(fields))
+        check(not bad, f"{name} has no config field {', '.join(bad)}: known fields are "
+              f"{', '.join(sorted(fields))}")
+        self.name = name
+        self.vocab_words = list(vocab)
+        self.config = {"model": name, "kind": self.kind, "bits": int(bits),
+                       "region_dim": int(region_dim), "vocab_size": len(self.vocab_words),
+                       "seed": int(seed), **fields, **overrides}
+        torch.manual_seed(int(seed))
+        mcfg = {k: self.config[k] for k in {**MATCHER_DEFAULTS, **PER_MATCHER_DEFAULTS[name]}}
+        self.matcher = build_matcher(name, int(region_dim), len(self.vocab_words), **mcfg).eval()
+        c = self.config
+        self.head = HashHead(int(region_dim), len(self.vocab_words), int(bits), c["head_hidden"],
+                             c["head_word_dim"]).eval()
+        self.has_head = False
+        self.checkpoint_info = {}
+
+    @property
+    def bits(self):
+        return self.config["bits"]
+
+    @property
+    def vocab(self):
+        from hashret.data.scenes import Vocabulary
+
+        return Vocabulary(self.vocab_words[2:])
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self):
+        out = {f"matcher.{k}": v for k, v in self.matcher.state_dict().items()}
+        if self.has_head:
+            out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state):
+        m = {k[8:]: v for k, v in state.items() if k.startswith("matcher.")}
+        h = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+        self.matcher.load_state_dict(m)
+        if h:
+            self.head.load_state_dict(h)
+            self.has_head = True
+        self.matcher.eval()
+        self.head.eval()
+        return self
+
+    # -- inputs --------------------------------------------------------------------------
+    def check_images(self, regions, mask=None):
+        regions = np.asarray(regions, dtype=np.float32)
+        if regions.ndim == 2:
+            regions = regions[None]
+        check(regions.ndim == 3, f"region features must be N x n_regions x dim, got shape {regions.shape}")
+        want = self.config["region_dim"]
+        check(regions.shape[2] == want, f"region features have {regions.shape[2]} dimensions, the "
+              f"{self.name} model takes {want}: use features from the same region extractor")
+        check(len(regions) > 0 and regions.shape[1] > 0, "the image query holds no regions")
+        if not np.isfinite(regions).all():
+            raise HashretError("region features hold NaN/inf values: clean them first")
+        mask = np.ones(regions.shape[:2], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        check(mask.shape == regions.shape[:2], f"region mask has shape {mask.shape}, expected {regions.shape[:2]}")
+        return regions, mask
+
+    def text_inputs(self, captions):
+        """Strings -> (tokens, lengths); every caption must hold a known word."""
+        vocab = self.vocab
+        tokens, lengths = vocab.encode(captions)
+        for c, row in zip(captions, tokens):
+            check((row > 1).any(), f"the caption {c!r} has no word in the model's vocabulary "
+                  f"({len(vocab)} words): use words from the training captions")
+        return tokens, lengths
+
+    # -- codes ---------------------------------------------------------------------------
+    def project(self, x, modality):
+        check(self.has_head, f"the {self.name} checkpoint has no hash head: train one with "
+              "'hashret train --distill-from RUN_DIR'")
+        with torch.no_grad():
+            a, b = _to_tensors(x, modality)
+            out = self.head.image(a, b) if modality == "image" else self.head.text(a, b)
+        return out.numpy()
+
+    def encode(self, x, modality):
+        if modality == "image":
+            x = self.check_images(*(x if isinstance(x, tuple) else (x, None)))
+        elif isinstance(x, (list, str)):
+            x = self.text_inputs([x] if isinstance(x, str) else x)
+        return sign_codes(self.project(x, modality))
+
+    def encode_rows(self, part, modality, rows, batch_size=2048):
+        rows = np.asarray(rows)
+        out = np.empty((len(rows), self.bits), dtype=np.int8)
+        for s in range(0, len(rows), batch_size):
+            r = rows[s:s + batch_size]
+            x = part.image_batch(r) if modality == "image" else part.text_batch(r)
+            out[s:s + batch_size] = sign_codes(self.project(x, modality))
+        return out
+
+    # -- matcher scores ------------------------------------------------------------------
+    def encode_for_matching(self, x, modality):
+        with torch.no_grad():
+            a, b = _to_tensors(x, modality)
+            return self.matcher.encode_image(a, b) if modality == "image" else self.matcher.encode_text(a, b)
+
+    def encode_rows_for_matching(self, part, modality, rows, batch_size=1024):
+        rows = np.asarray(rows)
+        encs = []
+        for s in range(0, len(rows), batch_size):
+            r = rows[s:s + batch_size]
+            x = part.image_batch(r) if modality == "image" else _pad_to(part.text_batch(r), part)
+            encs.append(self.encode_for_matching(x, modality))
+        return concat(encs)
+
+    def scores(self, img_enc, txt_enc, budget=512):
+        """Matcher scores of every image against every caption (encodings from
+        :meth:`encode_for_matching`)."""
+        with torch.no_grad():
+            ni, nt = n_rows(img_enc), n_rows(txt_enc)
+            if self.name == "global":
+                return self.matcher.pair_scores(img_enc, txt_enc)
+            return score_chunks(self.matcher, img_enc, txt_enc, ni, nt, select, select, budget)
+
+
+def _pad_to(text_batch, part):
+    """Pad a caption batch to the part's full length, so encodings of different batches
+    concatenate."""
+    tokens, lengths = text_batch
+    full = part.tokens.shape[1]
+    if tokens.shape[1] < full:
+        tokens = np.pad(tokens, ((0, 0), (0, full - tokens.shape[1])))
+    return tokens, lengths
+
+
+def concat(encs):
+    first = encs[0]
+    if isinstance(first, dict):
+        return {k: concat([e[k] for e in encs]) for k in first}
+    if isinstance(first, tuple):
+        return tuple(concat([e[i] for e in encs]) for i in range(len(first)))
+    return torch.cat(encs)
+
+
+def exhaustive_ranking(model: MatcherModel, query_enc, gallery_enc, direction, k=10, budget=512):
+    """Top-k gallery ids per query by the matcher's score over the whole gallery."""
+    nq = n_rows(query_enc)
+    out = np.empty((nq, k), dtype=np.int64)
+    for q in range(nq):
+        one = select(query_enc, slice(q, q + 1))
+        s = (model.scores(one, gallery_enc, budget)[0] if direction == "i2t"
+             else model.scores(gallery_enc, one, budget)[:, 0])
+        out[q] = torch.topk(s, k).indices.numpy()
+    return out
+
+
+def rerank(model: MatcherModel, query_enc, gallery_enc, candidates, direction, k=10, budget=512):
+    """Re-score each query's candidate gallery ids (Q x K, -1 = none) with the matcher and
+    return (ids, scores) of the best k per query, best first."""
+    candidates = np.asarray(candidates)
+    nq = n_rows(query_enc)
+    ids = np.full((nq, k), -1, dtype=np.int64)
+    scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    for q in range(nq):
+        cand = candidates[q][candidates[q] >= 0]
+        if len(cand) == 0:
+            continue
+        one = select(query_enc, slice(q, q + 1))
+        sub = select(gallery_enc, torch.from_numpy(cand))
+        s = model.scores(one, sub, budget)[0] if direction == "i2t" else model.scores(sub, one, budget)[:, 0]
+        top = torch.topk(s, min(k, len(cand)))
+        ids[q, :len(top.indices)] = cand[top.indices.numpy()]
+        scores[q, :len(top.indices)] = top.values.numpy()
+    return ids, scores
