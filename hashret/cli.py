@@ -123,21 +123,28 @@ def _parse_options(pairs) -> dict:
 
 
 @main.command()
-@click.option("--model", required=True, help="Model name (see 'hashret models').")
+@click.option("--model", default=None, help="Model name (see 'hashret models').")
 @click.option("--bits", type=int, default=64, show_default=True, help="Code length.")
-@click.option("--dataset", default="wikipedia", show_default=True, help="Dataset name or path.")
+@click.option("--dataset", default=None,
+              help="Dataset name or path [default: wikipedia; scenes for the matchers].")
 @click.option("--epochs", type=int, default=None, help="Epochs (models trained by epochs).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--set", "settings", multiple=True, help="Config field, key=value (repeatable).")
+@click.option("--distill-from", type=click.Path(), default=None,
+              help="RUN_DIR of a trained matcher: train only its hash head.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (RUN_DIR).")
 @data_root_option
-def train(model, bits, dataset, epochs, seed, device, settings, out, data_root):
-    """Train a model and write a checkpoint (weights.pt, config.json, split.npz)."""
+def train(model, bits, dataset, epochs, seed, device, settings, distill_from, out, data_root):
+    """Train a model and write a checkpoint (weights.pt, config.json, split.npz).
+
+    Matchers (sgraf, cgam, han, shan; global = the mean-pooled baseline) train on scene data
+    (--dataset scenes[:k=v,...] or precomp:FOLDER), then their distilled hash head."""
     from hashret.training import train as train_model
 
     train_model(model=model, dataset=dataset, bits=bits, seed=seed, out=out, data_root=data_root,
-                epochs=epochs, device=device, options=_parse_options(settings), log=click.echo)
+                epochs=epochs, device=device, options=_parse_options(settings), log=click.echo,
+                distill_from=distill_from)
 
 
 @main.command()
@@ -145,10 +152,16 @@ def models():
     """List the model names the factory builds."""
     from hashret.models import REGISTRY
 
+    from hashret.models.distill import HEAD_DEFAULTS
+    from hashret.models.matchers import MATCHER_DEFAULTS, PER_MATCHER_DEFAULTS
+
     for name, cls in sorted(REGISTRY.items()):
         kind = "supervised" if cls.supervised else "unsupervised"
         fields = ", ".join(f"{k}={v}" for k, v in cls.defaults.items())
         click.echo(f"{name:14s} {kind:12s} {fields}")
+    for name, own in PER_MATCHER_DEFAULTS.items():
+        fields = ", ".join(f"{k}={v}" for k, v in {**MATCHER_DEFAULTS, **own, **HEAD_DEFAULTS}.items())
+        click.echo(f"{name:14s} {'matcher':12s} {fields}")
 
 
 @main.command()
@@ -205,14 +218,18 @@ def build_index_cmd(checkpoint, modality, dataset, part, append, batch_size, out
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Results per query.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {rank, id, distance, item}.")
 @click.option("--dataset", default=None, help="Dataset for --item/--text (default: the checkpoint's).")
+@click.option("--rerank", type=click.Path(), default=None,
+              help="RUN_DIR of a matcher: re-score the Hamming candidates with it (cascade).")
+@click.option("--candidates", type=int, default=None, help="Hamming candidates to re-rank [default: 10 x k].")
 @data_root_option
-def query(index_dir, checkpoint, text, text_file, image_features, item, k, as_json, dataset, data_root):
+def query(index_dir, checkpoint, text, text_file, image_features, item, k, as_json, dataset,
+          rerank, candidates, data_root):
     """Search an index with a text, image-feature or item query."""
     from hashret.index.pipeline import query_index
 
     res = query_index(index_dir, checkpoint, text=text, text_file=text_file,
                       image_features=image_features, item=item, k=k, dataset=dataset,
-                      data_root=data_root)
+                      data_root=data_root, rerank=rerank, candidates=candidates)
     if res["unknown_words"]:
         click.echo(f"words outside the vocabulary (ignored): {' '.join(res['unknown_words'])}", err=True)
     groups = res["results"]
@@ -225,11 +242,14 @@ def query(index_dir, checkpoint, text, text_file, image_features, item, k, as_js
     for q, group in enumerate(groups):
         if len(groups) > 1:
             click.echo(f"query {q}:")
-        click.echo(f"{'rank':>4}  {'id':>8}  {'dist':>4}  item")
+        score = "score" in (group[0] if group else {})
+        click.echo(f"{'rank':>4}  {'id':>8}  {'dist':>4}  " + ("  score  " if score else "") + "item")
         for r in group:
             item_text = json.dumps(r["item"], ensure_ascii=False) if r["item"] is not None else ""
-            click.echo(f"{r['rank']:>4}  {r['id']:>8}  {r['distance']:>4}  {item_text[:100]}")
-    click.echo(f"encode {res['encode_ms']:.2f} ms, search {res['search_ms']:.2f} ms "
+            sc = f"{r['score']:7.4f}  " if score else ""
+            click.echo(f"{r['rank']:>4}  {r['id']:>8}  {r['distance']:>4}  {sc}{item_text[:100]}")
+    rr = f", re-rank {res['rerank_ms']:.2f} ms" if "rerank_ms" in res else ""
+    click.echo(f"encode {res['encode_ms']:.2f} ms, search {res['search_ms']:.2f} ms{rr} "
                f"({res['query_modality']} query)", err=True)
 
 

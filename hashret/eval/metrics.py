@@ -183,3 +183,20 @@ def map_at_k(query_codes, db_codes, query_labels, db_labels, k: int, mode: str =
     check(mode in MAP_AT_K_MODES, f"unknown mAP@K definition {mode!r}: use 'found' or 'truncated'")
     res = evaluate_codes(query_codes, db_codes, query_labels, db_labels, topk=(k,), n_max=1)
     return res["map_at_k"][k][mode]
+
+
+def recall_at_k(ranked, relevant, ks=(1, 5, 10)) -> dict:
+    """Recall@K of the image-text matching protocol, in percent: the share of queries with at
+    least one relevant item among their first K results. ``ranked`` is (Q, >= max K) result
+    ids in rank order (-1 = no result); ``relevant`` is one id per query or a collection of
+    ids per query (an image has several matching captions)."""
+    ranked = np.asarray(ranked)
+    check(ranked.ndim == 2 and ranked.shape[1] >= max(ks),
+          f"recall needs at least {max(ks)} ranked results per query, got shape {ranked.shape}")
+    check(len(relevant) == len(ranked), "one relevance entry per query is needed")
+    first = np.full(len(ranked), np.inf)
+    for q, rel in enumerate(relevant):
+        hits = np.flatnonzero(np.isin(ranked[q], np.atleast_1d(rel)))
+        if len(hits):
+            first[q] = hits[0]
+    return {k: float(100.0 * np.mean(first < k)) for k in ks}

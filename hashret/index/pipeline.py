@@ -53,13 +53,12 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     model = load_checkpoint(checkpoint)
     fp = fingerprint(checkpoint)
     ds = checkpoint_dataset(checkpoint, dataset, data_root)
-    check(ds.has(modality), f"dataset {ds.name} has no {modality} features to index: index the "
-          f"{OTHER[modality]} side or use a dataset with both modalities")
-    rows = np.arange(ds.n_items) if part == "all" else ds.part(part)
+    rows, encode_batch, payloads = _source(model, ds, modality, part, batch_size)
     out = Path(out)
     info = {"modality": modality, "model_fingerprint": fp, "model": model.config,
             "checkpoint": str(Path(checkpoint).resolve()), "dataset": ds.name,
             "dataset_spec": dataset or model.checkpoint_info.get("dataset_spec"),
+            "dataset_fingerprint": ds.fingerprint(),
             "synthetic": ds.synthetic, "part": part}
     if (out / "data.mdb").exists():
         check(append, f"{out} already holds an index: pass --append to add to it, or choose a new --out")
@@ -77,8 +76,7 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
         bar = tqdm(total=len(rows), desc=f"indexing {modality}", unit="item", disable=not progress)
         for s in range(0, len(rows), batch_size):
             batch = rows[s:s + batch_size]
-            codes = pack_codes(model.encode_rows(ds, modality, batch, batch_size))
-            index.add(codes, ids=batch, items=_payloads(ds, batch))
+            index.add(pack_codes(encode_batch(batch)), ids=batch, items=payloads(batch))
             bar.update(len(batch))
         bar.close()
         result = index.info()
@@ -93,6 +91,28 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     log(f"indexed {len(rows)} {modality} items of {'SYNTHETIC ' if ds.synthetic else ''}{ds.name} "
         f"({model.bits} bits) into {out} in {seconds:.2f} s; the index holds {result['items']}")
     return result
+
+
+def _is_matcher(model) -> bool:
+    return getattr(model, "kind", None) == "matcher"
+
+
+def _source(model, ds, modality, part, batch_size):
+    """(rows, encode(rows) -> codes, payloads(rows)) of a dataset part for one modality. For
+    a matcher's scene data, image rows are images and text rows are captions of the part."""
+    if _is_matcher(model):
+        from hashret.training.matching import check_same_data
+
+        check_same_data(model, ds)
+        check(part != "all", "scene data is indexed one part at a time: pass --split database "
+              "(the test part), train or query")
+        p = ds.part(part)
+        return (p.rows(modality), lambda b: model.encode_rows(p, modality, b),
+                lambda b: ds.payloads(part, modality, b))
+    check(ds.has(modality), f"dataset {ds.name} has no {modality} features to index: index the "
+          f"{OTHER[modality]} side or use a dataset with both modalities")
+    rows = np.arange(ds.n_items) if part == "all" else ds.part(part)
+    return rows, lambda b: model.encode_rows(ds, modality, b, batch_size), lambda b: _payloads(ds, b)
 
 
 def _read_features(path, dim: int, what: str) -> np.ndarray:
@@ -110,17 +130,28 @@ def _read_features(path, dim: int, what: str) -> np.ndarray:
 
 
 def query_index(index, checkpoint, text: str | None = None, text_file=None, image_features=None,
-                item=None, k: int = 10, dataset: str | None = None, data_root=None) -> dict:
+                item=None, k: int = 10, dataset: str | None = None, data_root=None,
+                rerank=None, candidates: int | None = None) -> dict:
     """Search ``index`` (a folder) for one query: free ``text`` (or a ``text_file``) through the
-    dataset's tag vocabulary, ``image_features`` (.npy path or array, one row per query), or
-    the dataset ``item`` (row number or key) seen through the other modality. The query is
-    encoded with the checkpoint's student for the modality opposite the index's.
+    dataset's vocabulary, ``image_features`` (.npy path or array; region sets N x n_o x d for
+    a matcher's index), or the dataset ``item`` (row number or key) seen through the other
+    modality. The query is encoded with the checkpoint for the modality opposite the index's.
 
-    Returns {"results": [[{rank, id, distance, item}, ...] per query], "query_modality",
-    "known_words", "unknown_words", "encode_ms", "search_ms"}."""
+    Cascade: with ``rerank`` (a matcher's RUN_DIR trained on the index's data), the Hamming
+    scan proposes ``candidates`` items (default 10 x k) and the matcher re-scores them; the
+    best k by matcher score are returned, each with its ``score``.
+
+    Returns {"results": [[{rank, id, distance, item[, score]}, ...] per query],
+    "query_modality", "known_words", "unknown_words", "encode_ms", "search_ms"[, "rerank_ms"]}."""
     check(isinstance(k, (int, np.integer)) and k > 0, f"-k must be a positive integer, got {k}")
     given = [x is not None for x in (text, text_file, image_features, item)]
     check(sum(given) == 1, "give exactly one query: --text, --text-file, --image-features or --item")
+    if rerank is None:
+        check(candidates is None, "--candidates needs --rerank RUN_DIR (the matcher that re-scores them)")
+    else:
+        candidates = 10 * int(k) if candidates is None else candidates
+        check(isinstance(candidates, (int, np.integer)) and candidates >= k,
+              f"--candidates must be an integer >= k ({k}), got {candidates}")
     ix = HashIndex.open(index)
     try:
         meta = ix.info_meta
@@ -129,6 +160,7 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
               f"the index was built with model {meta.get('model_fingerprint')}, the checkpoint is "
               f"model {fp}: query with the checkpoint the index was built from ({meta.get('checkpoint')})")
         model = load_checkpoint(checkpoint)
+        reranker = _load_reranker(rerank, meta) if rerank is not None else None
         qmod = OTHER[meta["modality"]]
         out = {"query_modality": qmod, "known_words": None, "unknown_words": None}
         t0 = time.perf_counter()
@@ -140,39 +172,109 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
                 check(path.is_file(), f"text file {path} does not exist")
                 text = path.read_text(encoding="utf-8")
             check(text.strip(), "the text query is empty: give some words")
-            ds = checkpoint_dataset(checkpoint, dataset, data_root)
-            check(ds.vocab is not None, f"dataset {ds.name} has no word vocabulary (its text side is "
-                  f"{ds.dim('text')}-d features): query with --item instead")
-            vec, known, unknown = BagOfWords(ds.vocab).encode_query(text)
+            if _is_matcher(model):
+                tokens, lengths, known, unknown = model.vocab.encode_query(text)
+                feats = (tokens, lengths)
+            else:
+                ds = checkpoint_dataset(checkpoint, dataset, data_root)
+                check(ds.vocab is not None, f"dataset {ds.name} has no word vocabulary (its text side "
+                      f"is {ds.dim('text')}-d features): query with --item instead")
+                feats, known, unknown = BagOfWords(ds.vocab).encode_query(text)
             out["known_words"], out["unknown_words"] = known, unknown
-            feats = vec
         elif image_features is not None:
             check(qmod == "image", "the index holds image codes, so queries are texts: use --text, "
                   "--text-file or --item, or build a text index for image queries")
-            dim = model.config["image_dim"]
-            feats = (_read_features(image_features, dim, "image")
-                     if isinstance(image_features, (str, os.PathLike))
-                     else np.atleast_2d(np.asarray(image_features, dtype=np.float32)))
+            if _is_matcher(model):
+                x = (_read_array(image_features, "region")
+                     if isinstance(image_features, (str, os.PathLike)) else image_features)
+                feats = model.check_images(x)
+            else:
+                dim = model.config["image_dim"]
+                feats = (_read_features(image_features, dim, "image")
+                         if isinstance(image_features, (str, os.PathLike))
+                         else np.atleast_2d(np.asarray(image_features, dtype=np.float32)))
         else:
             ds = checkpoint_dataset(checkpoint, dataset, data_root)
-            row = _item_row(ds, item)
-            feats = ds.features(qmod, [row])
-            out["query_item"] = {"id": row, **_payloads(ds, [row])[0]}
+            if _is_matcher(model):
+                part = ds.part(meta.get("part", "database"))
+                n = part.n_images if qmod == "image" else part.n_captions
+                row = _item_row_in(n, item, ds.name)
+                feats = part.image_batch([row]) if qmod == "image" else part.text_batch([row])
+                out["query_item"] = {"id": row, **ds.payloads(meta.get("part", "database"), qmod, [row])[0]}
+            else:
+                row = _item_row(ds, item)
+                feats = ds.features(qmod, [row])
+                out["query_item"] = {"id": row, **_payloads(ds, [row])[0]}
         codes = pack_codes(model.encode(feats, qmod))
         t1 = time.perf_counter()
-        dist, ids = ix.search(codes, int(k))
+        dist, ids = ix.search(codes, int(candidates if reranker is not None else k))
         t2 = time.perf_counter()
+        scores = None
+        if reranker is not None:
+            ids, dist, scores = _rerank(reranker, ix, meta, feats, qmod, ids, dist, k, checkpoint,
+                                        dataset, data_root)
+            out["rerank_ms"] = round((time.perf_counter() - t2) * 1e3, 3)
         results = []
-        for qd, qi in zip(dist, ids):
+        for q, (qd, qi) in enumerate(zip(dist, ids)):
             keep = qi >= 0
             payloads = ix.items(qi[keep]) if keep.any() else []
-            results.append([{"rank": r + 1, "id": int(i), "distance": int(d), "item": p}
-                            for r, (i, d, p) in enumerate(zip(qi[keep], qd[keep], payloads))])
+            group = [{"rank": r + 1, "id": int(i), "distance": int(d), "item": p}
+                     for r, (i, d, p) in enumerate(zip(qi[keep], qd[keep], payloads))]
+            if scores is not None:
+                for g, sc in zip(group, scores[q][keep]):
+                    g["score"] = float(sc)
+            results.append(group)
         out.update(results=results, encode_ms=round((t1 - t0) * 1e3, 3),
                    search_ms=round((t2 - t1) * 1e3, 3))
         return out
     finally:
         ix.close()
+
+
+def _load_reranker(rerank, meta):
+    reranker = load_checkpoint(rerank)
+    check(_is_matcher(reranker), f"{rerank} holds a {reranker.config['model']} model, which cannot "
+          "re-rank: pass the RUN_DIR of a matcher (sgraf, cgam, han, shan)")
+    have = (reranker.checkpoint_info.get("dataset") or {}).get("fingerprint")
+    check(have is not None and have == meta.get("dataset_fingerprint"),
+          f"the re-ranker in {rerank} was trained on other data ({have}) than the index holds "
+          f"({meta.get('dataset_fingerprint')}): re-rank with a matcher trained on the index's dataset")
+    return reranker
+
+
+def _rerank(reranker, ix, meta, feats, qmod, ids, dist, k, checkpoint, dataset, data_root):
+    """Matcher scores for each query's Hamming candidates; the best k, best first."""
+    from hashret.models.distill import rerank as rerank_candidates
+
+    ds = checkpoint_dataset(checkpoint, dataset, data_root)
+    part = ds.part(meta.get("part", "database"))
+    uniq = np.unique(ids[ids >= 0])
+    gallery = reranker.encode_rows_for_matching(part, meta["modality"], uniq)
+    query = reranker.encode_for_matching(feats, qmod)
+    pos = np.where(ids >= 0, np.searchsorted(uniq, np.maximum(ids, 0)), -1)
+    direction = "i2t" if qmod == "image" else "t2i"
+    best, scores = rerank_candidates(reranker, query, gallery, pos, direction, k)
+    new_ids = np.where(best >= 0, uniq[np.maximum(best, 0)], -1)
+    lookup = [dict(zip(i.tolist(), d.tolist())) for i, d in zip(ids, dist)]
+    new_dist = np.array([[lookup[q].get(int(i), -1) for i in row] for q, row in enumerate(new_ids)])
+    return new_ids, new_dist, scores
+
+
+def _read_array(path, what) -> np.ndarray:
+    path = Path(path)
+    check(path.is_file(), f"feature file {path} does not exist: pass a .npy of {what} features")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise HashretError(f"cannot read {path} as .npy ({exc}): save features with numpy.save") from None
+
+
+def _item_row_in(n, item, name) -> int:
+    s = str(item).strip()
+    check(s.lstrip("-").isdigit(), f"unknown item {s!r}: give a row number")
+    row = int(s)
+    check(0 <= row < n, f"unknown item {row}: {name} has rows 0..{n - 1} on that side")
+    return row
 
 
 def _item_row(ds, item) -> int:

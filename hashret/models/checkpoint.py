@@ -75,8 +75,21 @@ def load_checkpoint(run_dir):
     info = read_checkpoint_info(run_dir)
     cfg = dict(info["config"])
     name = cfg.pop("model")
+    if cfg.pop("kind", None) == "matcher":
+        from hashret.models.distill import MatcherModel
+
+        check(isinstance(info.get("vocab"), list), f"{run_dir}/config.json lacks the vocabulary: "
+              "the checkpoint is incomplete; train again")
+        dims = {k: cfg.pop(k) for k in ("bits", "region_dim", "seed")}
+        cfg.pop("vocab_size", None)
+        model = MatcherModel(name, vocab=info["vocab"], **dims, **cfg)
+        return _load_weights(run_dir, model, info)
     dims = {k: cfg.pop(k) for k in ("bits", "image_dim", "text_dim", "n_labels", "seed")}
     model = build_model(name, **dims, **cfg)
+    return _load_weights(run_dir, model, info)
+
+
+def _load_weights(run_dir, model, info):
     weights = run_dir / "weights.pt"
     check(weights.is_file(), f"{run_dir} has no weights.pt: the checkpoint is incomplete")
     try:
@@ -94,6 +107,7 @@ def load_checkpoint(run_dir):
 def checkpoint_dataset(run_dir, dataset=None, data_root=None):
     """The dataset a checkpoint was trained on (with its saved split), or ``dataset`` if given."""
     from hashret.data import load_dataset
+    from hashret.data.scenes import is_scene_spec, load_scenes
 
     run_dir = Path(run_dir)
     info = read_checkpoint_info(run_dir)
@@ -102,6 +116,8 @@ def checkpoint_dataset(run_dir, dataset=None, data_root=None):
         check(spec is not None, f"{run_dir} does not record its dataset: pass --dataset")
         dataset = spec
         data_root = data_root or info.get("data_root")
+    if is_scene_spec(dataset):
+        return load_scenes(dataset)
     split = run_dir / "split.npz" if dataset == spec and (run_dir / "split.npz").is_file() else None
     return load_dataset(dataset, data_root=data_root, split=split)
 

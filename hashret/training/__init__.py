@@ -21,14 +21,29 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def train(model: str = "dcmh-mlp", dataset: str = "wikipedia", bits: int | None = 64,
+def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int | None = 64,
           seed: int = 0, out="runs/model", data_root=None, epochs: int | None = None,
           device: str = "cpu", options: dict | None = None, evaluate: bool = True,
-          progress: bool = True, log=print):
+          progress: bool = True, log=print, distill_from=None):
     """Train ``model`` on the training part of ``dataset`` and write a checkpoint to ``out``
     (weights.pt, config.json with the resolved config, split.npz). With ``evaluate``, mAP@all
     of both directions on the dataset's query/database parts is logged and saved in the
-    checkpoint's config.json. Returns the trained model."""
+    checkpoint's config.json. Returns the trained model.
+
+    Matchers (sgraf, cgam, han, shan, global) train on a scene dataset (``scenes`` or
+    ``precomp:FOLDER``) through :func:`hashret.training.matching.train_scene_model`, with
+    their distilled hash head; ``distill_from`` trains only the head of a trained matcher."""
+    from hashret.models.matchers import MATCHERS
+
+    if model in MATCHERS or distill_from is not None:
+        from hashret.training.matching import train_scene_model
+
+        return train_scene_model(model=model, dataset=dataset or "scenes",
+                                 bits=bits or 64, seed=seed, out=out, epochs=epochs, device=device,
+                                 options=options, distill_from=distill_from, evaluate=evaluate,
+                                 progress=progress, log=log)
+    check(model is not None, "no model given: pass --model (see 'hashret models')")
+    dataset = dataset or "wikipedia"
     options = dict(options or {})
     if epochs is not None:
         options["epochs"] = int(epochs)

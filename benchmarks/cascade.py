@@ -1,0 +1,45 @@
+"""Matchers vs their distilled codes vs the cascade, on synthetic scenes (or precomp data).
+
+    python benchmarks/cascade.py                                   # all four matchers, < 30 min on 2 cores
+    python benchmarks/cascade.py --matchers han --queries 200 --out results/han
+    python benchmarks/cascade.py --dataset precomp:/data/f30k_precomp --bits 128
+
+Writes table.md, results.json (records: matcher, mode, rsum, r{1,5,10}_{i2t,t2i},
+ms_per_query, fraction_scored, ...), queries.npz and rsum_vs_time.png to --out.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import click  # noqa: E402
+
+from hashret.cli import _parse_options, run_main  # noqa: E402
+from hashret.eval.cascade import DEFAULT_DATASET  # noqa: E402
+
+
+@click.command()
+@click.option("--dataset", default=DEFAULT_DATASET, show_default=True,
+              help="scenes[:k=v,...] (SYNTHETIC) or precomp:FOLDER.")
+@click.option("--matchers", default="sgraf,cgam,han,shan", show_default=True)
+@click.option("--bits", type=int, default=64, show_default=True)
+@click.option("--queries", "n_queries", type=int, default=500, show_default=True,
+              help="Queries per direction.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "settings", multiple=True,
+              help="Matcher or head field for every matcher, key=value (repeatable).")
+@click.option("--out", default="results/cascade", show_default=True, type=click.Path(file_okay=False))
+def cascade(dataset, matchers, bits, n_queries, seed, settings, out):
+    """Recall@1/5/10, rSum, time per query and fraction scored for every mode."""
+    from hashret.eval.cascade import run_cascade_benchmark
+
+    names = [m.strip() for m in matchers.split(",") if m.strip()]
+    opts = _parse_options(settings)
+    run_cascade_benchmark(dataset=dataset, matchers=names, bits=bits, n_queries=n_queries, seed=seed,
+                          out=out, options={m: dict(opts) for m in names + ["global"]},
+                          log=click.echo)
+
+
+if __name__ == "__main__":
+    run_main(cascade)

@@ -1,0 +1,212 @@
+"""The matcher benchmark behind ``benchmarks/cascade.py``: for each fine-grained matcher on
+scene data, Recall@1/5/10 both ways and rSum for (a) the matcher ranking the whole gallery,
+(b) its distilled codes alone, (c) the cascade (Hamming top-K, matcher re-ranks) at K = 1%
+and 5% of the gallery, (d) a head of the same size trained without distillation, and (e) a
+global mean-pooled embedding; with the share of the gallery the matcher scores and the
+median time per query (one query at a time, gallery encodings precomputed for every mode,
+query encoding included)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hashret.errors import check
+from hashret.eval.metrics import recall_at_k
+from hashret.index import HashIndex
+from hashret.index.bits import pack_codes
+from hashret.models.distill import MatcherModel, rerank, select
+from hashret.training.matching import ground_truth, train_head, train_matcher
+
+DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}
+MODES = ("exhaustive", "codes", "cascade-1%", "cascade-5%", "undistilled", "global")
+DEFAULT_DATASET = "scenes:n_train=5000,n_dev=0,n_test=5000"
+
+
+def _query_inputs(part, modality, rows):
+    return part.image_batch(rows) if modality == "image" else part.text_batch(rows)
+
+
+def _record(matcher, mode, recalls, times, fraction, extra=None):
+    rec = {"matcher": matcher, "mode": mode}
+    for d in DIRECTIONS:
+        for k in (1, 5, 10):
+            rec[f"r{k}_{d}"] = round(recalls[d][k], 2)
+    rec["rsum"] = round(sum(recalls[d][k] for d in DIRECTIONS for k in (1, 5, 10)), 2)
+    all_times = np.concatenate([times[d] for d in DIRECTIONS])
+    rec["ms_per_query"] = round(float(np.median(all_times)) * 1e3, 3)
+    for d in DIRECTIONS:
+        rec[f"ms_per_query_{d}"] = round(float(np.median(times[d])) * 1e3, 3)
+    rec["fraction_scored"] = fraction
+    rec.update(extra or {})
+    return rec
+
+
+def _rank_with_matcher(model, part, queries, gallery_enc, k_candidates=None, index=None):
+    """Per direction: ranked ids (Q x 10) and per-query seconds, one query at a time."""
+    ranked, times = {}, {}
+    for d, (qm, gm) in DIRECTIONS.items():
+        out = np.full((len(queries[d]), 10), -1, dtype=np.int64)
+        t = np.empty(len(queries[d]))
+        for i, q in enumerate(queries[d]):
+            t0 = time.perf_counter()
+            x = _query_inputs(part, qm, [q])
+            q_enc = model.encode_for_matching(x, qm)
+            if index is None:
+                s = (model.scores(q_enc, gallery_enc[gm])[0] if d == "i2t"
+                     else model.scores(gallery_enc[gm], q_enc)[:, 0])
+                out[i] = torch.topk(s, 10).indices.numpy()
+            else:
+                code = pack_codes(model.encode(x, qm))
+                _, cand = index[gm].search(code, k_candidates)
+                out[i] = rerank(model, q_enc, gallery_enc[gm], cand, d, 10)[0][0]
+            t[i] = time.perf_counter() - t0
+        ranked[d], times[d] = out, t
+    return ranked, times
+
+
+def _rank_with_codes(model, part, queries, index):
+    ranked, times = {}, {}
+    for d, (qm, gm) in DIRECTIONS.items():
+        out = np.empty((len(queries[d]), 10), dtype=np.int64)
+        t = np.empty(len(queries[d]))
+        for i, q in enumerate(queries[d]):
+            t0 = time.perf_counter()
+            code = pack_codes(model.encode(_query_inputs(part, qm, [q]), qm))
+            out[i] = index[gm].search(code, 10)[1][0]
+            t[i] = time.perf_counter() - t0
+        ranked[d], times[d] = out, t
+    return ranked, times
+
+
+def _recalls(ranked, part, queries):
+    return {d: recall_at_k(ranked[d], ground_truth(part, d, queries[d])) for d in DIRECTIONS}
+
+
+def _code_index(model, part):
+    out = {}
+    for m in ("image", "text"):
+        ix = HashIndex(model.bits)
+        ix.add(pack_codes(model.encode_rows(part, m, part.rows(m))))
+        out[m] = ix
+    return out
+
+
+def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cgam", "han", "shan"),
+                          bits: int = 64, n_queries: int = 500, seed: int = 0, out="results/cascade",
+                          options: dict | None = None, log=print) -> list:
+    """Train each matcher and its heads on ``dataset``'s train part, evaluate on its test part
+    (the gallery), write table.md, results.json, the per-query timings and plots to ``out``.
+    Returns the records."""
+    from hashret.data.scenes import load_scenes
+    from hashret.training import seed_everything
+
+    check(n_queries > 0, "n_queries must be positive")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    ds = load_scenes(dataset)
+    part = ds.part("test")
+    rng = np.random.default_rng(seed)
+    queries = {d: np.sort(rng.choice(part.n_images if qm == "image" else part.n_captions,
+                                     size=min(n_queries, part.n_images), replace=False))
+               for d, (qm, _) in DIRECTIONS.items()}
+    np.savez(out / "queries.npz", **queries)
+    n_gallery = {m: len(part.rows(m)) for m in ("image", "text")}
+    log(f"{'SYNTHETIC ' if ds.synthetic else ''}{ds.name}: {ds.part('train').n_images} training "
+        f"images, gallery {part.n_images} images / {part.n_captions} captions, {n_queries} queries "
+        f"per direction, {bits} bits")
+    options = dict(options or {})
+    records = []
+
+    def add(rec):
+        records.append(rec)
+        log(f"  {rec['matcher']:7s} {rec['mode']:12s} rSum {rec['rsum']:6.1f}  R@10 I→T "
+            f"{rec['r10_i2t']:5.1f} T→I {rec['r10_t2i']:5.1f}  {rec['ms_per_query']:8.3f} ms/query  "
+            f"scores {rec['fraction_scored']:.3f} of the gallery")
+        (out / "results.json").write_text(json.dumps(records, indent=1))
+
+    for name in list(matchers) + ["global"]:
+        seed_everything(seed)
+        t0 = time.perf_counter()
+        model = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed, **options.get(name, {}))
+        train_matcher(model, ds)
+        fit_s = time.perf_counter() - t0
+        gallery = {m: model.encode_rows_for_matching(part, m, part.rows(m)) for m in ("image", "text")}
+        extra = {"bits": bits, "gallery": n_gallery["image"], "queries": n_queries,
+                 "train_seconds": round(fit_s, 1)}
+        if name == "global":
+            ranked, times = _rank_with_matcher(model, part, queries, gallery)
+            add(_record("global", "global", _recalls(ranked, part, queries), times, 1.0, extra))
+            continue
+        ranked, times = _rank_with_matcher(model, part, queries, gallery)
+        add(_record(name, "exhaustive", _recalls(ranked, part, queries), times, 1.0, extra))
+        t0 = time.perf_counter()
+        train_head(model, ds, distill=True)
+        extra_head = {**extra, "head_seconds": round(time.perf_counter() - t0, 1)}
+        index = _code_index(model, part)
+        ranked, times = _rank_with_codes(model, part, queries, index)
+        add(_record(name, "codes", _recalls(ranked, part, queries), times, 0.0, extra_head))
+        for pct in (1, 5):
+            k = max(10, int(round(pct / 100 * n_gallery["image"])))
+            ranked, times = _rank_with_matcher(model, part, queries, gallery, k, index)
+            add(_record(name, f"cascade-{pct}%", _recalls(ranked, part, queries), times,
+                        round(k / n_gallery["image"], 4), {**extra_head, "candidates": k}))
+        plain = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed,
+                             **{**options.get(name, {}), "distill": False})
+        plain.matcher = model.matcher
+        t0 = time.perf_counter()
+        train_head(plain, ds, distill=False)
+        index = _code_index(plain, part)
+        ranked, times = _rank_with_codes(plain, part, queries, index)
+        add(_record(name, "undistilled", _recalls(ranked, part, queries), times, 0.0,
+                    {**extra, "head_seconds": round(time.perf_counter() - t0, 1)}))
+    total = time.perf_counter() - t_start
+    _write_report(records, out, dataset, ds, total)
+    log(f"wrote {out}/table.md, results.json and plots in {total / 60:.1f} min")
+    return records
+
+
+def _write_report(records, out, spec, ds, seconds):
+    head = (f"# Matchers, distilled codes and the cascade on {'SYNTHETIC ' if ds.synthetic else ''}"
+            f"{ds.name}\n\n`{spec}`; Recall@K in percent; ms per query = median over single "
+            f"queries (both directions); fraction scored = share of the gallery the matcher scores. "
+            f"Run time {seconds / 60:.1f} min.\n\n")
+    cols = ["matcher", "mode", "r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum",
+            "ms_per_query", "fraction_scored"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    speed = []
+    for r in records:
+        if r["mode"].startswith("cascade"):
+            ex = next(x for x in records if x["matcher"] == r["matcher"] and x["mode"] == "exhaustive")
+            speed.append(f"- {r['matcher']} {r['mode']}: R@10 I→T {r['r10_i2t'] - ex['r10_i2t']:+.1f}, "
+                         f"T→I {r['r10_t2i'] - ex['r10_t2i']:+.1f} points vs exhaustive; "
+                         f"{ex['ms_per_query'] / max(r['ms_per_query'], 1e-9):.1f}x faster per query")
+    (out / "table.md").write_text(head + "\n".join(lines) + "\n\n" + "\n".join(speed) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in MODES:
+        pts = [r for r in records if r["mode"] == mode]
+        if pts:
+            ax.scatter([r["ms_per_query"] for r in pts], [r["rsum"] for r in pts], label=mode)
+            for r in pts:
+                ax.annotate(r["matcher"], (r["ms_per_query"], r["rsum"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per query (median)")
+    ax.set_ylabel("rSum")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "rsum_vs_time.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,227 @@
+"""Training the fine-grained matchers and their hash heads, and ranking a gallery with them:
+exhaustively, by codes alone, or as a cascade (Hamming top-K, then the matcher)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from hashret.errors import check
+from hashret.eval.metrics import recall_at_k
+from hashret.models.distill import (MatcherModel, distill_loss, exhaustive_ranking, pairs_only_loss,
+                                    select)
+
+
+def _epoch_pairs(part, rng):
+    """Each training image once, with one of its captions drawn at random (two captions of
+    one image in a batch would be false negatives)."""
+    caps = part.captions_of(np.arange(part.n_images))
+    images = rng.permutation(part.n_images)
+    captions = np.array([caps[i][rng.integers(len(caps[i]))] for i in images])
+    return images, captions
+
+
+def _batch(part, images, captions, device):
+    x, m = part.image_batch(images)
+    t, ln = part.text_batch(captions)
+    return (torch.from_numpy(x).to(device), torch.from_numpy(m).to(device),
+            torch.from_numpy(t).to(device), torch.from_numpy(ln).to(device))
+
+
+def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu", log=print) -> list:
+    """Train the matcher with its paper's loss on the dataset's training part (seeded)."""
+    from tqdm.auto import tqdm
+
+    cfg = model.config
+    part = dataset.part("train")
+    rng = np.random.default_rng(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    net = model.matcher.to(device).train()
+    groups = ([list(b.parameters()) for b in net.branches.values()] if hasattr(net, "branches")
+              else [list(net.parameters())])
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    bs, history = cfg["batch_size"], []
+    bar = tqdm(range(cfg["epochs"]), desc=f"{model.name} matcher", disable=not progress, leave=False)
+    for epoch in bar:
+        images, captions = _epoch_pairs(part, rng)
+        total, steps = 0.0, 0
+        for s in range(0, len(images) - 1, bs):
+            x, m, t, ln = _batch(part, images[s:s + bs], captions[s:s + bs], device)
+            if len(x) < 2:
+                continue
+            img, txt = net.encode_image(x, m), net.encode_text(t, ln)
+            terms = (net.loss_terms(img, txt, epoch) if hasattr(net, "loss_terms")
+                     else [net.loss(net.pair_scores(img, txt), epoch)])
+            opt.zero_grad()
+            sum(terms).backward()
+            for g in groups:  # SGR and SAF are clipped separately: trained as two models
+                torch.nn.utils.clip_grad_norm_(g, cfg["grad_clip"])
+            opt.step()
+            total += float(sum(terms).detach()) / len(x)
+            steps += 1
+        history.append(total / max(steps, 1))
+        bar.set_postfix(loss=round(history[-1], 4))
+    model.matcher = net.to("cpu").eval()
+    return history
+
+
+def train_head(model: MatcherModel, dataset, distill=True, progress=False, device="cpu") -> list:
+    """Train the hash head: distilled from the (trained, frozen) matcher's in-batch score
+    matrix, or, with ``distill=False``, from the matching pairs alone (one-hot targets)."""
+    from tqdm.auto import tqdm
+
+    cfg = model.config
+    part = dataset.part("train")
+    rng = np.random.default_rng(cfg["seed"] + 1)
+    torch.manual_seed(cfg["seed"] + 1)
+    matcher = model.matcher.to(device).eval()
+    head = model.head.to(device).train()
+    opt = torch.optim.Adam(head.parameters(), lr=cfg["head_lr"])
+    bs, history = cfg["head_batch_size"], []
+    desc = f"{model.name} hash head ({'distilled' if distill else 'pairs only'})"
+    bar = tqdm(range(cfg["head_epochs"]), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        images, captions = _epoch_pairs(part, rng)
+        total, steps = 0.0, 0
+        for s in range(0, len(images) - 1, bs):
+            x, m, t, ln = _batch(part, images[s:s + bs], captions[s:s + bs], device)
+            if len(x) < 2:
+                continue
+            hi, ht = head.image(x, m), head.text(t, ln)
+            if distill:
+                with torch.no_grad():
+                    teacher = matcher.pair_scores(matcher.encode_image(x, m), matcher.encode_text(t, ln))
+                loss = distill_loss(teacher, hi, ht, cfg["tau_teacher"], cfg["tau_student"],
+                                    cfg["quantization"])
+            else:
+                loss = pairs_only_loss(hi, ht, cfg["tau_student"], cfg["quantization"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+        history.append(total / max(steps, 1))
+        bar.set_postfix(loss=round(history[-1], 4))
+    model.head = head.to("cpu").eval()
+    model.matcher = matcher.to("cpu")
+    model.has_head = True
+    return history
+
+
+# -- ranking a gallery ---------------------------------------------------------------------
+def ground_truth(part, direction, queries):
+    """Relevant gallery ids per query: i2t -> the image's captions, t2i -> the caption's image."""
+    if direction == "i2t":
+        return part.captions_of(queries)
+    return part.images_of(queries)
+
+
+def recall_report(ranked, part, direction, queries) -> dict:
+    r = recall_at_k(ranked, ground_truth(part, direction, queries), ks=(1, 5, 10))
+    return {f"r{k}": v for k, v in r.items()}
+
+
+def matcher_recall(model: MatcherModel, dataset, part_name="test", n_queries=200, seed=0) -> dict:
+    """Exhaustive Recall@1/5/10 both directions on ``n_queries`` queries per direction."""
+    part = dataset.part(part_name)
+    rng = np.random.default_rng(seed)
+    out = {}
+    img_enc = model.encode_rows_for_matching(part, "image", np.arange(part.n_images))
+    txt_enc = model.encode_rows_for_matching(part, "text", np.arange(part.n_captions))
+    for direction in ("i2t", "t2i"):
+        n = part.n_images if direction == "i2t" else part.n_captions
+        queries = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
+        q_enc = select(img_enc if direction == "i2t" else txt_enc, torch.from_numpy(queries))
+        g_enc = txt_enc if direction == "i2t" else img_enc
+        t0 = time.perf_counter()
+        ranked = exhaustive_ranking(model, q_enc, g_enc, direction)
+        out[direction] = {**recall_report(ranked, part, direction, queries),
+                          "ms_per_query": 1e3 * (time.perf_counter() - t0) / len(queries)}
+    return out
+
+
+def check_same_data(model: MatcherModel, dataset):
+    check(model.config["region_dim"] == dataset.region_dim,
+          f"the {model.name} model takes {model.config['region_dim']}-d regions, the dataset has "
+          f"{dataset.region_dim}: use the dataset it was trained on")
+    check(model.vocab_words == dataset.vocab.words,
+          f"the {model.name} model's vocabulary differs from the dataset's: use the dataset it was "
+          "trained on")
+
+
+def codes_recall(model: MatcherModel, dataset, part_name="test", n_queries=1000, seed=0,
+                 ks=(1, 5, 10)) -> dict:
+    """Recall@K of the hash codes alone (Hamming ranking, ties by row), both directions."""
+    from hashret.index import HashIndex
+    from hashret.index.bits import pack_codes
+
+    part = dataset.part(part_name)
+    codes = {m: pack_codes(model.encode_rows(part, m, part.rows(m))) for m in ("image", "text")}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for direction, (qm, gm) in {"i2t": ("image", "text"), "t2i": ("text", "image")}.items():
+        n = len(codes[qm])
+        queries = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
+        ix = HashIndex(model.bits)
+        ix.add(codes[gm])
+        _, ranked = ix.search(codes[qm][queries], max(ks))
+        out[direction] = {f"r{k}": v for k, v in
+                          recall_at_k(ranked, ground_truth(part, direction, queries), ks).items()}
+    return out
+
+
+def train_scene_model(model: str = "sgraf", dataset: str = "scenes", bits: int = 64, seed: int = 0,
+                      out="runs/matcher", epochs: int | None = None, device: str = "cpu",
+                      options: dict | None = None, distill_from=None, evaluate: bool = True,
+                      progress: bool = True, log=print) -> MatcherModel:
+    """Train a matcher (sgraf, cgam, han, shan or the global baseline) on a scene dataset
+    (``scenes[:k=v,...]`` or ``precomp:FOLDER``), then its hash head, and write a checkpoint.
+    With ``distill_from`` (a RUN_DIR holding a trained matcher), only the head is trained.
+    ``options`` may hold any matcher or head field (``distill=false`` trains the head on the
+    matching pairs alone)."""
+    from hashret.data.scenes import load_scenes
+    from hashret.models.checkpoint import load_checkpoint, save_checkpoint
+    from hashret.training import seed_everything
+
+    options = dict(options or {})
+    if epochs is not None:
+        options["epochs"] = int(epochs)
+    ds = load_scenes(dataset)
+    seed_everything(seed)
+    tag = "SYNTHETIC " if ds.synthetic else ""
+    t0 = time.perf_counter()
+    if distill_from is not None:
+        teacher = load_checkpoint(distill_from)
+        check(getattr(teacher, "kind", None) == "matcher",
+              f"{distill_from} holds a {teacher.config['model']} model, not a matcher: pass a RUN_DIR "
+              "written by 'hashret train --model sgraf|cgam|han|shan'")
+        check(model in (None, teacher.name), f"{distill_from} holds a {teacher.name} matcher, not "
+              f"{model}: drop --model or pass the matching RUN_DIR")
+        check_same_data(teacher, ds)
+        keep = {k: v for k, v in teacher.config.items()
+                if k not in ("model", "kind", "bits", "region_dim", "vocab_size", "seed")}
+        net = MatcherModel(teacher.name, bits, ds.region_dim, ds.vocab.words, seed, **{**keep, **options})
+        net.matcher = teacher.matcher
+        log(f"distilling the {net.name} matcher of {distill_from} into {bits}-bit codes")
+    else:
+        net = MatcherModel(model, bits, ds.region_dim, ds.vocab.words, seed, **options)
+        n = ds.part("train").n_images
+        log(f"training the {net.name} matcher (seed {seed}) on {tag}{ds.name}: {n} images")
+        train_matcher(net, ds, progress=progress, device=device)
+    matcher_s = time.perf_counter() - t0
+    train_head(net, ds, distill=net.config["distill"], progress=progress, device=device)
+    head_s = time.perf_counter() - t0 - matcher_s
+    extra = {"dataset_spec": dataset, "vocab": ds.vocab.words,
+             "train": {"matcher_seconds": round(matcher_s, 2), "head_seconds": round(head_s, 2),
+                       "device": device, "distilled_from": str(distill_from) if distill_from else None}}
+    if evaluate:
+        ev = {"matcher": matcher_recall(net, ds, n_queries=200), "codes": codes_recall(net, ds)}
+        extra["eval"] = ev
+        for what, r in ev.items():
+            log(f"{what}: R@1/5/10 I→T {r['i2t']['r1']:.1f}/{r['i2t']['r5']:.1f}/{r['i2t']['r10']:.1f}, "
+                f"T→I {r['t2i']['r1']:.1f}/{r['t2i']['r5']:.1f}/{r['t2i']['r10']:.1f}")
+    save_checkpoint(out, net, dataset=ds, extra=extra)
+    log(f"wrote {out}")
+    return net

@@ -1,0 +1,122 @@
+"""Matcher checkpoints through the CLI: train, distil, build-index, query, cascade."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hashret.cli import main
+from hashret.data.scenes import load_scenes
+from hashret.index import HashIndex
+from hashret.index.pipeline import build_index, query_index
+from hashret.models.checkpoint import load_checkpoint
+from hashret.models.distill import exhaustive_ranking, rerank
+from hashret.training import train
+
+SPEC = ("scenes:n_train=120,n_dev=0,n_test=40,region_dim=16,n_objects=6,n_attributes=4,"
+        "min_objects=2,max_objects=3,background=1")
+QUIET = dict(log=lambda *a: None, progress=False)
+SMALL = {"embed": 16, "word_dim": 8, "epochs": 1, "batch_size": 32, "head_epochs": 1,
+         "head_hidden": 16, "head_word_dim": 8, "head_batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("matchers")
+    train("han", SPEC, 32, seed=0, out=root / "han", options=dict(SMALL), evaluate=False, **QUIET)
+    build_index(root / "han", "image", root / "ix_image", **QUIET)
+    build_index(root / "han", "text", root / "ix_text", **QUIET)
+    return root
+
+
+def test_checkpoint_round_trip_gives_identical_codes_and_scores(runs):
+    a = load_checkpoint(runs / "han")
+    b = load_checkpoint(runs / "han")
+    part = load_scenes(SPEC).part("test")
+    np.testing.assert_array_equal(a.encode_rows(part, "image", np.arange(10)),
+                                  b.encode_rows(part, "image", np.arange(10)))
+    info = json.loads((runs / "han" / "config.json").read_text())
+    assert info["config"]["kind"] == "matcher" and info["dataset"]["synthetic"]
+    assert info["config"]["embed"] == 16 and info["vocab"][:2] == ["<pad>", "<unk>"]
+
+
+def test_index_holds_gallery_codes_and_payloads(runs):
+    part = load_scenes(SPEC).part("test")
+    model = load_checkpoint(runs / "han")
+    with HashIndex.open(runs / "ix_text") as ix:
+        assert len(ix) == part.n_captions and ix.bits == 32
+        from hashret.index import pack_codes
+        np.testing.assert_array_equal(ix.packed_codes(ix.rows_of(np.arange(5))),
+                                      pack_codes(model.encode_rows(part, "text", np.arange(5))))
+        assert ix.items([3])[0]["caption"] == part.captions[3]
+
+
+def test_cascade_with_the_whole_gallery_equals_the_exhaustive_matcher(runs):
+    ds = load_scenes(SPEC)
+    part = ds.part("test")
+    model = load_checkpoint(runs / "han")
+    res = query_index(runs / "ix_image", runs / "han", item=7, k=5, rerank=runs / "han",
+                      candidates=part.n_images)
+    got = [r["id"] for r in res["results"][0]]
+    q = model.encode_for_matching(part.text_batch([7]), "text")
+    gallery = model.encode_rows_for_matching(part, "image", np.arange(part.n_images))
+    want = exhaustive_ranking(model, q, gallery, "t2i", k=5)[0]
+    assert got == want.tolist()
+    scores = [r["score"] for r in res["results"][0]]
+    assert scores == sorted(scores, reverse=True)
+    # and in the library: candidates = everything, in any order
+    cand = np.random.default_rng(0).permutation(part.n_images)[None]
+    ids, _ = rerank(model, q, gallery, cand, "t2i", k=5)
+    assert ids[0].tolist() == want.tolist()
+
+
+def test_cli_query_text_and_rerank(runs):
+    r = CliRunner().invoke(main, ["query", "--index", str(runs / "ix_image"), "--checkpoint",
+                                  str(runs / "han"), "--text", "a red cube and a zebra", "-k", "3",
+                                  "--rerank", str(runs / "han"), "--candidates", "20", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3 and all("score" in x for x in rows)
+    assert "zebra" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "zebra giraffe"], "no word of the query"),
+    (["--text", "a red cube", "--candidates", "5"], "needs --rerank"),
+    (["--text", "a red cube", "--rerank", "{han}", "--candidates", "2"], ">= k"),
+    (["--image-features", "{bad}"], "takes 16"),
+])
+def test_bad_queries_give_one_error_line(runs, tmp_path, args, message):
+    import re
+
+    np.save(tmp_path / "bad.npy", np.zeros((4, 9), np.float32))
+    args = [a.format(han=runs / "han", bad=tmp_path / "bad.npy") for a in args]
+    ix = runs / ("ix_text" if "--image-features" in args else "ix_image")
+    r = CliRunner().invoke(main, ["query", "--index", str(ix), "--checkpoint", str(runs / "han"), *args])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert re.search(message, r.stderr), r.stderr
+
+
+def test_reranker_must_be_a_matcher_of_the_same_data(runs, tmp_path):
+    other = "scenes:n_train=60,n_dev=0,n_test=20,region_dim=16,n_objects=6,n_attributes=4,min_objects=2,max_objects=3,background=1,seed=5"
+    train("han", other, 32, seed=0, out=tmp_path / "other", options=dict(SMALL), evaluate=False, **QUIET)
+    with pytest.raises(Exception, match="trained on other data"):
+        query_index(runs / "ix_image", runs / "han", text="a red cube", rerank=tmp_path / "other")
+    train("label-ridge", "synthetic:n_items=200,n_labels=4,image_dim=8,text_dim=20,n_query=20,n_train=100",
+          32, out=tmp_path / "lr", evaluate=False, **QUIET)
+    with pytest.raises(Exception, match="cannot re-rank"):
+        query_index(runs / "ix_image", runs / "han", text="a red cube", rerank=tmp_path / "lr")
+
+
+def test_distill_from_trains_only_the_head(runs, tmp_path):
+    before = load_checkpoint(runs / "han")
+    train(None, SPEC, 16, out=tmp_path / "d", distill_from=runs / "han",
+          options={"head_epochs": 1}, evaluate=False, **QUIET)
+    after = load_checkpoint(tmp_path / "d")
+    assert after.bits == 16 and after.name == "han"
+    for k, v in before.matcher.state_dict().items():
+        assert (after.matcher.state_dict()[k] == v).all()
+    r = CliRunner().invoke(main, ["train", "--distill-from", str(runs / "ix_image"), "--dataset", SPEC,
+                                  "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ")
