@@ -23,8 +23,8 @@ from hashret.eval.cascade import DEFAULT_DATASET  # noqa: E402
 @click.option("--dataset", default=DEFAULT_DATASET, show_default=True,
               help="scenes[:k=v,...] (SYNTHETIC) or precomp:FOLDER.")
 @click.option("--matchers", default="sgraf,cgam,han,shan", show_default=True)
-@click.option("--bits", type=int, default=64, show_default=True)
-@click.option("--queries", "n_queries", type=int, default=500, show_default=True,
+@click.option("--bits", type=int, default=128, show_default=True)
+@click.option("--queries", "n_queries", type=int, default=300, show_default=True,
               help="Queries per direction.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--set", "settings", multiple=True,
@@ -34,10 +34,20 @@ def cascade(dataset, matchers, bits, n_queries, seed, settings, out):
     """Recall@1/5/10, rSum, time per query and fraction scored for every mode."""
     from hashret.eval.cascade import run_cascade_benchmark
 
+    from hashret.errors import check
+    from hashret.models.distill import HEAD_DEFAULTS
+    from hashret.models.matchers import MATCHER_DEFAULTS, MATCHERS, PER_MATCHER_DEFAULTS
+
     names = [m.strip() for m in matchers.split(",") if m.strip()]
+    bad = [m for m in names if m not in MATCHERS or m == "global"]
+    check(not bad, f"unknown matcher {', '.join(bad)}: use sgraf, cgam, han, shan")
     opts = _parse_options(settings)
+    fields = {m: {**MATCHER_DEFAULTS, **PER_MATCHER_DEFAULTS[m], **HEAD_DEFAULTS} for m in names + ["global"]}
+    unknown = [k for k in opts if not any(k in f for f in fields.values())]
+    check(not unknown, f"no matcher has the field {', '.join(unknown)}: see 'hashret models'")
     run_cascade_benchmark(dataset=dataset, matchers=names, bits=bits, n_queries=n_queries, seed=seed,
-                          out=out, options={m: dict(opts) for m in names + ["global"]},
+                          out=out, options={m: {k: v for k, v in opts.items() if k in f}
+                                            for m, f in fields.items()},
                           log=click.echo)
 
 

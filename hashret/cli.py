@@ -182,8 +182,13 @@ def encode(checkpoint, modality, part, features, dataset, out, data_root):
 
     feats = None
     if features is not None:
-        dim = read_checkpoint_info(checkpoint)["config"][f"{modality}_dim"]
-        feats = _read_features(features, dim, modality)
+        cfg = read_checkpoint_info(checkpoint)["config"]
+        if cfg.get("kind") == "matcher":
+            from hashret.index.pipeline import _read_array
+
+            feats = _read_array(features, "region")
+        else:
+            feats = _read_features(features, cfg[f"{modality}_dim"], modality)
     codes, rows = encode_codes(checkpoint, modality, features=feats, part=part, dataset=dataset,
                                data_root=data_root)
     np.save(out, codes)

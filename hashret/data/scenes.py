@@ -76,6 +76,7 @@ class ScenePart:
     tokens: np.ndarray = None      # (M, L) int64, set by the dataset
     lengths: np.ndarray = None     # (M,)
     image_ids: np.ndarray = None   # (N,) keys
+    facts: list = None             # synthetic only: each image's "attribute object" bindings
 
     @property
     def n_images(self):
@@ -232,7 +233,7 @@ OPENERS = ("", "", "a photo of", "there is", "an image showing")
 
 def make_scenes(n_train: int = 10000, n_dev: int = 500, n_test: int = 5000, n_objects: int = 24,
                 n_attributes: int = 12, region_dim: int = 128, latent_dim: int = 32,
-                min_objects: int = 3, max_objects: int = 5, background: int = 3,
+                min_objects: int = 2, max_objects: int = 4, background: int = 3,
                 captions_per_image: int = 2, test_captions_per_image: int = 1,
                 twin_fraction: float = 0.5, max_mentions: int = 3, noise: float = 0.35,
                 seed: int = 0) -> SceneDataset:
@@ -300,8 +301,9 @@ def make_scenes(n_train: int = 10000, n_dev: int = 500, n_test: int = 5000, n_ob
                     words.append(ph)
                 captions.append(" ".join(w for w in words if w))
                 cap_img.append(r)
+        facts = [[f"{ATTRIBUTES[a]} {OBJECTS[o]}" for o, a in zip(objs[r], atts[r])] for r in range(n)]
         return ScenePart(regions=regions, mask=mask, captions=captions,
-                         caption_image=np.asarray(cap_img, dtype=np.int64))
+                         caption_image=np.asarray(cap_img, dtype=np.int64), facts=facts)
 
     parts = {"train": scene_part(n_train, captions_per_image)}
     if n_dev:

@@ -24,7 +24,7 @@ from hashret.training.matching import ground_truth, train_head, train_matcher
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}
 MODES = ("exhaustive", "codes", "cascade-1%", "cascade-5%", "undistilled", "global")
-DEFAULT_DATASET = "scenes:n_train=5000,n_dev=0,n_test=5000"
+DEFAULT_DATASET = "scenes"  # SYNTHETIC: 10,000 training images, a 5,000-image test gallery
 
 
 def _query_inputs(part, modality, rows):
@@ -97,7 +97,7 @@ def _code_index(model, part):
 
 
 def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cgam", "han", "shan"),
-                          bits: int = 64, n_queries: int = 500, seed: int = 0, out="results/cascade",
+                          bits: int = 128, n_queries: int = 300, seed: int = 0, out="results/cascade",
                           options: dict | None = None, log=print) -> list:
     """Train each matcher and its heads on ``dataset``'s train part, evaluate on its test part
     (the gallery), write table.md, results.json, the per-query timings and plots to ``out``.

@@ -143,6 +143,18 @@ def encode(run_dir, modality: str, features=None, part: str = "database", datase
     from hashret.index.bits import pack_codes
 
     model = load_checkpoint(run_dir)
+    if getattr(model, "kind", None) == "matcher":
+        if features is not None:
+            check(modality == "image", "a matcher's text side takes captions, not a feature file: "
+                  "encode a dataset part (--split) instead")
+            codes = model.encode(np.asarray(features, dtype=np.float32), "image")
+            rows = np.arange(len(codes))
+        else:
+            check(part != "all", "scene data is encoded one part at a time: pass --split")
+            p = checkpoint_dataset(run_dir, dataset, data_root).part(part)
+            rows = p.rows(modality)
+            codes = model.encode_rows(p, modality, rows)
+        return (pack_codes(codes) if packed else codes), rows
     if features is not None:
         rows = np.arange(len(np.atleast_2d(features)))
         codes = model.encode(np.atleast_2d(np.asarray(features, dtype=np.float32)), modality)

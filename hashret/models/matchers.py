@@ -395,8 +395,8 @@ class GlobalEmbedding(Matcher):
 
 MATCHERS = {cls.name: cls for cls in (SGRAF, CGAM, HAN, SHAN, GlobalEmbedding)}
 MATCHER_DEFAULTS = {
-    "embed": 64, "word_dim": 32, "margin": 0.2, "warmup_epochs": 1, "epochs": 12,
-    "batch_size": 128, "lr": 1e-3, "grad_clip": 2.0,
+    "embed": 64, "word_dim": 32, "margin": 0.2, "warmup_epochs": 1, "epochs": 4,
+    "batch_size": 64, "lr": 1e-3, "grad_clip": 2.0,
 }
 PER_MATCHER_DEFAULTS = {
     "sgraf": {"sim_dim": 32, "steps": 3, "lam": 9.0, "variant": "sgraf"},

@@ -94,7 +94,7 @@ def train_head(model: MatcherModel, dataset, distill=True, progress=False, devic
                 with torch.no_grad():
                     teacher = matcher.pair_scores(matcher.encode_image(x, m), matcher.encode_text(t, ln))
                 loss = distill_loss(teacher, hi, ht, cfg["tau_teacher"], cfg["tau_student"],
-                                    cfg["quantization"])
+                                    cfg["quantization"], cfg["hard_weight"])
             else:
                 loss = pairs_only_loss(hi, ht, cfg["tau_student"], cfg["quantization"])
             opt.zero_grad()

@@ -68,6 +68,21 @@ def test_gradients_reach_every_parameter(name):
     assert not missing, missing
 
 
+def test_hash_head_ignores_region_order_and_padding():
+    torch.manual_seed(0)
+    head = HashHead(12, 20, bits=16, hidden=8, word_dim=4).eval()
+    r, rm, t, tl = _inputs()
+    with torch.no_grad():
+        hi, ht = head.image(r, rm), head.text(t, tl)
+        perm = torch.randperm(5, generator=torch.Generator().manual_seed(2))
+        assert torch.allclose(head.image(r[:, perm], rm[:, perm]), hi, atol=1e-5)
+        r2 = torch.cat([r, torch.randn(3, 2, 12) * 9], 1)
+        assert torch.allclose(head.image(r2, torch.cat([rm, torch.zeros(3, 2, dtype=torch.bool)], 1)), hi, atol=1e-5)
+        t2 = torch.cat([t, torch.randint(2, 20, (4, 3))], 1)
+        t2[1, 2:5] = 7
+        assert torch.allclose(head.text(t2, tl), ht, atol=1e-5)
+
+
 def test_hash_head_gradients_and_codes():
     head = HashHead(12, 20, bits=16, hidden=8, word_dim=4)
     r, rm, t, tl = _inputs(n_img=4)
@@ -101,8 +116,8 @@ def test_triplet_losses_against_direct_sums():
 def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
     teacher = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
     h = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
-    good = distill_loss(teacher, h, h, tau_teacher=1.0, tau_student=0.05, quantization=0.0)
-    bad = distill_loss(teacher, h, -h, tau_teacher=1.0, tau_student=0.05, quantization=0.0)
+    good = distill_loss(teacher, h, h, tau_teacher=1.0, tau_student=0.05, quantization=0.0, hard_weight=0.0)
+    bad = distill_loss(teacher, h, -h, tau_teacher=1.0, tau_student=0.05, quantization=0.0, hard_weight=0.0)
     assert good.item() < bad.item()
     # the KL of the rows against a direct computation
     t = (teacher - teacher.mean()) / teacher.std()
@@ -113,6 +128,8 @@ def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
     direct = direct + (p_cols * (torch.log(p_cols) - q_cols)).sum(0).mean()
     assert good.item() == pytest.approx(direct.item(), rel=1e-5)
     assert pairs_only_loss(h, -h, quantization=0.0).item() > pairs_only_loss(h, h, quantization=0.0).item()
+    both = distill_loss(teacher, h, -h, tau_teacher=1.0, quantization=0.0, hard_weight=0.5)
+    assert both.item() == pytest.approx(bad.item() + 0.5 * pairs_only_loss(h, -h, quantization=0.0).item(), rel=1e-5)
 
 
 def test_masked_softmax_ignores_masked_entries():

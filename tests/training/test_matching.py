@@ -120,3 +120,20 @@ def test_distill_from_trains_only_the_head(runs, tmp_path):
     r = CliRunner().invoke(main, ["train", "--distill-from", str(runs / "ix_image"), "--dataset", SPEC,
                                   "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and r.stderr.startswith("error: ")
+
+
+def test_cli_encode_of_a_matcher_checkpoint(runs, tmp_path):
+    r = CliRunner().invoke(main, ["encode", "--checkpoint", str(runs / "han"), "--modality", "text",
+                                  "--out", str(tmp_path / "c.npy")])
+    assert r.exit_code == 0, r.output
+    codes = np.load(tmp_path / "c.npy")
+    part = load_scenes(SPEC).part("test")
+    assert codes.shape == (part.n_captions, 4)
+    x, m = part.image_batch([1])
+    np.save(tmp_path / "r.npy", x[0][m[0]])  # one image: its real regions only
+    r = CliRunner().invoke(main, ["encode", "--checkpoint", str(runs / "han"), "--modality", "image",
+                                  "--features", str(tmp_path / "r.npy"), "--out", str(tmp_path / "i.npy")])
+    assert r.exit_code == 0, r.output
+    from hashret.index import pack_codes
+    np.testing.assert_array_equal(np.load(tmp_path / "i.npy"),
+                                  pack_codes(load_checkpoint(runs / "han").encode_rows(part, "image", [1])))
