@@ -70,10 +70,11 @@ def datasets(data_root):
 @data_root_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def describe(dataset, data_root, as_json):
-    """Sizes, modalities, split and source of one dataset."""
+    """Sizes, modalities, split and source of one dataset (scene data too)."""
     from hashret.data import load_dataset
+    from hashret.data.scenes import is_scene_spec, load_scenes
 
-    s = load_dataset(dataset, data_root=data_root).summary()
+    s = (load_scenes(dataset) if is_scene_spec(dataset) else load_dataset(dataset, data_root=data_root)).summary()
     if as_json:
         click.echo(json.dumps(s, indent=2))
     else:
