@@ -41,7 +41,8 @@ def test_precomp_errors_name_the_problem(tmp_path):
 
 
 def test_synthetic_scenes_plant_bindings_and_twins():
-    ds = make_scenes(n_train=40, n_dev=0, n_test=30, captions_per_image=2, twin_fraction=1.0, seed=3)
+    ds = make_scenes(n_train=40, n_dev=0, n_test=30, captions_per_image=2, twin_fraction=1.0,
+                     min_objects=3, max_objects=5, seed=3)
     assert ds.synthetic and "SYNTHETIC" in ds.source
     train = ds.part("train")
     assert train.n_captions == 80 and train.regions.shape[1] == 5 + 3
@@ -54,10 +55,20 @@ def test_synthetic_scenes_plant_bindings_and_twins():
         assert 2 <= len(objs) <= 3
         for o in objs:  # every named object comes right after its attribute
             assert words[words.index(o) - 1] in ATTRIBUTES
-    # twins: same regions up to the swapped bindings, so their region means stay close
-    a, b = ds.part("test").regions[0], ds.part("test").regions[1]
-    assert not np.allclose(a, b)
-    again = make_scenes(n_train=40, n_dev=0, n_test=30, captions_per_image=2, twin_fraction=1.0, seed=3)
+    # twins: the same objects, two of them with swapped attributes; the first caption of each
+    # names both swapped objects, so it tells the twins apart
+    test = ds.part("test")
+    for a, b in ((0, 1), (2, 3)):
+        fa, fb = test.facts[a], test.facts[b]
+        assert [f.split()[1] for f in fa] == [f.split()[1] for f in fb]
+        diff = [i for i, (x, y) in enumerate(zip(fa, fb)) if x != y]
+        assert len(diff) == 2
+        i, j = diff
+        assert fa[i].split()[0] == fb[j].split()[0] and fa[j].split()[0] == fb[i].split()[0]
+        first = test.captions[test.captions_of([a])[0][0]]
+        assert fa[i] in first and fa[j] in first
+    again = make_scenes(n_train=40, n_dev=0, n_test=30, captions_per_image=2, twin_fraction=1.0,
+                        min_objects=3, max_objects=5, seed=3)
     assert again.fingerprint() == ds.fingerprint()
     assert make_scenes(n_train=40, n_dev=0, n_test=30, seed=4).fingerprint() != ds.fingerprint()
 
