@@ -19,7 +19,7 @@ from hashret.errors import check
 from hashret.eval.metrics import recall_at_k
 from hashret.index import HashIndex
 from hashret.index.bits import pack_codes
-from hashret.models.distill import MatcherModel, rerank, select
+from hashret.models.distill import MatcherModel, rerank
 from hashret.training.matching import ground_truth, train_head, train_matcher
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}
