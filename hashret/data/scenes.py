@@ -322,18 +322,6 @@ def make_scenes(n_train: int = 10000, n_dev: int = 500, n_test: int = 5000, n_ob
                         extra={"generator": params})
 
 
-def _parse_options(text: str) -> dict:
-    out = {}
-    for item in filter(None, text.split(",")):
-        check("=" in item, f"bad option {item!r}: write key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = float(v) if any(ch in v for ch in ".e") else int(v)
-        except ValueError:
-            raise HashretError(f"option {k}={v!r} is not a number") from None
-    return out
-
-
 def is_scene_spec(spec) -> bool:
     s = str(spec)
     return s == "scenes" or s.startswith("scenes:") or s.startswith("precomp:")
@@ -345,8 +333,11 @@ def load_scenes(spec: str) -> SceneDataset:
     if spec.startswith("precomp:"):
         return load_precomp(spec.split(":", 1)[1])
     check(is_scene_spec(spec), f"{spec!r} is not a scene dataset: use scenes[:k=v,...] or precomp:FOLDER")
-    opts = _parse_options(spec.split(":", 1)[1]) if ":" in spec else {}
     import inspect
+
+    from hashret.data.sources import spec_options
+
+    opts = spec_options(spec, "scenes")
 
     known = set(inspect.signature(make_scenes).parameters)
     bad = sorted(set(opts) - known)

@@ -285,16 +285,20 @@ def dataset_names() -> list:
         + ["synthetic"]
 
 
-def _parse_synthetic(spec: str) -> dict:
-    """'synthetic' or 'synthetic:n_items=100000,noise=0.8'."""
+def spec_options(spec: str, what: str = "synthetic") -> dict:
+    """The numeric options of a generator spec: 'synthetic' -> {}, 'scenes:n_train=100,noise=0.8'
+    -> {'n_train': 100, 'noise': 0.8}."""
     params = {}
     if ":" in spec:
         for kv in spec.split(":", 1)[1].split(","):
             if not kv.strip():
                 continue
-            check("=" in kv, f"synthetic option {kv!r} is not key=value")
+            check("=" in kv, f"{what} option {kv!r} is not key=value")
             k, v = kv.split("=", 1)
-            params[k.strip()] = float(v) if "." in v or "e" in v.lower() else int(v)
+            try:
+                params[k.strip()] = float(v) if "." in v or "e" in v.lower() else int(v)
+            except ValueError:
+                raise HashretError(f"{what} option {k.strip()}={v!r} is not a number") from None
     return params
 
 
@@ -313,7 +317,7 @@ def load_dataset(spec: str, data_root=None, split=None, seed: int = 0) -> CrossM
     name = spec.strip()
     base = ALIASES.get(name.lower(), name.lower())
     if base.startswith("synthetic"):
-        params = _parse_synthetic(name)
+        params = spec_options(name, "synthetic")
         params.setdefault("seed", seed)
         try:
             ds = make_synthetic(**params)

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hashret.errors import check
 from hashret.eval.metrics import recall_at_k
 from hashret.index import HashIndex
 from hashret.index.bits import pack_codes
-from hashret.models.distill import MatcherModel, rerank
+from hashret.models.distill import MatcherModel, exhaustive_ranking, rerank
 from hashret.training.matching import ground_truth, train_head, train_matcher
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}
@@ -57,9 +56,7 @@ def _rank_with_matcher(model, part, queries, gallery_enc, k_candidates=None, ind
             x = _query_inputs(part, qm, [q])
             q_enc = model.encode_for_matching(x, qm)
             if index is None:
-                s = (model.scores(q_enc, gallery_enc[gm])[0] if d == "i2t"
-                     else model.scores(gallery_enc[gm], q_enc)[:, 0])
-                out[i] = torch.topk(s, 10).indices.numpy()
+                out[i] = exhaustive_ranking(model, q_enc, gallery_enc[gm], d, 10)[0]
             else:
                 code = pack_codes(model.encode(x, qm))
                 _, cand = index[gm].search(code, k_candidates)

@@ -163,6 +163,13 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
         reranker = _load_reranker(rerank, meta) if rerank is not None else None
         qmod = OTHER[meta["modality"]]
         out = {"query_modality": qmod, "known_words": None, "unknown_words": None}
+        loaded = []
+
+        def data():  # loaded at most once (regenerating synthetic data takes seconds)
+            if not loaded:
+                loaded.append(checkpoint_dataset(checkpoint, dataset, data_root))
+            return loaded[0]
+
         t0 = time.perf_counter()
         if text is not None or text_file is not None:
             check(qmod == "text", "the index holds text codes, so queries are images: use "
@@ -176,7 +183,7 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
                 tokens, lengths, known, unknown = model.vocab.encode_query(text)
                 feats = (tokens, lengths)
             else:
-                ds = checkpoint_dataset(checkpoint, dataset, data_root)
+                ds = data()
                 check(ds.vocab is not None, f"dataset {ds.name} has no word vocabulary (its text side "
                       f"is {ds.dim('text')}-d features): query with --item instead")
                 feats, known, unknown = BagOfWords(ds.vocab).encode_query(text)
@@ -194,7 +201,7 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
                          if isinstance(image_features, (str, os.PathLike))
                          else np.atleast_2d(np.asarray(image_features, dtype=np.float32)))
         else:
-            ds = checkpoint_dataset(checkpoint, dataset, data_root)
+            ds = data()
             if _is_matcher(model):
                 part = ds.part(meta.get("part", "database"))
                 n = part.n_images if qmod == "image" else part.n_captions
@@ -211,8 +218,7 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
         t2 = time.perf_counter()
         scores = None
         if reranker is not None:
-            ids, dist, scores = _rerank(reranker, ix, meta, feats, qmod, ids, dist, k, checkpoint,
-                                        dataset, data_root)
+            ids, dist, scores = _rerank(reranker, data(), meta, feats, qmod, ids, dist, k)
             out["rerank_ms"] = round((time.perf_counter() - t2) * 1e3, 3)
         results = []
         for q, (qd, qi) in enumerate(zip(dist, ids)):
@@ -242,11 +248,10 @@ def _load_reranker(rerank, meta):
     return reranker
 
 
-def _rerank(reranker, ix, meta, feats, qmod, ids, dist, k, checkpoint, dataset, data_root):
+def _rerank(reranker, ds, meta, feats, qmod, ids, dist, k):
     """Matcher scores for each query's Hamming candidates; the best k, best first."""
     from hashret.models.distill import rerank as rerank_candidates
 
-    ds = checkpoint_dataset(checkpoint, dataset, data_root)
     part = ds.part(meta.get("part", "database"))
     uniq = np.unique(ids[ids >= 0])
     gallery = reranker.encode_rows_for_matching(part, meta["modality"], uniq)

@@ -115,8 +115,13 @@ class MatcherModel:
         bad = sorted(set(overrides) - set(fields))
         check(not bad, f"{name} has no config field {', '.join(bad)}: known fields are "
               f"{', '.join(sorted(fields))}")
+        from hashret.data.scenes import PAD, UNK, Vocabulary
+
         self.name = name
-        self.vocab_words = list(vocab)
+        words = list(vocab)
+        check(words[:2] == [PAD, UNK], "the vocabulary must start with <pad>, <unk> (a Vocabulary's words)")
+        self.vocab = Vocabulary(words[2:])
+        self.vocab_words = self.vocab.words
         self.config = {"model": name, "kind": self.kind, "bits": int(bits),
                        "region_dim": int(region_dim), "vocab_size": len(self.vocab_words),
                        "seed": int(seed), **fields, **overrides}
@@ -132,12 +137,6 @@ class MatcherModel:
     @property
     def bits(self):
         return self.config["bits"]
-
-    @property
-    def vocab(self):
-        from hashret.data.scenes import Vocabulary
-
-        return Vocabulary(self.vocab_words[2:])
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self):
@@ -226,10 +225,9 @@ class MatcherModel:
         """Matcher scores of every image against every caption (encodings from
         :meth:`encode_for_matching`)."""
         with torch.no_grad():
-            ni, nt = n_rows(img_enc), n_rows(txt_enc)
             if self.name == "global":
                 return self.matcher.pair_scores(img_enc, txt_enc)
-            return score_chunks(self.matcher, img_enc, txt_enc, ni, nt, select, select, budget)
+            return score_chunks(self.matcher, img_enc, txt_enc, budget)
 
 
 def _pad_to(text_batch, part):

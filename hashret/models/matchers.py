@@ -87,11 +87,6 @@ def attend(queries, keys, key_mask, temperature):
     return masked_softmax(logits, key_mask.unsqueeze(-2)) @ keys
 
 
-def pair_grid(img, txt):
-    """Broadcast per-image (I, ...) and per-caption (T, ...) tensors to (I, T, ...)."""
-    return img.unsqueeze(1), txt.unsqueeze(0)
-
-
 # -- losses --------------------------------------------------------------------------------
 def hardest_triplet(scores, margin=0.2):
     """VSE++ hinge triplet with the hardest in-batch negative, both directions. scores[i, j]
@@ -132,7 +127,6 @@ class Matcher(nn.Module):
     """Base: shared region and text encoders; subclasses define ``pair_scores``."""
 
     name = "matcher"
-    loss_name = "hardest"
 
     def __init__(self, region_dim, vocab_size, embed=128, word_dim=64, **cfg):
         super().__init__()
@@ -153,9 +147,14 @@ class Matcher(nn.Module):
         return self.pair_scores(self.encode_image(regions, mask), self.encode_text(tokens, lengths))
 
     def loss(self, scores, epoch):
+        """The paper's ranking loss, after ``warmup_epochs`` that sum every negative's hinge
+        (the hardest negative alone gives little signal to a fresh model)."""
         margin = self.cfg.get("margin", 0.2)
         if epoch < self.cfg.get("warmup_epochs", 1):
             return sum_triplet(scores, margin)
+        return self.ranking_loss(scores, margin)
+
+    def ranking_loss(self, scores, margin):
         return hardest_triplet(scores, margin)
 
 
@@ -305,7 +304,6 @@ class HAN(Matcher):
     computed once per item."""
 
     name = "han"
-    loss_name = "softmax"
 
     def __init__(self, region_dim, vocab_size, embed=128, word_dim=64, beta=0.1, lam=9.0, **cfg):
         super().__init__(region_dim, vocab_size, embed, word_dim, **cfg)
@@ -333,10 +331,7 @@ class HAN(Matcher):
         o = attend(hw, ho, hm[:, :, :no], self.lam)            # regions attended per word
         return masked_mean(cosine(hw, o).unsqueeze(-1), hm[:, :, no:], -2).squeeze(-1)
 
-    def loss(self, scores, epoch):
-        margin = self.cfg.get("margin", 0.2)
-        if epoch < self.cfg.get("warmup_epochs", 1):
-            return sum_triplet(scores, margin)
+    def ranking_loss(self, scores, margin):
         return softmax_triplet(scores, margin, self.cfg.get("p", 4.0))
 
 
@@ -422,16 +417,17 @@ def build_matcher(name: str, region_dim: int, vocab_size: int, **overrides) -> M
     return MATCHERS[name](region_dim, vocab_size, **model_cfg)
 
 
-def score_chunks(matcher, img, txt, n_img, n_txt, select_img, select_txt, budget=2 ** 15):
-    """The full n_img x n_txt score matrix, computed in blocks of about ``budget`` pairs
-    (memory grows with pairs x fragments x embed)."""
+def score_chunks(matcher, img, txt, budget=512):
+    """The full n_img x n_txt score matrix of two encodings, computed in blocks of about
+    ``budget`` pairs (memory grows with pairs x fragments x embed)."""
+    n_img, n_txt = n_rows(img), n_rows(txt)
     rows = max(1, budget // max(n_txt, 1))
     cols = n_txt if rows > 1 else max(1, budget)
     out = torch.empty(n_img, n_txt)
     for a in range(0, n_img, rows):
-        ib = select_img(img, slice(a, a + rows))
+        ib = select(img, slice(a, a + rows))
         for b in range(0, n_txt, cols):
-            out[a:a + rows, b:b + cols] = matcher.pair_scores(ib, select_txt(txt, slice(b, b + cols)))
+            out[a:a + rows, b:b + cols] = matcher.pair_scores(ib, select(txt, slice(b, b + cols)))
     return out
 
 

@@ -30,39 +30,53 @@ def _batch(part, images, captions, device):
             torch.from_numpy(t).to(device), torch.from_numpy(ln).to(device))
 
 
-def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu", log=print) -> list:
-    """Train the matcher with its paper's loss on the dataset's training part (seeded)."""
+def _epochs(dataset, seed, epochs, batch_size, desc, progress, device, step) -> list:
+    """The loop the matcher and its heads share: each epoch, the training images in a seeded
+    order with one caption each, in batches; ``step(epoch, regions, mask, tokens, lengths)``
+    updates the model and returns the batch's loss. Returns the mean loss per epoch."""
     from tqdm.auto import tqdm
 
-    cfg = model.config
     part = dataset.part("train")
-    rng = np.random.default_rng(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    history = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        images, captions = _epoch_pairs(part, rng)
+        total, steps = 0.0, 0
+        for s in range(0, len(images) - 1, batch_size):
+            x, m, t, ln = _batch(part, images[s:s + batch_size], captions[s:s + batch_size], device)
+            if len(x) < 2:
+                continue
+            total += step(epoch, x, m, t, ln)
+            steps += 1
+        history.append(total / max(steps, 1))
+        bar.set_postfix(loss=round(history[-1], 4))
+    return history
+
+
+def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu", log=print) -> list:
+    """Train the matcher with its paper's loss on the dataset's training part (seeded)."""
+    cfg = model.config
     net = model.matcher.to(device).train()
     groups = ([list(b.parameters()) for b in net.branches.values()] if hasattr(net, "branches")
               else [list(net.parameters())])
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
-    bs, history = cfg["batch_size"], []
-    bar = tqdm(range(cfg["epochs"]), desc=f"{model.name} matcher", disable=not progress, leave=False)
-    for epoch in bar:
-        images, captions = _epoch_pairs(part, rng)
-        total, steps = 0.0, 0
-        for s in range(0, len(images) - 1, bs):
-            x, m, t, ln = _batch(part, images[s:s + bs], captions[s:s + bs], device)
-            if len(x) < 2:
-                continue
-            img, txt = net.encode_image(x, m), net.encode_text(t, ln)
-            terms = (net.loss_terms(img, txt, epoch) if hasattr(net, "loss_terms")
-                     else [net.loss(net.pair_scores(img, txt), epoch)])
-            opt.zero_grad()
-            sum(terms).backward()
-            for g in groups:  # SGR and SAF are clipped separately: trained as two models
-                torch.nn.utils.clip_grad_norm_(g, cfg["grad_clip"])
-            opt.step()
-            total += float(sum(terms).detach()) / len(x)
-            steps += 1
-        history.append(total / max(steps, 1))
-        bar.set_postfix(loss=round(history[-1], 4))
+
+    def step(epoch, x, m, t, ln):
+        img, txt = net.encode_image(x, m), net.encode_text(t, ln)
+        terms = (net.loss_terms(img, txt, epoch) if hasattr(net, "loss_terms")
+                 else [net.loss(net.pair_scores(img, txt), epoch)])
+        loss = sum(terms)
+        opt.zero_grad()
+        loss.backward()
+        for g in groups:  # SGR and SAF are clipped separately: trained as two models
+            torch.nn.utils.clip_grad_norm_(g, cfg["grad_clip"])
+        opt.step()
+        return float(loss.detach()) / len(x)
+
+    history = _epochs(dataset, cfg["seed"], cfg["epochs"], cfg["batch_size"],
+                      f"{model.name} matcher", progress, device, step)
     model.matcher = net.to("cpu").eval()
     return history
 
@@ -70,40 +84,28 @@ def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu", lo
 def train_head(model: MatcherModel, dataset, distill=True, progress=False, device="cpu") -> list:
     """Train the hash head: distilled from the (trained, frozen) matcher's in-batch score
     matrix, or, with ``distill=False``, from the matching pairs alone (one-hot targets)."""
-    from tqdm.auto import tqdm
-
     cfg = model.config
-    part = dataset.part("train")
-    rng = np.random.default_rng(cfg["seed"] + 1)
-    torch.manual_seed(cfg["seed"] + 1)
     matcher = model.matcher.to(device).eval()
     head = model.head.to(device).train()
     opt = torch.optim.Adam(head.parameters(), lr=cfg["head_lr"])
-    bs, history = cfg["head_batch_size"], []
+
+    def step(epoch, x, m, t, ln):
+        hi, ht = head.image(x, m), head.text(t, ln)
+        if distill:
+            with torch.no_grad():
+                teacher = matcher.pair_scores(matcher.encode_image(x, m), matcher.encode_text(t, ln))
+            loss = distill_loss(teacher, hi, ht, cfg["tau_teacher"], cfg["tau_student"],
+                                cfg["quantization"], cfg["hard_weight"])
+        else:
+            loss = pairs_only_loss(hi, ht, cfg["tau_student"], cfg["quantization"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
     desc = f"{model.name} hash head ({'distilled' if distill else 'pairs only'})"
-    bar = tqdm(range(cfg["head_epochs"]), desc=desc, disable=not progress, leave=False)
-    for epoch in bar:
-        images, captions = _epoch_pairs(part, rng)
-        total, steps = 0.0, 0
-        for s in range(0, len(images) - 1, bs):
-            x, m, t, ln = _batch(part, images[s:s + bs], captions[s:s + bs], device)
-            if len(x) < 2:
-                continue
-            hi, ht = head.image(x, m), head.text(t, ln)
-            if distill:
-                with torch.no_grad():
-                    teacher = matcher.pair_scores(matcher.encode_image(x, m), matcher.encode_text(t, ln))
-                loss = distill_loss(teacher, hi, ht, cfg["tau_teacher"], cfg["tau_student"],
-                                    cfg["quantization"], cfg["hard_weight"])
-            else:
-                loss = pairs_only_loss(hi, ht, cfg["tau_student"], cfg["quantization"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-        history.append(total / max(steps, 1))
-        bar.set_postfix(loss=round(history[-1], 4))
+    history = _epochs(dataset, cfg["seed"] + 1, cfg["head_epochs"], cfg["head_batch_size"], desc,
+                      progress, device, step)
     model.head = head.to("cpu").eval()
     model.matcher = matcher.to("cpu")
     model.has_head = True
