@@ -93,6 +93,8 @@ def benchmark_options(f):
         click.option("--radius", default=2, show_default=True, type=int, help="Hamming radius for P/R."),
         click.option("--split", default=None, help="A saved split.npz to use instead of the dataset's."),
         click.option("--reuse", is_flag=True, help="Load trained models from OUT/models when configs match."),
+        click.option("--set", "settings", multiple=True,
+                     help="Config field, key=value (repeatable); applied to every method that has it."),
         data_root_option,
     ]
     for opt in reversed(opts):
@@ -102,12 +104,13 @@ def benchmark_options(f):
 
 @main.command()
 @benchmark_options
-def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, data_root):
+def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, settings, data_root):
     """mAP table of every method (the same as python benchmarks/mAP.py)."""
     from hashret.eval.benchmark import run_benchmark
 
     run_benchmark(dataset=dataset, methods=methods, bits=bits, seeds=seeds, out=out, topk=topk,
-                  radius=radius, split=split, reuse=reuse, data_root=data_root, log=click.echo)
+                  radius=radius, split=split, reuse=reuse, settings=_parse_options(settings),
+                  data_root=data_root, log=click.echo)
 
 
 def _parse_options(pairs) -> dict:

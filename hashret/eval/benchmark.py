@@ -49,6 +49,21 @@ def _resolve_methods(methods) -> list:
     return list(dict.fromkeys(n.lower() for n in names))
 
 
+def _settings_per_method(methods, settings) -> dict:
+    """Each method's share of ``settings`` (config field -> value): a field goes to every
+    method that has it, so ``beta_beacon`` reaches GCH and its ablations and not the
+    baselines. A field no chosen method has is an error, not a silent no-op."""
+    from hashret.models.base import REGISTRY
+
+    settings = dict(settings or {})
+    per = {m: {k: v for k, v in settings.items() if k in REGISTRY[parse_model_name(m)[0]].defaults}
+           for m in methods}
+    unused = sorted(set(settings) - {k for own in per.values() for k in own})
+    check(not unused, f"no chosen method has the config field {', '.join(unused)}: see "
+          "'hashret models' for each method's fields")
+    return per
+
+
 def _job_matches(run_dir: Path, config: dict, fingerprint: str) -> bool:
     try:
         info = read_checkpoint_info(run_dir)
@@ -78,17 +93,20 @@ def evaluate_model(model, dataset, query_rows=None, db_rows=None, **metric_args)
 
 def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), seeds=(0,),
                   out="results/mAP", topk=(100, 1000), radius: int = 2, n_max: int = 1000,
-                  data_root=None, split=None, reuse: bool = False, progress: bool = True,
-                  log=print) -> list:
+                  data_root=None, split=None, reuse: bool = False, settings=None,
+                  progress: bool = True, log=print) -> list:
     """Run every (method, bits, seed) on ``dataset`` and write the results to ``out``.
 
     Writes ``table.md``, ``results.csv``, ``results.json`` (one record per method, bits,
     direction and seed with ``map_all`` and the other metrics), ``p_at_n.csv``,
     ``pr_curve.csv``, PNG plots, ``split.npz`` and ``run.json`` (the resolved arguments);
     trained models go to ``out/models`` (``reuse=True`` loads those whose config matches).
+    ``settings`` (config field -> value) overrides the defaults of every chosen method that
+    has the field; they are saved in ``run.json`` and named in the table's header.
     Returns the records.
     """
     methods = _resolve_methods(methods)
+    per_method = _settings_per_method(methods, settings)
     bits = parse_list(bits, int, "code length")
     seeds = parse_list(seeds, int, "seed")
     topk = parse_list(topk, int, "K")
@@ -108,7 +126,8 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     ds.split.save(out / "split.npz", dataset=ds.name, n_items=ds.n_items)
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
     train_feats = {mod: ds.features(mod, tr_idx) for mod in ("image", "text")}
-    run_info = {"dataset": ds.summary(), "methods": methods, "bits": bits, "seeds": seeds,
+    run_info = {"dataset": ds.summary(), "methods": methods, "settings": per_method,
+                "bits": bits, "seeds": seeds,
                 "topk": topk, "radius": radius, "n_max": n_max, "split": str(out / "split.npz"),
                 "split_fingerprint": ds.split.fingerprint(), "python": platform.python_version(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -123,7 +142,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
 
     fp = ds.fingerprint()
     for seed, method, b in tqdm(jobs, desc="benchmark", disable=not progress):
-        model = build_for_dataset(method, ds, b, seed=seed)
+        model = build_for_dataset(method, ds, b, seed=seed, **per_method[method])
         run_dir = out / "models" / f"{method}-{b}-seed{seed}"
         t0 = time.perf_counter()
         if reuse and _job_matches(run_dir, model.config, fp):
@@ -160,6 +179,10 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
               f"{len(tr_idx)} training items; relevance = shared label; ties broken by database "
               f"position; seeds {','.join(map(str, seeds))} (mean ± std). The database is encoded "
               "by the same learned hash functions as the queries.")
+    changed = {m: own for m, own in per_method.items() if own}
+    if changed:
+        header += " Settings changed from the defaults: " + "; ".join(
+            f"{m}: " + ", ".join(f"{k}={v}" for k, v in own.items()) for m, own in changed.items()) + "."
     table = format_table(records, header)
     extra = format_table(records, "#### tie-aware expected mAP (McSherry & Najork)",
                          metric="map_expected")

@@ -17,6 +17,10 @@ Training alternates per epoch: teacher; students towards the teacher's sign code
 students towards the beacons (and still the teacher). Ablations: ``gch-no-gcn`` (no beacon
 phases) and ``gch-no-teacher`` (students trained on labels directly: the likelihood between
 the two students' codes, as in DCMH, and no teacher).
+
+The defaults were chosen on Wikipedia (single-label). Multi-label data wants
+``lr_schedule="cosine"`` and ``beta_beacon=1`` (validated on a held-out part of the synthetic
+MIRFlickr-sized training set: 0.68/0.62 -> 0.85/0.77 mAP at 64 bits; see the README).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from hashret.errors import check
 from hashret.models.base import TorchHashModel, register
 from hashret.models.losses import label_similarity, pairwise_nll
 
@@ -108,6 +113,7 @@ class GCH(TorchHashModel):
         "lr_label": 1e-3, "lr_image": 1e-3, "lr_text": 1e-3, "lr_gcn": 1e-3, "weight_decay": 1e-5,
         "alpha_likelihood": 1.0, "beta_beacon": 3.0, "gamma_label": 1.0,
         "use_teacher": True, "use_gcn": True,
+        "lr_schedule": "constant",
     }
 
     def _build(self):
@@ -137,6 +143,14 @@ class GCH(TorchHashModel):
                                       weight_decay=cfg["weight_decay"])
                for name in ("label", "image", "text", "gcn")}
         a, g = cfg["alpha_likelihood"], cfg["gamma_label"]
+        check(cfg["lr_schedule"] in ("constant", "cosine"),
+              f"unknown lr_schedule {cfg['lr_schedule']!r}: use constant or cosine")
+        # cosine decay of every net's learning rate to 0 over the run: with a constant rate the
+        # students' codes keep wandering between epochs (mAP +-0.03 on synthetic multi-label data)
+        trained = [n for n, on in (("label", cfg["use_teacher"]), ("image", True), ("text", True),
+                                   ("gcn", cfg["use_gcn"])) if on]
+        sched = ([torch.optim.lr_scheduler.CosineAnnealingLR(opt[n], T_max=cfg["epochs"]) for n in trained]
+                 if cfg["lr_schedule"] == "cosine" else [])
 
         def step(name, loss):
             opt[name].zero_grad()
@@ -178,7 +192,10 @@ class GCH(TorchHashModel):
                                          + g * label_loss(pred, l_b))
                 # 4. students towards the beacons (and still the teacher)
                 self._student_phase(batches, x, lab, step, label_loss, beacons=True, losses=losses)
+            losses["lr"] = opt["image"].param_groups[0]["lr"]
             history.append(losses)
+            for sc in sched:
+                sc.step()
             bar.set_postfix({k: round(v, 3) for k, v in losses.items()})
         self.history = history
         self.nets.to("cpu").eval()

@@ -36,8 +36,20 @@ def test_benchmark_writes_table_and_records(tmp_path):
     assert again[0]["map_all"] == recs[0]["map_all"]
 
 
+def test_benchmark_settings_reach_only_the_methods_that_have_the_field(tmp_path):
+    out = tmp_path / "bench"
+    run_benchmark(TINY, methods="cca-itq,label-ridge", bits="8", seeds="0", out=out, topk="10",
+                  settings={"ridge": 5.0}, progress=False, log=lambda *a: None)
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"] == {"cca-itq": {}, "label-ridge": {"ridge": 5.0}}
+    saved = json.loads((out / "models" / "label-ridge-8-seed0" / "config.json").read_text())
+    assert saved["config"]["ridge"] == 5.0
+    assert "label-ridge: ridge=5.0" in (out / "table.md").read_text()
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(methods="cca-itq,nosuch"), "unknown model"),
+    (dict(settings={"beta_beacon": 1.0}), "no chosen method has the config field beta_beacon"),
     (dict(dataset="nosuch"), "unknown dataset"),
     (dict(bits="12"), "multiples of 8"),
     (dict(seeds=""), "no seed"),

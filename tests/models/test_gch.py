@@ -119,6 +119,15 @@ def test_seeded_training_is_repeatable(data):
     np.testing.assert_array_equal(a.encode(x, "text"), b.encode(x, "text"))
 
 
+def test_cosine_schedule_decays_the_learning_rate_and_constant_keeps_it(data):
+    cos = [h["lr"] for h in _fit("gch", data, epochs=4, lr_schedule="cosine").history]
+    np.testing.assert_allclose(cos, [1e-3 * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4)], rtol=1e-6)
+    const = [h["lr"] for h in _fit("gch", data, epochs=3, lr_schedule="constant").history]
+    assert const == [1e-3] * 3
+    with pytest.raises(HashretError, match="unknown lr_schedule"):
+        _fit("gch", data, epochs=1, lr_schedule="step")
+
+
 @pytest.mark.parametrize("bits", [16, 32, 64, 128])
 def test_named_configs(bits):
     m = build_model(f"gch-{bits}", image_dim=5, text_dim=7, n_labels=3)
