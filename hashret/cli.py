@@ -82,28 +82,19 @@ def describe(dataset, data_root, as_json):
             click.echo(f"{k:16s} {v}")
 
 
-def benchmark_options(f):
-    opts = [
-        click.option("--dataset", default="wikipedia", show_default=True, help="Dataset name or path."),
-        click.option("--methods", default=None, help="Comma list (default: every method)."),
-        click.option("--bits", default="16,32,64", show_default=True, help="Code lengths."),
-        click.option("--seeds", default="0", show_default=True, help="Seeds (comma list)."),
-        click.option("--out", default="results/mAP", show_default=True, help="Output folder."),
-        click.option("--topk", default="100,1000", show_default=True, help="K of mAP@K (comma list)."),
-        click.option("--radius", default=2, show_default=True, type=int, help="Hamming radius for P/R."),
-        click.option("--split", default=None, help="A saved split.npz to use instead of the dataset's."),
-        click.option("--reuse", is_flag=True, help="Load trained models from OUT/models when configs match."),
-        click.option("--set", "settings", multiple=True,
-                     help="Config field, key=value (repeatable); applied to every method that has it."),
-        data_root_option,
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
 @main.command()
-@benchmark_options
+@click.option("--dataset", default="wikipedia", show_default=True, help="Dataset name or path.")
+@click.option("--methods", default=None, help="Comma list (default: every method).")
+@click.option("--bits", default="16,32,64", show_default=True, help="Code lengths.")
+@click.option("--seeds", default="0", show_default=True, help="Seeds (comma list).")
+@click.option("--out", default="results/mAP", show_default=True, help="Output folder.")
+@click.option("--topk", default="100,1000", show_default=True, help="K of mAP@K (comma list).")
+@click.option("--radius", default=2, show_default=True, type=int, help="Hamming radius for P/R.")
+@click.option("--split", default=None, help="A saved split.npz to use instead of the dataset's.")
+@click.option("--reuse", is_flag=True, help="Load trained models from OUT/models when configs match.")
+@click.option("--set", "settings", multiple=True,
+              help="Config field, key=value (repeatable); applied to every method that has it.")
+@data_root_option
 def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, settings, data_root):
     """mAP table of every method (the same as python benchmarks/mAP.py)."""
     from hashret.eval.benchmark import run_benchmark

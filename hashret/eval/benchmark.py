@@ -18,8 +18,8 @@ from hashret.data import load_dataset
 from hashret.errors import HashretError, check
 from hashret.eval.metrics import evaluate_codes
 from hashret.eval.report import format_table, plot_curves, write_curves, write_records
-from hashret.models import (build_for_dataset, load_checkpoint, model_names, parse_model_name,
-                            save_checkpoint)
+from hashret.models import (REGISTRY, build_for_dataset, load_checkpoint, model_names,
+                            parse_model_name, save_checkpoint)
 from hashret.models.checkpoint import read_checkpoint_info
 
 
@@ -53,8 +53,6 @@ def _settings_per_method(methods, settings) -> dict:
     """Each method's share of ``settings`` (config field -> value): a field goes to every
     method that has it, so ``beta_beacon`` reaches GCH and its ablations and not the
     baselines. A field no chosen method has is an error, not a silent no-op."""
-    from hashret.models.base import REGISTRY
-
     settings = dict(settings or {})
     per = {m: {k: v for k, v in settings.items() if k in REGISTRY[parse_model_name(m)[0]].defaults}
            for m in methods}
