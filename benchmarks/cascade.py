@@ -23,7 +23,8 @@ from hashret.eval.cascade import DEFAULT_DATASET  # noqa: E402
 @click.option("--dataset", default=DEFAULT_DATASET, show_default=True,
               help="scenes[:k=v,...] (SYNTHETIC) or precomp:FOLDER.")
 @click.option("--matchers", default="sgraf,cgam,han,shan", show_default=True)
-@click.option("--bits", type=int, default=128, show_default=True)
+@click.option("--bits", type=int, default=512, show_default=True,
+              help="Code length; 512 so the 1% candidates hold ~99% of the true matches.")
 @click.option("--queries", "n_queries", type=int, default=300, show_default=True,
               help="Queries per direction.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -94,7 +94,7 @@ def _code_index(model, part):
 
 
 def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cgam", "han", "shan"),
-                          bits: int = 128, n_queries: int = 300, seed: int = 0, out="results/cascade",
+                          bits: int = 512, n_queries: int = 300, seed: int = 0, out="results/cascade",
                           options: dict | None = None, log=print) -> list:
     """Train each matcher and its heads on ``dataset``'s train part, evaluate on its test part
     (the gallery), write table.md, results.json, the per-query timings and plots to ``out``.

@@ -6,7 +6,9 @@ trained so that <h_I, h_T> / b reproduces the matcher's in-batch score matrix: K
 row (image -> captions) and column (caption -> images) softmaxes of teacher and student, each
 with a temperature, plus a quantisation term ||h - sign(h)||^2. Undistilled (the control), the
 same encoders learn from the matching pairs alone: the same listwise loss with a one-hot
-target (in-batch contrastive).
+target (in-batch contrastive). Both train on batches of look-alikes after the first epoch
+(``head_group``: each anchor with its nearest images under the head's current codes), so the
+in-batch negatives include what the codes confuse.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from hashret.models.matchers import (MATCHERS, build_matcher,
 
 HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "head_batch_size": 64,
                  "head_lr": 2e-3, "tau_teacher": 0.25, "tau_student": 0.05, "quantization": 0.1,
-                 "hard_weight": 1.0,
+                 "hard_weight": 1.0, "head_group": 2,
                  "distill": True}
 
 
@@ -110,7 +112,7 @@ class MatcherModel:
 
         check(name in MATCHERS, f"unknown matcher {name!r}: use one of {', '.join(MATCHERS)}")
         check(int(bits) > 0 and int(bits) % 8 == 0,
-              f"code length {bits} is not a positive multiple of 8: use 16, 32, 64 or 128")
+              f"code length {bits} is not a positive multiple of 8: use e.g. 64, 128, 256 or 512")
         fields = {**MATCHER_DEFAULTS, **PER_MATCHER_DEFAULTS[name], **HEAD_DEFAULTS}
         bad = sorted(set(overrides) - set(fields))
         check(not bad, f"{name} has no config field {', '.join(bad)}: known fields are "
@@ -125,6 +127,8 @@ class MatcherModel:
         self.config = {"model": name, "kind": self.kind, "bits": int(bits),
                        "region_dim": int(region_dim), "vocab_size": len(self.vocab_words),
                        "seed": int(seed), **fields, **overrides}
+        check(int(self.config["head_group"]) >= 1,
+              f"head_group must be at least 1 (1 = random batches), got {self.config['head_group']}")
         torch.manual_seed(int(seed))
         mcfg = {k: self.config[k] for k in {**MATCHER_DEFAULTS, **PER_MATCHER_DEFAULTS[name]}}
         self.matcher = build_matcher(name, int(region_dim), len(self.vocab_words), **mcfg).eval()

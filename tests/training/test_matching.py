@@ -137,3 +137,54 @@ def test_cli_encode_of_a_matcher_checkpoint(runs, tmp_path):
     from hashret.index import pack_codes
     np.testing.assert_array_equal(np.load(tmp_path / "i.npy"),
                                   pack_codes(load_checkpoint(runs / "han").encode_rows(part, "image", [1])))
+
+
+def test_look_alike_groups_are_the_nearest_images_by_the_current_codes():
+    import torch
+
+    from hashret.models.distill import HashHead
+    from hashret.training.matching import _epoch_pairs, _look_alike_order
+
+    ds = load_scenes(SPEC)
+    part = ds.part("train")
+    n, group = part.n_images, 3
+    torch.manual_seed(0)
+    head = HashHead(ds.region_dim, len(ds.vocab), 32, hidden=16, word_dim=8).train()
+    images, captions = _epoch_pairs(part, np.random.default_rng(0))
+    order, caps = _look_alike_order(head, part, images, captions, group, np.random.default_rng(1), "cpu")
+    assert head.training  # put back as it was
+    assert sorted(order.tolist()) == list(range(n))  # every image once per epoch
+    caption_of = dict(zip(images.tolist(), captions.tolist()))
+    assert [caption_of[i] for i in order.tolist()] == caps.tolist()  # each keeps its caption
+
+    # reference: brute-force Hamming distances from each anchor's caption to every image,
+    # ties by row, and the same greedy grouping over the 4 x group nearest
+    head.eval()
+    with torch.no_grad():
+        x, m = part.image_batch(np.arange(n))
+        t, ln = part.text_batch(np.array([caption_of[i] for i in range(n)]))
+        bi = head.image(torch.from_numpy(x), torch.from_numpy(m)).numpy() >= 0
+        bt = head.text(torch.from_numpy(t), torch.from_numpy(ln)).numpy() >= 0
+    dist = (bt[:, None, :] != bi[None, :, :]).sum(-1)
+    used, want = np.zeros(n, dtype=bool), []
+    for anchor in np.random.default_rng(1).permutation(n):
+        if used[anchor]:
+            continue
+        members = [anchor]
+        used[anchor] = True
+        for j in np.argsort(dist[anchor], kind="stable")[:4 * group]:
+            if len(members) < group and not used[j]:
+                members.append(j)
+                used[j] = True
+        want.extend(members)
+    assert order.tolist() == [int(i) for i in want]
+
+
+def test_head_group_must_be_positive():
+    from hashret.errors import HashretError
+
+    from hashret.models.distill import MatcherModel
+
+    ds = load_scenes(SPEC)
+    with pytest.raises(HashretError, match="head_group must be at least 1"):
+        MatcherModel("han", 32, ds.region_dim, ds.vocab.words, head_group=0)
