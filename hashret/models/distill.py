@@ -21,7 +21,7 @@ from torch import nn
 from hashret.errors import HashretError, check
 from hashret.index.bits import sign_codes
 from hashret.models.matchers import (MATCHERS, build_matcher,
-                                     masked_mean, n_rows, score_chunks, select)
+                                     masked_max, n_rows, score_chunks, select)
 
 HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "head_batch_size": 64,
                  "head_lr": 2e-3, "tau_teacher": 0.25, "tau_student": 0.05, "quantization": 0.1,
@@ -30,12 +30,16 @@ HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "hea
 
 
 class HashHead(nn.Module):
-    """Regions -> per-region MLP -> masked mean -> BN -> tanh(b); words -> word bigrams (a
-    width-2 convolution) -> MLP -> masked mean -> BN -> tanh(b). The per-region MLP sees each
-    attribute-object binding before pooling and a bigram sees "red cube" as one feature, so
-    the codes keep bindings that a plain mean loses. (A Bi-GRU text side, as in the
-    matchers, fitted the training captions as well but generalised worse: 95.2 vs 96.7
-    Recall@50 at 128 bits on the synthetic scenes.)"""
+    """Regions -> per-region MLP -> max over regions -> BN -> tanh(b); words -> word bigrams
+    (a width-2 convolution) -> MLP -> max over bigrams -> BN -> tanh(b). The per-region MLP
+    sees each attribute-object binding before pooling and a bigram sees "red cube" as one
+    feature, so the codes keep bindings. Max pooling makes a feature an OR over bindings: a
+    caption naming two of an image's four objects finds its features in that image as fully
+    as in a two-object image, where a mean diluted each binding by the object count and
+    ranked images with the same words in the wrong bindings above (HAN, pairs-only head,
+    512 bits, synthetic scenes: Recall@1/10/50 T->I 74.6/94.4/99.0 with a mean, 80.9/97.5/99.9
+    with the max). (A Bi-GRU text side, as in the matchers, fitted the training captions as
+    well but generalised worse.)"""
 
     def __init__(self, region_dim, vocab_size, bits, hidden=256, word_dim=32):
         super().__init__()
@@ -50,7 +54,7 @@ class HashHead(nn.Module):
         self.text_out = nn.Sequential(nn.Linear(hidden, bits), nn.BatchNorm1d(bits))
 
     def image(self, regions, mask):
-        return torch.tanh(self.image_out(masked_mean(self.region_mlp(regions), mask, -2)))
+        return torch.tanh(self.image_out(masked_max(self.region_mlp(regions), mask, -2)))
 
     def text(self, tokens, lengths):
         # word bigrams (conv of width 2): "red cube" is one feature, so a binding survives
@@ -58,7 +62,7 @@ class HashHead(nn.Module):
         m = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
         e = self.embed(tokens) * m.unsqueeze(-1)  # whatever follows the caption reads as padding
         g = self.ngram(e.transpose(1, 2)).transpose(1, 2)[:, 1:]       # bigram (word i, word i+1)
-        return torch.tanh(self.text_out(masked_mean(self.word_mlp(g), m, -2)))
+        return torch.tanh(self.text_out(masked_max(self.word_mlp(g), m, -2)))
 
 
 def distill_loss(teacher, h_img, h_txt, tau_teacher=1.0, tau_student=0.05, quantization=0.1,

@@ -30,6 +30,13 @@ def masked_mean(x, mask, dim):
     return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
 
 
+def masked_max(x, mask, dim):
+    """Max of x over ``dim`` where mask is True; 0 where nothing is (mask as in masked_mean)."""
+    m = mask.unsqueeze(-1)
+    out = x.masked_fill(~m, NEG).amax(dim)
+    return torch.where(m.any(dim), out, torch.zeros_like(out))
+
+
 def cosine(a, b, dim=-1):
     return (l2norm(a, dim) * l2norm(b, dim)).sum(dim)
 

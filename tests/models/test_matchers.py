@@ -3,7 +3,7 @@ import torch
 
 from hashret.data.scenes import make_scenes
 from hashret.models.distill import HashHead, distill_loss, pairs_only_loss
-from hashret.models.matchers import (MATCHERS, build_matcher, hardest_triplet, masked_softmax,
+from hashret.models.matchers import (MATCHERS, build_matcher, hardest_triplet, masked_max, masked_softmax,
                                      softmax_triplet, sum_triplet)
 
 SMALL = dict(embed=16, word_dim=8)
@@ -80,6 +80,17 @@ def test_hash_head_ignores_region_order_and_padding():
         t2 = torch.cat([t, torch.randint(2, 20, (4, 3))], 1)
         t2[1, 2:5] = 7
         assert torch.allclose(head.text(t2, tl), ht, atol=1e-5)
+
+
+def test_masked_max_against_a_loop():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 2, generator=g) - 5  # all negative: a max that saw padding would be wrong
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    got = masked_max(x, mask, -2)
+    for i in range(3):
+        kept = x[i][mask[i]]
+        want = kept.max(0).values if len(kept) else torch.zeros(2)  # nothing kept -> 0
+        assert torch.equal(got[i], want)
 
 
 def test_hash_head_gradients_and_codes():
