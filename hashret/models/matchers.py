@@ -63,10 +63,14 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens, lengths):
         lengths = lengths.clamp_min(1)
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths.cpu(),
-                                                   batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        if bool((lengths == tokens.shape[1]).all()):
+            # nothing padded (e.g. one query): packing would only cost time (~0.2 ms a query)
+            out, _ = self.gru(self.embed(tokens))
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths.cpu(),
+                                                       batch_first=True, enforce_sorted=False)
+            out, _ = self.gru(packed)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
         half = out.shape[-1] // 2
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
         return l2norm((out[..., :half] + out[..., half:]) / 2) * mask.unsqueeze(-1), mask
@@ -434,7 +438,7 @@ def score_chunks(matcher, img, txt, budget=512):
     n_img, n_txt = n_rows(img), n_rows(txt)
     rows = max(1, budget // max(n_txt, 1))
     cols = n_txt if rows > 1 else max(1, budget)
-    out = torch.empty(n_img, n_txt)
+    out = torch.empty(n_img, n_txt, device=_first_tensor(txt).device)
     for a in range(0, n_img, rows):
         ib = select(img, slice(a, a + rows))
         for b in range(0, n_txt, cols):
@@ -451,9 +455,11 @@ def select(enc, s):
     return enc[s]
 
 
+def _first_tensor(enc):
+    while isinstance(enc, (dict, tuple)):
+        enc = next(iter(enc.values())) if isinstance(enc, dict) else enc[0]
+    return enc
+
+
 def n_rows(enc) -> int:
-    if isinstance(enc, dict):
-        return n_rows(next(iter(enc.values())))
-    if isinstance(enc, tuple):
-        return n_rows(enc[0])
-    return len(enc)
+    return len(_first_tensor(enc))

@@ -12,6 +12,7 @@ from hashret.errors import check
 from hashret.eval.metrics import recall_at_k
 from hashret.models.distill import (MatcherModel, distill_loss, exhaustive_ranking, pairs_only_loss,
                                     select)
+from hashret.models.matchers import score_chunks
 
 
 def _epoch_pairs(part, rng):
@@ -142,7 +143,8 @@ def train_head(model: MatcherModel, dataset, distill=True, progress=False, devic
         hi, ht = head.image(x, m), head.text(t, ln)
         if distill:
             with torch.no_grad():
-                teacher = matcher.pair_scores(matcher.encode_image(x, m), matcher.encode_text(t, ln))
+                # in blocks: one 64 x 64 pass over all fragments ran ~1.5x slower (cache misses)
+                teacher = score_chunks(matcher, matcher.encode_image(x, m), matcher.encode_text(t, ln))
             loss = distill_loss(teacher, hi, ht, cfg["tau_teacher"], cfg["tau_student"],
                                 cfg["quantization"], cfg["hard_weight"])
         else:

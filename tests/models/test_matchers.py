@@ -54,6 +54,10 @@ def test_region_order_padding_and_masks_change_nothing(name):
         t2 = torch.cat([t, torch.randint(2, 20, (4, 3))], 1)
         t2[1, 2:5] = 9
         assert torch.allclose(m(r2, rm2, t2, tl), base, atol=1e-5)
+        # a caption alone, unpadded (the text encoder's unpacked path), scores as in the batch
+        for j in range(len(tl)):
+            alone = m(r, rm, t[j:j + 1, :tl[j]], tl[j:j + 1])
+            assert torch.allclose(alone[:, 0], base[:, j], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(MATCHERS))
