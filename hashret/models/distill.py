@@ -193,7 +193,7 @@ class MatcherModel:
     def project(self, x, modality):
         check(self.has_head, f"the {self.name} checkpoint has no hash head: train one with "
               "'hashret train --distill-from RUN_DIR'")
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping: ~10% of a cascade query
             a, b = _to_tensors(x, modality)
             out = self.head.image(a, b) if modality == "image" else self.head.text(a, b)
         return out.numpy()
@@ -216,7 +216,7 @@ class MatcherModel:
 
     # -- matcher scores ------------------------------------------------------------------
     def encode_for_matching(self, x, modality):
-        with torch.no_grad():
+        with torch.inference_mode():
             a, b = _to_tensors(x, modality)
             return self.matcher.encode_image(a, b) if modality == "image" else self.matcher.encode_text(a, b)
 
@@ -232,7 +232,7 @@ class MatcherModel:
     def scores(self, img_enc, txt_enc, budget=512):
         """Matcher scores of every image against every caption (encodings from
         :meth:`encode_for_matching`)."""
-        with torch.no_grad():
+        with torch.inference_mode():
             if self.name == "global":
                 return self.matcher.pair_scores(img_enc, txt_enc)
             return score_chunks(self.matcher, img_enc, txt_enc, budget)
