@@ -19,7 +19,8 @@ from hashret.eval.metrics import recall_at_k
 from hashret.index import HashIndex
 from hashret.index.bits import pack_codes
 from hashret.models.distill import MatcherModel, exhaustive_ranking, rerank
-from hashret.training.matching import codes_recall, ground_truth, train_head, train_matcher
+from hashret.training.matching import (codes_recall, ground_truth, part_codes, train_head,
+                                      train_matcher)
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}
 MODES = ("exhaustive", "codes", "cascade-1%", "cascade-5%", "undistilled", "global")
@@ -84,19 +85,19 @@ def _recalls(ranked, part, queries):
     return {d: recall_at_k(ranked[d], ground_truth(part, d, queries[d])) for d in DIRECTIONS}
 
 
-def _every_query(model, ds):
+def _every_query(model, ds, codes):
     """rSum of the codes with every gallery item as a query (cheap for codes, and ~17x the
     queries of the matcher modes, so codes-vs-undistilled is not decided by noise)."""
-    r = codes_recall(model, ds, "test", n_queries=10 ** 12)
+    r = codes_recall(model, ds, "test", n_queries=10 ** 12, codes=codes)
     return {"rsum_every_query": round(sum(r[d][f"r{k}"] for d in r for k in (1, 5, 10)), 2),
-            "queries_every": len(ds.part("test").rows("image"))}
+            "queries_every": len(codes["image"])}
 
 
-def _code_index(model, part):
+def _code_index(model, codes):
     out = {}
-    for m in ("image", "text"):
+    for m, packed in codes.items():
         ix = HashIndex(model.bits)
-        ix.add(pack_codes(model.encode_rows(part, m, part.rows(m))))
+        ix.add(packed)
         out[m] = ix
     return out
 
@@ -153,10 +154,11 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
         t0 = time.perf_counter()
         train_head(model, ds, distill=True)
         extra_head = {**extra, "head_seconds": round(time.perf_counter() - t0, 1)}
-        index = _code_index(model, part)
+        codes = part_codes(model, part)
+        index = _code_index(model, codes)
         ranked, times = _rank_with_codes(model, part, queries, index)
         add(_record(name, "codes", _recalls(ranked, part, queries), times, 0.0,
-                    {**extra_head, **_every_query(model, ds)}))
+                    {**extra_head, **_every_query(model, ds, codes)}))
         for pct in (1, 5):
             k = max(10, int(round(pct / 100 * n_gallery["image"])))
             ranked, times = _rank_with_matcher(model, part, queries, gallery, k, index)
@@ -167,10 +169,12 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
         plain.matcher = model.matcher
         t0 = time.perf_counter()
         train_head(plain, ds, distill=False)
-        index = _code_index(plain, part)
+        codes = part_codes(plain, part)
+        index = _code_index(plain, codes)
         ranked, times = _rank_with_codes(plain, part, queries, index)
         add(_record(name, "undistilled", _recalls(ranked, part, queries), times, 0.0,
-                    {**extra, "head_seconds": round(time.perf_counter() - t0, 1), **_every_query(plain, ds)}))
+                    {**extra, "head_seconds": round(time.perf_counter() - t0, 1),
+                     **_every_query(plain, ds, codes)}))
     total = time.perf_counter() - t_start
     _write_report(records, out, dataset, ds, total)
     log(f"wrote {out}/table.md, results.json and plots in {total / 60:.1f} min")

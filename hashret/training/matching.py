@@ -209,14 +209,21 @@ def check_same_data(model: MatcherModel, dataset):
           "trained on")
 
 
-def codes_recall(model: MatcherModel, dataset, part_name="test", n_queries=1000, seed=0,
-                 ks=(1, 5, 10)) -> dict:
-    """Recall@K of the hash codes alone (Hamming ranking, ties by row), both directions."""
-    from hashret.index import HashIndex
+def part_codes(model: MatcherModel, part) -> dict:
+    """Packed hash codes of every image and every caption of a part, by modality."""
     from hashret.index.bits import pack_codes
 
+    return {m: pack_codes(model.encode_rows(part, m, part.rows(m))) for m in ("image", "text")}
+
+
+def codes_recall(model: MatcherModel, dataset, part_name="test", n_queries=1000, seed=0,
+                 ks=(1, 5, 10), codes=None) -> dict:
+    """Recall@K of the hash codes alone (Hamming ranking, ties by row), both directions;
+    ``codes``: the part's :func:`part_codes`, when the caller has them already."""
+    from hashret.index import HashIndex
+
     part = dataset.part(part_name)
-    codes = {m: pack_codes(model.encode_rows(part, m, part.rows(m))) for m in ("image", "text")}
+    codes = part_codes(model, part) if codes is None else codes
     rng = np.random.default_rng(seed)
     out = {}
     for direction, (qm, gm) in {"i2t": ("image", "text"), "t2i": ("text", "image")}.items():
