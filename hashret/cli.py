@@ -10,30 +10,58 @@ import click
 from hashret.errors import HashretError
 
 
+def _fail(exc: BaseException) -> int:
+    """One line on stderr for any failure, and the exit status: 2 for a problem the user can
+    fix (HashretError, an OS error such as a full disk), 130 for an interrupt, 3 for a bug --
+    whose traceback HASHRET_DEBUG=1 shows."""
+    import os
+
+    from hashret.errors import os_problem
+
+    if isinstance(exc, HashretError):
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    if isinstance(exc, (KeyboardInterrupt, click.exceptions.Abort)):
+        click.echo("error: interrupted; an index being built keeps its committed batches "
+                   "(finish it with build-index --resume)", err=True)
+        return 130
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        click.echo(f"error: {os_problem(exc)}{where}", err=True)
+        return 2
+    if isinstance(exc, MemoryError):
+        click.echo("error: out of memory: use a smaller batch or query", err=True)
+        return 2
+    if os.environ.get("HASHRET_DEBUG"):
+        raise exc
+    click.echo(f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''} "
+               "(a bug in hashret: please report it; HASHRET_DEBUG=1 shows the traceback)", err=True)
+    return 3
+
+
 class _Group(click.Group):
-    """Turns a HashretError into one 'error: ...' line and exit status 2."""
+    """Turns any failure inside a command into one 'error: ...' line and a non-zero exit."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except HashretError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(2)
+        except (click.exceptions.Exit, click.ClickException):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 -- see _fail
+            ctx.exit(_fail(exc))
 
 
 def run_main(command, args=None):
     """Run a click command (for scripts such as benchmarks/mAP.py) with the same error handling."""
     try:
         command.main(args=args, standalone_mode=False)
-    except HashretError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (Exception, KeyboardInterrupt, click.exceptions.Abort) as exc:  # noqa: BLE001
+        sys.exit(_fail(exc))
 
 
 @click.group(cls=_Group)
@@ -197,15 +225,19 @@ def encode(checkpoint, modality, part, features, dataset, out, data_root):
 @click.option("--split", "part", default="database", show_default=True,
               type=click.Choice(["query", "train", "database", "all"]))
 @click.option("--append", is_flag=True, help="Add to an existing index of the same model.")
+@click.option("--resume", is_flag=True, help="Finish a killed or failed build from its last committed batch.")
 @click.option("--batch-size", type=int, default=65536, show_default=True, help="Items per transaction.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder (IDX_DIR).")
+@click.option("--out", required=True, type=click.Path(), help="Index folder (IDX_DIR).")
 @data_root_option
-def build_index_cmd(checkpoint, modality, dataset, part, append, batch_size, out, data_root):
-    """Encode a dataset's database side and write it to an LMDB index."""
+def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_size, out, data_root):
+    """Encode a dataset's database side and write it to an LMDB index.
+
+    Each batch commits with the build's progress; an interrupted build is marked partial
+    (see 'hashret info') and --resume finishes it."""
     from hashret.index.pipeline import build_index
 
     build_index(checkpoint, modality, out, dataset=dataset, data_root=data_root, part=part,
-                batch_size=batch_size, append=append, log=click.echo)
+                batch_size=batch_size, append=append, resume=resume, log=click.echo)
 
 
 @main.command()
@@ -230,6 +262,8 @@ def query(index_dir, checkpoint, text, text_file, image_features, item, k, as_js
     res = query_index(index_dir, checkpoint, text=text, text_file=text_file,
                       image_features=image_features, item=item, k=k, dataset=dataset,
                       data_root=data_root, rerank=rerank, candidates=candidates)
+    for warning in res.get("warnings", ()):
+        click.echo(f"warning: {warning}", err=True)
     if res["unknown_words"]:
         click.echo(f"words outside the vocabulary (ignored): {' '.join(res['unknown_words'])}", err=True)
     groups = res["results"]
@@ -256,10 +290,31 @@ def query(index_dir, checkpoint, text, text_file, image_features, item, k, as_js
 @main.command()
 @click.option("--index", "index_dir", required=True, type=click.Path(), help="IDX_DIR.")
 def info(index_dir):
-    """Size, code length, model and dataset of an index."""
+    """Size, code length, model, dataset and build state of an index."""
     from hashret.index.pipeline import index_info
 
     click.echo(json.dumps(index_info(index_dir), indent=2, default=str))
+
+
+@main.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(), help="IDX_DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(index_dir, as_json):
+    """Check every checksum of an index; exit 1 naming the damaged chunks and rows."""
+    from hashret.index.pipeline import verify_index
+
+    report = verify_index(index_dir)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif report["ok"]:
+        click.echo(f"ok: {index_dir}: {report['rows']} rows in {report['chunks']} code chunks, "
+                   f"{report['ids']} ids and {report['items']} payloads verified")
+    else:
+        click.echo(f"corrupt: {index_dir}: {len(report['problems'])} problem(s)", err=True)
+        for line in report["problems"]:
+            click.echo(f"  {line}", err=True)
+        click.echo("restore the folder from a copy, or rebuild it with 'hashret build-index'", err=True)
+    sys.exit(0 if report["ok"] else 1)
 
 
 if __name__ == "__main__":

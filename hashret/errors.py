@@ -10,7 +10,32 @@ class HashretError(ValueError):
     """Bad input, a missing or corrupt file, or a mismatch between artefacts."""
 
 
+class CorruptError(HashretError):
+    """A file hashret wrote no longer holds what it wrote (truncated, bit-flipped, edited)."""
+
+
 def check(condition, message):
     """Raise :class:`HashretError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise HashretError(message)
+
+
+def os_problem(exc: BaseException) -> str:
+    """A short, user-facing name for an OS-level failure (disk full, read-only, ...)."""
+    import errno
+
+    text = str(exc)
+    code = getattr(exc, "errno", None)
+    named = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file size limit reached", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+             errno.EIO: "input/output error"}
+    if code in named:
+        return named[code]
+    for needle, name in (("No space left", "no space left on device"),
+                         ("Disk quota", "disk quota exceeded"), ("File too large", "file size limit reached"),
+                         ("Read-only file system", "read-only file system"),
+                         ("Permission denied", "permission denied"), ("Input/output", "input/output error")):
+        if needle in text:
+            return name
+    return f"{type(exc).__name__}: {text}".strip()

@@ -52,6 +52,10 @@ class Split:
     def validate(self, n_items: int) -> "Split":
         for part in SPLIT_PARTS:
             idx = getattr(self, part)
+            check(len(idx) > 0 or part == "train", f"the {part} split is empty: a split needs "
+                  "queries and database items")
+            if len(idx) == 0:
+                continue
             check(idx.min() >= 0 and idx.max() < n_items,
                   f"the {part} split points outside the dataset (rows 0..{n_items - 1}): "
                   "rebuild the split for this dataset")
@@ -94,8 +98,9 @@ class Split:
             with np.load(path, allow_pickle=False) as z:
                 parts = {part: z[part] for part in SPLIT_PARTS}
                 meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-        except (OSError, ValueError, KeyError) as exc:
-            raise HashretError(f"split file {path} is unreadable ({exc}): re-create it") from None
+        except Exception as exc:  # zip, npy and JSON readers fail in many ways on a damaged file
+            raise HashretError(f"split file {path} is unreadable or corrupt ({type(exc).__name__}: "
+                               f"{exc}): re-create it, or train again") from None
         split = cls(**parts, seed=meta.get("seed"), note=meta.get("note", ""))
         saved_n = meta.get("n_items")
         if n_items is not None:

@@ -1,10 +1,11 @@
 """``HashIndex``: binary codes in memory (optionally persisted in LMDB), exact Hamming search.
 
 Verbs after faiss: ``add``, ``search``, ``range_search``, ``remove``, ``write`` / ``open``.
-Codes are packed bytes (``np.packbits`` order, +1 -> bit 1); real-valued or +-1 codes are
-packed on the way in. Ids are int64: row numbers unless ``add`` is given explicit ids.
-Search results: nearest first, ties by row (insertion order), id -1 / distance -1 where
-fewer than k items exist.
+Codes are packed bytes (``np.packbits`` order, +1 -> bit 1); bits (0/1 or bool), +-1 signs
+and real-valued outputs are packed on the way in (:func:`hashret.index.bits.as_packed`).
+Ids are int64 in [0, 2**63): row numbers unless ``add`` is given explicit ids. Search
+results: nearest first, ties by row (insertion order), ``min(k, rows)`` columns, id -1 /
+distance -1 where fewer alive items exist.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from bitarray import bitarray
 
 from hashret.errors import HashretError, check
 from hashret.index import kernels
-from hashret.index.bits import pack_codes
+from hashret.index.bits import as_packed
 from hashret.index.store import LMDBStore
 
 DEFAULT_CHUNK = 65536
+_MAX_ID = np.iinfo(np.int64).max
 
 
 def _to_words(packed: np.ndarray, n_words: int) -> np.ndarray:
@@ -33,17 +35,71 @@ def _to_words(packed: np.ndarray, n_words: int) -> np.ndarray:
     return buf.view("<u8").reshape(n, n_words)
 
 
+def positive_int(value, name: str) -> int:
+    """``value`` as an int if it is a true positive integer (not a bool, float or string)."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value > 0
+    check(ok, f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_ids(ids, n: int) -> np.ndarray:
+    """Explicit ids -> int64, refusing floats, values outside [0, 2**63) and repeats."""
+    arr = np.asarray(ids)
+    if arr.dtype == object:  # Python ints too large for int64/uint64
+        check(all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in arr.ravel()),
+              "ids must be integers")
+        check(all(0 <= int(i) <= _MAX_ID for i in arr.ravel()),
+              f"ids must lie in [0, {_MAX_ID}] (int64; -1 marks 'no result')")
+        arr = arr.astype(np.int64)
+    check(arr.dtype.kind in "iu", f"ids must be integers, got {arr.dtype}")
+    check(arr.ndim == 1 and len(arr) == n, f"{arr.size} ids for {n} codes: give one id per code")
+    if len(arr):
+        check(arr.min() >= 0 and (arr.dtype.kind == "i" or arr.max() <= _MAX_ID),
+              f"ids must lie in [0, {_MAX_ID}] (int64; -1 marks 'no result'), got {arr.min()}..{arr.max()}")
+    arr = arr.astype(np.int64)
+    check(len(np.unique(arr)) == n, "the ids of this batch repeat: ids must be unique")
+    return arr
+
+
+class _IdMap:
+    """id -> row for an in-memory index: sorted runs merged log-structured, so adding a batch
+    costs O(batch log n) amortised and a lookup O(log^2 n), never a sort of every id."""
+
+    def __init__(self):
+        self.runs: list = []
+
+    def add(self, ids: np.ndarray, first_row: int):
+        order = np.argsort(ids, kind="stable")
+        self.runs.append((ids[order], order.astype(np.int64) + first_row))
+        while len(self.runs) > 1 and len(self.runs[-2][0]) < 2 * len(self.runs[-1][0]):
+            (a, ra), (b, rb) = self.runs.pop(-2), self.runs.pop()
+            ids_, rows = np.concatenate([a, b]), np.concatenate([ra, rb])
+            o = np.argsort(ids_, kind="stable")  # two sorted runs: timsort merges them in O(n)
+            self.runs.append((ids_[o], rows[o]))
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        rows = np.full(len(ids), -1, dtype=np.int64)
+        for sid, srow in self.runs:
+            pos = np.clip(np.searchsorted(sid, ids), 0, len(sid) - 1)
+            hit = sid[pos] == ids
+            rows[hit] = srow[pos[hit]]
+        return rows
+
+
 class HashIndex:
     """An exact Hamming-distance index over ``bits``-bit codes.
 
     ``HashIndex(bits)`` lives in memory; ``HashIndex.create(path, bits)`` and
     ``HashIndex.open(path, readonly=True)`` keep it in an LMDB folder, loaded into memory
-    on open (one contiguous uint64 array) and appended to batch by batch.
+    on open (one contiguous uint64 array, every chunk's checksum verified) and appended to
+    batch by batch. One writer per folder: opening for writing takes ``writer.lock`` and a
+    second writer, in this process or another, is refused until the first is closed.
     """
 
     def __init__(self, bits: int, info: dict | None = None):
-        check(isinstance(bits, (int, np.integer)) and bits > 0 and bits % 8 == 0,
-              f"code length {bits} is not a positive multiple of 8: use 16, 32, 64, 128, ...")
+        check(isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and bits > 0
+              and bits % 8 == 0, f"code length {bits!r} is not a positive multiple of 8: use 16, "
+              "32, 64, 128, ...")
         self.bits = int(bits)
         self.n_bytes = self.bits // 8
         self.n_words = (self.n_bytes + 7) // 8
@@ -52,48 +108,75 @@ class HashIndex:
         self._n = 0
         self._ids = None  # None: an item's id is its row
         self._id_mode = None
-        self._sorted = None  # (sorted ids, their rows), built when needed
+        self._idmap = _IdMap()  # in-memory explicit ids; on LMDB the idrev B-tree answers
         self._tomb = bitarray()
         self._deleted_mask = None
         self._items: dict = {}
         self._store: LMDBStore | None = None
         self.path = None
+        self.created = None
 
     # -- persistence ---------------------------------------------------------------------
     @classmethod
     def create(cls, path, bits: int, info: dict | None = None, chunk_size: int = DEFAULT_CHUNK,
-               exist_ok: bool = False) -> "HashIndex":
-        """A new, empty index in the folder ``path`` (created). ``info``: JSON metadata kept
-        with the index (modality, model fingerprint, ...)."""
+               exist_ok: bool = False, build: dict | None = None) -> "HashIndex":
+        """A new, empty index in the folder ``path`` (created), open for writing. ``info``:
+        JSON metadata kept with the index (modality, model fingerprint, ...); ``build``: the
+        progress record of a long build (see :func:`hashret.index.pipeline.build_index`)."""
+        from hashret.index.store import is_initialised
+
         path = Path(path)
-        if (path / "data.mdb").exists():
+        index = cls(bits, info)
+        chunk_size = positive_int(chunk_size, "chunk_size")
+        if is_initialised(path):
             check(exist_ok, f"{path} already holds an index: open it, or choose a new folder")
             return cls.open(path, readonly=False)
-        index = cls(bits, info)
-        path.mkdir(parents=True, exist_ok=True)
-        index._store = LMDBStore(path, readonly=False, create=True)
-        index._store.initialise(index.bits, int(chunk_size), index.info_meta)
-        index.path = path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from hashret.errors import os_problem
+
+            raise HashretError(f"cannot create the index folder {path}: {os_problem(exc)}") from None
+        store = LMDBStore(path, readonly=False, create=True)
+        try:
+            store.initialise(index.bits, chunk_size, index.info_meta, build)
+        except BaseException:
+            store.close()
+            raise
+        index._store, index.path = store, path
+        index.created = store.meta["created"]
         return index
 
     @classmethod
     def open(cls, path, readonly: bool = True) -> "HashIndex":
-        """Load the index in ``path``; ``readonly=False`` to add or remove."""
+        """Load the index in ``path``; ``readonly=False`` to add or remove (one writer at a time)."""
         store = LMDBStore(path, readonly=readonly)
         try:
-            meta, packed, ids, tomb = store.read_all()
-        except Exception:
+            meta = store.read_meta()
+            index = cls(meta["bits"], meta["info"])
+            meta, words, ids, tomb = store.load(index.n_words)
+        except BaseException:
             store.close()
             raise
-        index = cls(meta["bits"], meta["info"])
         index._store = store
         index.path = Path(path)
-        index._load_arrays(packed, ids, meta["id_mode"])
+        index._words, index._n = words, meta["count"]
+        index._ids = None
+        if meta["id_mode"] == "explicit":
+            index._ids = np.zeros(len(words), dtype=np.int64)
+            index._ids[: index._n] = ids
+        index._id_mode = meta["id_mode"]
         index._tomb = tomb
         index.created = meta["created"]
         return index
 
     read = open  # faiss' read_index
+
+    @property
+    def build_state(self) -> dict | None:
+        """The build record of an index written by ``build_index`` (state 'partial' until its
+        last batch commits, then 'complete'); None for indexes written through the API."""
+        return self._store.meta.get("build") if self._store is not None else None
 
     def write(self, path, chunk_size: int = DEFAULT_CHUNK) -> "HashIndex":
         """Persist an in-memory index to a new LMDB folder (removed rows dropped); returns it open."""
@@ -118,24 +201,14 @@ class HashIndex:
 
     # -- adding --------------------------------------------------------------------------
     def _as_packed(self, codes, what="codes") -> np.ndarray:
-        arr = np.asarray(codes)
-        if arr.ndim == 1:
-            arr = arr[None, :]
-        check(arr.ndim == 2, f"{what} must be 2-D (items x bytes), got shape {arr.shape}")
-        if arr.dtype == np.uint8:
-            check(arr.shape[1] == self.n_bytes,
-                  f"{what} have {arr.shape[1] * 8} bits ({arr.shape[1]} bytes) but the index holds "
-                  f"{self.bits}-bit codes: encode with the model the index was built with")
-            return np.ascontiguousarray(arr)
-        check(arr.shape[1] == self.bits,
-              f"{what} have {arr.shape[1]} bits but the index holds {self.bits}-bit codes: encode "
-              "with the model the index was built with")
-        return pack_codes(arr)
+        return as_packed(codes, self.bits, what)
 
-    def add(self, codes, ids=None, items=None) -> np.ndarray:
-        """Append codes (packed uint8 (N, bits/8), or +-1 / real (N, bits)). ``ids``: int64
-        external ids (unique; default: row numbers); ``items``: one JSON-able payload per code.
-        On LMDB the batch is one transaction. Returns the ids given to the new items."""
+    def add(self, codes, ids=None, items=None, build: dict | None = None) -> np.ndarray:
+        """Append codes (packed uint8 (N, bits/8); or (N, bits) 0/1 bits, +-1 signs or real
+        outputs). ``ids``: external ids, unique integers in [0, 2**63) (default: row numbers);
+        ``items``: one JSON-able payload per code; ``build``: fields for the build record,
+        committed with the batch. On LMDB the batch is one transaction: all of it or nothing.
+        Returns the ids given to the new items."""
         packed = self._as_packed(codes)
         n = len(packed)
         check(n > 0, "nothing to add: the code array is empty")
@@ -144,25 +217,19 @@ class HashIndex:
             raise HashretError("this index uses explicit ids: pass ids to add" if self._id_mode == "explicit"
                                else "this index uses row numbers as ids: add without ids")
         if ids is not None:
-            ids = np.asarray(ids)
-            check(ids.ndim == 1 and len(ids) == n, f"{len(ids)} ids for {n} codes")
-            check(ids.dtype.kind in "iu", "ids must be integers")
-            ids = ids.astype(np.int64)
-            check(len(np.unique(ids)) == n, "the ids of this batch repeat: ids must be unique")
-            if self._n:
-                dup = np.isin(ids, self._ids[: self._n])
-                if dup.any():
-                    raise HashretError(f"id {int(ids[dup][0])} is already in the index: ids must be unique")
+            ids = check_ids(ids, n)
+            if self._store is None:  # on LMDB the idrev B-tree refuses a known id in the transaction
+                known = self._idmap.lookup(ids) >= 0
+                if known.any():
+                    raise HashretError(f"id {int(ids[known][0])} is already in the index: ids must be unique")
         if items is not None:
-            items = list(items)
-            check(len(items) == n, f"{len(items)} items for {n} codes")
+            items = _json_items(items, n)
         if self._store is not None:
-            self._store.append(packed, ids, items, mode)  # commit first: memory follows disk
+            self._store.append(packed, ids, items, mode, build)  # commit first: memory follows disk
         first = self._n
         self._append_arrays(packed, ids, mode)
-        if items is not None:
-            if self._store is None:
-                self._items.update({first + j: it for j, it in enumerate(items) if it is not None})
+        if items is not None and self._store is None:
+            self._items.update({first + j: it for j, it in enumerate(items) if it is not None})
         return ids if ids is not None else np.arange(first, first + n, dtype=np.int64)
 
     def _append_arrays(self, packed, ids, mode):
@@ -181,21 +248,20 @@ class HashIndex:
                 grown_ids[: self._n] = self._ids[: self._n]
                 self._ids = grown_ids
             self._ids[self._n:need] = ids
+            if self._store is None:
+                self._idmap.add(ids, self._n)
         self._id_mode = mode
         self._n = need
         self._tomb.extend([False] * n)
         self._deleted_mask = None
-        self._sorted = None
 
-    def _load_arrays(self, packed, ids, mode):
-        self._words = np.zeros((max(len(packed), 1024), self.n_words), dtype=np.uint64)
+    def _reset_arrays(self):
+        self._words = np.zeros((1024, self.n_words), dtype=np.uint64)
         self._n = 0
         self._ids, self._id_mode = None, None
-        if len(packed):
-            self._append_arrays(packed, ids, mode)
-        self._id_mode = mode
-        self._tomb = bitarray(self._n)
-        self._tomb.setall(False)
+        self._idmap = _IdMap()
+        self._tomb = bitarray()
+        self._deleted_mask = None
 
     # -- searching -----------------------------------------------------------------------
     def _query_words(self, queries):
@@ -211,24 +277,25 @@ class HashIndex:
         return self._deleted_mask
 
     def search(self, queries, k: int):
-        """(distances, ids), int arrays of shape (Q, k), nearest first, ties by row."""
-        check(isinstance(k, (int, np.integer)) and k > 0, f"k must be a positive integer, got {k}")
+        """(distances, ids), int arrays of shape (Q, min(k, rows)), nearest first, ties by
+        row; -1 where fewer alive items exist. Memory is O(Q x min(k, rows)) for any k."""
+        k = min(positive_int(k, "k"), self._n)
         q = self._query_words(queries)
-        if self._n == 0:
-            return (np.full((len(q), k), -1, dtype=np.int32), np.full((len(q), k), -1, dtype=np.int64))
-        dist, rows = kernels.topk(self._words, self._n, q, int(k), self.bits, self._deleted())
+        if k == 0:
+            return np.zeros((len(q), 0), dtype=np.int32), np.zeros((len(q), 0), dtype=np.int64)
+        dist, rows = kernels.topk(self._words, self._n, q, k, self.bits, self._deleted())
         return dist, self._ids_of_rows(rows)
 
     def range_search(self, queries, radius: int):
         """All items within Hamming distance ``radius``: (lims, distances, ids) as in faiss;
         query i's results are ``[lims[i], lims[i+1])``, by distance then row."""
-        check(isinstance(radius, (int, np.integer)) and radius >= 0,
-              f"radius must be a non-negative integer, got {radius}")
+        ok = isinstance(radius, (int, np.integer)) and not isinstance(radius, (bool, np.bool_)) and radius >= 0
+        check(ok, f"radius must be a non-negative integer, got {radius!r}")
         q = self._query_words(queries)
         if self._n == 0:
             return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
-        lims, dist, rows = kernels.range_search(self._words, self._n, q, int(radius), self.bits,
-                                                self._deleted())
+        lims, dist, rows = kernels.range_search(self._words, self._n, q, int(min(radius, self.bits)),
+                                                self.bits, self._deleted())
         return lims, dist, self._ids_of_rows(rows)
 
     # -- ids, items, removal -------------------------------------------------------------
@@ -242,24 +309,20 @@ class HashIndex:
     def rows_of(self, ids) -> np.ndarray:
         """Rows of external ids (alive or removed); HashretError naming an unknown id."""
         ids = np.atleast_1d(np.asarray(ids))
-        check(ids.dtype.kind in "iu", "ids must be integers")
+        if ids.dtype == object or ids.dtype.kind not in "iu":
+            raise HashretError(f"ids must be integers, got {ids.dtype}")
+        if ids.dtype.kind == "u":
+            ids = np.where(ids > _MAX_ID, -1, ids.astype(np.int64, casting="unsafe"))
         ids = ids.astype(np.int64)
         if self._ids is None:
-            rows = ids
-            ok = (rows >= 0) & (rows < self._n)
+            rows = np.where((ids >= 0) & (ids < self._n), ids, -1)
+        elif self._store is not None:
+            rows = self._store.rows_of_ids(ids)
         else:
-            if self._sorted is None:
-                order = np.argsort(self._ids[: self._n], kind="stable")
-                self._sorted = (self._ids[: self._n][order], order)
-            sid, srow = self._sorted
-            if len(sid) == 0:
-                ok, rows = np.zeros(len(ids), dtype=bool), np.full(len(ids), -1)
-            else:
-                pos = np.clip(np.searchsorted(sid, ids), 0, len(sid) - 1)
-                ok = sid[pos] == ids
-                rows = np.where(ok, srow[pos], -1)
-        if not ok.all():
-            raise HashretError(f"unknown id {int(ids[~ok][0])}: it is not in the index")
+            rows = self._idmap.lookup(ids)
+        bad = rows < 0
+        if bad.any():
+            raise HashretError(f"unknown id {int(ids[bad][0])}: it is not in the index")
         return rows
 
     def contains(self, ext_id) -> bool:
@@ -296,9 +359,11 @@ class HashIndex:
         ids = self._ids_of_rows(alive)
         if self._store is not None:
             self._store.rewrite(packed, ids, alive)
+            items = {}
         else:
-            self._items = {j: self._items[int(r)] for j, r in enumerate(alive) if int(r) in self._items}
-        self._load_arrays(np.zeros((0, self.n_bytes), np.uint8), None, None)
+            items = {j: self._items[int(r)] for j, r in enumerate(alive) if int(r) in self._items}
+        self._reset_arrays()
+        self._items = items
         if len(packed):
             self._append_arrays(packed, ids, "explicit")
 
@@ -310,12 +375,20 @@ class HashIndex:
 
     def _item_row(self, row: int):
         if self._store is not None:
-            return self._store.item(row)
+            return self._store.items_of_rows([row])[0]
         return self._items.get(row)
 
     def items(self, ids) -> list:
         """The payloads stored with ``ids`` (None where none was given)."""
-        return [self._item_row(int(r)) for r in self.rows_of(ids)]
+        rows = self.rows_of(ids)
+        if self._store is not None:
+            return self._store.items_of_rows(rows)
+        return [self._items.get(int(r)) for r in rows]
+
+    def verify(self) -> dict:
+        """Check every checksum and link of the index on disk (see ``hashret verify``)."""
+        check(self._store is not None, "an in-memory index has nothing on disk to verify")
+        return self._store.verify()
 
     # -- sizes ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -326,9 +399,30 @@ class HashIndex:
         return self._n
 
     def info(self) -> dict:
+        build = self.build_state
         return {"bits": self.bits, "items": len(self), "rows": self._n,
                 "removed": self._tomb.count(), "id_mode": self._id_mode or "rows",
                 "path": str(self.path) if self.path else None,
                 "persistent": self._store is not None,
                 "readonly": bool(self._store and self._store.readonly),
+                "complete": build is None or build.get("state") == "complete",
+                "build": build, "created": self.created,
                 "memory_bytes": int(self._n * self.n_words * 8), "meta": self.info_meta}
+
+
+def _json_items(items, n: int) -> list:
+    """Payloads as a list, each JSON-serialisable (checked before anything is written)."""
+    import json
+
+    try:
+        items = list(items)
+    except TypeError:
+        raise HashretError("items must be a list with one JSON payload (or None) per code") from None
+    check(len(items) == n, f"{len(items)} items for {n} codes: give one payload (or None) per code")
+    for j, it in enumerate(items):
+        try:
+            json.dumps(it, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise HashretError(f"item {j} cannot be stored as JSON ({exc}): pass dicts, lists, "
+                               "strings and finite numbers") from None
+    return items

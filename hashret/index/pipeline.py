@@ -12,9 +12,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from hashret.data import BagOfWords
-from hashret.errors import HashretError, check
+from hashret.errors import HashretError, check, os_problem
 from hashret.index.bits import pack_codes
-from hashret.index.hash_index import HashIndex
+from hashret.index.hash_index import HashIndex, positive_int
 from hashret.models.checkpoint import checkpoint_dataset, fingerprint, load_checkpoint
 
 OTHER = {"image": "text", "text": "image"}
@@ -40,57 +40,146 @@ def _payloads(ds, rows) -> list:
 
 def build_index(checkpoint, modality: str, out, dataset: str | None = None, data_root=None,
                 part: str = "database", batch_size: int = 65536, append: bool = False,
-                progress: bool = True, log=print) -> dict:
+                resume: bool = False, progress: bool = True, log=print) -> dict:
     """Encode the ``part`` of a dataset (default: the checkpoint's dataset and split) with the
     checkpoint's ``modality`` student and write the codes to the LMDB index ``out``, one
     transaction per batch. Ids are the dataset's row numbers; payloads hold the item's key,
     label names and tags. ``append`` adds to an existing index built by the same model.
-    Returns the index's info."""
+
+    The index records its build's progress with every batch (state 'partial', then
+    'complete' with the last one), so a killed or failed build is never mistaken for a whole
+    one: ``resume`` continues it from its last committed batch and ends equal to a build that
+    was never interrupted. A fresh build that fails before its first commit leaves nothing
+    behind. Returns the index's info."""
     from tqdm.auto import tqdm
 
+    from hashret.index.store import is_initialised
+
     check(modality in OTHER, f"unknown modality {modality!r}: use 'image' or 'text'")
-    check(batch_size > 0, "batch size must be positive")
+    batch_size = positive_int(batch_size, "--batch-size")
+    check(not (append and resume), "--append starts a new build on an index, --resume finishes "
+          "an interrupted one: pass one of them")
     model = load_checkpoint(checkpoint)
     fp = fingerprint(checkpoint)
     ds = checkpoint_dataset(checkpoint, dataset, data_root)
     rows, encode_batch, payloads = _source(model, ds, modality, part, batch_size)
+    check(len(rows) > 0, f"the {part} part of {ds.name} is empty: nothing to index")
     out = Path(out)
+    check(not out.exists() or out.is_dir(), f"--out {out} is a file: pass a folder for the index")
     info = {"modality": modality, "model_fingerprint": fp, "model": model.config,
             "checkpoint": str(Path(checkpoint).resolve()), "dataset": ds.name,
             "dataset_spec": dataset or model.checkpoint_info.get("dataset_spec"),
             "dataset_fingerprint": ds.fingerprint(),
             "synthetic": ds.synthetic, "part": part}
-    if (out / "data.mdb").exists():
-        check(append, f"{out} already holds an index: pass --append to add to it, or choose a new --out")
-        index = HashIndex.open(out, readonly=False)
-        have = index.info_meta
-        if index.bits != model.bits or have.get("model_fingerprint") != fp or have.get("modality") != modality:
-            index.close()
-            raise HashretError(f"{out} holds {index.bits}-bit {have.get('modality')} codes of model "
+    source = {"model_fingerprint": fp, "dataset_fingerprint": ds.fingerprint(), "modality": modality,
+              "part": part, "rows": int(len(rows))}
+    existing = is_initialised(out)
+    done = 0
+    if existing:
+        with HashIndex.open(out) as old:  # read-only: nothing is written before every check passes
+            have, build, n_before = old.info_meta, old.build_state, old.n_rows
+        if old.bits != model.bits or have.get("model_fingerprint") != fp or have.get("modality") != modality:
+            raise HashretError(f"{out} holds {old.bits}-bit {have.get('modality')} codes of model "
                                f"{have.get('model_fingerprint')}; refusing to mix in {model.bits}-bit "
                                f"{modality} codes of model {fp}: build a separate index")
-    else:
-        index = HashIndex.create(out, model.bits, info=info)
+        partial = build is not None and build.get("state") == "partial"
+        if partial and n_before == 0 and not append:
+            # a fresh build killed before its first batch committed: it holds nothing, start over
+            HashIndex.open(out, readonly=False).close()  # refused if a writer still holds it
+            _remove_folder(out)
+            existing, partial, resume = False, False, False
+        elif resume:
+            check(partial, f"the build of {out} is complete: nothing to resume")
+            check(build.get("source") == source,
+                  f"{out} holds an interrupted build of {build.get('source')}; this command builds "
+                  f"{source}: resume with the same checkpoint, --dataset, --split and --modality")
+            done = n_before - build["first_row"]
+            check(0 <= done <= len(rows), f"{out} holds {done} rows of a {len(rows)}-row build: "
+                  "it is not the build this command resumes; rebuild it")
+        elif partial:
+            raise HashretError(f"{out} holds an interrupted build ({n_before - build['first_row']} of "
+                               f"{build['source']['rows']} items committed): pass --resume to finish it, "
+                               "or choose a new --out")
+        else:
+            check(append, f"{out} already holds an index: pass --append to add to it, or choose a new --out")
+    if not existing:
+        check(not resume, f"{out} holds no index to resume: run the build without --resume")
     t0 = time.perf_counter()
+    first_batch = None
+    if not existing:
+        # encode before creating anything, so a build that cannot start leaves no folder behind
+        first_batch = (pack_codes(encode_batch(rows[:batch_size])), payloads(rows[:batch_size]))
+    created = not out.exists()
+    index = None
+    committed = False
     try:
-        bar = tqdm(total=len(rows), desc=f"indexing {modality}", unit="item", disable=not progress)
-        for s in range(0, len(rows), batch_size):
+        if existing:
+            index = HashIndex.open(out, readonly=False)
+        else:
+            if out.exists() and (out / "data.mdb").exists():
+                _clear_unfinished(out)  # data.mdb with no meta: a create that died before committing
+            index = HashIndex.create(out, model.bits, info=info, build={
+                "state": "partial", "source": source, "first_row": 0})
+        start_state = {"state": "partial", "source": source, "first_row": index.n_rows - done}
+        bar = tqdm(total=len(rows), initial=done, desc=f"indexing {modality}", unit="item",
+                   disable=not progress)
+        for s in range(done, len(rows), batch_size):
             batch = rows[s:s + batch_size]
-            index.add(pack_codes(encode_batch(batch)), ids=batch, items=payloads(batch))
+            if first_batch is not None and s == 0:
+                codes, items = first_batch
+            else:
+                codes, items = pack_codes(encode_batch(batch)), payloads(batch)
+            last = s + batch_size >= len(rows)
+            index.add(codes, ids=batch, items=items,
+                      build={**start_state, "state": "complete" if last else "partial"})
+            committed = True
             bar.update(len(batch))
         bar.close()
         result = index.info()
+    except BaseException as exc:
+        if index is not None:
+            held = index.n_rows
+            index.close()
+            index = None
+            if not committed and not existing:
+                _remove_folder(out, rmdir=created)
+            elif isinstance(exc, (HashretError, OSError)):
+                why = exc if isinstance(exc, HashretError) else os_problem(exc)
+                raise HashretError(f"{why} -- the build stopped; {out} holds {held} rows, marked "
+                                   "partial: fix the cause and rerun with --resume") from None
+        raise
     finally:
-        index.close()
+        if index is not None:
+            index.close()
     seconds = time.perf_counter() - t0
     resolved = {**info, "items": result["items"], "bits": model.bits, "build_seconds": round(seconds, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "complete": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     tmp = out / "index.json.tmp"
     tmp.write_text(json.dumps(resolved, indent=2))
     os.replace(tmp, out / "index.json")  # the resolved config, beside the index
-    log(f"indexed {len(rows)} {modality} items of {'SYNTHETIC ' if ds.synthetic else ''}{ds.name} "
+    verb = "resumed and finished" if resume else "indexed"
+    log(f"{verb} {len(rows) - done} {modality} items of {'SYNTHETIC ' if ds.synthetic else ''}{ds.name} "
         f"({model.bits} bits) into {out} in {seconds:.2f} s; the index holds {result['items']}")
     return result
+
+
+def _clear_unfinished(out: Path):
+    for name in ("data.mdb", "lock.mdb"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _remove_folder(out: Path, rmdir: bool = True):
+    """Undo a fresh build that committed nothing: only files hashret itself writes there."""
+    for name in ("data.mdb", "lock.mdb", "writer.lock", "index.json", "index.json.tmp"):
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError:
+            pass
+    if rmdir:
+        try:
+            out.rmdir()
+        except OSError:
+            pass
 
 
 def _is_matcher(model) -> bool:
@@ -143,15 +232,14 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
 
     Returns {"results": [[{rank, id, distance, item[, score]}, ...] per query],
     "query_modality", "known_words", "unknown_words", "encode_ms", "search_ms"[, "rerank_ms"]}."""
-    check(isinstance(k, (int, np.integer)) and k > 0, f"-k must be a positive integer, got {k}")
+    k = positive_int(k, "-k")
     given = [x is not None for x in (text, text_file, image_features, item)]
     check(sum(given) == 1, "give exactly one query: --text, --text-file, --image-features or --item")
     if rerank is None:
         check(candidates is None, "--candidates needs --rerank RUN_DIR (the matcher that re-scores them)")
     else:
-        candidates = 10 * int(k) if candidates is None else candidates
-        check(isinstance(candidates, (int, np.integer)) and candidates >= k,
-              f"--candidates must be an integer >= k ({k}), got {candidates}")
+        candidates = 10 * k if candidates is None else positive_int(candidates, "--candidates")
+        check(candidates >= k, f"--candidates must be an integer >= k ({k}), got {candidates}")
     ix = HashIndex.open(index)
     try:
         meta = ix.info_meta
@@ -162,7 +250,13 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
         model = load_checkpoint(checkpoint)
         reranker = _load_reranker(rerank, meta) if rerank is not None else None
         qmod = OTHER[meta["modality"]]
-        out = {"query_modality": qmod, "known_words": None, "unknown_words": None}
+        out = {"query_modality": qmod, "known_words": None, "unknown_words": None, "warnings": []}
+        build = ix.build_state
+        if build is not None and build.get("state") != "complete":
+            got = ix.n_rows - build.get("first_row", 0)
+            out["warnings"].append(f"the index at {index} is partial: its build committed {got} of "
+                                   f"{build['source']['rows']} items; finish it with 'hashret build-index "
+                                   "... --resume'")
         loaded = []
 
         def data():  # loaded at most once (regenerating synthetic data takes seconds)
@@ -294,8 +388,21 @@ def _item_row(ds, item) -> int:
 
 
 def index_info(index) -> dict:
-    """Size, code length, model and dataset of an index folder."""
+    """Size, code length, model, dataset and build state ('complete' or not) of an index folder."""
     with HashIndex.open(index) as ix:
-        out = ix.info()
-        out["created"] = getattr(ix, "created", None)
-    return out
+        return ix.info()
+
+
+def verify_index(index) -> dict:
+    """Check every checksum and link of an index folder without loading it into memory:
+    {"ok", "problems" (one line each, naming the damaged chunk and rows), "rows", "chunks",
+    "items", "ids"}. Damage is reported, not raised; a folder that is no index raises."""
+    from hashret.index.store import LMDBStore
+
+    store = LMDBStore(index, readonly=True)
+    try:
+        report = store.verify()
+    finally:
+        store.close()
+    report["path"] = str(index)
+    return report

@@ -1,39 +1,164 @@
-"""LMDB layout of a hashret index (one environment per index folder).
+"""LMDB layout of a hashret index (format 2; one environment per index folder).
 
 Named databases:
-- ``meta``: JSON values -- format_version, bits, count (rows written, removed ones included),
-  chunk_size, id_mode ("rows": an item's id is its row; "explicit"), info (modality, model
-  fingerprint, config, ...), created; ``tombstones`` (bitarray bytes) once anything is removed.
+- ``meta``: ``meta`` -> one JSON record: format_version, bits, count (rows written, removed
+  ones included), chunk_size, id_mode ("rows": an item's id is its row; "explicit"), info
+  (modality, model fingerprint, config, ...), created, generation (bumped by every write
+  transaction), build (None, or the progress of ``build_index``: state "partial" or
+  "complete", what it encodes, how many rows it has committed); ``tombstones`` -> bitarray
+  bytes, once anything is removed.
 - ``codes``: chunk number (8-byte big-endian) -> chunk_size packed codes, so loading 10^7
   codes is ~150 reads instead of 10^7.
 - ``ids``: chunk number -> int64 external ids of those rows (explicit ids only);
-  ``idrev``: external id -> row (ids both ways).
+  ``idrev``: external id -> row, the B-tree that finds an id (and refuses a duplicate) in
+  O(log n).
 - ``items``: row -> JSON payload (optional).
 
-Each appended batch is one write transaction that also moves ``count``: a crash leaves the
-index as of the last committed batch, never half a chunk. Readers open read-only and read
-one consistent snapshot while a writer appends.
+Every value ends in a CRC32 of the database name, the key and the payload, checked on every
+read: a flipped, truncated, moved or edited value is reported as corrupt, never served, and
+never re-sealed by a later write. Before LMDB maps ``data.mdb`` its header is read to make
+sure the file is LMDB's and as long as its last commit says (a truncated file would
+otherwise kill the process with SIGBUS).
+
+Each write is one transaction that also moves ``count`` and ``generation``: a crash leaves
+the index as of the last commit. One writer at a time holds ``writer.lock`` (flock, so a
+second writer is refused in this process as in another, and a dead writer's lock is free);
+each write transaction also checks that ``generation`` is where this writer left it.
+Readers take no lock and read one consistent snapshot while a writer appends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import struct
+import sys
 import time
+import zlib
 from pathlib import Path
 
 import lmdb
 import numpy as np
 from bitarray import bitarray
 
-from hashret.errors import HashretError, check
+from hashret.errors import CorruptError, HashretError, check, os_problem
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAP_SIZE = 1 << 36  # virtual reservation only; the file grows with the data
+MAX_BITS = 1 << 16
+MAX_CHUNK = 1 << 24
+LOCK_NAME = "writer.lock"
 _DBS = (b"meta", b"codes", b"ids", b"idrev", b"items")
+_CRC = struct.Struct("<I")
+_LMDB_MAGIC = 0xBEEFC0DE
 
 
-# LMDB allows one open of an environment per process: stores on the same folder share it
+def _key(n: int) -> bytes:
+    return struct.pack(">Q", n)
+
+
+def _id_key(i: int) -> bytes:
+    return struct.pack(">q", i)
+
+
+def _seal(space: str, key: bytes, payload) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(key, zlib.crc32(space.encode())))
+    return bytes(payload) + _CRC.pack(crc)
+
+
+def _fresh_problem(path: Path, what: str) -> CorruptError:
+    return CorruptError(f"the index at {path} is corrupt: {what}; run 'hashret verify --index "
+                        f"{path}' for the whole damage, then restore the folder from a copy or "
+                        "rebuild it with 'hashret build-index'")
+
+
+# -- the file before LMDB sees it -------------------------------------------------------------
+def check_lmdb_file(path: Path):
+    """Refuse a data.mdb that is not LMDB's or is shorter than its last commit needs."""
+    f = path / "data.mdb"
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(2 * 65536)
+    except OSError as exc:
+        raise HashretError(f"cannot read {f}: {os_problem(exc)}") from None
+    if len(head) < 160:
+        raise _fresh_problem(path, f"data.mdb has {size} bytes, too few for an LMDB header "
+                                   "(truncated, or not an index)")
+    psize = struct.unpack_from("<I", head, 40)[0]
+    metas = []
+    for p in (0, 1):
+        off = p * psize
+        if psize < 512 or psize > 65536 or psize & (psize - 1) or off + 160 > len(head):
+            raise _fresh_problem(path, "data.mdb does not start with an LMDB header (a foreign "
+                                       "or damaged file)")
+        magic, version = struct.unpack_from("<II", head, off + 16)
+        last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
+        if magic != _LMDB_MAGIC or version != 1:
+            raise _fresh_problem(path, f"LMDB header page {p} of data.mdb is damaged or foreign")
+        metas.append((txnid, last_pg))
+    _, last_pg = max(metas)
+    need = (last_pg + 1) * psize
+    if size < need:
+        raise _fresh_problem(path, f"data.mdb is truncated: {size} bytes where its last commit "
+                                   f"needs {need}")
+
+
+# -- the writer lock ---------------------------------------------------------------------------
+class WriterLock:
+    """``writer.lock`` in the index folder, held with flock for as long as a writer is open.
+
+    flock locks belong to an open file description, so a second open in this process is
+    refused like one in another process; the kernel frees the lock when its holder dies."""
+
+    def __init__(self, path: Path):
+        self.file = path / LOCK_NAME
+        try:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise HashretError(f"cannot open the index at {path} for writing: {os_problem(exc)}; "
+                               "open it read-only to search it") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            raise HashretError(f"the index at {path} already has a writer ({_describe_holder(holder)}): "
+                               "one writer at a time; wait for it to finish or stop it, or open the "
+                               "index read-only to search it meanwhile") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "command": " ".join(os.path.basename(a) if i == 0 else a
+                                      for i, a in enumerate(sys.argv))[:200]}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError:
+            pass  # the lock is what counts; the note only names the holder
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _describe_holder(h: dict) -> str:
+    if not h:
+        return "holder unknown"
+    who = "this process" if h.get("pid") == os.getpid() and h.get("host") == socket.gethostname() \
+        else f"pid {h.get('pid')} on {h.get('host')}"
+    cmd = f", '{h['command']}'" if h.get("command") else ""
+    return f"{who}{cmd}, since {h.get('since')}"
+
+
+# -- environments: LMDB allows one open of an environment per process ------------------------
 _OPEN: dict = {}  # real path -> [env, dbs, refcount, opened_readonly]
 
 
@@ -45,15 +170,40 @@ def _acquire(path: Path, readonly: bool, create: bool):
               "close that HashIndex before opening it for writing")
         entry[2] += 1
         return entry[0], entry[1]
+    if (path / "data.mdb").exists():
+        check_lmdb_file(path)
+    env = None
     try:
-        env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(_DBS), readonly=readonly,
-                        create=create, lock=True, readahead=True)
-        dbs = {name.decode(): env.open_db(name, create=not readonly) for name in _DBS}
+        try:
+            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(_DBS), readonly=readonly,
+                            create=create, lock=True, readahead=True)
+        except lmdb.Error as exc:
+            # a reader on a read-only medium cannot write LMDB's reader table; with no writer
+            # possible there, reading without it is safe
+            if not readonly or os_problem(exc) not in ("read-only file system", "permission denied"):
+                raise
+            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(_DBS), readonly=True,
+                            create=False, lock=False, readahead=True)
+        names = [n for n in _DBS if readonly is False or _has_db(env, n)]
+        dbs = {name.decode(): env.open_db(name, create=not readonly) for name in names}
     except lmdb.Error as exc:
-        raise HashretError(f"cannot open the index at {path} ({type(exc).__name__}: {exc}): the "
-                           "folder is corrupt or not a hashret index") from None
+        if env is not None:
+            env.close()
+        problem = os_problem(exc)
+        if problem.startswith(("no space", "disk quota", "file size", "read-only", "permission")):
+            raise HashretError(f"cannot open the index at {path}: {problem}") from None
+        raise _fresh_problem(path, f"LMDB cannot open it ({problem})") from None
+    if readonly and set(dbs) != {n.decode() for n in _DBS}:
+        env.close()
+        raise HashretError(f"{path} holds no hashret index (its LMDB file lacks hashret's tables): "
+                           "pass the folder written by build-index")
     _OPEN[key] = [env, dbs, 1, readonly]
     return env, dbs
+
+
+def _has_db(env, name: bytes) -> bool:
+    with env.begin() as txn:
+        return txn.get(name) is not None
 
 
 def _release(path: Path):
@@ -67,12 +217,64 @@ def _release(path: Path):
         del _OPEN[key]
 
 
-def _key(n: int) -> bytes:
-    return struct.pack(">Q", n)
+def is_initialised(path) -> bool:
+    """Whether ``path`` holds a committed hashret index (a ``meta`` record), without opening it
+    for writing. A folder whose data.mdb has no meta was left by a create that died first."""
+    path = Path(path)
+    if not (path / "data.mdb").is_file():
+        return False
+    check_lmdb_file(path)
+    try:
+        env = lmdb.open(str(path), max_dbs=len(_DBS), readonly=True, lock=False, create=False)
+    except lmdb.Error as exc:
+        raise _fresh_problem(path, f"LMDB cannot open it ({os_problem(exc)})") from None
+    try:
+        if not _has_db(env, b"meta"):
+            return False
+        with env.begin() as txn:
+            return txn.get(b"meta", db=env.open_db(b"meta", txn=txn, create=False)) is not None
+    except lmdb.Error as exc:
+        raise _fresh_problem(path, f"LMDB cannot read it ({os_problem(exc)})") from None
+    finally:
+        env.close()
 
 
-def _id_key(i: int) -> bytes:
-    return struct.pack(">q", i)
+def _validate_meta(meta, path: Path) -> dict:
+    """Type and range of every field; a CorruptError naming the first bad one."""
+    def bad(field, why):
+        return _fresh_problem(path, f"its meta field '{field}' {why}")
+
+    if not isinstance(meta, dict):
+        raise bad("meta", "is not a JSON object")
+    for f in ("format_version", "bits", "count", "chunk_size", "id_mode", "info", "created",
+              "generation", "build"):
+        if f not in meta:
+            raise bad(f, "is missing")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise HashretError(f"the index at {path} has format {meta['format_version']}; this hashret "
+                           f"reads format {FORMAT_VERSION}: rebuild it with 'hashret build-index'")
+
+    def integer(f, lo, hi):
+        v = meta[f]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise bad(f, f"is {v!r}, not an integer in [{lo}, {hi}]")
+
+    integer("bits", 8, MAX_BITS)
+    if meta["bits"] % 8:
+        raise bad("bits", f"is {meta['bits']}, not a multiple of 8")
+    integer("chunk_size", 1, MAX_CHUNK)
+    integer("count", 0, 1 << 48)
+    integer("generation", 0, 1 << 62)
+    if meta["id_mode"] not in (None, "rows", "explicit"):
+        raise bad("id_mode", f"is {meta['id_mode']!r}, not null, 'rows' or 'explicit'")
+    if not isinstance(meta["info"], dict):
+        raise bad("info", "is not a JSON object")
+    if not isinstance(meta["created"], str):
+        raise bad("created", "is not a string")
+    build = meta["build"]
+    if build is not None and not (isinstance(build, dict) and build.get("state") in ("partial", "complete")):
+        raise bad("build", "is not null or a record with state 'partial' or 'complete'")
+    return meta
 
 
 class LMDBStore:
@@ -81,88 +283,192 @@ class LMDBStore:
     def __init__(self, path, readonly: bool, create: bool = False):
         self.path = Path(path)
         self.readonly = readonly
+        self.env = None
+        self.lock = None
+        self.meta = None
+        self.generation = None
         if not create:
             check(self.path.is_dir(), f"index folder {self.path} does not exist: build it with "
                   "'hashret build-index' or HashIndex.create")
             check((self.path / "data.mdb").is_file(), f"{self.path} holds no index (no data.mdb): "
                   "pass the folder written by build-index")
-        self.env, self.db = _acquire(self.path, readonly, create)
+        if not readonly:
+            self.lock = WriterLock(self.path)
+        try:
+            self.env, self.db = _acquire(self.path, readonly, create)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def close(self):
         if self.env is not None:
             _release(self.path)
             self.env = None
+        self._unlock()
 
-    # -- meta ------------------------------------------------------------------------------
-    def initialise(self, bits: int, chunk_size: int, info: dict):
-        with self.env.begin(write=True) as txn:
-            check(txn.get(b"format_version", db=self.db["meta"]) is None,
-                  f"{self.path} already holds an index: open it, or choose a new folder")
-            for key, value in (("format_version", FORMAT_VERSION), ("bits", bits), ("count", 0),
-                               ("chunk_size", chunk_size), ("id_mode", None), ("info", info),
-                               ("created", time.strftime("%Y-%m-%dT%H:%M:%S"))):
-                txn.put(key.encode(), json.dumps(value).encode(), db=self.db["meta"])
+    def corrupt(self, what: str) -> CorruptError:
+        return _fresh_problem(self.path, what)
 
-    @staticmethod
-    def _meta(txn, db, key, path):
-        raw = txn.get(key.encode(), db=db)
+    # -- sealed values -------------------------------------------------------------------------
+    def _unseal(self, space: str, key: bytes, buf, what: str, expect: int | None = None):
+        """The payload of a sealed value (a view valid inside its transaction)."""
+        if buf is None:
+            raise self.corrupt(f"{what} is missing")
+        n = len(buf)
+        if expect is not None and n != expect + 4:
+            raise self.corrupt(f"{what} holds {n - 4} bytes where {expect} are expected")
+        if n < 4:
+            raise self.corrupt(f"{what} is truncated")
+        view = memoryview(buf)
+        payload = view[:n - 4]
+        crc = zlib.crc32(payload, zlib.crc32(key, zlib.crc32(space.encode())))
+        if crc != _CRC.unpack(view[n - 4:])[0]:
+            raise self.corrupt(f"{what} fails its checksum")
+        return payload
+
+    def _read_meta(self, txn) -> dict:
+        raw = txn.get(b"meta", db=self.db["meta"])
         if raw is None:
-            raise HashretError(f"the index at {path} lacks '{key}' in its meta: it is corrupt or "
-                               "was not finished; rebuild it")
-        return json.loads(bytes(raw))
-
-    def read_all(self):
-        """One snapshot: (meta dict, packed codes (count, bytes), ids or None, tombstones)."""
+            raise HashretError(f"{self.path} holds no committed index (its creation did not finish): "
+                               "delete the folder, or build into it again")
+        payload = self._unseal("meta", b"meta", raw, "its meta record")
         try:
-            with self.env.begin() as txn:
-                meta_db = self.db["meta"]
-                meta = {k: self._meta(txn, meta_db, k, self.path)
-                        for k in ("format_version", "bits", "count", "chunk_size", "id_mode",
-                                  "info", "created")}
-                check(meta["format_version"] == FORMAT_VERSION,
-                      f"the index at {self.path} has format {meta['format_version']}; this hashret "
-                      f"reads {FORMAT_VERSION}: rebuild the index")
-                count, cs, nbytes = meta["count"], meta["chunk_size"], meta["bits"] // 8
-                codes = np.empty((count, nbytes), dtype=np.uint8)
-                ids = np.empty(count, dtype=np.int64) if meta["id_mode"] == "explicit" else None
-                for c in range((count + cs - 1) // cs):
-                    rows = min(cs, count - c * cs)
-                    buf = txn.get(_key(c), db=self.db["codes"])
-                    check(buf is not None and len(buf) >= rows * nbytes,
-                          f"the index at {self.path} is missing code chunk {c}: it is corrupt; rebuild it")
-                    codes[c * cs:c * cs + rows] = np.frombuffer(buf, dtype=np.uint8,
-                                                                count=rows * nbytes).reshape(rows, nbytes)
-                    if ids is not None:
-                        ibuf = txn.get(_key(c), db=self.db["ids"])
-                        check(ibuf is not None and len(ibuf) >= rows * 8,
-                              f"the index at {self.path} is missing id chunk {c}: it is corrupt")
-                        ids[c * cs:c * cs + rows] = np.frombuffer(ibuf, dtype="<i8", count=rows)
-                tomb = bitarray()
-                raw = txn.get(b"tombstones", db=meta_db)
-                if raw is not None:
-                    tomb.frombytes(bytes(raw))
-                tomb = tomb[:count]
-                tomb.extend([False] * (count - len(tomb)))
-        except lmdb.Error as exc:
-            raise HashretError(f"cannot read the index at {self.path} ({exc}): it is corrupt") from None
-        return meta, codes, ids, tomb
+            meta = json.loads(bytes(payload))
+        except ValueError:
+            raise self.corrupt("its meta record is not JSON") from None
+        return _validate_meta(meta, self.path)
 
-    # -- writes ----------------------------------------------------------------------------
-    def append(self, packed: np.ndarray, ids, items, id_mode: str):
-        """Append one batch in one transaction; returns the first new row."""
+    def _put_meta(self, txn, meta):
+        txn.put(b"meta", _seal("meta", b"meta", json.dumps(meta).encode()), db=self.db["meta"])
+
+    def _read_tombstones(self, txn, count: int) -> bitarray:
+        tomb = bitarray(count)
+        tomb.setall(False)
+        raw = txn.get(b"tombstones", db=self.db["meta"])
+        if raw is not None:
+            payload = self._unseal("meta", b"tombstones", raw, "the tombstones (removed rows)",
+                                   expect=(count + 7) // 8)
+            tomb = bitarray()
+            tomb.frombytes(bytes(payload))
+            tomb = tomb[:count]
+        return tomb
+
+    # -- meta --------------------------------------------------------------------------------
+    def initialise(self, bits: int, chunk_size: int, info: dict, build: dict | None = None):
         self._writable()
+        meta = {"format_version": FORMAT_VERSION, "bits": int(bits), "count": 0,
+                "chunk_size": int(chunk_size), "id_mode": None, "info": info,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "generation": 1, "build": build}
+        _validate_meta(json.loads(json.dumps(meta)), self.path)
         try:
             with self.env.begin(write=True) as txn:
-                meta_db = self.db["meta"]
-                count = self._meta(txn, meta_db, "count", self.path)
-                cs = self._meta(txn, meta_db, "chunk_size", self.path)
-                self._put_rows(txn, count, cs, packed, ids, items)
-                txn.put(b"count", json.dumps(count + len(packed)).encode(), db=meta_db)
-                txn.put(b"id_mode", json.dumps(id_mode).encode(), db=meta_db)
-                return count
-        except lmdb.MapFullError:
-            self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            return self.append(packed, ids, items, id_mode)
+                check(txn.get(b"meta", db=self.db["meta"]) is None,
+                      f"{self.path} already holds an index: open it, or choose a new folder")
+                self._put_meta(txn, meta)
+        except lmdb.Error as exc:
+            raise HashretError(f"cannot create the index at {self.path}: {os_problem(exc)}") from None
+        self.meta, self.generation = meta, 1
+
+    def read_meta(self) -> dict:
+        with self._reading() as txn:
+            self.meta = self._read_meta(txn)
+        return self.meta
+
+    def _reading(self):
+        store = self
+
+        class _Txn:
+            def __enter__(self):
+                self.txn = store.env.begin(buffers=True)
+                return self.txn
+
+            def __exit__(self, kind, exc, tb):
+                self.txn.abort()
+                if isinstance(exc, lmdb.Error):
+                    raise store.corrupt(f"LMDB cannot read it ({os_problem(exc)})") from None
+                return False
+
+        return _Txn()
+
+    def load(self, n_words: int):
+        """One verified snapshot: (meta, words (capacity, n_words) uint64 with the codes in the
+        first ``count`` rows, ids or None, tombstones). Every chunk's checksum is checked."""
+        with self._reading() as txn:
+            meta = self._read_meta(txn)
+            count, cs, nbytes = meta["count"], meta["chunk_size"], meta["bits"] // 8
+            check(nbytes <= n_words * 8, "internal: word count too small for the code length")
+            n_chunks = (count + cs - 1) // cs
+            have = txn.stat(self.db["codes"])["entries"]
+            if have != n_chunks:
+                raise self.corrupt(f"it holds {have} code chunks where its meta (count {count}, "
+                                   f"chunk size {cs}) needs {n_chunks}")
+            explicit = meta["id_mode"] == "explicit"
+            if explicit and txn.stat(self.db["ids"])["entries"] != n_chunks:
+                raise self.corrupt(f"it holds {txn.stat(self.db['ids'])['entries']} id chunks where "
+                                   f"{n_chunks} are needed")
+            words = np.zeros((max(count, 1024), n_words), dtype=np.uint64)
+            raw = words.view(np.uint8).reshape(len(words), n_words * 8)
+            ids = np.empty(count, dtype=np.int64) if explicit else None
+            for c in range(n_chunks):
+                lo = c * cs
+                rows = min(cs, count - lo)
+                what = f"code chunk {c} (rows {lo}..{lo + rows - 1})"
+                payload = self._unseal("codes", _key(c), txn.get(_key(c), db=self.db["codes"]),
+                                       what, expect=rows * nbytes)
+                raw[lo:lo + rows, :nbytes] = np.frombuffer(payload, np.uint8).reshape(rows, nbytes)
+                if explicit:
+                    payload = self._unseal("ids", _key(c), txn.get(_key(c), db=self.db["ids"]),
+                                           f"id chunk {c} (rows {lo}..{lo + rows - 1})", expect=rows * 8)
+                    ids[lo:lo + rows] = np.frombuffer(payload, "<i8")
+            tomb = self._read_tombstones(txn, count)
+        self.meta, self.generation = meta, meta["generation"]
+        return meta, words, ids, tomb
+
+    # -- writes ------------------------------------------------------------------------------
+    def _transact(self, what: str, fn):
+        """Run ``fn(txn, meta)`` in one write transaction that first checks the disk is where
+        this writer left it, then bumps ``generation``; LMDB failures become one line."""
+        self._writable()
+        for _ in range(12):
+            try:
+                with self.env.begin(write=True, buffers=True) as txn:
+                    meta = self._read_meta(txn)
+                    if meta["generation"] != self.generation:
+                        raise HashretError(
+                            f"the index at {self.path} was changed by another writer since this one "
+                            f"read it (generation {self.generation} -> {meta['generation']}): "
+                            f"nothing of this {what} was written; reopen the index and retry")
+                    result = fn(txn, meta)
+                    meta["generation"] += 1
+                    self._put_meta(txn, meta)
+                self.meta, self.generation = meta, meta["generation"]
+                return result
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as exc:
+                raise HashretError(f"cannot {what} in the index at {self.path}: {os_problem(exc)}; "
+                                   f"nothing of it was written, the index holds what it held "
+                                   f"({self.meta['count'] if self.meta else '?'} rows)") from None
+        raise HashretError(f"cannot {what} in the index at {self.path}: its map cannot grow further")
+
+    def append(self, packed: np.ndarray, ids, items, id_mode: str, build: dict | None = None):
+        """Append one batch in one transaction; returns the first new row. ``build``: fields
+        merged into the meta's build record in the same transaction."""
+        def fn(txn, meta):
+            count = meta["count"]
+            self._put_rows(txn, count, meta["chunk_size"], packed, ids, items)
+            meta["count"] = count + len(packed)
+            meta["id_mode"] = id_mode
+            if build is not None:
+                meta["build"] = {**(meta["build"] or {}), **build}
+            return count
+
+        return self._transact("add", fn)
 
     def _put_rows(self, txn, first_row, cs, packed, ids, items):
         nbytes = packed.shape[1]
@@ -172,58 +478,170 @@ class LMDBStore:
             row = first_row + pos
             c, off = divmod(row, cs)
             take = min(cs - off, n - pos)
+            lo = c * cs
             head = b""
-            if off:
-                old = txn.get(_key(c), db=self.db["codes"])
-                head = bytes(old)[:off * nbytes]
-            txn.put(_key(c), head + packed[pos:pos + take].tobytes(), db=self.db["codes"])
+            if off:  # re-sealing a chunk: check it first, so damage is never sealed anew
+                head = bytes(self._unseal("codes", _key(c), txn.get(_key(c), db=self.db["codes"]),
+                                          f"code chunk {c} (rows {lo}..{lo + off - 1})", expect=off * nbytes))
+            txn.put(_key(c), _seal("codes", _key(c), head + packed[pos:pos + take].tobytes()),
+                    db=self.db["codes"])
             if ids is not None:
-                ihead = bytes(txn.get(_key(c), db=self.db["ids"]) or b"")[:off * 8] if off else b""
-                txn.put(_key(c), ihead + ids[pos:pos + take].astype("<i8").tobytes(), db=self.db["ids"])
+                ihead = b""
+                if off:
+                    ihead = bytes(self._unseal("ids", _key(c), txn.get(_key(c), db=self.db["ids"]),
+                                               f"id chunk {c} (rows {lo}..{lo + off - 1})", expect=off * 8))
+                txn.put(_key(c), _seal("ids", _key(c), ihead + ids[pos:pos + take].astype("<i8").tobytes()),
+                        db=self.db["ids"])
             pos += take
         if ids is not None:
+            pairs = [(k, _seal("idrev", k, _key(first_row + j)))
+                     for j, k in enumerate(map(_id_key, ids.tolist()))]
             with txn.cursor(db=self.db["idrev"]) as cur:
-                added = cur.putmulti([(_id_key(int(i)), _key(first_row + j)) for j, i in enumerate(ids)],
-                                     overwrite=False)[1]
-            check(added == n, "an id of this batch is already in the index: ids must be unique")
+                added = cur.putmulti(pairs, overwrite=False)[1]
+            if added != n:
+                dup = next(int(i) for i in ids.tolist()
+                           if txn.get(_id_key(i), db=self.db["idrev"]) is not None
+                           and int(self._row_of(txn, i)) < first_row)
+                raise HashretError(f"id {dup} is already in the index: ids must be unique")
         if items is not None:
             with txn.cursor(db=self.db["items"]) as cur:
-                cur.putmulti([(_key(first_row + j), json.dumps(it).encode())
+                cur.putmulti([(_key(first_row + j), _seal("items", _key(first_row + j), json.dumps(it).encode()))
                               for j, it in enumerate(items) if it is not None])
 
     def write_tombstones(self, tomb: bitarray):
-        self._writable()
-        with self.env.begin(write=True) as txn:
-            txn.put(b"tombstones", tomb.tobytes(), db=self.db["meta"])
+        def fn(txn, meta):
+            check(len(tomb) == meta["count"], "internal: tombstones do not cover every row")
+            txn.put(b"tombstones", _seal("meta", b"tombstones", tomb.tobytes()), db=self.db["meta"])
+
+        self._transact("remove", fn)
 
     def rewrite(self, packed, ids, keep_rows):
         """Compaction: the kept rows, renumbered from 0, in one transaction."""
-        self._writable()
-        with self.env.begin(write=True) as txn:
-            cs = self._meta(txn, self.db["meta"], "chunk_size", self.path)
+        def fn(txn, meta):
             old_items = {}
             with txn.cursor(db=self.db["items"]) as cur:
                 for k, v in cur:
-                    old_items[struct.unpack(">Q", k)[0]] = json.loads(bytes(v))
+                    row = struct.unpack(">Q", k)[0]
+                    old_items[row] = json.loads(bytes(self._unseal("items", bytes(k), v, f"the payload of row {row}")))
             for name in ("codes", "ids", "idrev", "items"):
                 txn.drop(self.db[name], delete=False)
             items = [old_items.get(int(r)) for r in keep_rows] if old_items else None
             if len(packed):
-                self._put_rows(txn, 0, cs, packed, ids, items)
-            txn.put(b"count", json.dumps(len(packed)).encode(), db=self.db["meta"])
-            txn.put(b"id_mode", json.dumps("explicit").encode(), db=self.db["meta"])
+                self._put_rows(txn, 0, meta["chunk_size"], packed, ids, items)
+            meta["count"] = len(packed)
+            meta["id_mode"] = "explicit"
             txn.delete(b"tombstones", db=self.db["meta"])
 
-    def item(self, row: int):
-        with self.env.begin() as txn:
-            raw = txn.get(_key(row), db=self.db["items"])
-        return None if raw is None else json.loads(bytes(raw))
+        self._transact("compact", fn)
 
-    def row_of_id(self, ext_id: int):
-        with self.env.begin() as txn:
-            raw = txn.get(_id_key(int(ext_id)), db=self.db["idrev"])
-        return None if raw is None else struct.unpack(">Q", raw)[0]
+    # -- point reads ---------------------------------------------------------------------------
+    def items_of_rows(self, rows) -> list:
+        out = []
+        with self._reading() as txn:
+            for r in rows:
+                k = _key(int(r))
+                raw = txn.get(k, db=self.db["items"])
+                out.append(None if raw is None else
+                           json.loads(bytes(self._unseal("items", k, raw, f"the payload of row {int(r)}"))))
+        return out
+
+    def _row_of(self, txn, ext_id: int):
+        k = _id_key(int(ext_id))
+        raw = txn.get(k, db=self.db["idrev"])
+        if raw is None:
+            return -1
+        return struct.unpack(">Q", self._unseal("idrev", k, raw, f"the row of id {int(ext_id)}", expect=8))[0]
+
+    def rows_of_ids(self, ids) -> np.ndarray:
+        """Rows of external ids through the idrev B-tree; -1 where unknown."""
+        with self._reading() as txn:
+            return np.array([self._row_of(txn, i) for i in ids], dtype=np.int64)
 
     def _writable(self):
         check(not self.readonly, f"the index at {self.path} is open read-only: open it with "
               "readonly=False to change it")
+
+    # -- the whole check -----------------------------------------------------------------------
+    def verify(self) -> dict:
+        """Check every sealed value and the links between them; never raises on damage.
+        Returns {"ok", "problems": [one line each], "rows", "chunks", "items", "ids"}."""
+        problems: list[str] = []
+        report = {"ok": False, "problems": problems, "rows": None, "chunks": 0, "items": 0, "ids": 0}
+        try:
+            with self.env.begin(buffers=True) as txn:
+                try:
+                    meta = self._read_meta(txn)
+                except HashretError as exc:
+                    problems.append(_strip(exc))
+                    return report
+                count, cs, nbytes = meta["count"], meta["chunk_size"], meta["bits"] // 8
+                report["rows"] = count
+                n_chunks = (count + cs - 1) // cs
+                explicit = meta["id_mode"] == "explicit"
+                ids = np.full(count, -1, dtype=np.int64)
+                for space in ("codes", "ids") if explicit else ("codes",):
+                    size = nbytes if space == "codes" else 8
+                    seen = set()
+                    with txn.cursor(db=self.db[space]) as cur:
+                        for k, v in cur:
+                            c = struct.unpack(">Q", k)[0] if len(k) == 8 else -1
+                            if not 0 <= c < n_chunks:
+                                problems.append(f"{space} holds an unexpected chunk key {bytes(k).hex()}")
+                                continue
+                            seen.add(c)
+                            lo = c * cs
+                            rows = min(cs, count - lo)
+                            what = f"{'code' if space == 'codes' else 'id'} chunk {c} (rows {lo}..{lo + rows - 1})"
+                            try:
+                                payload = self._unseal(space, bytes(k), v, what, expect=rows * size)
+                                report["chunks"] += space == "codes"
+                                if space == "ids":
+                                    ids[lo:lo + rows] = np.frombuffer(payload, "<i8")
+                            except CorruptError as exc:
+                                problems.append(_strip(exc))
+                    for c in sorted(set(range(n_chunks)) - seen):
+                        lo = c * cs
+                        problems.append(f"{space} chunk {c} (rows {lo}..{min(count, lo + cs) - 1}) is missing")
+                try:
+                    self._read_tombstones(txn, count)
+                except CorruptError as exc:
+                    problems.append(_strip(exc))
+                with txn.cursor(db=self.db["idrev"]) as cur:
+                    n_rev = 0
+                    for k, v in cur:
+                        n_rev += 1
+                        i = struct.unpack(">q", k)[0] if len(k) == 8 else None
+                        try:
+                            row = struct.unpack(">Q", self._unseal("idrev", bytes(k), v, f"the row of id {i}", expect=8))[0]
+                        except CorruptError as exc:
+                            problems.append(_strip(exc))
+                            continue
+                        if not explicit or row >= count or ids[row] != i:
+                            problems.append(f"the id index maps id {i} to row {row}, which holds another id")
+                    if explicit and n_rev != count:
+                        problems.append(f"the id index holds {n_rev} ids for {count} rows")
+                    report["ids"] = n_rev
+                with txn.cursor(db=self.db["items"]) as cur:
+                    for k, v in cur:
+                        row = struct.unpack(">Q", k)[0] if len(k) == 8 else None
+                        if row is None or row >= count:
+                            problems.append(f"items holds a payload for row {row}, beyond the {count} rows")
+                            continue
+                        try:
+                            json.loads(bytes(self._unseal("items", bytes(k), v, f"the payload of row {row}")))
+                            report["items"] += 1
+                        except CorruptError as exc:
+                            problems.append(_strip(exc))
+                        except ValueError:
+                            problems.append(f"the payload of row {row} is not JSON")
+        except lmdb.Error as exc:
+            problems.append(f"LMDB's own structure is damaged ({os_problem(exc)})")
+        report["ok"] = not problems
+        return report
+
+
+def _strip(exc: HashretError) -> str:
+    """The damage part of a corrupt-index message, without the recovery advice."""
+    text = str(exc)
+    text = text.split(" is corrupt: ", 1)[-1]
+    return text.split("; run 'hashret verify", 1)[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hashret.errors import HashretError, check
+from hashret.errors import CorruptError, HashretError, check, os_problem
 
 FORMAT_VERSION = 1
 
@@ -51,55 +51,95 @@ def save_checkpoint(run_dir, model, dataset=None, extra: dict | None = None) -> 
 
 
 def read_checkpoint_info(run_dir) -> dict:
+    """config.json of a checkpoint, checked: present, JSON, of this format, with every field
+    the model needs (a HashretError naming the file and the field otherwise)."""
     run_dir = Path(run_dir)
     check(run_dir.is_dir(), f"checkpoint folder {run_dir} does not exist: pass a RUN_DIR written "
           "by 'hashret train'")
     cfg = run_dir / "config.json"
     check(cfg.is_file(), f"{run_dir} has no config.json: the checkpoint is incomplete; train again")
     try:
-        info = json.loads(cfg.read_text())
+        info = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise HashretError(f"{cfg} is corrupt ({exc}): train again") from None
-    check(isinstance(info, dict) and "config" in info, f"{cfg} is not a hashret checkpoint config")
+        raise CorruptError(f"{cfg} is corrupt ({type(exc).__name__}: {exc}): train again") from None
+    check(isinstance(info, dict) and isinstance(info.get("config"), dict),
+          f"{cfg} is not a hashret checkpoint config (no 'config' object): train again")
     check(info.get("format_version") == FORMAT_VERSION,
           f"{run_dir} has checkpoint format {info.get('format_version')}, this hashret reads "
           f"{FORMAT_VERSION}: retrain with this version")
+    _check_config(cfg, info)
     return info
 
 
+def _check_config(path: Path, info: dict):
+    config = info["config"]
+
+    def need(field, kind, lo=None):
+        v = config.get(field)
+        ok = isinstance(v, kind) and not isinstance(v, bool) and (lo is None or v >= lo)
+        check(ok, f"{path}: config field '{field}' is {'missing' if field not in config else repr(v)}"
+              f"{'' if lo is None else f', not an integer >= {lo}'}: the checkpoint is damaged; train again")
+
+    need("model", str)
+    need("bits", int, 1)
+    need("seed", int)
+    if config.get("kind") == "matcher":
+        need("region_dim", int, 1)
+        vocab = info.get("vocab")
+        check(isinstance(vocab, list) and all(isinstance(w, str) for w in vocab),
+              f"{path}: the field 'vocab' (the matcher's word list) is missing or not a list of "
+              "words: the checkpoint is damaged; train again")
+    else:
+        for field in ("image_dim", "text_dim", "n_labels"):
+            need(field, int, 0)
+
+
 def load_checkpoint(run_dir):
-    """The trained model in ``run_dir``."""
+    """The trained model in ``run_dir``; every file and field is checked first."""
     from hashret.models import build_model
 
     run_dir = Path(run_dir)
     info = read_checkpoint_info(run_dir)
     cfg = dict(info["config"])
     name = cfg.pop("model")
-    if cfg.pop("kind", None) == "matcher":
-        from hashret.models.distill import MatcherModel
+    try:
+        if cfg.pop("kind", None) == "matcher":
+            from hashret.models.distill import MatcherModel
 
-        check(isinstance(info.get("vocab"), list), f"{run_dir}/config.json lacks the vocabulary: "
-              "the checkpoint is incomplete; train again")
-        dims = {k: cfg.pop(k) for k in ("bits", "region_dim", "seed")}
-        cfg.pop("vocab_size", None)
-        model = MatcherModel(name, vocab=info["vocab"], **dims, **cfg)
-        return _load_weights(run_dir, model, info)
-    dims = {k: cfg.pop(k) for k in ("bits", "image_dim", "text_dim", "n_labels", "seed")}
-    model = build_model(name, **dims, **cfg)
+            dims = {k: cfg.pop(k) for k in ("bits", "region_dim", "seed")}
+            cfg.pop("vocab_size", None)
+            model = MatcherModel(name, vocab=info["vocab"], **dims, **cfg)
+        else:
+            dims = {k: cfg.pop(k) for k in ("bits", "image_dim", "text_dim", "n_labels", "seed")}
+            model = build_model(name, **dims, **cfg)
+    except HashretError as exc:
+        raise HashretError(f"{run_dir}/config.json: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise HashretError(f"{run_dir}/config.json does not describe a model this hashret builds "
+                           f"({type(exc).__name__}: {exc}): train again") from None
     return _load_weights(run_dir, model, info)
 
 
 def _load_weights(run_dir, model, info):
     weights = run_dir / "weights.pt"
-    check(weights.is_file(), f"{run_dir} has no weights.pt: the checkpoint is incomplete")
+    check(weights.is_file(), f"{run_dir} has no weights.pt: the checkpoint is incomplete; train again")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except HashretError:
-        raise
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise HashretError(f"{weights} is unreadable ({type(exc).__name__}): the checkpoint is "
+        raise CorruptError(f"{weights} is unreadable ({type(exc).__name__}): the checkpoint is "
                            "corrupt; train again") from None
+    check(isinstance(state, dict), f"{weights} does not hold a dict of tensors: train again")
+    try:
+        model.load_state_dict(state)
+    except HashretError as exc:
+        raise HashretError(f"{weights} does not fit {run_dir}/config.json ({exc}): the files come "
+                           "from different runs or are damaged; train again") from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "mismatch" in ln or "key" in ln.lower()),
+                      first[0] if first else type(exc).__name__)
+        raise HashretError(f"{weights} does not fit {run_dir}/config.json ({detail[:200]}): the "
+                           "files come from different runs or are damaged; train again") from None
     model.checkpoint_info = info
     return model
 
@@ -127,11 +167,19 @@ def fingerprint(run_dir) -> str:
     import hashlib
 
     run_dir = Path(run_dir)
+    info = read_checkpoint_info(run_dir)
     h = hashlib.sha256()
-    h.update(json.dumps(read_checkpoint_info(run_dir)["config"], sort_keys=True).encode())
-    with open(run_dir / "weights.pt", "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    # the data an index's items come from is part of what it was built with
+    h.update(json.dumps({"config": info["config"], "dataset_spec": info.get("dataset_spec"),
+                         "data_root": info.get("data_root")}, sort_keys=True).encode())
+    weights = run_dir / "weights.pt"
+    check(weights.is_file(), f"{run_dir} has no weights.pt: the checkpoint is incomplete; train again")
+    try:
+        with open(weights, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise HashretError(f"cannot read {weights}: {os_problem(exc)}") from None
     return h.hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ def brute_distances(db_packed, q_packed):
 def brute_topk(db_packed, q_packed, k, removed=()):
     d = brute_distances(db_packed, q_packed)
     alive = np.setdiff1d(np.arange(len(db_packed)), np.asarray(removed, dtype=int))
+    k = min(k, len(db_packed))  # results have min(k, rows) columns
     out_d = np.full((len(q_packed), k), -1)
     out_r = np.full((len(q_packed), k), -1)
     for i, row in enumerate(d):
@@ -61,13 +62,17 @@ def test_removed_rows_never_come_back(bits):
     assert len(index) == 3001 - len(np.unique(removed))
 
 
-def test_k_larger_than_the_index_pads_with_minus_one():
+def test_k_larger_than_the_index_gives_every_row_and_minus_one_for_removed():
     db = np.array([[1], [2], [3]], dtype=np.uint8)
     index = HashIndex(8)
     index.add(db)
     index.remove([1])
     d, ids = index.search(np.array([[3]], dtype=np.uint8), 5)
-    assert ids.tolist() == [[2, 0, -1, -1, -1]] and d.tolist() == [[0, 1, -1, -1, -1]]
+    assert ids.tolist() == [[2, 0, -1]] and d.tolist() == [[0, 1, -1]]
+    # a huge k costs O(queries x rows), not O(k): no 2**40-wide allocation
+    d, ids = index.search(np.array([[3], [1]], dtype=np.uint8), 2**40)
+    assert ids.shape == (2, 3) and ids[1].tolist() == [0, 2, -1]
+    assert HashIndex(8).search(np.array([[3]], dtype=np.uint8), 10)[1].shape == (1, 0)
 
 
 @pytest.mark.parametrize("bits", [8, 64, 128, 256])
