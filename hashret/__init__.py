@@ -6,6 +6,6 @@ Sub-packages: ``hashret.data`` (datasets, splits, featurizers), ``hashret.models
 
 __version__ = "0.1.0"
 
-from hashret.errors import HashretError  # noqa: E402
+from hashret.errors import CorruptError, HashretError  # noqa: E402
 
-__all__ = ["HashretError", "__version__"]
+__all__ = ["CorruptError", "HashretError", "__version__"]

@@ -104,13 +104,15 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
             check(append, f"{out} already holds an index: pass --append to add to it, or choose a new --out")
     if not existing:
         check(not resume, f"{out} holds no index to resume: run the build without --resume")
+        check(not append, f"{out} holds no index to append to: build it without --append (or "
+              "restore the index folder if it was lost)")
     t0 = time.perf_counter()
     first_batch = None
     if not existing:
         # encode before creating anything, so a build that cannot start leaves no folder behind
         first_batch = (pack_codes(encode_batch(rows[:batch_size])), payloads(rows[:batch_size]))
     created = not out.exists()
-    index = None
+    index = bar = None
     committed = False
     try:
         if existing:
@@ -122,7 +124,7 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
                 "state": "partial", "source": source, "first_row": 0})
         start_state = {"state": "partial", "source": source, "first_row": index.n_rows - done}
         bar = tqdm(total=len(rows), initial=done, desc=f"indexing {modality}", unit="item",
-                   disable=not progress)
+                   disable=not progress, leave=False)
         for s in range(done, len(rows), batch_size):
             batch = rows[s:s + batch_size]
             if first_batch is not None and s == 0:
@@ -137,6 +139,8 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
         bar.close()
         result = index.info()
     except BaseException as exc:
+        if bar is not None:
+            bar.close()  # the error line must not run on from the progress bar's
         if index is not None:
             held = index.n_rows
             index.close()
@@ -145,8 +149,11 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
                 _remove_folder(out, rmdir=created)
             elif isinstance(exc, (HashretError, OSError)):
                 why = exc if isinstance(exc, HashretError) else os_problem(exc)
-                raise HashretError(f"{why} -- the build stopped; {out} holds {held} rows, marked "
-                                   "partial: fix the cause and rerun with --resume") from None
+                if committed or resume:
+                    raise HashretError(f"{why} -- the build stopped; {out} holds {held} rows, marked "
+                                       "partial: fix the cause and rerun with --resume") from None
+                raise HashretError(f"{why} -- nothing of this build was committed; {out} is as it "
+                                   f"was ({held} rows)") from None
         raise
     finally:
         if index is not None:

@@ -9,10 +9,11 @@ Named databases:
   bytes, once anything is removed.
 - ``codes``: chunk number (8-byte big-endian) -> chunk_size packed codes, so loading 10^7
   codes is ~150 reads instead of 10^7.
-- ``ids``: chunk number -> int64 external ids of those rows (explicit ids only);
-  ``idrev``: external id -> row, the B-tree that finds an id (and refuses a duplicate) in
-  O(log n).
-- ``items``: row -> JSON payload (optional).
+- ``ids``: chunk number -> int64 external ids of those rows (explicit ids only). The way
+  back (id -> row, and refusing a known id) is kept in memory by ``HashIndex``, built from
+  these verified chunks: a second, unsealed copy on disk would be one more thing to damage.
+- ``items``: row -> JSON payload (optional); ``present``: chunk number -> a bitmap of the
+  chunk's rows that have one, so a payload lost to damage is told from one never given.
 
 Every value ends in a CRC32 of the database name, the key and the payload, checked on every
 read: a flipped, truncated, moved or edited value is reported as corrupt, never served, and
@@ -50,7 +51,7 @@ MAP_SIZE = 1 << 36  # virtual reservation only; the file grows with the data
 MAX_BITS = 1 << 16
 MAX_CHUNK = 1 << 24
 LOCK_NAME = "writer.lock"
-_DBS = (b"meta", b"codes", b"ids", b"idrev", b"items")
+_DBS = (b"meta", b"codes", b"ids", b"items", b"present")
 _CRC = struct.Struct("<I")
 _LMDB_MAGIC = 0xBEEFC0DE
 
@@ -104,6 +105,110 @@ def check_lmdb_file(path: Path):
     if size < need:
         raise _fresh_problem(path, f"data.mdb is truncated: {size} bytes where its last commit "
                                    f"needs {need}")
+
+
+# -- LMDB's own pages, before a cursor walks them ----------------------------------------------
+_P_BRANCH, _P_LEAF, _P_OVERFLOW = 0x01, 0x02, 0x04
+_F_BIGDATA, _F_SUBDATA = 0x01, 0x02
+_P_INVALID = (1 << 64) - 1
+
+
+def walk_tables(path: Path, txn_id: int, names) -> dict:
+    """Check the B-tree pages of the named tables in data.mdb as of transaction ``txn_id``
+    (hold a read transaction of that id, so none of its pages is reused meanwhile): every
+    page names itself, is of the type its place needs, keeps its nodes inside it, and points
+    only at pages of the file and overflow runs that say they are. LMDB asserts (abort())
+    on some such damage while a cursor steps through a table; gets return errors. Returns
+    {table: first problem} for the damaged ones."""
+    f = path / "data.mdb"
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        head = os.pread(fd, 2 * 65536, 0)
+        psize = struct.unpack_from("<I", head, 40)[0]
+        metas = [(struct.unpack_from("<Q", head, p * psize + 144)[0], p * psize) for p in (0, 1)]
+        off = next((o for t, o in metas if t == txn_id), max(metas)[1])
+        last_pg = struct.unpack_from("<Q", head, off + 136)[0]
+        main_root = struct.unpack_from("<Q", head, off + 88 + 40)[0]
+
+        def page(pg):
+            if not 2 <= pg <= last_pg:
+                raise ValueError(f"a link to page {pg}, outside pages 2..{last_pg}")
+            buf = os.pread(fd, psize, pg * psize)
+            if len(buf) != psize:
+                raise ValueError(f"page {pg} lies past the end of the file")
+            if struct.unpack_from("<Q", buf, 0)[0] != pg:
+                raise ValueError(f"page {pg} does not name itself (zeroed or overwritten)")
+            return buf
+
+        def nodes(buf, pg):
+            lower, upper = struct.unpack_from("<HH", buf, 12)
+            if not (16 <= lower <= upper <= psize) or (lower - 16) % 2:
+                raise ValueError(f"page {pg} has impossible bounds")
+            for i in range((lower - 16) // 2):
+                at = struct.unpack_from("<H", buf, 16 + 2 * i)[0]
+                if not upper <= at <= psize - 8:
+                    raise ValueError(f"page {pg} has a node outside it")
+                lo, hi, flags, ksize = struct.unpack_from("<HHHH", buf, at)
+                if at + 8 + ksize > psize:
+                    raise ValueError(f"page {pg} has a key running past it")
+                yield at, lo, hi, flags, ksize
+
+        def walk(root, depth, on_leaf):
+            stack = [(root, 1)]
+            while stack:
+                pg, level = stack.pop()
+                buf = page(pg)
+                flags = struct.unpack_from("<H", buf, 10)[0]
+                if level < depth:
+                    if not flags & _P_BRANCH:
+                        raise ValueError(f"page {pg} should be a branch page")
+                    for at, lo, hi, fl, _ in nodes(buf, pg):
+                        stack.append((lo | hi << 16 | fl << 32, level + 1))
+                else:
+                    if not flags & _P_LEAF:
+                        raise ValueError(f"page {pg} should be a leaf page")
+                    for at, lo, hi, fl, ksize in nodes(buf, pg):
+                        on_leaf(buf, pg, at, lo | hi << 16, fl, ksize)
+
+        tables = {}
+
+        def named(buf, pg, at, size, fl, ksize):
+            if fl & _F_SUBDATA and size == 48 and at + 8 + ksize + 48 <= psize:
+                rec = buf[at + 8 + ksize:at + 8 + ksize + 48]
+                tables[bytes(buf[at + 8:at + 8 + ksize])] = (struct.unpack_from("<H", rec, 6)[0],
+                                                             struct.unpack_from("<Q", rec, 40)[0])
+
+        problems = {}
+        main_depth = struct.unpack_from("<H", head, off + 88 + 6)[0]
+        try:
+            if main_root != _P_INVALID:
+                walk(main_root, main_depth, named)
+        except ValueError as exc:
+            return {"LMDB's table of tables": str(exc)}
+
+        def overflow(buf, pg, at, size, fl, ksize):
+            if fl & _F_BIGDATA:
+                start = at + 8 + ksize
+                if start + 8 > psize:
+                    raise ValueError(f"page {pg} has a node running past it")
+                ov = struct.unpack_from("<Q", buf, start)[0]
+                obuf = page(ov)
+                oflags, npages = struct.unpack_from("<HI", obuf, 10)
+                if not oflags & _P_OVERFLOW or npages * psize < size or ov + npages - 1 > last_pg:
+                    raise ValueError(f"the value on page {ov} is not a whole overflow run")
+            elif at + 8 + ksize + size > psize:
+                raise ValueError(f"page {pg} has a value running past it")
+
+        for name in names:
+            depth, root = tables.get(name.encode(), (0, _P_INVALID))
+            try:
+                if root != _P_INVALID:
+                    walk(root, depth, overflow)
+            except ValueError as exc:
+                problems[name] = str(exc)
+        return problems
+    finally:
+        os.close(fd)
 
 
 # -- the writer lock ---------------------------------------------------------------------------
@@ -184,8 +289,11 @@ def _acquire(path: Path, readonly: bool, create: bool):
                 raise
             env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(_DBS), readonly=True,
                             create=False, lock=False, readahead=True)
-        names = [n for n in _DBS if readonly is False or _has_db(env, n)]
-        dbs = {name.decode(): env.open_db(name, create=not readonly) for name in names}
+        if readonly:
+            dbs = {n.decode(): env.open_db(n, create=False) for n in _DBS if _has_db(env, n)}
+        else:  # every table in one transaction: a kill leaves all of them or none
+            with env.begin(write=True) as txn:
+                dbs = {n.decode(): env.open_db(n, txn=txn, create=True) for n in _DBS}
     except lmdb.Error as exc:
         if env is not None:
             env.close()
@@ -219,18 +327,27 @@ def _release(path: Path):
 
 def is_initialised(path) -> bool:
     """Whether ``path`` holds a committed hashret index (a ``meta`` record), without opening it
-    for writing. A folder whose data.mdb has no meta was left by a create that died first."""
+    for writing. False for no data.mdb, or for one holding hashret's tables but no meta (a
+    create that died before its first commit); an LMDB file of someone else is refused."""
     path = Path(path)
     if not (path / "data.mdb").is_file():
         return False
+    entry = _OPEN.get(str(path.resolve()))
+    if entry is not None:  # open in this process: ask that environment
+        with entry[0].begin() as txn:
+            return txn.get(b"meta", db=entry[1]["meta"]) is not None
     check_lmdb_file(path)
     try:
         env = lmdb.open(str(path), max_dbs=len(_DBS), readonly=True, lock=False, create=False)
     except lmdb.Error as exc:
         raise _fresh_problem(path, f"LMDB cannot open it ({os_problem(exc)})") from None
     try:
-        if not _has_db(env, b"meta"):
-            return False
+        present = [n for n in _DBS if _has_db(env, n)]
+        if not present and env.stat()["entries"] == 0:
+            return False  # an empty LMDB file: the create died before its tables were made
+        if len(present) != len(_DBS):
+            raise HashretError(f"{path}/data.mdb is an LMDB file without hashret's tables: it is not "
+                               "a hashret index; choose another folder")
         with env.begin() as txn:
             return txn.get(b"meta", db=env.open_db(b"meta", txn=txn, create=False)) is not None
     except lmdb.Error as exc:
@@ -247,7 +364,7 @@ def _validate_meta(meta, path: Path) -> dict:
     if not isinstance(meta, dict):
         raise bad("meta", "is not a JSON object")
     for f in ("format_version", "bits", "count", "chunk_size", "id_mode", "info", "created",
-              "generation", "build"):
+              "generation", "build", "removed"):
         if f not in meta:
             raise bad(f, "is missing")
     if meta["format_version"] != FORMAT_VERSION:
@@ -265,6 +382,7 @@ def _validate_meta(meta, path: Path) -> dict:
     integer("chunk_size", 1, MAX_CHUNK)
     integer("count", 0, 1 << 48)
     integer("generation", 0, 1 << 62)
+    integer("removed", 0, meta["count"])
     if meta["id_mode"] not in (None, "rows", "explicit"):
         raise bad("id_mode", f"is {meta['id_mode']!r}, not null, 'rows' or 'explicit'")
     if not isinstance(meta["info"], dict):
@@ -347,23 +465,41 @@ class LMDBStore:
         txn.put(b"meta", _seal("meta", b"meta", json.dumps(meta).encode()), db=self.db["meta"])
 
     def _read_tombstones(self, txn, count: int) -> bitarray:
+        """Removed rows. The record covers the rows that existed when it was written (an
+        8-byte row count, then the bits); rows appended since are alive."""
         tomb = bitarray(count)
         tomb.setall(False)
         raw = txn.get(b"tombstones", db=self.db["meta"])
+        removed = self._read_meta(txn)["removed"]
+        if raw is None and removed:
+            raise self.corrupt(f"the tombstones of its {removed} removed rows are missing")
         if raw is not None:
-            payload = self._unseal("meta", b"tombstones", raw, "the tombstones (removed rows)",
-                                   expect=(count + 7) // 8)
-            tomb = bitarray()
-            tomb.frombytes(bytes(payload))
-            tomb = tomb[:count]
+            what = "the tombstones (removed rows)"
+            payload = self._unseal("meta", b"tombstones", raw, what)
+            if len(payload) < 8:
+                raise self.corrupt(f"{what} are truncated")
+            covered = struct.unpack("<Q", payload[:8])[0]
+            if covered > count or len(payload) != 8 + (covered + 7) // 8:
+                raise self.corrupt(f"{what} cover {covered} rows in {len(payload) - 8} bytes, the "
+                                   f"index has {count} rows")
+            bits = bitarray()
+            bits.frombytes(bytes(payload[8:]))
+            tomb[:covered] = bits[:covered]
+            if tomb.count() != removed:
+                raise self.corrupt(f"the tombstones mark {tomb.count()} rows removed, its meta {removed}")
         return tomb
+
+    @staticmethod
+    def _tombstone_payload(tomb: bitarray) -> bytes:
+        return struct.pack("<Q", len(tomb)) + tomb.tobytes()
 
     # -- meta --------------------------------------------------------------------------------
     def initialise(self, bits: int, chunk_size: int, info: dict, build: dict | None = None):
         self._writable()
         meta = {"format_version": FORMAT_VERSION, "bits": int(bits), "count": 0,
                 "chunk_size": int(chunk_size), "id_mode": None, "info": info,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "generation": 1, "build": build}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "generation": 1, "build": build,
+                "removed": 0}
         _validate_meta(json.loads(json.dumps(meta)), self.path)
         try:
             with self.env.begin(write=True) as txn:
@@ -450,11 +586,31 @@ class LMDBStore:
                 return result
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.BadValsizeError) as exc:
+                raise self.corrupt(f"LMDB found its own structure damaged while writing ({exc}); "
+                                   f"nothing of this {what} was written") from None
             except lmdb.Error as exc:
-                raise HashretError(f"cannot {what} in the index at {self.path}: {os_problem(exc)}; "
+                raise HashretError(f"cannot {what} in the index at {self.path}: {self._write_problem(exc)}; "
                                    f"nothing of it was written, the index holds what it held "
                                    f"({self.meta['count'] if self.meta else '?'} rows)") from None
         raise HashretError(f"cannot {what} in the index at {self.path}: its map cannot grow further")
+
+    def _write_problem(self, exc) -> str:
+        """LMDB reports a short write on a full disk as EIO; the file system says what it was."""
+        problem = os_problem(exc)
+        try:
+            st = os.statvfs(self.path)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            return problem
+        if problem in ("input/output error", "no space left on device") and free < (64 << 20):
+            return f"no space left on device ({free // 1024} KiB free); free some space"
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if problem == "input/output error" and limit != resource.RLIM_INFINITY:
+            return f"file size limit reached (ulimit -f: {limit} bytes); raise it"
+        return problem
 
     def append(self, packed: np.ndarray, ids, items, id_mode: str, build: dict | None = None):
         """Append one batch in one transaction; returns the first new row. ``build``: fields
@@ -493,69 +649,82 @@ class LMDBStore:
                 txn.put(_key(c), _seal("ids", _key(c), ihead + ids[pos:pos + take].astype("<i8").tobytes()),
                         db=self.db["ids"])
             pos += take
-        if ids is not None:
-            pairs = [(k, _seal("idrev", k, _key(first_row + j)))
-                     for j, k in enumerate(map(_id_key, ids.tolist()))]
-            with txn.cursor(db=self.db["idrev"]) as cur:
-                added = cur.putmulti(pairs, overwrite=False)[1]
-            if added != n:
-                dup = next(int(i) for i in ids.tolist()
-                           if txn.get(_id_key(i), db=self.db["idrev"]) is not None
-                           and int(self._row_of(txn, i)) < first_row)
-                raise HashretError(f"id {dup} is already in the index: ids must be unique")
         if items is not None:
             with txn.cursor(db=self.db["items"]) as cur:
                 cur.putmulti([(_key(first_row + j), _seal("items", _key(first_row + j), json.dumps(it).encode()))
                               for j, it in enumerate(items) if it is not None])
+            given = first_row + np.flatnonzero([it is not None for it in items])
+            for c in np.unique(given // cs).tolist():
+                bm = self._presence(txn, c, cs)
+                for r in given[given // cs == c].tolist():
+                    bm[r - c * cs] = True
+                txn.put(_key(c), _seal("present", _key(c), bm.tobytes()), db=self.db["present"])
+
+    def _presence(self, txn, c: int, cs: int) -> bitarray:
+        """Which rows of chunk ``c`` have a payload (verified; all False when none has)."""
+        bm = bitarray(cs)
+        bm.setall(False)
+        raw = txn.get(_key(c), db=self.db["present"])
+        if raw is not None:
+            bm = bitarray()
+            bm.frombytes(bytes(self._unseal("present", _key(c), raw, f"the payload map of chunk {c}",
+                                            expect=(cs + 7) // 8)))
+            bm = bm[:cs]
+        return bm
 
     def write_tombstones(self, tomb: bitarray):
         def fn(txn, meta):
             check(len(tomb) == meta["count"], "internal: tombstones do not cover every row")
-            txn.put(b"tombstones", _seal("meta", b"tombstones", tomb.tobytes()), db=self.db["meta"])
+            meta["removed"] = tomb.count()
+            txn.put(b"tombstones", _seal("meta", b"tombstones", self._tombstone_payload(tomb)),
+                    db=self.db["meta"])
 
         self._transact("remove", fn)
 
     def rewrite(self, packed, ids, keep_rows):
         """Compaction: the kept rows, renumbered from 0, in one transaction."""
         def fn(txn, meta):
+            broken = walk_tables(self.path, txn.id() - 1, [n.decode() for n in _DBS])
+            if broken:
+                table, why = next(iter(broken.items()))
+                raise self.corrupt(f"LMDB's pages of the '{table}' table are damaged: {why}")
             old_items = {}
             with txn.cursor(db=self.db["items"]) as cur:
                 for k, v in cur:
                     row = struct.unpack(">Q", k)[0]
                     old_items[row] = json.loads(bytes(self._unseal("items", bytes(k), v, f"the payload of row {row}")))
-            for name in ("codes", "ids", "idrev", "items"):
+            for name in ("codes", "ids", "items", "present"):
                 txn.drop(self.db[name], delete=False)
             items = [old_items.get(int(r)) for r in keep_rows] if old_items else None
             if len(packed):
                 self._put_rows(txn, 0, meta["chunk_size"], packed, ids, items)
             meta["count"] = len(packed)
             meta["id_mode"] = "explicit"
+            meta["removed"] = 0
             txn.delete(b"tombstones", db=self.db["meta"])
 
         self._transact("compact", fn)
 
     # -- point reads ---------------------------------------------------------------------------
     def items_of_rows(self, rows) -> list:
+        """Payloads of rows (None where none was given); a payload the chunk's map lists but
+        the table lacks, or the reverse, is damage."""
         out = []
+        maps: dict = {}
         with self._reading() as txn:
+            cs = self._read_meta(txn)["chunk_size"]
             for r in rows:
-                k = _key(int(r))
+                r = int(r)
+                c = r // cs
+                if c not in maps:
+                    maps[c] = self._presence(txn, c, cs)
+                k = _key(r)
                 raw = txn.get(k, db=self.db["items"])
+                if (raw is None) == maps[c][r - c * cs]:
+                    raise self.corrupt(f"the payload of row {r} is {'missing' if raw is None else 'not listed in its chunk map'}")
                 out.append(None if raw is None else
-                           json.loads(bytes(self._unseal("items", k, raw, f"the payload of row {int(r)}"))))
+                           json.loads(bytes(self._unseal("items", k, raw, f"the payload of row {r}"))))
         return out
-
-    def _row_of(self, txn, ext_id: int):
-        k = _id_key(int(ext_id))
-        raw = txn.get(k, db=self.db["idrev"])
-        if raw is None:
-            return -1
-        return struct.unpack(">Q", self._unseal("idrev", k, raw, f"the row of id {int(ext_id)}", expect=8))[0]
-
-    def rows_of_ids(self, ids) -> np.ndarray:
-        """Rows of external ids through the idrev B-tree; -1 where unknown."""
-        with self._reading() as txn:
-            return np.array([self._row_of(txn, i) for i in ids], dtype=np.int64)
 
     def _writable(self):
         check(not self.readonly, f"the index at {self.path} is open read-only: open it with "
@@ -569,6 +738,11 @@ class LMDBStore:
         report = {"ok": False, "problems": problems, "rows": None, "chunks": 0, "items": 0, "ids": 0}
         try:
             with self.env.begin(buffers=True) as txn:
+                broken = walk_tables(self.path, txn.id(), [n.decode() for n in _DBS])
+                for table, why in broken.items():
+                    problems.append(f"LMDB's pages of the '{table}' table are damaged: {why}")
+                if broken:
+                    return report  # a cursor over damaged pages may abort the process
                 try:
                     meta = self._read_meta(txn)
                 except HashretError as exc:
@@ -606,24 +780,33 @@ class LMDBStore:
                     self._read_tombstones(txn, count)
                 except CorruptError as exc:
                     problems.append(_strip(exc))
-                with txn.cursor(db=self.db["idrev"]) as cur:
-                    n_rev = 0
+                report["ids"] = count if explicit else 0
+                from hashret.index.hash_index import all_unique
+
+                if explicit and not problems and not all_unique(ids):
+                    problems.append("the id chunks list an id twice")
+                listed = bitarray(n_chunks * cs)
+                listed.setall(False)
+                with txn.cursor(db=self.db["present"]) as cur:
                     for k, v in cur:
-                        n_rev += 1
-                        i = struct.unpack(">q", k)[0] if len(k) == 8 else None
+                        c = struct.unpack(">Q", k)[0] if len(k) == 8 else -1
+                        if not 0 <= c < n_chunks:
+                            problems.append(f"the payload maps hold an unexpected key {bytes(k).hex()}")
+                            continue
                         try:
-                            row = struct.unpack(">Q", self._unseal("idrev", bytes(k), v, f"the row of id {i}", expect=8))[0]
+                            bm = bitarray()
+                            bm.frombytes(bytes(self._unseal("present", bytes(k), v, f"the payload map of chunk {c}",
+                                                            expect=(cs + 7) // 8)))
+                            listed[c * cs:(c + 1) * cs] = bm[:cs]
                         except CorruptError as exc:
                             problems.append(_strip(exc))
-                            continue
-                        if not explicit or row >= count or ids[row] != i:
-                            problems.append(f"the id index maps id {i} to row {row}, which holds another id")
-                    if explicit and n_rev != count:
-                        problems.append(f"the id index holds {n_rev} ids for {count} rows")
-                    report["ids"] = n_rev
+                found = bitarray(n_chunks * cs)
+                found.setall(False)
                 with txn.cursor(db=self.db["items"]) as cur:
                     for k, v in cur:
                         row = struct.unpack(">Q", k)[0] if len(k) == 8 else None
+                        if row is not None and row < count:
+                            found[row] = True
                         if row is None or row >= count:
                             problems.append(f"items holds a payload for row {row}, beyond the {count} rows")
                             continue
@@ -634,6 +817,13 @@ class LMDBStore:
                             problems.append(_strip(exc))
                         except ValueError:
                             problems.append(f"the payload of row {row} is not JSON")
+                missing = listed & ~found
+                extra = found & ~listed
+                for what, bits_ in (("missing", missing), ("not listed in its chunk map", extra)):
+                    rows_ = list(bits_.search(1))
+                    if rows_:
+                        problems.append(f"the payloads of {len(rows_)} rows are {what} (rows "
+                                        f"{', '.join(map(str, rows_[:5]))}{', ...' if len(rows_) > 5 else ''})")
         except lmdb.Error as exc:
             problems.append(f"LMDB's own structure is damaged ({os_problem(exc)})")
         report["ok"] = not problems

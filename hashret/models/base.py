@@ -156,7 +156,23 @@ class HashModel:
                 self.stats[mod] = (state[f"stats.{mod}.mean"], state[f"stats.{mod}.std"])
         self._load_state({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         self.fitted = True
+        self._probe()
         return self
+
+    def _probe(self):
+        """Weights from another run can load without complaint and fail only when encoding:
+        one zero input per modality must give ``bits`` outputs."""
+        for mod in MODALITIES:
+            dim = self.config.get(f"{mod}_dim")
+            if not dim:
+                continue
+            try:
+                out = np.asarray(self._project(self._standardise(np.zeros((1, dim), np.float32), mod), mod))
+            except Exception as exc:  # noqa: BLE001 -- any failure means the arrays do not fit
+                raise HashretError(f"the {mod} side fails on a {dim}-d input ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+            check(out.shape == (1, self.bits), f"the {mod} side gives {out.shape[-1]} outputs where the "
+                  f"config says {self.bits} bits")
 
     def _state(self) -> dict:
         raise NotImplementedError

@@ -158,8 +158,15 @@ def checkpoint_dataset(run_dir, dataset=None, data_root=None):
         data_root = data_root or info.get("data_root")
     if is_scene_spec(dataset):
         return load_scenes(dataset)
-    split = run_dir / "split.npz" if dataset == spec and (run_dir / "split.npz").is_file() else None
-    return load_dataset(dataset, data_root=data_root, split=split)
+    own = dataset == spec
+    split = run_dir / "split.npz" if own and (run_dir / "split.npz").is_file() else None
+    ds = load_dataset(dataset, data_root=data_root, split=split)
+    want = (info.get("dataset") or {}).get("fingerprint")
+    if own and want is not None and ds.fingerprint() != want:
+        raise HashretError(f"the data {run_dir} was trained on ({spec}) no longer matches it: its "
+                           f"split.npz is {'missing' if split is None else 'another one'} or the data "
+                           "files changed; restore them, or pass --dataset to use other data on purpose")
+    return ds
 
 
 def fingerprint(run_dir) -> str:

@@ -1,4 +1,5 @@
 import json
+import struct
 import os
 import signal
 import subprocess
@@ -183,3 +184,174 @@ def test_reader_in_another_process_sees_committed_batches(tmp_path):
         w.add(db[100:])
         got = read()
         assert got["n"] == 300 and got["first"] == db[:1].tolist()
+
+
+# -- integrity (format 2) --------------------------------------------------------------------
+from hashret.errors import CorruptError  # noqa: E402
+
+
+def _flip_inside(path, needle: bytes):
+    """Flip one byte in the middle of the first place ``needle`` sits in data.mdb."""
+    data = bytearray((path / "data.mdb").read_bytes())
+    at = data.find(needle)
+    assert at >= 0
+    data[at + len(needle) // 2] ^= 0x5A
+    (path / "data.mdb").write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_chunk_is_reported_by_open_and_verify(tmp_path):
+    db = codes(1000)
+    with HashIndex.create(tmp_path / "ix", 64, chunk_size=256) as w:
+        w.add(db, ids=np.arange(1000) * 3)
+    _flip_inside(tmp_path / "ix", db[300:400].tobytes())  # rows 300..399 lie in chunk 1
+    with pytest.raises(CorruptError, match=r"code chunk 1 \(rows 256..511\) fails its checksum"):
+        HashIndex.open(tmp_path / "ix")
+    from hashret.index.pipeline import verify_index
+
+    report = verify_index(tmp_path / "ix")
+    assert not report["ok"] and report["problems"] == ["code chunk 1 (rows 256..511) fails its checksum"]
+
+
+def test_truncated_and_foreign_files_are_errors_not_signals(tmp_path):
+    with HashIndex.create(tmp_path / "ix", 64) as w:
+        w.add(codes(20000))
+    size = (tmp_path / "ix" / "data.mdb").stat().st_size
+    os.truncate(tmp_path / "ix" / "data.mdb", size // 2)
+    with pytest.raises(CorruptError, match="data.mdb is truncated"):
+        HashIndex.open(tmp_path / "ix")
+    (tmp_path / "ix" / "data.mdb").write_bytes(b"\x00" * 10000)
+    with pytest.raises(CorruptError, match="LMDB header"):
+        HashIndex.open(tmp_path / "ix")
+
+
+def test_one_writer_in_this_process_readers_never_blocked(tmp_path):
+    w = HashIndex.create(tmp_path / "ix", 64)
+    w.add(codes(10))
+    with pytest.raises(HashretError, match="already has a writer .*this process"):
+        HashIndex.open(tmp_path / "ix", readonly=False)
+    with HashIndex.open(tmp_path / "ix") as r:
+        assert len(r) == 10
+    w.close()
+    with HashIndex.open(tmp_path / "ix", readonly=False) as w2:  # free once the first closed
+        w2.add(codes(5, seed=1))
+        assert len(w2) == 15
+
+
+def test_removed_rows_survive_later_appends_and_a_lost_tombstone_is_damage(tmp_path):
+    with HashIndex.create(tmp_path / "ix", 64, chunk_size=64) as w:
+        w.add(codes(100))
+        w.remove([5, 70])
+        w.add(codes(300, seed=2))  # rows appended after the tombstones were written
+    with HashIndex.open(tmp_path / "ix") as r:
+        assert len(r) == 398 and not r.contains(5) and not r.contains(70) and r.contains(399)
+        assert r.verify()["ok"]
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "ix"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.delete(b"tombstones", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(CorruptError, match="tombstones of its 2 removed rows are missing"):
+        HashIndex.open(tmp_path / "ix")
+
+
+def test_a_lost_payload_is_damage_not_none(tmp_path):
+    with HashIndex.create(tmp_path / "ix", 64) as w:
+        w.add(codes(10), items=[{"i": i} if i % 2 else None for i in range(10)])
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "ix"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.delete(struct.pack(">Q", 3), db=env.open_db(b"items", txn=txn))
+    env.close()
+    with HashIndex.open(tmp_path / "ix") as r:
+        assert r.items([1, 2]) == [{"i": 1}, None]  # never given: None
+        with pytest.raises(CorruptError, match="payload of row 3 is missing"):
+            r.items([3])
+        assert "the payloads of 1 rows are missing (rows 3)" in r.verify()["problems"]
+
+
+def test_no_silent_conversions(tmp_path):
+    ix = HashIndex(64)
+    bits = np.zeros((2, 64), dtype=np.int64)
+    bits[0, 0] = bits[1, 63] = 1
+    ix.add(bits)  # 0/1 integers are bits, not signs (which would store every bit as 1)
+    np.testing.assert_array_equal(ix.packed_codes(), np.packbits(bits.astype(bool), axis=1))
+    with pytest.raises(HashretError, match=r"ids must lie in \[0,"):
+        ix2 = HashIndex(64)
+        ix2.add(codes(1), ids=np.array([2**64 - 1], dtype=np.uint64))
+    with pytest.raises(HashretError, match="0/1 bits or \\+-1 signs"):
+        HashIndex(64).add(np.array([[-1, 0, 1, 1] * 16]))
+    with pytest.raises(HashretError, match="k must be a positive integer"):
+        ix.search(codes(1), True)
+
+
+def test_explicit_id_map_equals_a_dict_and_stays_logarithmic():
+    from hashret.index.hash_index import _IdMap
+
+    rng = np.random.default_rng(0)
+    m, truth, row = _IdMap(), {}, 0
+    for size in rng.integers(1, 300, size=200):
+        ids = rng.choice(10**9, size=size, replace=False)
+        ids = np.array([i for i in ids if i not in truth], dtype=np.int64)
+        m.add(ids, row)
+        truth.update({int(i): row + j for j, i in enumerate(ids)})
+        row += len(ids)
+    probe = np.concatenate([np.array(list(truth)[::7], dtype=np.int64), [-5, 10**12]])
+    want = [truth.get(int(i), -1) for i in probe]
+    assert m.lookup(probe).tolist() == want
+    assert len(m.runs) <= 2 * int(np.log2(row)) + 2
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_committed(tmp_path):
+    # RLIMIT_FSIZE makes writes past 2 MiB fail as a full disk does, without root or a mount
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        import numpy as np
+        from hashret.errors import HashretError
+        from hashret.index import HashIndex
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+        ix = HashIndex.create(sys.argv[1], 512)
+        rng = np.random.default_rng(0)
+        try:
+            for b in range(100):
+                ix.add(rng.integers(0, 256, (1000, 64), dtype=np.uint8))
+        except HashretError as exc:
+            print(len(ix), exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ix")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    held, message = out.stdout.split(" ", 1)
+    assert "file size limit reached" in message and f"the index holds what it held ({held} rows)" in message
+    with HashIndex.open(tmp_path / "ix") as r:
+        assert len(r) == int(held) > 0 and r.verify()["ok"]
+
+
+def test_a_zeroed_btree_page_is_reported_not_an_abort(tmp_path):
+    # LMDB asserts (SIGABRT) when a cursor steps onto a page of the wrong type; verify and
+    # compact walk the pages first. Run in a child so an abort fails the test, not pytest.
+    with HashIndex.create(tmp_path / "ix", 64) as w:
+        w.add(codes(3000), items=[{"i": i, "pad": "x" * 40} for i in range(3000)])
+    data = bytearray((tmp_path / "ix" / "data.mdb").read_bytes())
+    at = data.find(b'{"i": 1500,') // 4096 * 4096  # a leaf page of the payload table
+    data[at:at + 4096] = bytes(4096)
+    (tmp_path / "ix" / "data.mdb").write_bytes(bytes(data))
+    script = textwrap.dedent("""
+        import sys
+        from hashret.errors import CorruptError
+        from hashret.index import HashIndex
+        from hashret.index.pipeline import verify_index
+        print(verify_index(sys.argv[1])["problems"])
+        try:
+            with HashIndex.open(sys.argv[1], readonly=False) as w:
+                w.remove([1]); w.compact()
+        except CorruptError as exc:
+            print("compact:", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ix")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pages of the 'items' table are damaged" in out.stdout
+    assert "compact: the index at" in out.stdout and "does not name itself" in out.stdout

@@ -3,6 +3,8 @@ import shutil
 
 import numpy as np
 import pytest
+
+from hashret.errors import HashretError
 from click.testing import CliRunner
 
 from hashret.cli import main
@@ -125,3 +127,83 @@ def test_append_with_the_same_model(runs, tmp_path):
     build_index(root / "a", "text", out, part="database", append=True, progress=False, **QUIET)
     with HashIndex.open(out) as ix:
         assert len(ix) == 600
+
+
+# -- builds that finish or say so ----------------------------------------------------------------
+def _failing_after(monkeypatch, n_calls):
+    """Make the model's encoder fail on its (n_calls + 1)-th batch."""
+    from hashret.index import pipeline
+
+    real = pipeline._source
+    calls = {"n": 0}
+
+    def source(*a, **kw):
+        rows, encode, payloads = real(*a, **kw)
+
+        def flaky(batch):
+            calls["n"] += 1
+            if calls["n"] > n_calls:
+                raise HashretError("feature file unreadable (simulated)")
+            return encode(batch)
+
+        return rows, flaky, payloads
+
+    monkeypatch.setattr(pipeline, "_source", source)
+
+
+def _same_index(a, b):
+    with HashIndex.open(a) as x, HashIndex.open(b) as y:
+        rows = np.arange(x.n_rows)
+        assert x.n_rows == y.n_rows
+        np.testing.assert_array_equal(x.packed_codes(), y.packed_codes())
+        np.testing.assert_array_equal(x._ids_of_rows(rows), y._ids_of_rows(rows))
+        assert x.items(x._ids_of_rows(rows)) == y.items(y._ids_of_rows(rows))
+        assert x.info()["complete"] and y.info()["complete"]
+
+
+def test_failed_build_is_partial_and_resumes_to_the_uninterrupted_index(runs, tmp_path, monkeypatch):
+    root, _ = runs
+    _failing_after(monkeypatch, 3)
+    with pytest.raises(HashretError, match="holds 150 rows, marked partial.*--resume"):
+        build_index(root / "a", "text", tmp_path / "ix", batch_size=50, progress=False, **QUIET)
+    monkeypatch.undo()
+    info = CliRunner().invoke(main, ["info", "--index", str(tmp_path / "ix")])
+    assert json.loads(info.stdout)["complete"] is False
+    q = CliRunner().invoke(main, ["query", "--index", str(tmp_path / "ix"), "--checkpoint", str(root / "a"),
+                                  "--item", "3"])
+    assert q.exit_code == 0 and "warning: the index at" in q.stderr and "partial" in q.stderr
+    again = CliRunner().invoke(main, ["build-index", "--checkpoint", str(root / "a"), "--modality", "text",
+                                      "--out", str(tmp_path / "ix")])
+    assert again.exit_code == 2 and "interrupted build (150 of 540 items committed)" in again.stderr
+    build_index(root / "a", "text", tmp_path / "ix", batch_size=64, resume=True, progress=False, **QUIET)
+    _same_index(tmp_path / "ix", root / "ix_text")
+
+
+def test_fresh_build_failing_before_its_first_commit_leaves_nothing(runs, tmp_path, monkeypatch):
+    root, _ = runs
+    _failing_after(monkeypatch, 0)
+    with pytest.raises(HashretError, match="simulated"):
+        build_index(root / "a", "text", tmp_path / "ix", batch_size=50, progress=False, **QUIET)
+    assert not (tmp_path / "ix").exists()
+    _failing_after(monkeypatch, 1)  # fails after the folder was created, before any commit
+    with pytest.raises(HashretError):
+        build_index(root / "a", "text", tmp_path / "ix2", batch_size=50, progress=False, **QUIET)
+    monkeypatch.undo()
+    build_index(root / "a", "text", tmp_path / "ix2", batch_size=50, progress=False, **QUIET)  # no flags
+    _same_index(tmp_path / "ix2", root / "ix_text")
+
+
+def test_damaged_checkpoints_name_the_file_and_field(runs, tmp_path):
+    root, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "a", run)
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["config"]["bits"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(main, ["query", "--index", str(root / "ix_text"), "--checkpoint", str(run), "--item", "3"])
+    assert res.exit_code == 2 and "config.json: config field 'bits' is missing" in res.stderr
+    shutil.copytree(root / "a", run, dirs_exist_ok=True)
+    shutil.copy(root / "b64" / "weights.pt", run / "weights.pt")
+    res = CliRunner().invoke(main, ["encode", "--checkpoint", str(run), "--modality", "text", "--out",
+                                    str(tmp_path / "c.npy")])
+    assert res.exit_code == 2 and "weights.pt does not fit" in res.stderr and res.stderr.count("\n") == 1
