@@ -4,7 +4,12 @@
     python benchmarks/search.py --quick          # 1e5 codes, a smoke run
 
 Random codes; k = 100 and 1000; 1 query and 100 queries; medians over --repeats runs, and
-the ratio of each peer's median to hashret's (> 1: hashret is faster). Every hashret result
+the ratio of each peer's median to hashret's (> 1: hashret is faster). Beside each figure, in
+the same run, the machine's limit for it: the read floor (a plain multi-threaded read of the
+same codes, which one query must read once) and the popcount roof (the scan's inner loop over
+a cache-resident block, word-distances/s), each the fastest of 11 runs (a limit is what the
+hardware can do; hashret's and faiss' figures are medians, so the share is conservative);
+"of limit" = the larger of the two times divided by hashret's median. --threads 1,2 adds a one-thread row for each cell. Every hashret result
 is checked against numpy's (ids, ties by row) or faiss' (distances) before it is timed.
 Then LMDB: build throughput (batches of 65,536, one transaction each) and the time to open
 and load the largest index into memory.
@@ -24,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from hashret.index import HashIndex  # noqa: E402
+from hashret.index import kernels  # noqa: E402
 
 
 def median_ms(fn, repeats):
@@ -57,6 +63,7 @@ def main():
     ap.add_argument("--k", default="100,1000")
     ap.add_argument("--queries", default="1,100")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", default=None, help="comma list of thread counts [default: NUMBA_NUM_THREADS]")
     ap.add_argument("--lmdb-only", action="store_true",
                     help="Only the LMDB figures, at the largest of --sizes.")
     ap.add_argument("--numpy-limit", type=float, default=2e8,
@@ -74,6 +81,8 @@ def main():
     import numba
 
     sizes = [tuple(int(float(v)) for v in s.split(":")) for s in args.sizes.split(",")]
+    thread_counts = ([int(t) for t in args.threads.split(",")] if args.threads
+                     else [numba.get_num_threads()])
     ks = [int(v) for v in args.k.split(",")]
     nqs = [int(v) for v in args.queries.split(",")]
     print(f"threads: numba {numba.get_num_threads()}, faiss "
@@ -101,11 +110,12 @@ def main():
         if faiss is not None:
             fidx = faiss.IndexBinaryFlat(bits)
             fidx.add(db)
+        limits = {t: (kernels.read_floor_seconds(index._words[:n], t), kernels.popcount_roof(t))
+                  for t in thread_counts}
         for nq in nqs:
             q = queries[:nq]
             for k in ks:
                 d, ids = index.search(q, k)
-                rec = {"n": n, "bits": bits, "queries": nq, "k": k}
                 run_np = n * nq <= args.numpy_limit
                 if run_np:
                     nd, ni = numpy_topk(db, q, k)
@@ -113,14 +123,22 @@ def main():
                 if fidx is not None:
                     fd, _ = fidx.search(q, k)
                     assert (fd == d).all(), "hashret's distances differ from faiss'"
-                rec["hashret_ms"] = median_ms(lambda: index.search(q, k), args.repeats)
-                if fidx is not None:
-                    rec["faiss_ms"] = median_ms(lambda: fidx.search(q, k), args.repeats)
-                if run_np:
-                    rec["numpy_ms"] = median_ms(lambda: numpy_topk(db, q, k), max(1, args.repeats // 3))
-                records.append(rec)
-                rows.append(rec)
-                print(_row(rec), flush=True)
+                for t in thread_counts:
+                    floor_s, roof = limits[t]
+                    roof_s = n * nq * index.n_words / roof
+                    rec = {"n": n, "bits": bits, "queries": nq, "k": k, "threads": t,
+                           "read_floor_ms": floor_s * 1e3, "roof_ms": roof_s * 1e3,
+                           "roof_g_word_distances_per_s": roof / 1e9}
+                    rec["hashret_ms"] = median_ms(lambda: index.search(q, k, threads=t), args.repeats)
+                    rec["of_limit"] = max(floor_s, roof_s) * 1e3 / rec["hashret_ms"]
+                    if fidx is not None:
+                        faiss.omp_set_num_threads(t)
+                        rec["faiss_ms"] = median_ms(lambda: fidx.search(q, k), args.repeats)
+                    if run_np and t == thread_counts[-1]:
+                        rec["numpy_ms"] = median_ms(lambda: numpy_topk(db, q, k), max(1, args.repeats // 3))
+                    records.append(rec)
+                    rows.append(rec)
+                    print(_row(rec), flush=True)
         index = fidx = None  # free the memory before the next size
     print()
     print(_table(rows))
@@ -182,8 +200,8 @@ def lmdb_figures(db, bits, batch=65536):
 
 
 def _row(r):
-    parts = [f"N={r['n']:>10,} bits={r['bits']:>3} Q={r['queries']:>3} k={r['k']:>4}:",
-             f"hashret {r['hashret_ms']:9.2f} ms"]
+    parts = [f"N={r['n']:>10,} bits={r['bits']:>3} Q={r['queries']:>3} k={r['k']:>4} t={r['threads']}:",
+             f"hashret {r['hashret_ms']:9.2f} ms ({r['of_limit']:4.0%} of limit)"]
     for peer in ("faiss", "numpy"):
         if f"{peer}_ms" in r:
             parts.append(f"{peer} {r[f'{peer}_ms']:9.2f} ms ({r[f'{peer}_ms'] / r['hashret_ms']:5.1f}x)")
@@ -191,12 +209,14 @@ def _row(r):
 
 
 def _table(rows):
-    lines = ["| N | bits | queries | k | hashret ms | faiss ms | faiss / hashret | numpy ms | numpy / hashret |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | bits | queries | k | threads | read floor ms | popcount roof ms | hashret ms | of limit "
+             "| faiss ms | faiss / hashret | numpy ms | numpy / hashret |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r.get("faiss_ms")
         npm = r.get("numpy_ms")
-        lines.append(f"| {r['n']:,} | {r['bits']} | {r['queries']} | {r['k']} | {r['hashret_ms']:.2f} | "
+        lines.append(f"| {r['n']:,} | {r['bits']} | {r['queries']} | {r['k']} | {r['threads']} | "
+                     f"{r['read_floor_ms']:.2f} | {r['roof_ms']:.2f} | {r['hashret_ms']:.2f} | {r['of_limit']:.0%} | "
                      + (f"{f:.2f} | {f / r['hashret_ms']:.1f}x | " if f else "– | – | ")
                      + (f"{npm:.1f} | {npm / r['hashret_ms']:.0f}x |" if npm else "– | – |"))
     return "\n".join(lines)

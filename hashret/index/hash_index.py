@@ -24,15 +24,26 @@ DEFAULT_CHUNK = 65536
 _MAX_ID = np.iinfo(np.int64).max
 
 
-def _to_words(packed: np.ndarray, n_words: int) -> np.ndarray:
-    """(n, bytes) uint8 -> (n, n_words) uint64, zero padding (the same in every code, so it
+def word_layout(n_bytes: int):
+    """(dtype, words per code) the scan reads a code as: the smallest unsigned word that holds
+    a code of up to 4 bytes (so 16- and 32-bit codes take 2 and 4 bytes in memory, not 8),
+    else 64-bit words."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if n_bytes <= np.dtype(dtype).itemsize:
+            return np.dtype(dtype), 1
+    return np.dtype(np.uint64), (n_bytes + 7) // 8
+
+
+def _to_words(packed: np.ndarray, dtype, n_words: int) -> np.ndarray:
+    """(n, bytes) uint8 -> (n, n_words) words, zero padding (the same in every code, so it
     never changes a distance)."""
     n, nb = packed.shape
-    if nb == n_words * 8:
-        return np.ascontiguousarray(packed).view("<u8").reshape(n, n_words)
-    buf = np.zeros((n, n_words * 8), dtype=np.uint8)
+    width = n_words * dtype.itemsize
+    if nb == width:
+        return np.ascontiguousarray(packed).view(dtype.newbyteorder("<")).reshape(n, n_words)
+    buf = np.zeros((n, width), dtype=np.uint8)
     buf[:, :nb] = packed
-    return buf.view("<u8").reshape(n, n_words)
+    return buf.view(dtype.newbyteorder("<")).reshape(n, n_words)
 
 
 def positive_int(value, name: str) -> int:
@@ -128,7 +139,7 @@ class HashIndex:
 
     ``HashIndex(bits)`` lives in memory; ``HashIndex.create(path, bits)`` and
     ``HashIndex.open(path, readonly=True)`` keep it in an LMDB folder, loaded into memory
-    on open (one contiguous uint64 array, every chunk's checksum verified) and appended to
+    on open (one contiguous array of words, every chunk's checksum verified) and appended to
     batch by batch. One writer per folder: opening for writing takes ``writer.lock`` and a
     second writer, in this process or another, is refused until the first is closed.
     """
@@ -139,9 +150,9 @@ class HashIndex:
               "32, 64, 128, ...")
         self.bits = int(bits)
         self.n_bytes = self.bits // 8
-        self.n_words = (self.n_bytes + 7) // 8
+        self.word_dtype, self.n_words = word_layout(self.n_bytes)
         self.info_meta = dict(info or {})
-        self._words = np.zeros((1024, self.n_words), dtype=np.uint64)
+        self._words = np.zeros((1024, self.n_words), dtype=self.word_dtype)
         self._n = 0
         self._ids = None  # None: an item's id is its row
         self._id_mode = None
@@ -191,7 +202,7 @@ class HashIndex:
         try:
             meta = store.read_meta()
             index = cls(meta["bits"], meta["info"])
-            meta, words, ids, tomb = store.load(index.n_words)
+            meta, words, ids, tomb = store.load(index.word_dtype, index.n_words)
         except BaseException:
             store.close()
             raise
@@ -273,10 +284,10 @@ class HashIndex:
         n = len(packed)
         need = self._n + n
         if need > len(self._words):
-            grown = np.zeros((max(need, 2 * len(self._words)), self.n_words), dtype=np.uint64)
+            grown = np.zeros((max(need, 2 * len(self._words)), self.n_words), dtype=self.word_dtype)
             grown[: self._n] = self._words[: self._n]
             self._words = grown
-        self._words[self._n:need] = _to_words(packed, self.n_words)
+        self._words[self._n:need] = _to_words(packed, self.word_dtype, self.n_words)
         if mode == "explicit":
             if self._ids is None:
                 self._ids = np.zeros(max(need, 1024), dtype=np.int64)
@@ -295,7 +306,7 @@ class HashIndex:
         self._deleted_mask = None
 
     def _reset_arrays(self):
-        self._words = np.zeros((1024, self.n_words), dtype=np.uint64)
+        self._words = np.zeros((1024, self.n_words), dtype=self.word_dtype)
         self._n = 0
         self._ids, self._id_mode = None, None
         self._idmap = _IdMap()
@@ -306,7 +317,7 @@ class HashIndex:
     def _query_words(self, queries):
         packed = self._as_packed(queries, "queries")
         check(len(packed) > 0, "the query is empty: give at least one query code")
-        return _to_words(packed, self.n_words)
+        return _to_words(packed, self.word_dtype, self.n_words)
 
     def _deleted(self):
         if not self._tomb.any():
@@ -315,17 +326,18 @@ class HashIndex:
             self._deleted_mask = np.frombuffer(self._tomb.unpack(), dtype=np.uint8)[: self._n].copy()
         return self._deleted_mask
 
-    def search(self, queries, k: int):
+    def search(self, queries, k: int, threads: int | None = None):
         """(distances, ids), int arrays of shape (Q, min(k, rows)), nearest first, ties by
-        row; -1 where fewer alive items exist. Memory is O(Q x min(k, rows)) for any k."""
+        row; -1 where fewer alive items exist. Memory is O(Q x min(k, rows)) for any k.
+        ``threads``: scan threads (default: NUMBA_NUM_THREADS)."""
         k = min(positive_int(k, "k"), self._n)
         q = self._query_words(queries)
         if k == 0:
             return np.zeros((len(q), 0), dtype=np.int32), np.zeros((len(q), 0), dtype=np.int64)
-        dist, rows = kernels.topk(self._words, self._n, q, k, self.bits, self._deleted())
+        dist, rows = kernels.topk(self._words, self._n, q, k, self.bits, self._deleted(), threads)
         return dist, self._ids_of_rows(rows)
 
-    def range_search(self, queries, radius: int):
+    def range_search(self, queries, radius: int, threads: int | None = None):
         """All items within Hamming distance ``radius``: (lims, distances, ids) as in faiss;
         query i's results are ``[lims[i], lims[i+1])``, by distance then row."""
         ok = isinstance(radius, (int, np.integer)) and not isinstance(radius, (bool, np.bool_)) and radius >= 0
@@ -334,7 +346,7 @@ class HashIndex:
         if self._n == 0:
             return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
         lims, dist, rows = kernels.range_search(self._words, self._n, q, int(min(radius, self.bits)),
-                                                self.bits, self._deleted())
+                                                self.bits, self._deleted(), threads)
         return lims, dist, self._ids_of_rows(rows)
 
     # -- ids, items, removal -------------------------------------------------------------
@@ -412,7 +424,7 @@ class HashIndex:
     def packed_codes(self, rows=None) -> np.ndarray:
         """Packed codes (N, bits/8) of ``rows`` (all rows when None)."""
         rows = np.arange(self._n) if rows is None else np.asarray(rows)
-        raw = self._words[rows].view(np.uint8).reshape(len(rows), self.n_words * 8)
+        raw = self._words[rows].view(np.uint8).reshape(len(rows), self.n_words * self.word_dtype.itemsize)
         return np.ascontiguousarray(raw[:, : self.n_bytes])
 
     def _item_row(self, row: int):
@@ -449,7 +461,7 @@ class HashIndex:
                 "readonly": bool(self._store and self._store.readonly),
                 "complete": build is None or build.get("state") == "complete",
                 "build": build, "created": self.created,
-                "memory_bytes": int(self._n * self.n_words * 8), "meta": self.info_meta}
+                "memory_bytes": int(self._n * self.n_words * self.word_dtype.itemsize), "meta": self.info_meta}
 
 
 def _json_items(items, n: int) -> list:

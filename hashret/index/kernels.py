@@ -11,6 +11,14 @@ rows arrive in increasing order. The per-thread sets are merged at the end.
 
 Distances are integers in [0, bits]; a removed row gets a distance above ``bits`` and never
 enters. ``cache=True`` keeps compilation out of every process after the first.
+
+Wide vectors: Numba compiles for the host CPU with LLVM's tuning for it, which on AVX-512
+server chips prefers 256-bit vectors, so popcount loops ran on ymm registers at half the
+width the hardware has. ``_wide()`` marks the LLVM function it is inlined into with
+``prefer-vector-width``/``min-legal-vector-width`` = 512: LLVM picks the subtarget per
+function, so hashret's scan loops get zmm registers and a user's other Numba code compiles as
+it always did (no NUMBA_CPU_FEATURES, nothing process-wide). On CPUs without AVX-512 the
+attribute changes nothing.
 """
 
 from __future__ import annotations
@@ -39,9 +47,23 @@ def _popcount(typingctx, x):
     return sig, codegen
 
 
+@intrinsic
+def _wide(typingctx):
+    """Prefer 512-bit vectors in the function this is inlined into (see the module's notes)."""
+    def codegen(context, builder, signature, args):
+        attrs = builder.function.attributes
+        # llvmlite validates attribute names against a fixed list without string attributes
+        set.add(attrs, '"prefer-vector-width"="512"')
+        set.add(attrs, '"min-legal-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 @njit(inline="always", cache=True)
 def _block_distances(blk, n_words, q, out):
     """out[i] = distance of row i of the 1-D slice ``blk`` (vectorised for 1 and 2 words)."""
+    _wide()
     n = blk.shape[0] // n_words
     if n_words == 1:
         q0 = q[0]
@@ -51,6 +73,11 @@ def _block_distances(blk, n_words, q, out):
         q0, q1 = q[0], q[1]
         for i in range(n):
             out[i] = np.int32(_popcount(blk[2 * i] ^ q0) + _popcount(blk[2 * i + 1] ^ q1))
+    elif n_words == 4:
+        q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
+        for i in range(n):
+            out[i] = np.int32(_popcount(blk[4 * i] ^ q0) + _popcount(blk[4 * i + 1] ^ q1)
+                              + _popcount(blk[4 * i + 2] ^ q2) + _popcount(blk[4 * i + 3] ^ q3))
     else:
         for i in range(n):
             acc = np.uint64(0)
@@ -67,8 +94,24 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
     ``tile`` is a 1-D slice of the flat code array: loops over a slice indexed from 0
     vectorise, loops indexed from a computed offset stayed scalar and ran 5x slower. For
     one-word codes, GROUP queries share each load."""
+    _wide()
     n = tile.shape[0] // n_words
     nblocks = (n + BLOCK - 1) // BLOCK
+    if n_words == 1 and nq == 1:  # one query: one popcount per word, not a padded group's four
+        a = queries[q0, 0]
+        pen = np.uint64(penalty)
+        for bl in range(nblocks):
+            blk = tile[bl * BLOCK:min(n, (bl + 1) * BLOCK)]
+            ma = pen
+            if has_deleted:
+                dblk = dtile[bl * BLOCK:min(n, (bl + 1) * BLOCK)]
+                for i in range(blk.shape[0]):
+                    ma = min(ma, _popcount(blk[i] ^ a) + np.uint64(dblk[i]) * pen)
+            else:
+                for i in range(blk.shape[0]):
+                    ma = min(ma, _popcount(blk[i] ^ a))
+            bmin[0, bl] = np.int32(ma)
+        return nblocks
     if n_words == 1:
         a = queries[q0, 0]
         b = queries[q0 + min(1, nq - 1), 0]
@@ -108,6 +151,11 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
                 x0, x1 = q[0], q[1]
                 for i in range(blk.shape[0] // 2):
                     m = min(m, np.int32(_popcount(blk[2 * i] ^ x0) + _popcount(blk[2 * i + 1] ^ x1)))
+            elif n_words == 4:
+                x0, x1, x2, x3 = q[0], q[1], q[2], q[3]
+                for i in range(blk.shape[0] // 4):
+                    m = min(m, np.int32(_popcount(blk[4 * i] ^ x0) + _popcount(blk[4 * i + 1] ^ x1)
+                                        + _popcount(blk[4 * i + 2] ^ x2) + _popcount(blk[4 * i + 3] ^ x3)))
             else:
                 for i in range(blk.shape[0] // n_words):
                     acc = np.uint64(0)
@@ -256,18 +304,41 @@ def _parts(n_rows: int) -> int:
     return max(1, min(numba.get_num_threads(), (n_rows + TILE - 1) // TILE))
 
 
+class threads_used:
+    """``with threads_used(n):`` run the scan on n threads (numba's setting is per calling
+    thread, so other threads' scans are unaffected); None keeps NUMBA_NUM_THREADS."""
+
+    def __init__(self, n):
+        from hashret.errors import check
+
+        top = numba.config.NUMBA_NUM_THREADS
+        ok = n is None or (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 1 <= n <= top)
+        check(ok, f"threads must be an integer in [1, {top}] (NUMBA_NUM_THREADS), got {n!r}")
+        self.n = n
+
+    def __enter__(self):
+        self.prev = numba.get_num_threads()
+        if self.n is not None:
+            numba.set_num_threads(int(self.n))
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.prev)
+
+
 def topk(db_words: np.ndarray, n_rows: int, queries: np.ndarray, k: int, bits: int,
-         deleted: np.ndarray | None = None):
-    """db_words: (>= n_rows, n_words) uint64, C-contiguous; queries (Q, n_words) uint64."""
+         deleted: np.ndarray | None = None, threads: int | None = None):
+    """db_words: (>= n_rows, n_words) unsigned words (uint8/16/32 for codes of up to 4 bytes,
+    else uint64), C-contiguous; queries (Q, n_words) of the same type."""
     n_words = db_words.shape[1]
     flat = db_words.reshape(-1)
     has_del = deleted is not None
     dmask = deleted if has_del else np.zeros(1, dtype=np.uint8)
-    return topk_kernel(flat, n_rows, n_words, np.ascontiguousarray(queries), k, bits, dmask,
-                       has_del, _parts(n_rows))
+    with threads_used(threads):
+        return topk_kernel(flat, n_rows, n_words, np.ascontiguousarray(queries), k, bits, dmask,
+                           has_del, _parts(n_rows))
 
 
-def range_search(db_words, n_rows, queries, radius, bits, deleted=None):
+def range_search(db_words, n_rows, queries, radius, bits, deleted=None, threads: int | None = None):
     """All rows within ``radius`` of each query: (lims, distances, rows), faiss' layout
     (query i's results are [lims[i], lims[i+1])), each query's results by (distance, row)."""
     n_words = db_words.shape[1]
@@ -275,6 +346,11 @@ def range_search(db_words, n_rows, queries, radius, bits, deleted=None):
     queries = np.ascontiguousarray(queries)
     has_del = deleted is not None
     dmask = deleted if has_del else np.zeros(1, dtype=np.uint8)
+    with threads_used(threads):
+        return _range_search(flat, n_rows, n_words, queries, radius, bits, dmask, has_del)
+
+
+def _range_search(flat, n_rows, n_words, queries, radius, bits, dmask, has_del):
     parts = _parts(n_rows)
     none64, none32 = np.zeros(1, np.int64), np.zeros(1, np.int32)
     counts = range_kernel(flat, n_rows, n_words, queries, radius, bits, dmask, has_del, parts,
@@ -296,3 +372,79 @@ def range_search(db_words, n_rows, queries, radius, bits, deleted=None):
             o = np.argsort(dist[a:b], kind="stable")
             rows[a:b], dist[a:b] = rows[a:b][o], dist[a:b][o]
     return lims, dist, rows
+
+
+# -- the machine's limits, measured the way the scan runs (for benchmarks/search.py) ------------
+@njit(parallel=True, cache=True)
+def _read_kernel(flat, parts):
+    acc = np.zeros(parts, dtype=np.uint64)
+    chunk = (flat.shape[0] + parts - 1) // parts
+    for t in prange(parts):
+        _wide()
+        part = flat[t * chunk:min(flat.shape[0], (t + 1) * chunk)]
+        x = np.uint64(0)
+        for i in range(part.shape[0]):
+            x ^= part[i]
+        acc[t] = x
+    return acc
+
+
+@njit(parallel=True, cache=True)
+def _roof_kernel(block, queries, reps, parts):
+    """XOR + popcount + running minimum of an L1-resident block against 4 queries per load,
+    ``reps`` times on each thread: the scan's inner loop with nothing around it."""
+    out = np.zeros(parts, dtype=np.uint64)
+    for t in prange(parts):
+        _wide()
+        acc = np.uint64(0)
+        for r in range(reps):  # queries change per rep, so no rep can be hoisted
+            a, b = queries[0] ^ np.uint64(r), queries[1] ^ np.uint64(r)
+            c, d = queries[2] ^ np.uint64(r), queries[3] ^ np.uint64(r)
+            ma = mb = mc = md = np.uint64(1 << 20)
+            for i in range(block.shape[0]):
+                x = block[i]
+                ma = min(ma, _popcount(x ^ a))
+                mb = min(mb, _popcount(x ^ b))
+                mc = min(mc, _popcount(x ^ c))
+                md = min(md, _popcount(x ^ d))
+            acc += ma + mb + mc + md
+        out[t] = acc
+    return out
+
+
+def read_floor_seconds(words: np.ndarray, threads: int | None = None, repeats: int = 11) -> float:
+    """Fastest of ``repeats`` plain multi-threaded reads (XOR-reduce) of ``words``: the floor
+    for one query, which must read every code once. The fastest, not the median: a limit is
+    what the hardware can do, and on a shared host the median drifts with other tenants."""
+    import time
+
+    flat = words.reshape(-1)
+    with threads_used(threads):
+        parts = numba.get_num_threads()
+        _read_kernel(flat[:1024], parts)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            _read_kernel(flat, parts)
+            times.append(time.perf_counter() - t)
+    return float(np.min(times))
+
+
+def popcount_roof(threads: int | None = None, repeats: int = 11) -> float:
+    """Word-distances per second the scan's inner loop reaches with nothing around it (the
+    fastest of ``repeats``): the roof for batched queries (a code of w words costs w)."""
+    import time
+
+    rng = np.random.default_rng(0)
+    block = rng.integers(0, 2**63, size=TILE, dtype=np.uint64)
+    queries = rng.integers(0, 2**63, size=4, dtype=np.uint64)
+    reps = 4000
+    with threads_used(threads):
+        parts = numba.get_num_threads()
+        _roof_kernel(block, queries, 1, parts)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            _roof_kernel(block, queries, reps, parts)
+            times.append(time.perf_counter() - t)
+    return parts * reps * TILE * 4 / float(np.min(times))

@@ -531,13 +531,14 @@ class LMDBStore:
 
         return _Txn()
 
-    def load(self, n_words: int):
-        """One verified snapshot: (meta, words (capacity, n_words) uint64 with the codes in the
+    def load(self, word_dtype, n_words: int):
+        """One verified snapshot: (meta, words (capacity, n_words) of ``word_dtype`` with the codes in the
         first ``count`` rows, ids or None, tombstones). Every chunk's checksum is checked."""
         with self._reading() as txn:
             meta = self._read_meta(txn)
             count, cs, nbytes = meta["count"], meta["chunk_size"], meta["bits"] // 8
-            check(nbytes <= n_words * 8, "internal: word count too small for the code length")
+            width = n_words * np.dtype(word_dtype).itemsize
+            check(nbytes <= width, "internal: word count too small for the code length")
             n_chunks = (count + cs - 1) // cs
             have = txn.stat(self.db["codes"])["entries"]
             if have != n_chunks:
@@ -547,8 +548,8 @@ class LMDBStore:
             if explicit and txn.stat(self.db["ids"])["entries"] != n_chunks:
                 raise self.corrupt(f"it holds {txn.stat(self.db['ids'])['entries']} id chunks where "
                                    f"{n_chunks} are needed")
-            words = np.zeros((max(count, 1024), n_words), dtype=np.uint64)
-            raw = words.view(np.uint8).reshape(len(words), n_words * 8)
+            words = np.zeros((max(count, 1024), n_words), dtype=word_dtype)
+            raw = words.view(np.uint8).reshape(len(words), width)
             ids = np.empty(count, dtype=np.int64) if explicit else None
             for c in range(n_chunks):
                 lo = c * cs

@@ -46,7 +46,7 @@ def test_topk_equals_brute_force(bits, n, k):
     np.testing.assert_array_equal(ids, br)
 
 
-@pytest.mark.parametrize("bits", [16, 64, 128, 256])
+@pytest.mark.parametrize("bits", [8, 16, 32, 64, 128, 256])
 def test_removed_rows_never_come_back(bits):
     rng = np.random.default_rng(bits)
     db = rng.integers(0, 256, size=(3001, bits // 8), dtype=np.uint8)
@@ -75,7 +75,7 @@ def test_k_larger_than_the_index_gives_every_row_and_minus_one_for_removed():
     assert HashIndex(8).search(np.array([[3]], dtype=np.uint8), 10)[1].shape == (1, 0)
 
 
-@pytest.mark.parametrize("bits", [8, 64, 128, 256])
+@pytest.mark.parametrize("bits", [8, 16, 32, 64, 128, 256])
 @pytest.mark.parametrize("radius", [0, 3, 40])
 def test_range_search_equals_brute_force(bits, radius):
     rng = np.random.default_rng(radius + bits)
@@ -103,3 +103,28 @@ def test_real_valued_queries_are_packed_the_same_way():
     d2, i2 = index.search(pack_codes(real[:4]), 10)
     np.testing.assert_array_equal(i1, i2)
     assert (d1[:, 0] == 0).all() and (i1[:, 0] == np.arange(4)).all()
+
+
+@pytest.mark.parametrize("bits,word_bytes", [(8, 1), (16, 2), (24, 4), (32, 4), (40, 8), (64, 8), (128, 16)])
+def test_short_codes_take_their_own_bytes_in_memory(bits, word_bytes, tmp_path):
+    db = np.random.default_rng(bits).integers(0, 256, size=(1000, bits // 8), dtype=np.uint8)
+    index = HashIndex(bits)
+    index.add(db)
+    assert index.info()["memory_bytes"] == 1000 * word_bytes
+    np.testing.assert_array_equal(index.packed_codes(), db)
+    with index.write(tmp_path / "ix") as on_disk, HashIndex.open(tmp_path / "ix") as back:
+        assert back.info()["memory_bytes"] == 1000 * word_bytes
+        np.testing.assert_array_equal(back.search(db[:5], 9)[1], brute_topk(db, db[:5], 9)[1])
+        assert on_disk.n_rows == 1000
+
+
+def test_threads_argument_gives_the_same_answer():
+    db = np.random.default_rng(3).integers(0, 256, size=(20000, 8), dtype=np.uint8)
+    index = HashIndex(64)
+    index.add(db)
+    one = index.search(db[:7], 25, threads=1)
+    both = index.search(db[:7], 25, threads=2) if __import__("numba").config.NUMBA_NUM_THREADS >= 2 else one
+    for a, b in zip(one, both):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(Exception, match="threads must be an integer"):
+        index.search(db[:1], 3, threads=0)
