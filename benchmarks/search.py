@@ -1,9 +1,11 @@
 """Exact Hamming top-k: hashret's Numba scan beside faiss IndexBinaryFlat and numpy, in one run.
 
-    python benchmarks/search.py                  # 1e6 and 1e7 x 64 bits, 1e6 x 128 bits
+    python benchmarks/search.py                  # the grid: 1e6 x {16..256} bits, 1e7 x 64 bits
+    python benchmarks/search.py --sizes 10000000:64 --k 100 --queries 1,100 --threads 1,2
     python benchmarks/search.py --quick          # 1e5 codes, a smoke run
 
-Random codes; k = 100 and 1000; 1 query and 100 queries; medians over --repeats runs, and
+Random codes; k = 10 and 1000, and radius search (the radius within which ~100 random codes
+lie; 1 and 100 queries); 1, 100 and 1000 queries; medians over --repeats runs, and
 the ratio of each peer's median to hashret's (> 1: hashret is faster). Beside each figure, in
 the same run, the machine's limit for it: the read floor (a plain multi-threaded read of the
 same codes, which one query must read once) and the popcount roof (the scan's inner loop over
@@ -33,8 +35,14 @@ from hashret.index import kernels  # noqa: E402
 
 
 def median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
+    """Median of ``repeats`` runs; 3 where one run takes over half a second (keeps the grid's
+    1,000-query cells within minutes)."""
+    t = time.perf_counter()
+    fn()
+    times = [time.perf_counter() - t]
+    if times[0] > 0.5:
+        repeats = 3
+    for _ in range(repeats - 1):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -58,15 +66,16 @@ def numpy_topk(db, q, k):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1000000:64,10000000:64,1000000:128",
+    ap.add_argument("--sizes", default="1000000:16,1000000:32,1000000:64,1000000:128,1000000:256,10000000:64",
                     help="comma list of N:bits")
-    ap.add_argument("--k", default="100,1000")
-    ap.add_argument("--queries", default="1,100")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", default=None, help="comma list of thread counts [default: NUMBA_NUM_THREADS]")
+    ap.add_argument("--k", default="10,1000")
+    ap.add_argument("--queries", default="1,100,1000")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", default=None,
+                    help="comma list of thread counts [default: 1 and NUMBA_NUM_THREADS]")
     ap.add_argument("--lmdb-only", action="store_true",
                     help="Only the LMDB figures, at the largest of --sizes.")
-    ap.add_argument("--numpy-limit", type=float, default=2e8,
+    ap.add_argument("--numpy-limit", type=float, default=2e7,
                     help="skip numpy where N x queries exceeds this (it takes minutes)")
     ap.add_argument("--quick", action="store_true", help="1e5 codes, 3 repeats")
     ap.add_argument("--out", default=None, help="write results.json here")
@@ -82,7 +91,7 @@ def main():
 
     sizes = [tuple(int(float(v)) for v in s.split(":")) for s in args.sizes.split(",")]
     thread_counts = ([int(t) for t in args.threads.split(",")] if args.threads
-                     else [numba.get_num_threads()])
+                     else sorted({1, numba.get_num_threads()}))
     ks = [int(v) for v in args.k.split(",")]
     nqs = [int(v) for v in args.queries.split(",")]
     print(f"threads: numba {numba.get_num_threads()}, faiss "
@@ -139,6 +148,26 @@ def main():
                     records.append(rec)
                     rows.append(rec)
                     print(_row(rec), flush=True)
+        radius = _radius_for(n, bits, 100)
+        for nq in [v for v in nqs if v <= 100]:
+            q = queries[:nq]
+            lims, _, rids = index.range_search(q, radius)
+            if fidx is not None:
+                flims, _, _ = fidx.range_search(q, radius + 1)  # faiss counts distances < radius
+                assert (np.diff(flims) == np.diff(lims)).all(), "radius counts differ from faiss'"
+            for t in thread_counts:
+                floor_s, roof = limits[t]
+                roof_s = n * nq * index.n_words / roof
+                rec = {"n": n, "bits": bits, "queries": nq, "k": f"r<={radius}", "threads": t,
+                       "read_floor_ms": floor_s * 1e3, "roof_ms": roof_s * 1e3, "found": int(lims[-1])}
+                rec["hashret_ms"] = median_ms(lambda: index.range_search(q, radius, threads=t), args.repeats)
+                rec["of_limit"] = max(floor_s, roof_s) * 1e3 / rec["hashret_ms"]
+                if fidx is not None:
+                    faiss.omp_set_num_threads(t)
+                    rec["faiss_ms"] = median_ms(lambda: fidx.range_search(q, radius + 1), args.repeats)
+                records.append(rec)
+                rows.append(rec)
+                print(_row(rec), flush=True)
         index = fidx = None  # free the memory before the next size
     print()
     print(_table(rows))
@@ -199,8 +228,19 @@ def lmdb_figures(db, bits, batch=65536):
     return out
 
 
+def _radius_for(n, bits, found):
+    """The largest radius within which about ``found`` of ``n`` random codes lie."""
+    from math import comb
+
+    cdf, r = 0.0, -1
+    while r < bits and n * (cdf + comb(bits, r + 1) / 2**bits) <= found:
+        r += 1
+        cdf += comb(bits, r) / 2**bits
+    return max(r, 0)
+
+
 def _row(r):
-    parts = [f"N={r['n']:>10,} bits={r['bits']:>3} Q={r['queries']:>3} k={r['k']:>4} t={r['threads']}:",
+    parts = [f"N={r['n']:>10,} bits={r['bits']:>3} Q={r['queries']:>3} k={r['k']!s:>5} t={r['threads']}:",
              f"hashret {r['hashret_ms']:9.2f} ms ({r['of_limit']:4.0%} of limit)"]
     for peer in ("faiss", "numpy"):
         if f"{peer}_ms" in r:

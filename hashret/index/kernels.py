@@ -30,8 +30,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 TILE = 2048  # rows per tile: 16 KiB of 64-bit codes, stays in L1 while queries scan it
-BLOCK = 128  # rows per block minimum: only blocks that beat the threshold are re-scanned
+BLOCK = 256  # rows per block minimum: only blocks that beat the threshold are re-scanned
 GROUP = 4    # queries sharing one load of each database word
+SUPER = 4    # blocks sharing one minimum when a single query scans
 
 
 @intrinsic
@@ -97,20 +98,26 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
     _wide()
     n = tile.shape[0] // n_words
     nblocks = (n + BLOCK - 1) // BLOCK
-    if n_words == 1 and nq == 1:  # one query: one popcount per word, not a padded group's four
+    if n_words == 1 and nq == 1:
+        # one query: one popcount per word (not a padded group's four), and one minimum per
+        # SUPER blocks -- the horizontal reduction that ends a minimum cost more than the
+        # re-scan it saves. Each block gets its superblock's minimum: a lower bound, so no
+        # block is skipped wrongly, at worst re-scanned.
         a = queries[q0, 0]
         pen = np.uint64(penalty)
-        for bl in range(nblocks):
-            blk = tile[bl * BLOCK:min(n, (bl + 1) * BLOCK)]
+        for sb in range(0, nblocks, SUPER):
+            lo, hi = sb * BLOCK, min(n, (sb + SUPER) * BLOCK)
+            blk = tile[lo:hi]
             ma = pen
             if has_deleted:
-                dblk = dtile[bl * BLOCK:min(n, (bl + 1) * BLOCK)]
+                dblk = dtile[lo:hi]
                 for i in range(blk.shape[0]):
                     ma = min(ma, _popcount(blk[i] ^ a) + np.uint64(dblk[i]) * pen)
             else:
                 for i in range(blk.shape[0]):
                     ma = min(ma, _popcount(blk[i] ^ a))
-            bmin[0, bl] = np.int32(ma)
+            for bl in range(sb, min(nblocks, sb + SUPER)):
+                bmin[0, bl] = np.int32(ma)
         return nblocks
     if n_words == 1:
         a = queries[q0, 0]
