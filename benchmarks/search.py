@@ -11,7 +11,7 @@ the same run, the machine's limit for it: the read floor (a plain multi-threaded
 same codes, which one query must read once) and the popcount roof (the scan's inner loop over
 a cache-resident block, word-distances/s), each the fastest of 11 runs (a limit is what the
 hardware can do; hashret's and faiss' figures are medians, so the share is conservative);
-"of limit" = the larger of the two times divided by hashret's median. --threads 1,2 adds a one-thread row for each cell. Every hashret result
+"of limit" = the larger of the two times divided by hashret's median. OMP_WAIT_POLICY defaults to PASSIVE (see below). --threads 1,2 adds a one-thread row for each cell. Every hashret result
 is checked against numpy's (ids, ties by row) or faiss' (distances) before it is timed.
 Then LMDB: build throughput (batches of 65,536, one transaction each) and the time to open
 and load the largest index into memory.
@@ -20,6 +20,12 @@ and load the largest index into memory.
 import argparse
 import json
 import os
+
+# OpenMP threads that spin after a parallel region (GNU's default) take the cores from the next
+# call: measured here, hashret's one-query scan at 10^7 codes ran 13-15 ms right after faiss
+# calls with spinning threads and 5-7 ms without, and faiss itself was no faster spinning. A
+# service answering sporadic queries sees the passive case, so both are timed that way.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import shutil
 import sys
 import tempfile
