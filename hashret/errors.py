@@ -14,6 +14,13 @@ class CorruptError(HashretError):
     """A file hashret wrote no longer holds what it wrote (truncated, bit-flipped, edited)."""
 
 
+def is_integer(value) -> bool:
+    """A true integer (Python or numpy), not a bool, float or string."""
+    import numpy as np
+
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check(condition, message):
     """Raise :class:`HashretError` with ``message`` unless ``condition`` holds."""
     if not condition:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from bitarray import bitarray
 
-from hashret.errors import HashretError, check
+from hashret.errors import HashretError, check, is_integer, os_problem
 from hashret.index import kernels
 from hashret.index.bits import as_packed
 from hashret.index.store import LMDBStore
@@ -48,8 +48,7 @@ def _to_words(packed: np.ndarray, dtype, n_words: int) -> np.ndarray:
 
 def positive_int(value, name: str) -> int:
     """``value`` as an int if it is a true positive integer (not a bool, float or string)."""
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value > 0
-    check(ok, f"{name} must be a positive integer, got {value!r}")
+    check(is_integer(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -57,8 +56,7 @@ def check_ids(ids, n: int) -> np.ndarray:
     """Explicit ids -> int64, refusing floats, values outside [0, 2**63) and repeats."""
     arr = np.asarray(ids)
     if arr.dtype == object:  # Python ints too large for int64/uint64
-        check(all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in arr.ravel()),
-              "ids must be integers")
+        check(all(is_integer(i) for i in arr.ravel()), "ids must be integers")
         check(all(0 <= int(i) <= _MAX_ID for i in arr.ravel()),
               f"ids must lie in [0, {_MAX_ID}] (int64; -1 marks 'no result')")
         arr = arr.astype(np.int64)
@@ -72,10 +70,15 @@ def check_ids(ids, n: int) -> np.ndarray:
     return arr
 
 
+def _ascending(ids: np.ndarray) -> bool:
+    """Strictly ascending: unique and already sorted (a build from dataset rows)."""
+    return len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
+
+
 def all_unique(ids: np.ndarray) -> bool:
-    """No id twice; ascending ids (a build from dataset rows) need no sort. (np.unique hashes
-    and is ~4x slower than a sort here.)"""
-    if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
+    """No id twice; ascending ids need no sort. (np.unique hashes and is ~4x slower than a
+    sort here.)"""
+    if _ascending(ids):
         return True
     s = np.sort(ids)
     return not (s[1:] == s[:-1]).any()
@@ -101,7 +104,7 @@ class _IdMap:
     def add(self, ids: np.ndarray, first_row: int):
         if len(ids) == 0:
             return
-        if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
+        if _ascending(ids):
             run = (ids, np.arange(first_row, first_row + len(ids), dtype=np.int64))
         else:
             order = np.argsort(ids, kind="stable")
@@ -145,9 +148,8 @@ class HashIndex:
     """
 
     def __init__(self, bits: int, info: dict | None = None):
-        check(isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and bits > 0
-              and bits % 8 == 0, f"code length {bits!r} is not a positive multiple of 8: use 16, "
-              "32, 64, 128, ...")
+        check(is_integer(bits) and bits > 0 and bits % 8 == 0,
+              f"code length {bits!r} is not a positive multiple of 8: use 16, 32, 64, 128, ...")
         self.bits = int(bits)
         self.n_bytes = self.bits // 8
         self.word_dtype, self.n_words = word_layout(self.n_bytes)
@@ -182,8 +184,6 @@ class HashIndex:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            from hashret.errors import os_problem
-
             raise HashretError(f"cannot create the index folder {path}: {os_problem(exc)}") from None
         store = LMDBStore(path, readonly=False, create=True)
         try:
@@ -200,9 +200,8 @@ class HashIndex:
         """Load the index in ``path``; ``readonly=False`` to add or remove (one writer at a time)."""
         store = LMDBStore(path, readonly=readonly)
         try:
-            meta = store.read_meta()
+            meta, words, ids, tomb = store.load(word_layout)
             index = cls(meta["bits"], meta["info"])
-            meta, words, ids, tomb = store.load(index.word_dtype, index.n_words)
         except BaseException:
             store.close()
             raise
@@ -340,8 +339,7 @@ class HashIndex:
     def range_search(self, queries, radius: int, threads: int | None = None):
         """All items within Hamming distance ``radius``: (lims, distances, ids) as in faiss;
         query i's results are ``[lims[i], lims[i+1])``, by distance then row."""
-        ok = isinstance(radius, (int, np.integer)) and not isinstance(radius, (bool, np.bool_)) and radius >= 0
-        check(ok, f"radius must be a non-negative integer, got {radius!r}")
+        check(is_integer(radius) and radius >= 0, f"radius must be a non-negative integer, got {radius!r}")
         q = self._query_words(queries)
         if self._n == 0:
             return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)

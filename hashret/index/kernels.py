@@ -316,10 +316,10 @@ class threads_used:
     thread, so other threads' scans are unaffected); None keeps NUMBA_NUM_THREADS."""
 
     def __init__(self, n):
-        from hashret.errors import check
+        from hashret.errors import check, is_integer
 
         top = numba.config.NUMBA_NUM_THREADS
-        ok = n is None or (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 1 <= n <= top)
+        ok = n is None or (is_integer(n) and 1 <= n <= top)
         check(ok, f"threads must be an integer in [1, {top}] (NUMBA_NUM_THREADS), got {n!r}")
         self.n = n
 

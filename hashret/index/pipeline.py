@@ -53,7 +53,7 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     behind. Returns the index's info."""
     from tqdm.auto import tqdm
 
-    from hashret.index.store import is_initialised
+    from hashret.index.store import LMDBStore, is_initialised
 
     check(modality in OTHER, f"unknown modality {modality!r}: use 'image' or 'text'")
     batch_size = positive_int(batch_size, "--batch-size")
@@ -76,10 +76,14 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     existing = is_initialised(out)
     done = 0
     if existing:
-        with HashIndex.open(out) as old:  # read-only: nothing is written before every check passes
-            have, build, n_before = old.info_meta, old.build_state, old.n_rows
-        if old.bits != model.bits or have.get("model_fingerprint") != fp or have.get("modality") != modality:
-            raise HashretError(f"{out} holds {old.bits}-bit {have.get('modality')} codes of model "
+        store = LMDBStore(out, readonly=True)  # its meta only: nothing is written before every check passes
+        try:
+            meta = store.read_meta()
+        finally:
+            store.close()
+        have, build, n_before = meta["info"], meta["build"], meta["count"]
+        if meta["bits"] != model.bits or have.get("model_fingerprint") != fp or have.get("modality") != modality:
+            raise HashretError(f"{out} holds {meta['bits']}-bit {have.get('modality')} codes of model "
                                f"{have.get('model_fingerprint')}; refusing to mix in {model.bits}-bit "
                                f"{modality} codes of model {fp}: build a separate index")
         partial = build is not None and build.get("state") == "partial"
@@ -119,7 +123,7 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
             index = HashIndex.open(out, readonly=False)
         else:
             if out.exists() and (out / "data.mdb").exists():
-                _clear_unfinished(out)  # data.mdb with no meta: a create that died before committing
+                _remove_folder(out, rmdir=False)  # data.mdb with no meta: a create that died first
             index = HashIndex.create(out, model.bits, info=info, build={
                 "state": "partial", "source": source, "first_row": 0})
         start_state = {"state": "partial", "source": source, "first_row": index.n_rows - done}
@@ -168,11 +172,6 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     log(f"{verb} {len(rows) - done} {modality} items of {'SYNTHETIC ' if ds.synthetic else ''}{ds.name} "
         f"({model.bits} bits) into {out} in {seconds:.2f} s; the index holds {result['items']}")
     return result
-
-
-def _clear_unfinished(out: Path):
-    for name in ("data.mdb", "lock.mdb"):
-        (out / name).unlink(missing_ok=True)
 
 
 def _remove_folder(out: Path, rmdir: bool = True):

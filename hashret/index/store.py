@@ -44,7 +44,7 @@ import lmdb
 import numpy as np
 from bitarray import bitarray
 
-from hashret.errors import CorruptError, HashretError, check, os_problem
+from hashret.errors import CorruptError, HashretError, check, is_integer, os_problem
 
 FORMAT_VERSION = 2
 MAP_SIZE = 1 << 36  # virtual reservation only; the file grows with the data
@@ -373,7 +373,7 @@ def _validate_meta(meta, path: Path) -> dict:
 
     def integer(f, lo, hi):
         v = meta[f]
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        if not is_integer(v) or not lo <= v <= hi:
             raise bad(f, f"is {v!r}, not an integer in [{lo}, {hi}]")
 
     integer("bits", 8, MAX_BITS)
@@ -464,13 +464,13 @@ class LMDBStore:
     def _put_meta(self, txn, meta):
         txn.put(b"meta", _seal("meta", b"meta", json.dumps(meta).encode()), db=self.db["meta"])
 
-    def _read_tombstones(self, txn, count: int) -> bitarray:
+    def _read_tombstones(self, txn, meta: dict) -> bitarray:
         """Removed rows. The record covers the rows that existed when it was written (an
         8-byte row count, then the bits); rows appended since are alive."""
+        count, removed = meta["count"], meta["removed"]
         tomb = bitarray(count)
         tomb.setall(False)
         raw = txn.get(b"tombstones", db=self.db["meta"])
-        removed = self._read_meta(txn)["removed"]
         if raw is None and removed:
             raise self.corrupt(f"the tombstones of its {removed} removed rows are missing")
         if raw is not None:
@@ -531,12 +531,14 @@ class LMDBStore:
 
         return _Txn()
 
-    def load(self, word_dtype, n_words: int):
-        """One verified snapshot: (meta, words (capacity, n_words) of ``word_dtype`` with the codes in the
-        first ``count`` rows, ids or None, tombstones). Every chunk's checksum is checked."""
+    def load(self, layout):
+        """One verified snapshot: (meta, words (capacity, n_words) with the codes in the first
+        ``count`` rows, ids or None, tombstones); ``layout(bytes per code)`` gives the word type
+        and count (HashIndex's ``word_layout``). Every chunk's checksum is checked."""
         with self._reading() as txn:
             meta = self._read_meta(txn)
             count, cs, nbytes = meta["count"], meta["chunk_size"], meta["bits"] // 8
+            word_dtype, n_words = layout(nbytes)
             width = n_words * np.dtype(word_dtype).itemsize
             check(nbytes <= width, "internal: word count too small for the code length")
             n_chunks = (count + cs - 1) // cs
@@ -562,7 +564,7 @@ class LMDBStore:
                     payload = self._unseal("ids", _key(c), txn.get(_key(c), db=self.db["ids"]),
                                            f"id chunk {c} (rows {lo}..{lo + rows - 1})", expect=rows * 8)
                     ids[lo:lo + rows] = np.frombuffer(payload, "<i8")
-            tomb = self._read_tombstones(txn, count)
+            tomb = self._read_tombstones(txn, meta)
         self.meta, self.generation = meta, meta["generation"]
         return meta, words, ids, tomb
 
@@ -778,7 +780,7 @@ class LMDBStore:
                         lo = c * cs
                         problems.append(f"{space} chunk {c} (rows {lo}..{min(count, lo + cs) - 1}) is missing")
                 try:
-                    self._read_tombstones(txn, count)
+                    self._read_tombstones(txn, meta)
                 except CorruptError as exc:
                     problems.append(_strip(exc))
                 report["ids"] = count if explicit else 0
