@@ -3,7 +3,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # scipy: .mat files (every published cross-modal set ships them); h5py: MATLAB v7.3 / HDF5
-# files (DCMH's IAll, GCH's FLICKR-25K.mat); tqdm: progress bars. torch is pinned to the
+# files (DCMH's IAll, GCH's FLICKR-25K.mat); tqdm: progress bars; xxhash: the index's checksums
+# (XXH3 checks a chunk at memory speed, zlib's CRC32 at ~3 GB/s). torch is pinned to the
 # release whose CPU wheel the project's machines carry (an unpinned torch pulls CUDA).
 setup(
     name="hashret",
@@ -25,6 +26,7 @@ setup(
         "scipy>=1.10",
         "h5py>=3.8",
         "tqdm>=4.60",
+        "xxhash>=3.0",
     ],
     extras_require={
         "plots": ["matplotlib>=3.7"],

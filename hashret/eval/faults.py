@@ -214,14 +214,14 @@ def damage_index(idx: Path, damage: str, rng: random.Random):
         db = env.open_db(b"meta")
         with env.begin(write=True) as txn:
             raw = bytes(txn.get(b"meta", db=db))
-            meta = json.loads(raw[:-4])
+            meta = json.loads(raw[:-8])
             if damage == "meta_text":
                 value = b"{not json"
             elif damage == "meta_json":
                 value = json.dumps(meta).encode()  # edited by hand: no checksum
             else:
                 meta["count"] = 10**12
-                value = json.dumps(meta).encode() + raw[-4:]
+                value = json.dumps(meta).encode() + raw[-8:]
             txn.put(b"meta", value, db=db)
         env.close()
     elif damage == "lock_garbage":

@@ -86,13 +86,16 @@ def all_unique(ids: np.ndarray) -> bool:
 
 class _IdMap:
     """id -> row, in memory: sorted runs merged log-structured, so adding a batch costs
-    O(batch log n) amortised and a lookup O(log^2 n), never a sort of every id. Runs whose
-    ranges do not overlap merge by concatenation, and a batch above every known id (a build
-    from ascending dataset rows) needs no search to be known unique."""
+    O(batch log n) amortised and a lookup O(log^2 n), never a sort of every id. A batch that
+    is ascending and above every known id (a build from dataset rows) is appended to one
+    growing sorted tail instead -- amortised O(batch), no search, no merge."""
 
     def __init__(self):
         self.runs: list = []
         self.max = None
+        self._tail_ids = np.zeros(0, dtype=np.int64)
+        self._tail_rows = np.zeros(0, dtype=np.int64)
+        self._tail_n = 0
 
     @classmethod
     def of(cls, ids: np.ndarray) -> "_IdMap":
@@ -104,23 +107,30 @@ class _IdMap:
     def add(self, ids: np.ndarray, first_row: int):
         if len(ids) == 0:
             return
-        if _ascending(ids):
-            run = (ids, np.arange(first_row, first_row + len(ids), dtype=np.int64))
-        else:
-            order = np.argsort(ids, kind="stable")
-            run = (ids[order], order.astype(np.int64) + first_row)
+        rows = np.arange(first_row, first_row + len(ids), dtype=np.int64)
+        if _ascending(ids) and (self.max is None or ids[0] > self.max):
+            need = self._tail_n + len(ids)
+            if need > len(self._tail_ids):
+                cap = max(need, 2 * len(self._tail_ids), 1024)
+                for name in ("_tail_ids", "_tail_rows"):
+                    grown = np.empty(cap, dtype=np.int64)
+                    grown[:self._tail_n] = getattr(self, name)[:self._tail_n]
+                    setattr(self, name, grown)
+            self._tail_ids[self._tail_n:need] = ids
+            self._tail_rows[self._tail_n:need] = rows
+            self._tail_n = need
+            self.max = int(ids[-1])
+            return
+        order = np.argsort(ids, kind="stable")
+        run = (ids[order], rows[order])
         self.runs.append(run)
         top = int(run[0][-1])
         self.max = top if self.max is None else max(self.max, top)
         while len(self.runs) > 1 and len(self.runs[-2][0]) < 2 * len(self.runs[-1][0]):
             (a, ra), (b, rb) = self.runs.pop(-2), self.runs.pop()
-            if a[-1] < b[0] or b[-1] < a[0]:  # disjoint ranges: concatenation is sorted
-                first, second = ((a, ra), (b, rb)) if a[-1] < b[0] else ((b, rb), (a, ra))
-                self.runs.append((np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1]])))
-            else:
-                ids_, rows = np.concatenate([a, b]), np.concatenate([ra, rb])
-                o = np.argsort(ids_, kind="stable")  # two sorted runs: timsort merges them in O(n)
-                self.runs.append((ids_[o], rows[o]))
+            ids_, rows_ = np.concatenate([a, b]), np.concatenate([ra, rb])
+            o = np.argsort(ids_, kind="stable")  # two sorted runs: timsort merges them in O(n)
+            self.runs.append((ids_[o], rows_[o]))
 
     def known(self, ids: np.ndarray) -> np.ndarray:
         """Which of ``ids`` are already mapped."""
@@ -130,7 +140,8 @@ class _IdMap:
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         rows = np.full(len(ids), -1, dtype=np.int64)
-        for sid, srow in self.runs:
+        tail = (self._tail_ids[:self._tail_n], self._tail_rows[:self._tail_n])
+        for sid, srow in self.runs + ([tail] if self._tail_n else []):
             pos = np.clip(np.searchsorted(sid, ids), 0, len(sid) - 1)
             hit = sid[pos] == ids
             rows[hit] = srow[pos[hit]]
@@ -140,14 +151,19 @@ class _IdMap:
 class HashIndex:
     """An exact Hamming-distance index over ``bits``-bit codes.
 
-    ``HashIndex(bits)`` lives in memory; ``HashIndex.create(path, bits)`` and
-    ``HashIndex.open(path, readonly=True)`` keep it in an LMDB folder, loaded into memory
-    on open (one contiguous array of words, every chunk's checksum verified) and appended to
-    batch by batch. One writer per folder: opening for writing takes ``writer.lock`` and a
-    second writer, in this process or another, is refused until the first is closed.
+    ``HashIndex(bits)`` lives in memory (one growing array of words). ``HashIndex.create(path,
+    bits)`` and ``HashIndex.open(path, readonly=True)`` keep it in an LMDB folder and scan the
+    codes where LMDB's memory map has them (a :class:`~hashret.index.store.Snapshot`): opening
+    costs one lookup and one checksum per chunk, not a copy, and processes that open the same
+    index share one page cache. A writer moves to a new snapshot after each commit; a reader
+    calls :meth:`refresh` to pick up what another writer committed. One writer per folder:
+    opening for writing takes ``writer.lock`` and a second writer, in this process or another,
+    is refused until the first is closed.
     """
 
     def __init__(self, bits: int, info: dict | None = None):
+        import threading
+
         check(is_integer(bits) and bits > 0 and bits % 8 == 0,
               f"code length {bits!r} is not a positive multiple of 8: use 16, 32, 64, 128, ...")
         self.bits = int(bits)
@@ -156,13 +172,15 @@ class HashIndex:
         self.info_meta = dict(info or {})
         self._words = np.zeros((1024, self.n_words), dtype=self.word_dtype)
         self._n = 0
-        self._ids = None  # None: an item's id is its row
+        self._ids = None  # in memory, explicit ids: id of each row
         self._id_mode = None
         self._idmap = _IdMap()  # explicit id -> row; after open, built on first use
         self._tomb = bitarray()
         self._deleted_mask = None
         self._items: dict = {}
         self._store: LMDBStore | None = None
+        self._snap = None  # on disk: the snapshot scans read
+        self._swap = threading.Lock()
         self.path = None
         self.created = None
 
@@ -172,7 +190,7 @@ class HashIndex:
                exist_ok: bool = False, build: dict | None = None) -> "HashIndex":
         """A new, empty index in the folder ``path`` (created), open for writing. ``info``:
         JSON metadata kept with the index (modality, model fingerprint, ...); ``build``: the
-        progress record of a long build (see :func:`hashret.index.pipeline.build_index`)."""
+        progress record of a long build (see :func:`hashret.engine.build_index`)."""
         from hashret.index.store import is_initialised
 
         path = Path(path)
@@ -188,37 +206,70 @@ class HashIndex:
         store = LMDBStore(path, readonly=False, create=True)
         try:
             store.initialise(index.bits, chunk_size, index.info_meta, build)
+            index._store, index.path = store, path
+            index._adopt(store.snapshot(word_layout))
         except BaseException:
             store.close()
             raise
-        index._store, index.path = store, path
         index.created = store.meta["created"]
         return index
 
     @classmethod
-    def open(cls, path, readonly: bool = True) -> "HashIndex":
-        """Load the index in ``path``; ``readonly=False`` to add or remove (one writer at a time)."""
+    def open(cls, path, readonly: bool = True, verify: bool = True) -> "HashIndex":
+        """Open the index in ``path``; ``readonly=False`` to add or remove (one writer at a
+        time). ``verify``: check every chunk's checksum now (at memory speed; False trusts a
+        recent ``hashret verify`` and opens in one lookup per chunk -- batches committed later
+        are checked when :meth:`refresh` picks them up)."""
         store = LMDBStore(path, readonly=readonly)
         try:
-            meta, words, ids, tomb = store.load(word_layout)
-            index = cls(meta["bits"], meta["info"])
+            snap = store.snapshot(word_layout, verify=verify)
+            index = cls(snap.meta["bits"], snap.meta["info"])
+            index._store, index.path = store, Path(path)
+            index._adopt(snap)
         except BaseException:
             store.close()
             raise
-        index._store = store
-        index.path = Path(path)
-        index._words, index._n = words, meta["count"]
-        index._ids = None
-        if meta["id_mode"] == "explicit":
-            index._ids = np.zeros(len(words), dtype=np.int64)
-            index._ids[: index._n] = ids
-        index._id_mode = meta["id_mode"]
         index._idmap = None  # built from the verified id chunks when first needed
-        index._tomb = tomb
-        index.created = meta["created"]
+        index.created = snap.meta["created"]
         return index
 
     read = open  # faiss' read_index
+
+    def _adopt(self, snap):
+        """Scan ``snap`` from now on; the previous snapshot ends when its last scan does."""
+        snap.segments = kernels.Segments(snap.codes, snap.chunk_size, snap.count)
+        with self._swap:
+            old, self._snap = self._snap, snap
+            self._n, self._tomb = snap.count, snap.tomb
+            self._id_mode = snap.meta["id_mode"]
+        if old is not None:
+            old.retire()
+
+    def _next_snapshot(self):
+        self._adopt(self._store.snapshot(word_layout, previous=self._snap))
+
+    def refresh(self) -> bool:
+        """Pick up what another writer committed since this index's snapshot (new batches,
+        removals, a compaction); chunks already checked are not read again. True if the index
+        changed. A writer's own changes need no refresh."""
+        check(self._store is not None, "an in-memory index has nothing on disk to refresh from")
+        old = self._snap
+        if self._store.read_meta()["generation"] == old.generation:
+            return False
+        self._next_snapshot()
+        new = self._snap
+        if self._idmap is not None:
+            same_rows = new.meta["epoch"] == old.meta["epoch"] and new.count >= old.count
+            if same_rows and new.ids is not None and new.count > old.count:
+                self._idmap.add(new.all_ids()[old.count:], old.count)
+            elif not same_rows:
+                self._idmap = None
+        return True
+
+    @property
+    def generation(self) -> int | None:
+        """The committed state this index reads (bumped by every write); None in memory."""
+        return self._snap.generation if self._snap is not None else None
 
     @property
     def build_state(self) -> dict | None:
@@ -227,7 +278,7 @@ class HashIndex:
         return self._store.meta.get("build") if self._store is not None else None
 
     def write(self, path, chunk_size: int = DEFAULT_CHUNK) -> "HashIndex":
-        """Persist an in-memory index to a new LMDB folder (removed rows dropped); returns it open."""
+        """Persist an index to a new LMDB folder (removed rows dropped); returns it open."""
         out = HashIndex.create(path, self.bits, self.info_meta, chunk_size=chunk_size)
         alive = self._alive_rows()
         if len(alive):
@@ -237,6 +288,10 @@ class HashIndex:
         return out
 
     def close(self):
+        """Close the index; scans must have finished (as for any file)."""
+        if self._snap is not None:
+            self._snap.retire()
+            self._snap = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -271,12 +326,16 @@ class HashIndex:
                 raise HashretError(f"id {int(ids[known][0])} is already in the index: ids must be unique")
         if items is not None:
             items = _json_items(items, n)
+        first = self._n
         if self._store is not None:
             self._store.append(packed, ids, items, mode, build)  # commit first: memory follows disk
-        first = self._n
-        self._append_arrays(packed, ids, mode)
-        if items is not None and self._store is None:
-            self._items.update({first + j: it for j, it in enumerate(items) if it is not None})
+            self._next_snapshot()
+            if ids is not None and self._idmap is not None:
+                self._idmap.add(ids, first)
+        else:
+            self._append_arrays(packed, ids, mode)
+            if items is not None:
+                self._items.update({first + j: it for j, it in enumerate(items) if it is not None})
         return ids if ids is not None else np.arange(first, first + n, dtype=np.int64)
 
     def _append_arrays(self, packed, ids, mode):
@@ -295,21 +354,12 @@ class HashIndex:
                 grown_ids[: self._n] = self._ids[: self._n]
                 self._ids = grown_ids
             self._ids[self._n:need] = ids
-            if self._idmap is not None:
-                self._idmap.add(ids, self._n)
+            self._idmap.add(ids, self._n)
         self._id_mode = mode
         self._n = need
         alive = bitarray(n)
         alive.setall(False)
         self._tomb.extend(alive)
-        self._deleted_mask = None
-
-    def _reset_arrays(self):
-        self._words = np.zeros((1024, self.n_words), dtype=self.word_dtype)
-        self._n = 0
-        self._ids, self._id_mode = None, None
-        self._idmap = _IdMap()
-        self._tomb = bitarray()
         self._deleted_mask = None
 
     # -- searching -----------------------------------------------------------------------
@@ -325,31 +375,54 @@ class HashIndex:
             self._deleted_mask = np.frombuffer(self._tomb.unpack(), dtype=np.uint8)[: self._n].copy()
         return self._deleted_mask
 
+    def _scan(self, fn):
+        """fn(segments, deleted mask, ids_of_rows) over one consistent state of the index."""
+        if self._store is None:
+            return fn(kernels.Segments.of(self._words, self._n), self._deleted(), self._ids_of_rows)
+        with self._swap:
+            check(self._snap is not None, "the index is closed")
+            snap = self._snap.acquire()
+        try:
+            return fn(snap.segments, snap.deleted_mask(), snap.ids_of_rows)
+        finally:
+            snap.release()
+
     def search(self, queries, k: int, threads: int | None = None):
         """(distances, ids), int arrays of shape (Q, min(k, rows)), nearest first, ties by
         row; -1 where fewer alive items exist. Memory is O(Q x min(k, rows)) for any k.
         ``threads``: scan threads (default: NUMBA_NUM_THREADS)."""
-        k = min(positive_int(k, "k"), self._n)
+        k = positive_int(k, "k")
         q = self._query_words(queries)
-        if k == 0:
-            return np.zeros((len(q), 0), dtype=np.int32), np.zeros((len(q), 0), dtype=np.int64)
-        dist, rows = kernels.topk(self._words, self._n, q, k, self.bits, self._deleted(), threads)
-        return dist, self._ids_of_rows(rows)
+
+        def scan(segs, deleted, ids_of_rows):
+            kk = min(k, segs.n_rows)
+            if kk == 0:
+                return np.zeros((len(q), 0), dtype=np.int32), np.zeros((len(q), 0), dtype=np.int64)
+            dist, rows = kernels.topk(segs, q, kk, self.bits, deleted, threads)
+            return dist, ids_of_rows(rows)
+
+        return self._scan(scan)
 
     def range_search(self, queries, radius: int, threads: int | None = None):
         """All items within Hamming distance ``radius``: (lims, distances, ids) as in faiss;
         query i's results are ``[lims[i], lims[i+1])``, by distance then row."""
         check(is_integer(radius) and radius >= 0, f"radius must be a non-negative integer, got {radius!r}")
         q = self._query_words(queries)
-        if self._n == 0:
-            return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
-        lims, dist, rows = kernels.range_search(self._words, self._n, q, int(min(radius, self.bits)),
-                                                self.bits, self._deleted(), threads)
-        return lims, dist, self._ids_of_rows(rows)
+
+        def scan(segs, deleted, ids_of_rows):
+            if segs.n_rows == 0:
+                return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+            lims, dist, rows = kernels.range_search(segs, q, int(min(radius, self.bits)), self.bits,
+                                                    deleted, threads)
+            return lims, dist, ids_of_rows(rows)
+
+        return self._scan(scan)
 
     # -- ids, items, removal -------------------------------------------------------------
     def _ids_of_rows(self, rows):
         rows = np.asarray(rows)
+        if self._store is not None:
+            return self._snap.ids_of_rows(rows)
         if self._ids is None:
             return rows.astype(np.int64)
         out = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
@@ -363,7 +436,7 @@ class HashIndex:
         if ids.dtype.kind == "u":
             ids = np.where(ids > _MAX_ID, -1, ids.astype(np.int64, casting="unsafe"))
         ids = ids.astype(np.int64)
-        if self._ids is None:
+        if self._id_mode != "explicit":
             rows = np.where((ids >= 0) & (ids < self._n), ids, -1)
         else:
             rows = self._id_map().lookup(ids)
@@ -374,7 +447,10 @@ class HashIndex:
 
     def _id_map(self) -> _IdMap:
         if self._idmap is None:
-            self._idmap = _IdMap.of(self._ids[: self._n] if self._ids is not None else np.zeros(0, np.int64))
+            if self._store is not None and self._id_mode == "explicit":
+                self._idmap = _IdMap.of(self._snap.all_ids())
+            else:
+                self._idmap = _IdMap()
         return self._idmap
 
     def contains(self, ext_id) -> bool:
@@ -400,8 +476,10 @@ class HashIndex:
         removed = new.count() - before
         if removed and self._store is not None:
             self._store.write_tombstones(new)
-        self._tomb = new
-        self._deleted_mask = None
+            self._next_snapshot()
+        elif removed:
+            self._tomb = new
+            self._deleted_mask = None
         return removed
 
     def compact(self):
@@ -411,18 +489,25 @@ class HashIndex:
         ids = self._ids_of_rows(alive)
         if self._store is not None:
             self._store.rewrite(packed, ids, alive)
-            items = {}
-        else:
-            items = {j: self._items[int(r)] for j, r in enumerate(alive) if int(r) in self._items}
-        self._reset_arrays()
+            self._idmap = None
+            self._next_snapshot()
+            return
+        items = {j: self._items[int(r)] for j, r in enumerate(alive) if int(r) in self._items}
+        self._words = np.zeros((1024, self.n_words), dtype=self.word_dtype)
+        self._n = 0
+        self._ids, self._id_mode = None, None
+        self._idmap = _IdMap()
+        self._tomb = bitarray()
+        self._deleted_mask = None
         self._items = items
         if len(packed):
             self._append_arrays(packed, ids, "explicit")
 
     def packed_codes(self, rows=None) -> np.ndarray:
-        """Packed codes (N, bits/8) of ``rows`` (all rows when None)."""
+        """Packed codes (N, bits/8) of ``rows`` (all rows when None), a copy."""
         rows = np.arange(self._n) if rows is None else np.asarray(rows)
-        raw = self._words[rows].view(np.uint8).reshape(len(rows), self.n_words * self.word_dtype.itemsize)
+        words = self._scan(lambda segs, _d, _i: segs.rows(rows))
+        raw = words.view(np.uint8).reshape(len(rows), self.n_words * self.word_dtype.itemsize)
         return np.ascontiguousarray(raw[:, : self.n_bytes])
 
     def _item_row(self, row: int):
@@ -452,14 +537,17 @@ class HashIndex:
 
     def info(self) -> dict:
         build = self.build_state
+        code_bytes = int(self._n * self.n_words * self.word_dtype.itemsize)
+        mapped = self._snap is not None and self.n_words * self.word_dtype.itemsize == self.n_bytes
         return {"bits": self.bits, "items": len(self), "rows": self._n,
                 "removed": self._tomb.count(), "id_mode": self._id_mode or "rows",
                 "path": str(self.path) if self.path else None,
                 "persistent": self._store is not None,
                 "readonly": bool(self._store and self._store.readonly),
                 "complete": build is None or build.get("state") == "complete",
-                "build": build, "created": self.created,
-                "memory_bytes": int(self._n * self.n_words * self.word_dtype.itemsize), "meta": self.info_meta}
+                "build": build, "created": self.created, "generation": self.generation,
+                "code_bytes": code_bytes, "mapped": mapped,
+                "memory_bytes": 0 if mapped else code_bytes, "meta": self.info_meta}
 
 
 def _json_items(items, n: int) -> list:

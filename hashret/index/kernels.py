@@ -1,4 +1,9 @@
-"""Numba Hamming-scan kernels over codes stored as rows of uint64 words.
+"""Numba Hamming-scan kernels over codes stored as rows of unsigned words.
+
+The codes need not be one array: the kernels take the addresses of *segments* -- every
+segment but the last holding exactly ``seg_rows`` rows -- so an index scans LMDB's code
+chunks where its memory map has them, without copying them (an in-memory index is one
+segment). Tiles never cross a segment's end.
 
 Exact top-k, ties broken by row number: the database is split into one contiguous row
 range per thread; each thread walks its range in cache-sized tiles and, for every query,
@@ -59,6 +64,26 @@ def _wide(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
+
+
+@intrinsic
+def _at(typingctx, addr):
+    """An int64 address as a pointer (numba.carray turns it into an array)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+    return types.voidptr(types.int64), codegen
+
+
+@njit(inline="always", cache=True)
+def _tile(addrs, seg_rows, n_rows, n_words, start, hi, like):
+    """(tile, end): rows start..end-1 (at most TILE, never past a segment's end) as a 1-D
+    array of words, ``like``'s type."""
+    s = start // seg_rows
+    seg_lo = s * seg_rows
+    end = min(start + TILE, hi, seg_lo + seg_rows)
+    seg = numba.carray(_at(addrs[s]), (min(seg_rows, n_rows - seg_lo)) * n_words, like.dtype)
+    return seg[(start - seg_lo) * n_words:(end - seg_lo) * n_words], end
 
 
 @njit(inline="always", cache=True)
@@ -183,9 +208,9 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
 
 
 @njit(parallel=True, cache=True)
-def topk_kernel(db, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts):
-    """Exact top-k for each query. db: 1-D uint64 (n_rows * n_words); queries: (Q, n_words)
-    uint64. Returns (distances, rows) of shape (Q, k), nearest first, ties by row, -1 where
+def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts):
+    """Exact top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of
+    n_words words each); queries: (Q, n_words) of the segments' word type. Returns (distances, rows) of shape (Q, k), nearest first, ties by row, -1 where
     fewer than k rows exist."""
     n_q = queries.shape[0]
     nb = bits + 2  # distances 0..bits, plus the "removed" distance
@@ -203,11 +228,12 @@ def topk_kernel(db, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_p
         thr = np.full(n_q, penalty, dtype=np.int32)  # accept d < thr
         bmin = np.empty((GROUP, TILE // BLOCK), dtype=np.int32)
         dbuf = np.empty(BLOCK, dtype=np.int32)
-        for start in range(lo, hi, TILE):
-            end = min(start + TILE, hi)
+        start = lo
+        while start < hi:
+            tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries)
             for g in range(0, n_q, GROUP):
                 ng = min(GROUP, n_q - g)
-                nblocks = _block_mins(db[start * n_words:end * n_words], n_words, queries, g, ng,
+                nblocks = _block_mins(tile, n_words, queries, g, ng,
                                       deleted[start:end] if has_deleted else deleted, has_deleted,
                                       penalty, bmin)
                 for j in range(ng):
@@ -217,7 +243,7 @@ def topk_kernel(db, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_p
                         if bmin[j, bl] >= thr[qi]:
                             continue
                         r0 = start + bl * BLOCK
-                        nr = _block_distances(db[r0 * n_words:min(end, r0 + BLOCK) * n_words],
+                        nr = _block_distances(tile[bl * BLOCK * n_words:min(end - start, (bl + 1) * BLOCK) * n_words],
                                               n_words, q, dbuf)
                         for jj in range(nr):
                             i = r0 + jj
@@ -245,6 +271,7 @@ def topk_kernel(db, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_p
                                 while w > 0 and cnt[qi, w] == 0:
                                     w -= 1
                                 thr[qi] = w
+            start = end
     out_d = np.full((n_q, k), -1, dtype=np.int32)
     out_r = np.full((n_q, k), -1, dtype=np.int64)
     for qi in prange(n_q):
@@ -265,8 +292,8 @@ def topk_kernel(db, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_p
 
 
 @njit(parallel=True, cache=True)
-def range_kernel(db, n_rows, n_words, queries, radius, bits, deleted, has_deleted, n_parts,
-                 offsets, out_rows, out_dist, fill):
+def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, deleted, has_deleted,
+                 n_parts, offsets, out_rows, out_dist, fill):
     """Counts (fill=False) or writes (fill=True, at ``offsets``) the rows within ``radius``."""
     n_q = queries.shape[0]
     penalty = np.int32(bits + 1)
@@ -277,11 +304,12 @@ def range_kernel(db, n_rows, n_words, queries, radius, bits, deleted, has_delete
         hi = min(n_rows, lo + chunk)
         bmin = np.empty((GROUP, TILE // BLOCK), dtype=np.int32)
         dbuf = np.empty(BLOCK, dtype=np.int32)
-        for start in range(lo, hi, TILE):
-            end = min(start + TILE, hi)
+        start = lo
+        while start < hi:
+            tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries)
             for g in range(0, n_q, GROUP):
                 ng = min(GROUP, n_q - g)
-                nblocks = _block_mins(db[start * n_words:end * n_words], n_words, queries, g, ng,
+                nblocks = _block_mins(tile, n_words, queries, g, ng,
                                       deleted[start:end] if has_deleted else deleted, has_deleted,
                                       penalty, bmin)
                 for j in range(ng):
@@ -291,7 +319,7 @@ def range_kernel(db, n_rows, n_words, queries, radius, bits, deleted, has_delete
                         if bmin[j, bl] > radius:
                             continue
                         r0 = start + bl * BLOCK
-                        nr = _block_distances(db[r0 * n_words:min(end, r0 + BLOCK) * n_words],
+                        nr = _block_distances(tile[bl * BLOCK * n_words:min(end - start, (bl + 1) * BLOCK) * n_words],
                                               n_words, q, dbuf)
                         for jj in range(nr):
                             i = r0 + jj
@@ -304,6 +332,7 @@ def range_kernel(db, n_rows, n_words, queries, radius, bits, deleted, has_delete
                                     out_rows[p] = i
                                     out_dist[p] = d
                                 counts[t, qi] += 1
+            start = end
     return counts
 
 
@@ -332,36 +361,74 @@ class threads_used:
         numba.set_num_threads(self.prev)
 
 
-def topk(db_words: np.ndarray, n_rows: int, queries: np.ndarray, k: int, bits: int,
-         deleted: np.ndarray | None = None, threads: int | None = None):
-    """db_words: (>= n_rows, n_words) unsigned words (uint8/16/32 for codes of up to 4 bytes,
-    else uint64), C-contiguous; queries (Q, n_words) of the same type."""
-    n_words = db_words.shape[1]
-    flat = db_words.reshape(-1)
+class Segments:
+    """Codes as the kernels read them: ``arrays``, each (rows, n_words) C-contiguous words,
+    all but the last holding ``seg_rows`` rows, ``n_rows`` rows in all. The arrays are kept
+    here so that their memory outlives every scan given their addresses."""
+
+    def __init__(self, arrays, seg_rows: int, n_rows: int):
+        self.arrays = list(arrays)
+        self.seg_rows = int(seg_rows)
+        self.n_rows = int(n_rows)
+        self.n_words = self.arrays[0].shape[1] if self.arrays else 1
+        self.addrs = np.array([a.ctypes.data for a in self.arrays] or [0], dtype=np.int64)
+
+    @classmethod
+    def of(cls, words: np.ndarray, n_rows: int | None = None) -> "Segments":
+        """One array (its first ``n_rows`` rows; all by default) as one segment."""
+        words = np.ascontiguousarray(words)
+        n = len(words) if n_rows is None else int(n_rows)
+        return cls([words], max(len(words), 1), n)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The words of ``rows`` (a copy)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(self.arrays) == 1:
+            return self.arrays[0][rows]
+        out = np.empty((len(rows), self.n_words), dtype=self.arrays[0].dtype)
+        seg = rows // self.seg_rows
+        for s in np.unique(seg):
+            at = seg == s
+            out[at] = self.arrays[s][rows[at] - s * self.seg_rows]
+        return out
+
+
+def _scan_args(segs: Segments, queries, deleted):
+    check_layout(segs, queries)
     has_del = deleted is not None
     dmask = deleted if has_del else np.zeros(1, dtype=np.uint8)
+    return np.ascontiguousarray(queries), dmask, has_del
+
+
+def check_layout(segs: Segments, queries):
+    for a in segs.arrays:
+        if a.dtype != queries.dtype or not a.flags.c_contiguous or a.shape[1] != queries.shape[1]:
+            raise ValueError("internal: segments must be C-contiguous words of the queries' type")
+
+
+def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
+         deleted: np.ndarray | None = None, threads: int | None = None):
+    """Top-k of ``queries`` ((Q, n_words), the segments' word type: uint8/16/32 for codes of
+    up to 4 bytes, else uint64) over ``segs``."""
+    queries, dmask, has_del = _scan_args(segs, queries, deleted)
     with threads_used(threads):
-        return topk_kernel(flat, n_rows, n_words, np.ascontiguousarray(queries), k, bits, dmask,
-                           has_del, _parts(n_rows))
+        return topk_kernel(segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, k, bits,
+                           dmask, has_del, _parts(segs.n_rows))
 
 
-def range_search(db_words, n_rows, queries, radius, bits, deleted=None, threads: int | None = None):
+def range_search(segs: Segments, queries, radius, bits, deleted=None, threads: int | None = None):
     """All rows within ``radius`` of each query: (lims, distances, rows), faiss' layout
     (query i's results are [lims[i], lims[i+1])), each query's results by (distance, row)."""
-    n_words = db_words.shape[1]
-    flat = db_words.reshape(-1)
-    queries = np.ascontiguousarray(queries)
-    has_del = deleted is not None
-    dmask = deleted if has_del else np.zeros(1, dtype=np.uint8)
+    queries, dmask, has_del = _scan_args(segs, queries, deleted)
     with threads_used(threads):
-        return _range_search(flat, n_rows, n_words, queries, radius, bits, dmask, has_del)
+        return _range_search(segs, queries, radius, bits, dmask, has_del)
 
 
-def _range_search(flat, n_rows, n_words, queries, radius, bits, dmask, has_del):
-    parts = _parts(n_rows)
+def _range_search(segs, queries, radius, bits, dmask, has_del):
+    args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, radius, bits, dmask, has_del)
+    parts = _parts(segs.n_rows)
     none64, none32 = np.zeros(1, np.int64), np.zeros(1, np.int32)
-    counts = range_kernel(flat, n_rows, n_words, queries, radius, bits, dmask, has_del, parts,
-                          np.zeros((parts, len(queries)), np.int64), none64, none32, False)
+    counts = range_kernel(*args, parts, np.zeros((parts, len(queries)), np.int64), none64, none32, False)
     per_q = counts.sum(axis=0)
     lims = np.zeros(len(queries) + 1, dtype=np.int64)
     lims[1:] = np.cumsum(per_q)
@@ -371,8 +438,7 @@ def _range_search(flat, n_rows, n_words, queries, radius, bits, dmask, has_del):
         offsets[1:] = lims[:-1] + np.cumsum(counts, axis=0)[:-1]
     rows = np.empty(lims[-1], dtype=np.int64)
     dist = np.empty(lims[-1], dtype=np.int32)
-    range_kernel(flat, n_rows, n_words, queries, radius, bits, dmask, has_del, parts, offsets,
-                 rows, dist, True)
+    range_kernel(*args, parts, offsets, rows, dist, True)
     for i in range(len(queries)):  # rows are ascending; a stable sort orders by distance
         a, b = lims[i], lims[i + 1]
         if b - a > 1:

@@ -1,11 +1,13 @@
-"""LMDB layout of a hashret index (format 2; one environment per index folder).
+"""LMDB layout of a hashret index (format 3; one environment per index folder).
 
 Named databases:
 - ``meta``: ``meta`` -> one JSON record: format_version, bits, count (rows written, removed
   ones included), chunk_size, id_mode ("rows": an item's id is its row; "explicit"), info
   (modality, model fingerprint, config, ...), created, generation (bumped by every write
   transaction), build (None, or the progress of ``build_index``: state "partial" or
-  "complete", what it encodes, how many rows it has committed); ``tombstones`` -> bitarray
+  "complete", what it encodes, how many rows it has committed), epoch (bumped by every
+  compaction, which renumbers rows: a reader that sees it unchanged knows old rows kept their
+  place); ``tombstones`` -> bitarray
   bytes, once anything is removed.
 - ``codes``: chunk number (8-byte big-endian) -> chunk_size packed codes, so loading 10^7
   codes is ~150 reads instead of 10^7.
@@ -15,9 +17,11 @@ Named databases:
 - ``items``: row -> JSON payload (optional); ``present``: chunk number -> a bitmap of the
   chunk's rows that have one, so a payload lost to damage is told from one never given.
 
-Every value ends in a CRC32 of the database name, the key and the payload, checked on every
-read: a flipped, truncated, moved or edited value is reported as corrupt, never served, and
-never re-sealed by a later write. Before LMDB maps ``data.mdb`` its header is read to make
+Every value ends in an 8-byte XXH3-64 of the payload, seeded by the database name and the key,
+checked on every read: a flipped, truncated, moved or edited value is reported as corrupt,
+never served, and never re-sealed by a later write. (Format 2 sealed with CRC32, which zlib
+computes at ~3 GB/s; XXH3 runs at memory speed, so checking every code chunk no longer costs
+more than a scan -- see ``Snapshot``.) Before LMDB maps ``data.mdb`` its header is read to make
 sure the file is LMDB's and as long as its last commit says (a truncated file would
 otherwise kill the process with SIGBUS).
 
@@ -26,6 +30,14 @@ the index as of the last commit. One writer at a time holds ``writer.lock`` (flo
 second writer is refused in this process as in another, and a dead writer's lock is free);
 each write transaction also checks that ``generation`` is where this writer left it.
 Readers take no lock and read one consistent snapshot while a writer appends.
+
+Codes are never copied out of LMDB: a ``Snapshot`` holds one read transaction open and
+views each code chunk (one contiguous value) where LMDB's memory map has it, so opening
+costs one lookup per chunk plus the checksums, private memory stays small, and every
+process that opens the index shares one page cache. LMDB never reuses a page that a live
+read transaction can see, which is what keeps the views valid; a newer snapshot is taken
+before the old one ends, so a chunk found at the same address with the same length is the
+same, unchanged value and is not checked again.
 """
 
 from __future__ import annotations
@@ -38,21 +50,26 @@ import struct
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lmdb
 import numpy as np
+import xxhash
 from bitarray import bitarray
 
 from hashret.errors import CorruptError, HashretError, check, is_integer, os_problem
 
-FORMAT_VERSION = 2
-MAP_SIZE = 1 << 36  # virtual reservation only; the file grows with the data
+FORMAT_VERSION = 3
+# virtual address space only (the file grows with the data); large, because LMDB cannot grow
+# the map while a snapshot's read transaction is open in this process
+MAP_SIZE = 1 << 40
 MAX_BITS = 1 << 16
 MAX_CHUNK = 1 << 24
 LOCK_NAME = "writer.lock"
 _DBS = (b"meta", b"codes", b"ids", b"items", b"present")
-_CRC = struct.Struct("<I")
+_SEAL = struct.Struct("<Q")
+_CRC = struct.Struct("<I")  # format 2, recognised only to say it must be rebuilt
 _LMDB_MAGIC = 0xBEEFC0DE
 
 
@@ -64,9 +81,13 @@ def _id_key(i: int) -> bytes:
     return struct.pack(">q", i)
 
 
+def _digest(space: str, key: bytes, payload) -> int:
+    seed = xxhash.xxh3_64_intdigest(space.encode() + b"/" + bytes(key))
+    return xxhash.xxh3_64_intdigest(payload, seed=seed)
+
+
 def _seal(space: str, key: bytes, payload) -> bytes:
-    crc = zlib.crc32(payload, zlib.crc32(key, zlib.crc32(space.encode())))
-    return bytes(payload) + _CRC.pack(crc)
+    return bytes(payload) + _SEAL.pack(_digest(space, key, payload))
 
 
 def _fresh_problem(path: Path, what: str) -> CorruptError:
@@ -364,7 +385,7 @@ def _validate_meta(meta, path: Path) -> dict:
     if not isinstance(meta, dict):
         raise bad("meta", "is not a JSON object")
     for f in ("format_version", "bits", "count", "chunk_size", "id_mode", "info", "created",
-              "generation", "build", "removed"):
+              "generation", "build", "removed", "epoch"):
         if f not in meta:
             raise bad(f, "is missing")
     if meta["format_version"] != FORMAT_VERSION:
@@ -383,6 +404,7 @@ def _validate_meta(meta, path: Path) -> dict:
     integer("count", 0, 1 << 48)
     integer("generation", 0, 1 << 62)
     integer("removed", 0, meta["count"])
+    integer("epoch", 0, 1 << 62)
     if meta["id_mode"] not in (None, "rows", "explicit"):
         raise bad("id_mode", f"is {meta['id_mode']!r}, not null, 'rows' or 'explicit'")
     if not isinstance(meta["info"], dict):
@@ -393,6 +415,14 @@ def _validate_meta(meta, path: Path) -> dict:
     if build is not None and not (isinstance(build, dict) and build.get("state") in ("partial", "complete")):
         raise bad("build", "is not null or a record with state 'partial' or 'complete'")
     return meta
+
+
+def _refuse_format_2(raw, path: Path):
+    """A meta record sealed the format-2 way (CRC32) gets the rebuild message, not 'corrupt'."""
+    raw = bytes(raw)
+    if len(raw) > 4 and zlib.crc32(raw[:-4], zlib.crc32(b"meta", zlib.crc32(b"meta"))) == _CRC.unpack(raw[-4:])[0]:
+        raise HashretError(f"the index at {path} has format 2; this hashret reads format "
+                           f"{FORMAT_VERSION}: rebuild it with 'hashret build-index'")
 
 
 class LMDBStore:
@@ -438,14 +468,13 @@ class LMDBStore:
         if buf is None:
             raise self.corrupt(f"{what} is missing")
         n = len(buf)
-        if expect is not None and n != expect + 4:
-            raise self.corrupt(f"{what} holds {n - 4} bytes where {expect} are expected")
-        if n < 4:
+        if expect is not None and n != expect + _SEAL.size:
+            raise self.corrupt(f"{what} holds {n - _SEAL.size} bytes where {expect} are expected")
+        if n < _SEAL.size:
             raise self.corrupt(f"{what} is truncated")
         view = memoryview(buf)
-        payload = view[:n - 4]
-        crc = zlib.crc32(payload, zlib.crc32(key, zlib.crc32(space.encode())))
-        if crc != _CRC.unpack(view[n - 4:])[0]:
+        payload = view[:n - _SEAL.size]
+        if _digest(space, key, payload) != _SEAL.unpack(view[n - _SEAL.size:])[0]:
             raise self.corrupt(f"{what} fails its checksum")
         return payload
 
@@ -454,7 +483,11 @@ class LMDBStore:
         if raw is None:
             raise HashretError(f"{self.path} holds no committed index (its creation did not finish): "
                                "delete the folder, or build into it again")
-        payload = self._unseal("meta", b"meta", raw, "its meta record")
+        try:
+            payload = self._unseal("meta", b"meta", raw, "its meta record")
+        except CorruptError:
+            _refuse_format_2(raw, self.path)
+            raise
         try:
             meta = json.loads(bytes(payload))
         except ValueError:
@@ -499,7 +532,7 @@ class LMDBStore:
         meta = {"format_version": FORMAT_VERSION, "bits": int(bits), "count": 0,
                 "chunk_size": int(chunk_size), "id_mode": None, "info": info,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "generation": 1, "build": build,
-                "removed": 0}
+                "removed": 0, "epoch": 0}
         _validate_meta(json.loads(json.dumps(meta)), self.path)
         try:
             with self.env.begin(write=True) as txn:
@@ -531,42 +564,16 @@ class LMDBStore:
 
         return _Txn()
 
-    def load(self, layout):
-        """One verified snapshot: (meta, words (capacity, n_words) with the codes in the first
-        ``count`` rows, ids or None, tombstones); ``layout(bytes per code)`` gives the word type
-        and count (HashIndex's ``word_layout``). Every chunk's checksum is checked."""
-        with self._reading() as txn:
-            meta = self._read_meta(txn)
-            count, cs, nbytes = meta["count"], meta["chunk_size"], meta["bits"] // 8
-            word_dtype, n_words = layout(nbytes)
-            width = n_words * np.dtype(word_dtype).itemsize
-            check(nbytes <= width, "internal: word count too small for the code length")
-            n_chunks = (count + cs - 1) // cs
-            have = txn.stat(self.db["codes"])["entries"]
-            if have != n_chunks:
-                raise self.corrupt(f"it holds {have} code chunks where its meta (count {count}, "
-                                   f"chunk size {cs}) needs {n_chunks}")
-            explicit = meta["id_mode"] == "explicit"
-            if explicit and txn.stat(self.db["ids"])["entries"] != n_chunks:
-                raise self.corrupt(f"it holds {txn.stat(self.db['ids'])['entries']} id chunks where "
-                                   f"{n_chunks} are needed")
-            words = np.zeros((max(count, 1024), n_words), dtype=word_dtype)
-            raw = words.view(np.uint8).reshape(len(words), width)
-            ids = np.empty(count, dtype=np.int64) if explicit else None
-            for c in range(n_chunks):
-                lo = c * cs
-                rows = min(cs, count - lo)
-                what = f"code chunk {c} (rows {lo}..{lo + rows - 1})"
-                payload = self._unseal("codes", _key(c), txn.get(_key(c), db=self.db["codes"]),
-                                       what, expect=rows * nbytes)
-                raw[lo:lo + rows, :nbytes] = np.frombuffer(payload, np.uint8).reshape(rows, nbytes)
-                if explicit:
-                    payload = self._unseal("ids", _key(c), txn.get(_key(c), db=self.db["ids"]),
-                                           f"id chunk {c} (rows {lo}..{lo + rows - 1})", expect=rows * 8)
-                    ids[lo:lo + rows] = np.frombuffer(payload, "<i8")
-            tomb = self._read_tombstones(txn, meta)
-        self.meta, self.generation = meta, meta["generation"]
-        return meta, words, ids, tomb
+    def snapshot(self, layout, previous: "Snapshot | None" = None, verify: bool = True) -> "Snapshot":
+        """The index as of now, read in place (see :class:`Snapshot`)."""
+        try:
+            snap = Snapshot(self, layout, previous, verify)
+        except lmdb.Error as exc:
+            raise self.corrupt(f"LMDB cannot read it ({os_problem(exc)})") from None
+        if self.generation is None or self.readonly:
+            # a writer keeps the generation its own commits left: the next one checks it
+            self.meta, self.generation = snap.meta, snap.generation
+        return snap
 
     # -- writes ------------------------------------------------------------------------------
     def _transact(self, what: str, fn):
@@ -704,6 +711,7 @@ class LMDBStore:
             meta["count"] = len(packed)
             meta["id_mode"] = "explicit"
             meta["removed"] = 0
+            meta["epoch"] += 1
             txn.delete(b"tombstones", db=self.db["meta"])
 
         self._transact("compact", fn)
@@ -831,6 +839,179 @@ class LMDBStore:
             problems.append(f"LMDB's own structure is damaged ({os_problem(exc)})")
         report["ok"] = not problems
         return report
+
+
+class Snapshot:
+    """One consistent state of an index, read in place.
+
+    Holds a read transaction open and views every code and id chunk where LMDB's memory map
+    has it: ``codes`` is a list of (rows, n_words) word arrays (``layout(bytes per code)``
+    gives the word type and count; a chunk is copied only where a code needs padding to
+    whole words), ``ids`` a list of int64 arrays (explicit ids) or None. Every chunk's
+    checksum is checked (in parallel; XXH3 runs at memory speed) unless ``verify`` is False,
+    except chunks that ``previous`` had checked at the same address and length: LMDB does not
+    reuse a page a live reader can see, so such a chunk is the same value.
+
+    Scans ``acquire()`` it and ``release()`` it; ``retire()`` ends the transaction once the
+    last user has released it (a newer snapshot takes over)."""
+
+    def __init__(self, store: "LMDBStore", layout, previous: "Snapshot | None", verify: bool):
+        import threading
+
+        self.path = store.path
+        self._lock = threading.Lock()
+        self._users = 0
+        self._retired = False
+        self._deleted = None
+        self.txn = store.env.begin(buffers=True)
+        try:
+            self._read(store, layout, previous, verify)
+        except BaseException:
+            self.txn.abort()
+            raise
+
+    def _read(self, store, layout, previous, verify):
+        txn = self.txn
+        meta = store._read_meta(txn)
+        count, cs, nbytes = meta["count"], meta["chunk_size"], meta["bits"] // 8
+        word_dtype, n_words = layout(nbytes)
+        word_dtype = np.dtype(word_dtype).newbyteorder("<")
+        width = n_words * word_dtype.itemsize
+        check(nbytes <= width, "internal: word count too small for the code length")
+        n_chunks = (count + cs - 1) // cs
+        have = txn.stat(store.db["codes"])["entries"]
+        if have != n_chunks:
+            raise store.corrupt(f"it holds {have} code chunks where its meta (count {count}, "
+                                f"chunk size {cs}) needs {n_chunks}")
+        explicit = meta["id_mode"] == "explicit"
+        if explicit and txn.stat(store.db["ids"])["entries"] != n_chunks:
+            raise store.corrupt(f"it holds {txn.stat(store.db['ids'])['entries']} id chunks where "
+                                f"{n_chunks} are needed")
+        known = previous.checked if previous is not None else {}
+        # Appends only write from the last, partial chunk on, so while no compaction has
+        # renumbered rows (same epoch) the previous snapshot's full chunks are still these
+        # values; those in overflow pages (which start 16 bytes into a page: LMDB's page
+        # header) also stay at their address, so their views are reused without a lookup.
+        # Smaller values sit inside B-tree pages, which move when a neighbour changes.
+        keep = 0
+        if (previous is not None and previous.meta["epoch"] == meta["epoch"]
+                and count >= previous.count and previous.chunk_size == cs):
+            keep = previous.count // cs
+        psize = store.env.stat()["psize"]
+        self.checked = {}
+        todo = []
+        self.codes, self.ids = [], [] if explicit else None
+        for c in range(n_chunks):
+            lo = c * cs
+            rows = min(cs, count - lo)
+            if c < keep and all(known.get((sp, c), (1, 0))[0] % psize == 16 for sp in ("codes", "ids")
+                                if sp == "codes" or explicit):
+                self.codes.append(previous.codes[c])
+                self.checked[("codes", c)] = known[("codes", c)]
+                if explicit:
+                    self.ids.append(previous.ids[c])
+                    self.checked[("ids", c)] = known[("ids", c)]
+                continue
+            for space, size in (("codes", nbytes), ("ids", 8)) if explicit else (("codes", nbytes),):
+                what = f"{'code' if space == 'codes' else 'id'} chunk {c} (rows {lo}..{lo + rows - 1})"
+                raw = txn.get(_key(c), db=store.db[space])
+                if raw is None:
+                    raise store.corrupt(f"{what} is missing")
+                if len(raw) != rows * size + _SEAL.size:
+                    raise store.corrupt(f"{what} holds {len(raw) - _SEAL.size} bytes where "
+                                        f"{rows * size} are expected")
+                whole = np.frombuffer(raw, np.uint8)
+                place = (whole.ctypes.data, len(whole))
+                if verify and known.get((space, c)) != place:
+                    todo.append((space, c, raw, what))
+                self.checked[(space, c)] = place  # checked now, before, or trusted (verify=False)
+                payload = whole[:rows * size]
+                if space == "ids":
+                    self.ids.append(payload.view("<i8"))
+                elif width == nbytes:
+                    self.codes.append(payload.view(word_dtype).reshape(rows, n_words))
+                else:  # padding to whole words: this chunk is copied
+                    buf = np.zeros((rows, width), dtype=np.uint8)
+                    buf[:, :nbytes] = payload.reshape(rows, nbytes)
+                    self.codes.append(buf.view(word_dtype).reshape(rows, n_words))
+        self._check(store, todo)
+        self.tomb = store._read_tombstones(txn, meta)
+        self.meta, self.count, self.chunk_size = meta, count, cs
+        self.word_dtype, self.n_words = word_dtype, n_words
+        self.generation = meta["generation"]
+
+    @staticmethod
+    def _check(store, todo):
+        def one(job):
+            space, c, raw, what = job
+            try:
+                store._unseal(space, _key(c), raw, what)
+            except CorruptError as exc:
+                return exc
+            return None
+
+        big = sum(len(j[2]) for j in todo) > (8 << 20)
+        if big and len(todo) > 1:
+            with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1, 8)) as pool:
+                problems = list(pool.map(one, todo))
+        else:
+            problems = [one(j) for j in todo]
+        first = next((p for p in problems if p is not None), None)
+        if first is not None:
+            raise first
+
+    # -- rows -------------------------------------------------------------------------------
+    def deleted_mask(self):
+        """uint8 per row (1 = removed), or None when nothing is removed."""
+        if not self.tomb.any():
+            return None
+        if self._deleted is None:
+            self._deleted = np.frombuffer(self.tomb.unpack(), dtype=np.uint8)[: self.count].copy()
+        return self._deleted
+
+    def ids_of_rows(self, rows) -> np.ndarray:
+        """External ids of rows (-1 stays -1)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.ids is None:
+            return rows.copy()
+        out = np.full(rows.shape, -1, dtype=np.int64)
+        ok = rows >= 0
+        c = rows // self.chunk_size
+        for chunk in np.unique(c[ok]).tolist():
+            at = ok & (c == chunk)
+            out[at] = self.ids[chunk][rows[at] - chunk * self.chunk_size]
+        return out
+
+    def all_ids(self) -> np.ndarray:
+        """Every row's id (a copy; explicit ids only)."""
+        return np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def acquire(self) -> "Snapshot":
+        with self._lock:
+            check(not self._retired, "internal: a retired snapshot was used")
+            self._users += 1
+        return self
+
+    def release(self):
+        with self._lock:
+            self._users -= 1
+            end = self._retired and self._users == 0
+        if end:
+            self._end()
+
+    def retire(self):
+        with self._lock:
+            self._retired = True
+            end = self._users == 0
+        if end:
+            self._end()
+
+    def _end(self):
+        if self.txn is not None:
+            self.codes, self.ids = [], None
+            self.txn.abort()
+            self.txn = None
 
 
 def _strip(exc: HashretError) -> str:

@@ -186,7 +186,84 @@ def test_reader_in_another_process_sees_committed_batches(tmp_path):
         assert got["n"] == 300 and got["first"] == db[:1].tolist()
 
 
-# -- integrity (format 2) --------------------------------------------------------------------
+def test_a_long_lived_reader_refreshes_without_rereading_old_chunks(tmp_path, monkeypatch):
+    from hashret.index import store
+
+    checked = []
+    digest = store._digest
+    monkeypatch.setattr(store, "_digest", lambda space, key, payload: checked.append((space, len(payload)))
+                        or digest(space, key, payload))
+    db = codes(1400)
+    ids = np.random.default_rng(1).permutation(10**6)[:1400]
+    mem = HashIndex(64)
+    # chunks of 300 codes (2,400 bytes) live in overflow pages, which stay where they are while
+    # other values change; smaller values sit inside B-tree pages and move with them
+    w = HashIndex.create(tmp_path / "ix", 64, chunk_size=300)
+    w.add(db[:1000], ids=ids[:1000])
+    r = HashIndex.open(tmp_path / "ix")
+    assert r.refresh() is False  # nothing new
+    assert r.rows_of(ids[999:1000]).tolist() == [999]  # builds the id map
+    w.add(db[1000:1050], ids=ids[1000:1050])
+    checked.clear()
+    assert r.refresh() is True
+    # the meta and chunk 3 (rows 900..1049, grown by the batch), codes and ids: nothing older
+    assert sum(n for space, n in checked if space in ("codes", "ids")) == 150 * 8 * 2
+    mem.add(db[:1050], ids=ids[:1050])
+    for a, b in zip(r.search(db[:30], 20), mem.search(db[:30], 20)):
+        np.testing.assert_array_equal(a, b)
+    assert r.rows_of(ids[1049:1050]).tolist() == [1049]  # the id map grew, it was not rebuilt
+    w.remove(ids[:500:3])
+    mem.remove(ids[:500:3])
+    assert r.refresh() and len(r) == len(mem)
+    w.compact()
+    w.add(db[1050:], ids=ids[1050:])
+    mem.add(db[1050:], ids=ids[1050:])
+    assert r.refresh() and r.n_rows == len(mem) and r.info()["removed"] == 0
+    for a, b in zip(r.search(db[::50], 40), mem.search(db[::50], 40)):
+        np.testing.assert_array_equal(a, b)
+    assert r.rows_of(ids[1:2]).tolist() == [0]  # compaction renumbered rows: the map was rebuilt
+    # a scan that holds the old snapshot keeps it until it is done
+    held = r._snap.acquire()
+    w.add(codes(3, seed=9), ids=[10**7, 10**7 + 1, 10**7 + 2])
+    assert r.refresh() and held.txn is not None
+    held.release()
+    assert held.txn is None
+    r.close()
+    w.close()
+
+
+def test_codes_are_scanned_in_place_not_copied(tmp_path):
+    db = codes(5000)
+    with HashIndex.create(tmp_path / "ix", 64, chunk_size=1024) as w:
+        w.add(db)
+    with HashIndex.open(tmp_path / "ix") as r:
+        assert r.info()["mapped"] and r.info()["memory_bytes"] == 0
+        for chunk in r._snap.codes:  # views of LMDB's map, not arrays of their own
+            assert not chunk.flags.owndata and not chunk.base.flags.owndata
+        np.testing.assert_array_equal(r.packed_codes(), db)
+
+
+def test_a_format_2_index_is_told_to_rebuild(tmp_path):
+    import zlib
+
+    import lmdb
+
+    with HashIndex.create(tmp_path / "ix", 64) as w:
+        w.add(codes(10))
+    env = lmdb.open(str(tmp_path / "ix"), max_dbs=8)
+    db = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        meta = json.loads(bytes(txn.get(b"meta", db=db))[:-8])
+        meta["format_version"] = 2
+        body = json.dumps(meta).encode()
+        crc = zlib.crc32(body, zlib.crc32(b"meta", zlib.crc32(b"meta")))
+        txn.put(b"meta", body + struct.pack("<I", crc), db=db)
+    env.close()
+    with pytest.raises(HashretError, match="has format 2; .*rebuild it"):
+        HashIndex.open(tmp_path / "ix")
+
+
+# -- integrity (format 3) --------------------------------------------------------------------
 from hashret.errors import CorruptError  # noqa: E402
 
 
