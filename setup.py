@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 # files (DCMH's IAll, GCH's FLICKR-25K.mat); tqdm: progress bars; xxhash: the index's checksums
 # (XXH3 checks a chunk at memory speed, zlib's CRC32 at ~3 GB/s). torch is pinned to the
 # release whose CPU wheel the project's machines carry (an unpinned torch pulls CUDA).
+SERVE = ["fastapi>=0.110", "uvicorn[standard]>=0.29", "prometheus_client>=0.20"]
+
 setup(
     name="hashret",
     version="0.1.0",
@@ -28,9 +30,13 @@ setup(
         "tqdm>=4.60",
         "xxhash>=3.0",
     ],
+    # serve: FastAPI + uvicorn are the convention of Python model serving (uvicorn[standard]
+    # brings uvloop and httptools, its fast event loop and HTTP parser); prometheus_client
+    # writes the /metrics text format that monitoring systems scrape.
     extras_require={
         "plots": ["matplotlib>=3.7"],
-        "dev": ["pytest>=7", "matplotlib>=3.7", "faiss-cpu>=1.8"],
+        "serve": SERVE,
+        "dev": ["pytest>=7", "matplotlib>=3.7", "faiss-cpu>=1.8", *SERVE],
     },
     entry_points={"console_scripts": ["hashret=hashret.cli:main"]},
 )

@@ -200,14 +200,14 @@ def encode(checkpoint, modality, part, features, dataset, out, data_root):
     """Encode features into packed codes (np.packbits order, +1 -> bit 1) with a student."""
     import numpy as np
 
-    from hashret.index.pipeline import _read_features
+    from hashret.engine import _read_features
     from hashret.models.checkpoint import encode as encode_codes, read_checkpoint_info
 
     feats = None
     if features is not None:
         cfg = read_checkpoint_info(checkpoint)["config"]
         if cfg.get("kind") == "matcher":
-            from hashret.index.pipeline import _read_array
+            from hashret.engine import _read_array
 
             feats = _read_array(features, "region")
         else:
@@ -234,15 +234,17 @@ def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_s
 
     Each batch commits with the build's progress; an interrupted build is marked partial
     (see 'hashret info') and --resume finishes it."""
-    from hashret.index.pipeline import build_index
+    from hashret.engine import build_index
 
     build_index(checkpoint, modality, out, dataset=dataset, data_root=data_root, part=part,
                 batch_size=batch_size, append=append, resume=resume, log=click.echo)
 
 
 @main.command()
-@click.option("--index", "index_dir", required=True, type=click.Path(), help="IDX_DIR from build-index.")
-@click.option("--checkpoint", required=True, type=click.Path(), help="The RUN_DIR the index was built with.")
+@click.option("--index", "index_dir", default=None, type=click.Path(),
+              help="IDX_DIR from build-index (with --server: the index's folder name on the server).")
+@click.option("--checkpoint", default=None, type=click.Path(), help="The RUN_DIR the index was built with.")
+@click.option("--server", default=None, help="Ask a running 'hashret serve' at this URL instead.")
 @click.option("--text", default=None, help="Free-text query (tags), for an image index.")
 @click.option("--text-file", type=click.Path(), default=None, help="File holding the text query.")
 @click.option("--image-features", type=click.Path(), default=None, help=".npy image features (rows = queries).")
@@ -254,14 +256,24 @@ def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_s
               help="RUN_DIR of a matcher: re-score the Hamming candidates with it (cascade).")
 @click.option("--candidates", type=int, default=None, help="Hamming candidates to re-rank [default: 10 x k].")
 @data_root_option
-def query(index_dir, checkpoint, text, text_file, image_features, item, k, as_json, dataset,
+def query(index_dir, checkpoint, server, text, text_file, image_features, item, k, as_json, dataset,
           rerank, candidates, data_root):
-    """Search an index with a text, image-feature or item query."""
-    from hashret.index.pipeline import query_index
+    """Search an index with a text, image-feature or item query (locally, or on a server)."""
+    if server is not None:
+        from hashret.serve import query_server
 
-    res = query_index(index_dir, checkpoint, text=text, text_file=text_file,
-                      image_features=image_features, item=item, k=k, dataset=dataset,
-                      data_root=data_root, rerank=rerank, candidates=candidates)
+        res = query_server(server, index=index_dir, text=text, text_file=text_file,
+                           image_features=image_features, item=item, k=k,
+                           rerank=rerank is not None, candidates=candidates)
+    else:
+        from hashret.engine import query_index
+        from hashret.errors import check
+
+        check(index_dir is not None and checkpoint is not None,
+              "give --index IDX_DIR and --checkpoint RUN_DIR (or --server URL)")
+        res = query_index(index_dir, checkpoint, text=text, text_file=text_file,
+                          image_features=image_features, item=item, k=k, dataset=dataset,
+                          data_root=data_root, rerank=rerank, candidates=candidates)
     for warning in res.get("warnings", ()):
         click.echo(f"warning: {warning}", err=True)
     if res["unknown_words"]:
@@ -288,10 +300,38 @@ def query(index_dir, checkpoint, text, text_file, image_features, item, k, as_js
 
 
 @main.command()
+@click.option("--index", "indexes", required=True, multiple=True, type=click.Path(),
+              help="IDX_DIR to serve (repeat for several, e.g. an image and a text index).")
+@click.option("--checkpoint", default=None, type=click.Path(),
+              help="The RUN_DIR the indexes were built with (without it: code queries only).")
+@click.option("--rerank", type=click.Path(), default=None, help="RUN_DIR of a matcher for the cascade.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--read-only", "readonly", is_flag=True,
+              help="Write nothing; pick up what another writer commits (within --refresh-s).")
+@click.option("--batch-window-ms", type=float, default=1.0, show_default=True,
+              help="How long a search waits for others to share its scan.")
+@click.option("--max-batch", type=int, default=256, show_default=True,
+              help="Queries per scan at most (1: one scan per request).")
+@click.option("--refresh-s", type=float, default=0.5, show_default=True)
+@click.option("--max-body-mb", type=float, default=16.0, show_default=True)
+@click.option("--dataset", default=None, help="Dataset for item and text queries (default: the checkpoint's).")
+@data_root_option
+def serve(indexes, checkpoint, rerank, host, port, readonly, batch_window_ms, max_batch, refresh_s,
+          max_body_mb, dataset, data_root):
+    """Serve indexes over HTTP: POST /search, POST|DELETE /items, GET /health /info /metrics /."""
+    from hashret.serve import serve as run
+
+    run(indexes, checkpoint, rerank=rerank, host=host, port=port, readonly=readonly,
+        window_ms=batch_window_ms, max_batch=max_batch, refresh_s=refresh_s, max_body_mb=max_body_mb,
+        dataset=dataset, data_root=data_root, log=lambda m: click.echo(m, err=True))
+
+
+@main.command()
 @click.option("--index", "index_dir", required=True, type=click.Path(), help="IDX_DIR.")
 def info(index_dir):
     """Size, code length, model, dataset and build state of an index."""
-    from hashret.index.pipeline import index_info
+    from hashret.engine import index_info
 
     click.echo(json.dumps(index_info(index_dir), indent=2, default=str))
 
@@ -301,7 +341,7 @@ def info(index_dir):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(index_dir, as_json):
     """Check every checksum of an index; exit 1 naming the damaged chunks and rows."""
-    from hashret.index.pipeline import verify_index
+    from hashret.engine import verify_index
 
     report = verify_index(index_dir)
     if as_json:

@@ -14,6 +14,15 @@ class CorruptError(HashretError):
     """A file hashret wrote no longer holds what it wrote (truncated, bit-flipped, edited)."""
 
 
+class NotFoundError(HashretError):
+    """An id or item the index or dataset does not hold (the service answers 404)."""
+
+
+class ConflictError(HashretError):
+    """A request that contradicts the artefacts, e.g. a query for an index built by another
+    model (the service answers 409)."""
+
+
 def is_integer(value) -> bool:
     """A true integer (Python or numpy), not a bool, float or string."""
     import numpy as np

@@ -47,7 +47,7 @@ def _quiet(*_a, **_k):
 # -- fixture ---------------------------------------------------------------------------------
 def make_fixture(root) -> Path:
     """Two small trained models and an index of the first (a few seconds)."""
-    from hashret.index.pipeline import build_index
+    from hashret.engine import build_index
     from hashret.training import train
 
     root = Path(root)
@@ -584,7 +584,7 @@ def kill_ops_trial(root, seed: int, rng: random.Random) -> dict:
 
 BUILD_SCRIPT = r"""
 import sys
-from hashret.index.pipeline import build_index
+from hashret.engine import build_index
 print("ready", flush=True)
 build_index(sys.argv[1], "text", sys.argv[2], batch_size=int(sys.argv[3]), progress=False, log=lambda *a: None)
 print("done", flush=True)
@@ -595,7 +595,7 @@ def kill_build_trial(root, k: int, rng: random.Random) -> dict:
     """SIGKILL build-index at a random moment, then rerun it (--resume when it left a partial
     build); the result must equal an uninterrupted build: codes, ids, payloads and state."""
     from hashret.index import HashIndex
-    from hashret.index.pipeline import build_index
+    from hashret.engine import build_index
 
     root = Path(root)
     out = root / "kill" / f"build{k}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from bitarray import bitarray
 
-from hashret.errors import HashretError, check, is_integer, os_problem
+from hashret.errors import HashretError, NotFoundError, check, is_integer, os_problem
 from hashret.index import kernels
 from hashret.index.bits import as_packed
 from hashret.index.store import LMDBStore
@@ -442,7 +442,7 @@ class HashIndex:
             rows = self._id_map().lookup(ids)
         bad = rows < 0
         if bad.any():
-            raise HashretError(f"unknown id {int(ids[bad][0])}: it is not in the index")
+            raise NotFoundError(f"unknown id {int(ids[bad][0])}: it is not in the index")
         return rows
 
     def _id_map(self) -> _IdMap:

@@ -283,7 +283,7 @@ def test_a_flipped_byte_in_a_chunk_is_reported_by_open_and_verify(tmp_path):
     _flip_inside(tmp_path / "ix", db[300:400].tobytes())  # rows 300..399 lie in chunk 1
     with pytest.raises(CorruptError, match=r"code chunk 1 \(rows 256..511\) fails its checksum"):
         HashIndex.open(tmp_path / "ix")
-    from hashret.index.pipeline import verify_index
+    from hashret.engine import verify_index
 
     report = verify_index(tmp_path / "ix")
     assert not report["ok"] and report["problems"] == ["code chunk 1 (rows 256..511) fails its checksum"]
@@ -419,7 +419,7 @@ def test_a_zeroed_btree_page_is_reported_not_an_abort(tmp_path):
         import sys
         from hashret.errors import CorruptError
         from hashret.index import HashIndex
-        from hashret.index.pipeline import verify_index
+        from hashret.engine import verify_index
         print(verify_index(sys.argv[1])["problems"])
         try:
             with HashIndex.open(sys.argv[1], readonly=False) as w:

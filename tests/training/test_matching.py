@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from hashret.cli import main
 from hashret.data.scenes import load_scenes
 from hashret.index import HashIndex
-from hashret.index.pipeline import build_index, query_index
+from hashret.engine import build_index, query_index
 from hashret.models.checkpoint import load_checkpoint
 from hashret.models.distill import exhaustive_ranking, rerank
 from hashret.training import train

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from hashret.cli import main
 from hashret.data import load_dataset
 from hashret.index import HashIndex
-from hashret.index.pipeline import build_index, query_index
+from hashret.engine import build_index, query_index
 from hashret.training import train
 
 SPEC = "synthetic:n_items=600,n_labels=6,image_dim=20,text_dim=50,n_query=60,n_train=300"
@@ -132,9 +132,9 @@ def test_append_with_the_same_model(runs, tmp_path):
 # -- builds that finish or say so ----------------------------------------------------------------
 def _failing_after(monkeypatch, n_calls):
     """Make the model's encoder fail on its (n_calls + 1)-th batch."""
-    from hashret.index import pipeline
+    from hashret import engine
 
-    real = pipeline._source
+    real = engine._source
     calls = {"n": 0}
 
     def source(*a, **kw):
@@ -148,7 +148,7 @@ def _failing_after(monkeypatch, n_calls):
 
         return rows, flaky, payloads
 
-    monkeypatch.setattr(pipeline, "_source", source)
+    monkeypatch.setattr(engine, "_source", source)
 
 
 def _same_index(a, b):

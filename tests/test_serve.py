@@ -1,0 +1,275 @@
+"""hashret serve: the contract, parity with `hashret query --json`, writes that survive a
+SIGKILL, hot pick-up in read-only mode, bad requests, SIGTERM, micro-batching and the page
+in a real browser. Servers run as subprocesses on a free loopback port and are stopped by
+the fixture."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hashret.cli import main
+from hashret.data import load_dataset
+from hashret.engine import Engine, build_index
+from hashret.index import HashIndex
+from hashret.training import train
+
+SPEC = "synthetic:n_items=600,n_labels=6,image_dim=20,text_dim=50,n_query=60,n_train=300"
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    train("label-ridge", SPEC, 32, seed=0, out=root / "a", progress=False, evaluate=False, **QUIET)
+    train("cca-itq", SPEC, 32, seed=0, out=root / "c", progress=False, evaluate=False, **QUIET)
+    build_index(root / "a", "text", root / "ix_text", progress=False, **QUIET)
+    build_index(root / "a", "image", root / "ix_image", progress=False, **QUIET)
+    build_index(root / "c", "text", root / "other_text", progress=False, **QUIET)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, args, port):
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "hashret.cli", "serve", "--port", str(port), *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self):
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited: {self.proc.stderr.read()}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("the server did not start in 120 s")
+
+    def call(self, method, path, body=None, raw=None, headers=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                text = r.read().decode()
+                return r.status, (json.loads(text) if r.headers.get_content_type() == "application/json" else text)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def get(self, path):
+        return self.call("GET", path)
+
+    def post(self, path, body=None, **kw):
+        return self.call("POST", path, body, **kw)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def server():
+    started = []
+
+    def start(*args):
+        s = Server([str(a) for a in args], free_port())
+        started.append(s)  # stopped by this fixture even if it never answers
+        s.wait_ready()
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(timeout=30)
+
+
+def cli_json(*args):
+    res = CliRunner().invoke(main, ["query", *map(str, args), "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_contract_and_parity_with_the_cli(built, server):
+    root = built
+    s = server("--index", root / "ix_text", "--index", root / "ix_image", "--checkpoint", root / "a")
+    q = int(load_dataset(SPEC).part("query")[0])
+    status, out = s.post("/search", {"item": q, "k": 7, "index": "ix_text"})
+    assert status == 200 and out["query_modality"] == "image" and out["index"] == "ix_text"
+    assert out["results"][0] == cli_json("--index", root / "ix_text", "--checkpoint", root / "a", "--item", q, "-k", 7)
+    # a text query goes to the image index by itself; same answer as the CLI's
+    status, out = s.post("/search", {"text": "w1 w7 w30 zebra", "k": 5})
+    assert status == 200 and out["index"] == "ix_image" and out["unknown_words"] == ["zebra"]
+    assert out["results"][0] == cli_json("--index", root / "ix_image", "--checkpoint", root / "a",
+                                         "--text", "w1 w7 w30 zebra", "-k", 5)
+    # `hashret query --server` prints what the local query prints
+    res = CliRunner().invoke(main, ["query", "--server", s.url, "--text", "w1 w7 w30 zebra", "-k", "5", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout) == out["results"][0]
+    # codes: hex of the packed bytes; the nearest of an indexed code is itself
+    with HashIndex.open(root / "ix_text") as ix:
+        code = ix.packed_codes([3])[0]
+        d, ids = ix.search(code[None], 4)
+    status, out = s.post("/search", {"codes": [code.tobytes().hex()], "k": 4, "index": "ix_text"})
+    assert [r["id"] for r in out["results"][0]] == ids[0].tolist()
+    assert [r["distance"] for r in out["results"][0]] == d[0].tolist()
+    status, health = s.get("/health")
+    assert status == 200 and health["status"] == "ok" and health["indexes"]["ix_text"] == 540
+    status, info = s.get("/info")
+    assert status == 200 and {i["name"] for i in info["indexes"]} == {"ix_text", "ix_image"}
+    status, metrics = s.get("/metrics")
+    for name in ("hashret_requests_total", "hashret_request_seconds_bucket", "hashret_items",
+                 "hashret_batch_queries_bucket", "hashret_errors_total"):
+        assert name in metrics
+    assert re.search(r'hashret_requests_total\{route="/search",status="200"\} 4\.0', metrics)
+    assert "<form" in s.get("/")[1]
+    assert s.stop() == 0
+
+
+def test_writes_are_durable_across_a_sigkill(built, server, tmp_path):
+    ix = tmp_path / "ix"
+    shutil.copytree(built / "ix_text", ix)
+    s = server("--index", ix, "--checkpoint", built / "a")
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, size=(3, 4), dtype=np.uint8)
+    status, out = s.post("/items", {"codes": [c.tobytes().hex() for c in codes], "ids": [10_001, 10_002, 10_003],
+                                    "items": [{"caption": "new"}, None, {"n": 3}]})
+    assert status == 200 and out == {"added": 3, "ids": [10_001, 10_002, 10_003], "items": 543, "index": "ix"}
+    feats = rng.normal(size=(2, 50)).tolist()  # text features would need texts: codes and text
+    status, out = s.post("/items", {"text": ["w1 w2", "w3"], "ids": [10_004, 10_005]})
+    assert status == 200 and out["items"] == 545
+    status, out = s.call("DELETE", "/items", {"ids": [10_002]})
+    assert status == 200 and out["removed"] == 1 and out["items"] == 544
+    status, out = s.post("/search", {"codes": [codes[0].tobytes().hex()], "k": 1})
+    assert out["results"][0][0]["id"] == 10_001 and out["results"][0][0]["item"] == {"caption": "new"}
+    assert s.stop(signal.SIGKILL) == -signal.SIGKILL  # acknowledged writes must survive this
+    with HashIndex.open(ix) as back:
+        assert len(back) == 544 and back.contains(10_001) and not back.contains(10_002)
+        assert back.items([10_003]) == [{"n": 3}]
+    s2 = server("--index", ix, "--checkpoint", built / "a")
+    status, out = s2.post("/search", {"codes": [codes[2].tobytes().hex()], "k": 1})
+    assert out["results"][0][0]["id"] == 10_003
+    assert feats  # (features of the wrong side are refused: see test_bad_requests)
+
+
+def test_read_only_server_picks_up_another_writers_batches(built, server, tmp_path):
+    ix = tmp_path / "ix"
+    shutil.copytree(built / "ix_text", ix)
+    s = server("--index", ix, "--read-only", "--refresh-s", "0.2")
+    status, out = s.post("/items", {"codes": ["00000000"], "ids": [1]})
+    assert status == 409 and "read-only" in out["error"]
+    code = np.array([[1, 2, 3, 4]], dtype=np.uint8)
+    with HashIndex.open(ix, readonly=False) as w:
+        w.add(code, ids=[77_777])
+        t = time.time()
+        while time.time() - t < 5:
+            out = s.post("/search", {"codes": [code[0].tobytes().hex()], "k": 1})[1]
+            if out["results"][0][0]["id"] == 77_777:
+                break
+            time.sleep(0.05)
+        seen = time.time() - t
+    assert out["results"][0][0] == {"rank": 1, "id": 77_777, "distance": 0, "item": None}
+    assert seen < 1.0, f"picked up after {seen:.2f} s"
+    assert s.get("/health")[1]["indexes"]["ix"] == 541
+
+
+def test_bad_requests_get_one_json_line_and_the_server_keeps_serving(built, server, tmp_path):
+    root = built
+    s = server("--index", root / "ix_text", "--index", root / "other_text", "--checkpoint", root / "a",
+               "--max-body-mb", "0.01")
+    cases = [
+        (dict(raw=b"{not json"), 400, "not JSON"),
+        (dict(raw=b"[1, 2]"), 400, "JSON object"),
+        ({"image_features": [[0.0] * 7], "index": "ix_text"}, 400, "20"),
+        ({"item": 10**6, "index": "ix_text"}, 404, "unknown item"),
+        ({"item": "no-such-key", "index": "ix_text"}, 404, "unknown item"),
+        ({"item": 1, "k": 0, "index": "ix_text"}, 400, "k must be"),
+        ({"item": 1, "k": "5", "index": "ix_text"}, 400, "k must be"),
+        ({"item": 1, "k": 10**9, "index": "ix_text"}, 400, "at most"),
+        ({"item": 1, "index": "nope"}, 404, "unknown index"),
+        ({"item": 1, "colour": "red"}, 400, "unknown field"),
+        ({"codes": ["zz"], "index": "ix_text"}, 400, "not hex"),
+        ({"codes": ["0011"], "index": "ix_text"}, 400, "32-bit"),
+        ({"item": 1, "text": "w1"}, 400, "exactly one"),
+        ({"item": 1, "rerank": True, "index": "ix_text"}, 400, "re-rank"),
+        ({"item": 1, "index": "other_text"}, 409, "built with model"),  # another model's index
+        (dict(raw=json.dumps({"codes": ["00000000"] * 2000}).encode()), 413, "limit"),
+    ]
+    for body, status, words in cases:
+        got = s.post("/search", **body) if "raw" in body else s.post("/search", body)
+        assert got[0] == status and words in got[1]["error"], (body if "raw" not in body else body["raw"][:40], got)
+        assert "Traceback" not in got[1]["error"] and "\n" not in got[1]["error"]
+    assert s.call("DELETE", "/items", {"ids": [10**9]})[0] == 404
+    assert s.post("/items", {"codes": ["00000000"], "ids": [0]})[0] == 400  # id 0 is taken
+    assert s.get("/nope")[0] == 404 and "error" in s.get("/nope")[1]
+    assert s.call("PUT", "/search", {})[0] == 405
+    # the other model's index still answers code queries
+    assert s.post("/search", {"codes": ["00000000"], "index": "other_text", "k": 2})[0] == 200
+    assert s.get("/health")[1]["status"] == "ok"
+    assert s.stop() == 0
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(built, server):
+    s = server("--index", built / "ix_text", "--batch-window-ms", "400")
+    got = []
+    t = threading.Thread(target=lambda: got.append(s.post("/search", {"codes": ["01020304"], "k": 3})))
+    t.start()
+    time.sleep(0.15)  # the search now waits in the batcher's window
+    assert s.stop(signal.SIGTERM) == 0
+    t.join(timeout=30)
+    assert got and got[0][0] == 200 and len(got[0][1]["results"][0]) == 3
+
+
+def test_micro_batching_scans_waiting_queries_together_with_the_same_answers(built):
+    from hashret.serve import MicroBatcher
+
+    sizes = []
+    with Engine.open(built / "ix_text") as eng:
+        b = MicroBatcher(eng, window_s=0.2, max_batch=64, observe=sizes.append)
+        rng = np.random.default_rng(1)
+        queries = [rng.integers(0, 256, size=(1 + i % 2, 4), dtype=np.uint8) for i in range(12)]
+        futs = [b.submit(q, 1 + i) for i, q in enumerate(queries)]
+        for i, (q, f) in enumerate(zip(queries, futs)):
+            d, ids = f.result(timeout=30)
+            rd, rids = eng.index.search(q, 1 + i)
+            np.testing.assert_array_equal(d, rd)
+            np.testing.assert_array_equal(ids, rids)
+        b.close()
+    assert sizes == [sum(len(q) for q in queries)]  # one kernel call for all twelve requests
+
+
+def test_the_page_searches_in_a_real_browser(built, server):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Debian's chromium (.ci/run installs it)")
+        pytest.skip("no chromium here (apt-get install chromium)")
+    root = built
+    s = server("--index", root / "ix_image", "--checkpoint", root / "a")
+    out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--virtual-time-budget=15000", "--dump-dom", f"{s.url}/?text=w1+w7&k=5"],
+                         capture_output=True, text=True, timeout=120)
+    shown = [int(i) for i in re.findall(r'<li class="result" data-id="(\d+)"', out.stdout)]
+    expect = s.post("/search", {"text": "w1 w7", "k": 5})[1]["results"][0]
+    assert shown == [r["id"] for r in expect], out.stdout[-2000:]
+    assert 'data-done="1"' in out.stdout
