@@ -249,6 +249,8 @@ def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_s
 @click.option("--text-file", type=click.Path(), default=None, help="File holding the text query.")
 @click.option("--image-features", type=click.Path(), default=None, help=".npy image features (rows = queries).")
 @click.option("--item", default=None, help="A dataset item (row number or key), seen through the other modality.")
+@click.option("--codes", default=None,
+              help="Codes to search for, hex of the packed bytes, comma-separated (no --checkpoint needed).")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Results per query.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {rank, id, distance, item}.")
 @click.option("--dataset", default=None, help="Dataset for --item/--text (default: the checkpoint's).")
@@ -256,7 +258,7 @@ def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_s
               help="RUN_DIR of a matcher: re-score the Hamming candidates with it (cascade).")
 @click.option("--candidates", type=int, default=None, help="Hamming candidates to re-rank [default: 10 x k].")
 @data_root_option
-def query(index_dir, checkpoint, server, text, text_file, image_features, item, k, as_json, dataset,
+def query(index_dir, checkpoint, server, text, text_file, image_features, item, codes, k, as_json, dataset,
           rerank, candidates, data_root):
     """Search an index with a text, image-feature or item query (locally, or on a server)."""
     if server is not None:
@@ -264,15 +266,17 @@ def query(index_dir, checkpoint, server, text, text_file, image_features, item, 
 
         res = query_server(server, index=index_dir, text=text, text_file=text_file,
                            image_features=image_features, item=item, k=k,
+                           codes=codes.split(",") if codes else None,
                            rerank=rerank is not None, candidates=candidates)
     else:
         from hashret.engine import query_index
         from hashret.errors import check
 
-        check(index_dir is not None and checkpoint is not None,
+        check(index_dir is not None and (checkpoint is not None or codes is not None),
               "give --index IDX_DIR and --checkpoint RUN_DIR (or --server URL)")
         res = query_index(index_dir, checkpoint, text=text, text_file=text_file,
                           image_features=image_features, item=item, k=k, dataset=dataset,
+                          codes=codes.split(",") if codes else None,
                           data_root=data_root, rerank=rerank, candidates=candidates)
     for warning in res.get("warnings", ()):
         click.echo(f"warning: {warning}", err=True)
@@ -309,8 +313,8 @@ def query(index_dir, checkpoint, server, text, text_file, image_features, item, 
 @click.option("--port", type=int, default=8765, show_default=True)
 @click.option("--read-only", "readonly", is_flag=True,
               help="Write nothing; pick up what another writer commits (within --refresh-s).")
-@click.option("--batch-window-ms", type=float, default=1.0, show_default=True,
-              help="How long a search waits for others to share its scan.")
+@click.option("--batch-window-ms", type=float, default=0.0, show_default=True,
+              help="How long a search waits for others to share its scan (0: only those already waiting).")
 @click.option("--max-batch", type=int, default=256, show_default=True,
               help="Queries per scan at most (1: one scan per request).")
 @click.option("--refresh-s", type=float, default=0.5, show_default=True)

@@ -473,9 +473,10 @@ class Engine:
         with self.lock.read():
             for q, (qd, qi) in enumerate(zip(dist, ids)):
                 keep = qi >= 0
-                payloads = self.index.items(qi[keep]) if keep.any() else []
-                group = [{"rank": r + 1, "id": int(i), "distance": int(d), "item": p}
-                         for r, (i, d, p) in enumerate(zip(qi[keep], qd[keep], payloads))]
+                found = qi[keep].tolist()
+                payloads = self.index.items(found) if found and self.index.has_payloads else [None] * len(found)
+                group = [{"rank": r + 1, "id": i, "distance": d, "item": p}
+                         for r, (i, d, p) in enumerate(zip(found, qd[keep].tolist(), payloads))]
                 if scores is not None:
                     for g, sc in zip(group, scores[q][keep]):
                         g["score"] = float(sc)
@@ -563,13 +564,14 @@ class Engine:
         return out
 
 
-def query_index(index, checkpoint, text: str | None = None, text_file=None, image_features=None,
+def query_index(index, checkpoint=None, text: str | None = None, text_file=None, image_features=None,
                 item=None, k: int = 10, dataset: str | None = None, data_root=None,
-                rerank=None, candidates: int | None = None) -> dict:
+                rerank=None, candidates: int | None = None, codes=None) -> dict:
     """Search ``index`` (a folder) for one query: free ``text`` (or a ``text_file``) through the
     dataset's vocabulary, ``image_features`` (.npy path or array; region sets N x n_o x d for
     a matcher's index), or the dataset ``item`` (row number or key) seen through the other
     modality. The query is encoded with the checkpoint for the modality opposite the index's.
+    Or ``codes`` (hex strings of packed bytes, or an array), which need no checkpoint.
 
     Cascade: with ``rerank`` (a matcher's RUN_DIR trained on the index's data), the Hamming
     scan proposes ``candidates`` items (default 10 x k) and the matcher re-scores them; the
@@ -577,8 +579,8 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
 
     Returns what :meth:`Engine.search` returns."""
     k = positive_int(k, "-k")
-    given = [x is not None for x in (text, text_file, image_features, item)]
-    check(sum(given) == 1, "give exactly one query: --text, --text-file, --image-features or --item")
+    given = [x is not None for x in (text, text_file, image_features, item, codes)]
+    check(sum(given) == 1, "give exactly one query: --text, --text-file, --image-features, --item or --codes")
     if rerank is None:
         check(candidates is None, "--candidates needs --rerank RUN_DIR (the matcher that re-scores them)")
     elif candidates is not None:
@@ -589,9 +591,9 @@ def query_index(index, checkpoint, text: str | None = None, text_file=None, imag
         check(path.is_file(), f"text file {path} does not exist")
         text = path.read_text(encoding="utf-8")
     with Engine.open(index, checkpoint, rerank=rerank, dataset=dataset, data_root=data_root) as eng:
-        if eng.model_problem is not None:
-            raise HashretError(eng.model_problem)
-        return eng.search(text=text, image_features=image_features, item=item, k=k,
+        if eng.model_problem is not None and (checkpoint is not None or codes is None):
+            raise ConflictError(eng.model_problem)
+        return eng.search(text=text, image_features=image_features, item=item, codes=codes, k=k,
                           rerank=rerank is not None, candidates=candidates)
 
 

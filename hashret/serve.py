@@ -2,9 +2,10 @@
 
 Everything that makes a one-shot ``hashret query`` slow -- importing torch, loading the
 model, opening the index -- happens once. Concurrent searches are *micro-batched*: a
-batcher thread per index takes every query waiting (up to ``max_batch``, waiting at most
-``window_ms`` for more) and scans them in one kernel call, since one scan of many queries
-costs a fraction of as many scans. Writes (``POST /items``, ``DELETE /items``) commit to
+batcher thread per index takes every query waiting (up to ``max_batch``, and waiting up to
+``window_ms`` for more; by default 0: the queries that arrived while the last scan ran form
+the next batch, so a lone query waits for nothing) and scans them in one kernel call, since
+one scan of many queries costs a fraction of as many scans. Writes (``POST /items``, ``DELETE /items``) commit to
 LMDB before the reply; with ``readonly`` the server writes nothing and picks up what another
 writer commits (``Engine.refresh``, every ``refresh_s``).
 
@@ -16,18 +17,25 @@ the index's model cannot answer, 413 a body over the limit); the server keeps se
 
 from __future__ import annotations
 
-import asyncio
-import json
-import queue
-import threading
-import time
-from concurrent.futures import Future
-from pathlib import Path
+import os
 
-import numpy as np
+# OpenMP threads spin for a while after each parallel region (GNU's default), taking the cores
+# from the event loop between scans; a server's scans come in bursts, so they wait passively.
+# Set before Numba's (and torch's) OpenMP runtime loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from hashret.engine import Engine
-from hashret.errors import ConflictError, HashretError, NotFoundError, check
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import queue  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import Future  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from hashret.engine import Engine  # noqa: E402
+from hashret.errors import ConflictError, HashretError, NotFoundError, check  # noqa: E402
 
 DEFAULT_PORT = 8765
 
@@ -36,13 +44,14 @@ class MicroBatcher:
     """Scans the queries that wait together in one kernel call.
 
     ``submit(codes, width)`` returns a Future of (distances, ids) for those queries. The
-    batcher thread takes the first waiting request, then every request that arrives within
-    ``window_s`` (or is already queued) up to ``max_batch`` queries, scans them at the
+    batcher thread takes the first waiting request, then every request already queued or
+    arriving within ``window_s`` -- under load, until the batch is as large as the last one
+    or half a scan's time has passed -- up to ``max_batch`` queries, scans them at the
     widest width asked (the first w columns of a top-W answer are the top-w answer: ties
     are broken by row), and hands each request its rows. ``max_batch=1``: one scan per
     request."""
 
-    def __init__(self, engine: Engine, window_s: float = 0.001, max_batch: int = 256, observe=None):
+    def __init__(self, engine: Engine, window_s: float = 0.0, max_batch: int = 256, observe=None):
         self.engine, self.window_s, self.max_batch = engine, window_s, max_batch
         self.observe = observe or (lambda n: None)
         self._q: queue.Queue = queue.Queue()
@@ -54,21 +63,36 @@ class MicroBatcher:
         self._q.put((codes, width, fut))
         return fut
 
+    async def scan(self, codes: np.ndarray, width: int):
+        """``submit`` for a coroutine: resolved on its own event loop, with no thread-safe
+        Future in between."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._q.put((codes, width, _LoopFuture(loop, fut)))
+        return await fut
+
     def close(self):
         self._q.put(None)
         self._thread.join(timeout=10)
 
     def _run(self):
+        last_n, last_scan = 1, 0.0
         while True:
             first = self._q.get()
             if first is None:
                 return
             batch, n = [first], len(first[0])
-            deadline = time.monotonic() + self.window_s
+            # Under load (the last batch held several queries) the clients it answered are
+            # about to send their next queries: wait for about as many, but no longer than half
+            # a scan, rather than scanning the first arrival alone -- one small scan costs
+            # nearly as much as a full one. A lone client's batches hold one query: no wait.
+            want = min(self.max_batch, max(1, last_n))
+            wait = self.window_s if want <= 1 else max(self.window_s, min(0.5 * last_scan, 0.05))
+            deadline = time.monotonic() + wait
             while n < self.max_batch:
                 try:
-                    wait = deadline - time.monotonic()
-                    item = self._q.get(timeout=wait) if wait > 0 else self._q.get_nowait()
+                    left = deadline - time.monotonic()
+                    item = self._q.get_nowait() if n >= want or left <= 0 else self._q.get(timeout=left)
                 except queue.Empty:
                     break
                 if item is None:
@@ -76,7 +100,9 @@ class MicroBatcher:
                     break
                 batch.append(item)
                 n += len(item[0])
+            t = time.perf_counter()
             self._scan(batch, n)
+            last_n, last_scan = n, time.perf_counter() - t
 
     def _scan(self, batch, n):
         self.observe(n)
@@ -94,11 +120,31 @@ class MicroBatcher:
             at += m
 
 
+class _LoopFuture:
+    """An asyncio future set from the batcher thread."""
+
+    def __init__(self, loop, fut):
+        self.loop, self.fut = loop, fut
+
+    def _set(self, value, error):
+        if not self.fut.done():
+            if error is not None:
+                self.fut.set_exception(error)
+            else:
+                self.fut.set_result(value)
+
+    def set_result(self, value):
+        self.loop.call_soon_threadsafe(self._set, value, None)
+
+    def set_exception(self, exc):
+        self.loop.call_soon_threadsafe(self._set, None, exc)
+
+
 class Service:
     """The engines, their batchers, the metrics and the read-only refresher of one server."""
 
     def __init__(self, indexes, checkpoint=None, rerank=None, dataset=None, data_root=None,
-                 readonly: bool = False, window_ms: float = 1.0, max_batch: int = 256,
+                 readonly: bool = False, window_ms: float = 0.0, max_batch: int = 256,
                  refresh_s: float = 0.5, max_body_mb: float = 16.0):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -189,7 +235,7 @@ class Service:
         else:
             q = await asyncio.to_thread(eng.encode_query, **args)  # torch: off the event loop
         t1 = time.perf_counter()
-        dist, ids = await asyncio.wrap_future(self.batchers[eng.name].submit(q["codes"], width))
+        dist, ids = await self.batchers[eng.name].scan(q["codes"], width)
         t2 = time.perf_counter()
         if rerank:
             out = await asyncio.to_thread(eng.finish, q, dist, ids, k, rerank, t1 - t0, t2 - t1)
@@ -256,11 +302,18 @@ def create_app(service: Service):
 
     app = FastAPI(title="hashret", docs_url=None, redoc_url=None, openapi_url=None)
 
+    children: dict = {}
+
     def reply(route, status, payload, started):
-        service.requests.labels(route, str(status)).inc()
-        service.latency.labels(route).observe(time.perf_counter() - started)
-        if status >= 400:
-            service.errors.labels(route, str(status)).inc()
+        key = (route, status)
+        if key not in children:  # prometheus_client's labels() costs a lock and a lookup
+            children[key] = (service.requests.labels(route, str(status)), service.latency.labels(route),
+                             service.errors.labels(route, str(status)) if status >= 400 else None)
+        requests, latency, errors = children[key]
+        requests.inc()
+        latency.observe(time.perf_counter() - started)
+        if errors is not None:
+            errors.inc()
         return Response(json.dumps(payload, allow_nan=False).encode(), status_code=status,
                         media_type="application/json")
 
@@ -332,7 +385,7 @@ def create_app(service: Service):
 
 
 def serve(indexes, checkpoint=None, rerank=None, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-          readonly: bool = False, window_ms: float = 1.0, max_batch: int = 256, refresh_s: float = 0.5,
+          readonly: bool = False, window_ms: float = 0.0, max_batch: int = 256, refresh_s: float = 0.5,
           max_body_mb: float = 16.0, dataset=None, data_root=None, log=print):
     """Serve ``indexes`` until SIGTERM or SIGINT (in-flight requests finish; exit status 0).
     Opening every index and loading the model happen before the port opens."""
@@ -356,6 +409,9 @@ def serve(indexes, checkpoint=None, rerank=None, host: str = "127.0.0.1", port: 
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
+        import gc
+
+        gc.freeze()  # the model and the index's objects live on: keep them out of every GC pass
         server.run()
         log("stopped: every in-flight request was answered")
     finally:
@@ -363,13 +419,13 @@ def serve(indexes, checkpoint=None, rerank=None, host: str = "127.0.0.1", port: 
 
 
 def query_server(url: str, index=None, text=None, text_file=None, image_features=None, item=None,
-                 k: int = 10, rerank: bool = False, candidates=None, timeout: float = 60) -> dict:
+                 k: int = 10, rerank: bool = False, candidates=None, codes=None, timeout: float = 60) -> dict:
     """What :func:`hashret.engine.query_index` returns, asked of a running server."""
     import urllib.error
     import urllib.request
 
-    given = [x is not None for x in (text, text_file, image_features, item)]
-    check(sum(given) == 1, "give exactly one query: --text, --text-file, --image-features or --item")
+    given = [x is not None for x in (text, text_file, image_features, item, codes)]
+    check(sum(given) == 1, "give exactly one query: --text, --text-file, --image-features, --item or --codes")
     body: dict = {"k": k}
     if text_file is not None:
         path = Path(text_file)
@@ -382,6 +438,8 @@ def query_server(url: str, index=None, text=None, text_file=None, image_features
 
         x = _read_array(image_features, "image") if isinstance(image_features, (str, Path)) else image_features
         body["image_features"] = np.asarray(x, dtype=np.float32).tolist()
+    elif codes is not None:
+        body["codes"] = list(codes)
     else:
         body["item"] = item
     if index is not None:

@@ -519,8 +519,20 @@ class HashIndex:
         """The payloads stored with ``ids`` (None where none was given)."""
         rows = self.rows_of(ids)
         if self._store is not None:
-            return self._store.items_of_rows(rows)
+            with self._swap:
+                snap = self._snap.acquire()
+            try:
+                return snap.items_of_rows(self._store, rows)
+            finally:
+                snap.release()
         return [self._items.get(int(r)) for r in rows]
+
+    @property
+    def has_payloads(self) -> bool:
+        """Whether any item was given a payload (if not, ``items`` is all None)."""
+        if self._store is not None:
+            return self._snap.has_items
+        return bool(self._items)
 
     def verify(self) -> dict:
         """Check every checksum and link of the index on disk (see ``hashret verify``)."""

@@ -207,7 +207,7 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
     return nblocks
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)  # nogil: a server's event loop runs on during a scan
 def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts):
     """Exact top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of
     n_words words each); queries: (Q, n_words) of the segments' word type. Returns (distances, rows) of shape (Q, k), nearest first, ties by row, -1 where
@@ -291,7 +291,7 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     return out_d, out_r
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, deleted, has_deleted,
                  n_parts, offsets, out_rows, out_dist, fill):
     """Counts (fill=False) or writes (fill=True, at ``offsets``) the rows within ``radius``."""

@@ -717,24 +717,29 @@ class LMDBStore:
         self._transact("compact", fn)
 
     # -- point reads ---------------------------------------------------------------------------
-    def items_of_rows(self, rows) -> list:
+    def items_of_rows(self, rows, txn=None) -> list:
         """Payloads of rows (None where none was given); a payload the chunk's map lists but
-        the table lacks, or the reverse, is damage."""
+        the table lacks, or the reverse, is damage. ``txn``: read in this (a snapshot's)
+        transaction rather than a new one."""
+        if txn is not None:
+            return self._items_in(txn, rows, self.meta["chunk_size"])
+        with self._reading() as txn:
+            return self._items_in(txn, rows, self._read_meta(txn)["chunk_size"])
+
+    def _items_in(self, txn, rows, cs) -> list:
         out = []
         maps: dict = {}
-        with self._reading() as txn:
-            cs = self._read_meta(txn)["chunk_size"]
-            for r in rows:
-                r = int(r)
-                c = r // cs
-                if c not in maps:
-                    maps[c] = self._presence(txn, c, cs)
-                k = _key(r)
-                raw = txn.get(k, db=self.db["items"])
-                if (raw is None) == maps[c][r - c * cs]:
-                    raise self.corrupt(f"the payload of row {r} is {'missing' if raw is None else 'not listed in its chunk map'}")
-                out.append(None if raw is None else
-                           json.loads(bytes(self._unseal("items", k, raw, f"the payload of row {r}"))))
+        for r in rows:
+            r = int(r)
+            c = r // cs
+            if c not in maps:
+                maps[c] = self._presence(txn, c, cs)
+            k = _key(r)
+            raw = txn.get(k, db=self.db["items"])
+            if (raw is None) == maps[c][r - c * cs]:
+                raise self.corrupt(f"the payload of row {r} is {'missing' if raw is None else 'not listed in its chunk map'}")
+            out.append(None if raw is None else
+                       json.loads(bytes(self._unseal("items", k, raw, f"the payload of row {r}"))))
         return out
 
     def _writable(self):
@@ -935,6 +940,7 @@ class Snapshot:
                     buf[:, :nbytes] = payload.reshape(rows, nbytes)
                     self.codes.append(buf.view(word_dtype).reshape(rows, n_words))
         self._check(store, todo)
+        self.has_items = txn.stat(store.db["present"])["entries"] > 0
         self.tomb = store._read_tombstones(txn, meta)
         self.meta, self.count, self.chunk_size = meta, count, cs
         self.word_dtype, self.n_words = word_dtype, n_words
@@ -981,6 +987,13 @@ class Snapshot:
             at = ok & (c == chunk)
             out[at] = self.ids[chunk][rows[at] - chunk * self.chunk_size]
         return out
+
+    def items_of_rows(self, store: "LMDBStore", rows) -> list:
+        """Payloads of rows as of this snapshot (a transaction serves one thread at a time)."""
+        if not self.has_items:
+            return [None] * len(rows)
+        with self._lock:
+            return store.items_of_rows(rows, txn=self.txn)
 
     def all_ids(self) -> np.ndarray:
         """Every row's id (a copy; explicit ids only)."""
