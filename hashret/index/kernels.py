@@ -293,8 +293,9 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
 
 @njit(parallel=True, nogil=True, cache=True)
 def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, deleted, has_deleted,
-                 n_parts, offsets, out_rows, out_dist, fill):
-    """Counts (fill=False) or writes (fill=True, at ``offsets``) the rows within ``radius``."""
+                 n_parts, offsets, out_rows, out_dist, fill, cap):
+    """Counts (fill=False) or writes (fill=True, at ``offsets``) the rows within ``radius``;
+    with ``cap`` > 0, at most ``cap`` rows per (thread, query) are written (counts go on)."""
     n_q = queries.shape[0]
     penalty = np.int32(bits + 1)
     counts = np.zeros((n_parts, n_q), dtype=np.int64)
@@ -327,7 +328,7 @@ def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, delete
                             if has_deleted and deleted[i] != 0:
                                 continue
                             if d <= radius:
-                                if fill:
+                                if fill and (cap == 0 or counts[t, qi] < cap):
                                     p = offsets[t, qi] + counts[t, qi]
                                     out_rows[p] = i
                                     out_dist[p] = d
@@ -425,21 +426,33 @@ def range_search(segs: Segments, queries, radius, bits, deleted=None, threads: i
 
 
 def _range_search(segs, queries, radius, bits, dmask, has_del):
+    """One pass into per-(thread, query) buffers of ``cap`` rows; where one overflows (a
+    radius that finds many rows), a second, exact pass: count, then fill at known offsets."""
     args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, radius, bits, dmask, has_del)
-    parts = _parts(segs.n_rows)
-    none64, none32 = np.zeros(1, np.int64), np.zeros(1, np.int32)
-    counts = range_kernel(*args, parts, np.zeros((parts, len(queries)), np.int64), none64, none32, False)
+    parts, nq = _parts(segs.n_rows), len(queries)
+    cap = int(max(64, min(4096, (1 << 21) // (parts * nq))))
+    offsets = (np.arange(parts * nq, dtype=np.int64) * cap).reshape(parts, nq)
+    buf_rows = np.empty(parts * nq * cap, dtype=np.int64)
+    buf_dist = np.empty(parts * nq * cap, dtype=np.int32)
+    counts = range_kernel(*args, parts, offsets, buf_rows, buf_dist, True, cap)
     per_q = counts.sum(axis=0)
-    lims = np.zeros(len(queries) + 1, dtype=np.int64)
+    lims = np.zeros(nq + 1, dtype=np.int64)
     lims[1:] = np.cumsum(per_q)
-    offsets = np.empty_like(counts)  # (parts, Q): query-major output, threads in row order
-    offsets[0] = lims[:-1]
-    if parts > 1:
-        offsets[1:] = lims[:-1] + np.cumsum(counts, axis=0)[:-1]
     rows = np.empty(lims[-1], dtype=np.int64)
     dist = np.empty(lims[-1], dtype=np.int32)
-    range_kernel(*args, parts, offsets, rows, dist, True)
-    for i in range(len(queries)):  # rows are ascending; a stable sort orders by distance
+    if counts.max(initial=0) <= cap:
+        # query-major, threads in row order: each query's rows come out ascending
+        order = np.arange(cap)[None, None, :] < counts[:, :, None]        # (parts, nq, cap)
+        take = np.flatnonzero(order.transpose(1, 0, 2).reshape(-1))
+        src = (take // (parts * cap)) * cap + ((take // cap) % parts) * nq * cap + take % cap
+        rows[:], dist[:] = buf_rows[src], buf_dist[src]
+    else:
+        exact = np.empty_like(counts)
+        exact[0] = lims[:-1]
+        if parts > 1:
+            exact[1:] = lims[:-1] + np.cumsum(counts, axis=0)[:-1]
+        range_kernel(*args, parts, exact, rows, dist, True, 0)
+    for i in range(nq):  # rows are ascending; a stable sort orders by distance
         a, b = lims[i], lims[i + 1]
         if b - a > 1:
             o = np.argsort(dist[a:b], kind="stable")

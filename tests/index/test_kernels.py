@@ -164,3 +164,22 @@ def test_scan_in_lmdb_chunks_equals_brute_force(bits, tmp_path):
                 rows = rows[np.lexsort((rows, full[i][rows]))]
                 np.testing.assert_array_equal(ids[lims[i]:lims[i + 1]], rows)
         np.testing.assert_array_equal(back.packed_codes([0, 999, 1000, 5320]), db[[0, 999, 1000, 5320]])
+
+
+def test_range_search_that_overflows_its_one_pass_buffers_is_still_exact():
+    # radius 3 of 16-bit codes finds ~1/100 of 10^6 rows; radius 16 finds all 30,000 rows,
+    # far past the per-thread buffer of the one-pass path: the exact two-pass path answers
+    rng = np.random.default_rng(5)
+    db = rng.integers(0, 256, size=(30000, 2), dtype=np.uint8)
+    index = HashIndex(16)
+    index.add(db)
+    index.remove([0, 29999])
+    q = db[:3]
+    full = brute_distances(db, q)
+    for radius in (3, 16):
+        lims, dist, ids = index.range_search(q, radius)
+        for i in range(len(q)):
+            rows = np.array([r for r in np.flatnonzero(full[i] <= radius) if r not in (0, 29999)], dtype=int)
+            rows = rows[np.lexsort((rows, full[i][rows]))]
+            np.testing.assert_array_equal(ids[lims[i]:lims[i + 1]], rows)
+            np.testing.assert_array_equal(dist[lims[i]:lims[i + 1]], full[i][rows])
