@@ -64,6 +64,9 @@ FORMAT_VERSION = 3
 # virtual address space only (the file grows with the data); large, because LMDB cannot grow
 # the map while a snapshot's read transaction is open in this process
 MAP_SIZE = 1 << 40
+# every open HashIndex holds one read transaction (its snapshot), i.e. one of LMDB's reader
+# slots, for as long as it is open; LMDB's default of 126 is few for a process serving shards
+MAX_READERS = 1024
 MAX_BITS = 1 << 16
 MAX_CHUNK = 1 << 24
 LOCK_NAME = "writer.lock"
@@ -302,7 +305,7 @@ def _acquire(path: Path, readonly: bool, create: bool):
     try:
         try:
             env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(_DBS), readonly=readonly,
-                            create=create, lock=True, readahead=True)
+                            create=create, lock=True, readahead=True, max_readers=MAX_READERS)
         except lmdb.Error as exc:
             # a reader on a read-only medium cannot write LMDB's reader table; with no writer
             # possible there, reading without it is safe

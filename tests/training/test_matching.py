@@ -188,3 +188,25 @@ def test_head_group_must_be_positive():
     ds = load_scenes(SPEC)
     with pytest.raises(HashretError, match="head_group must be at least 1"):
         MatcherModel("han", 32, ds.region_dim, ds.vocab.words, head_group=0)
+
+
+def test_the_server_answers_the_cascade_as_the_cli_does(runs):
+    # a matcher's codes, scene payloads and the re-ranker, through hashret serve
+    from tests.test_serve import Server, free_port
+
+    s = Server(["--index", str(runs / "ix_image"), "--index", str(runs / "ix_text"), "--checkpoint",
+                str(runs / "han"), "--rerank", str(runs / "han")], free_port())
+    try:
+        s.wait_ready()
+        cli = CliRunner().invoke(main, ["query", "--index", str(runs / "ix_image"), "--checkpoint",
+                                        str(runs / "han"), "--text", "a red cube", "-k", "4",
+                                        "--rerank", str(runs / "han"), "--candidates", "20", "--json"])
+        status, out = s.post("/search", {"text": "a red cube", "k": 4, "rerank": True, "candidates": 20})
+        assert status == 200 and out["index"] == "ix_image" and "rerank_ms" in out
+        assert out["results"][0] == json.loads(cli.stdout)
+        status, out = s.post("/search", {"item": 3, "k": 4, "index": "ix_text"})
+        assert status == 200 and out["query_item"]["id"] == 3 and len(out["results"][0]) == 4
+        status, out = s.post("/search", {"codes": ["00000000"], "k": 2, "rerank": True, "index": "ix_text"})
+        assert status == 400 and "features" in out["error"]
+    finally:
+        s.stop()
