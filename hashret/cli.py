@@ -75,6 +75,15 @@ data_root_option = click.option("--data-root", type=click.Path(file_okay=False),
                                 help="Folder holding the datasets (default: packaged, then ../shared/data).")
 
 
+ray_option = click.option(
+    "--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+    help="Run the shards on Ray: a local Ray (no value) or the cluster at ADDRESS (ray://host:10001).")
+
+
+def _ray(value):
+    return None if value is None else (True if value == "local" else value)
+
+
 @main.command()
 @data_root_option
 def datasets(data_root):
@@ -228,16 +237,21 @@ def encode(checkpoint, modality, part, features, dataset, out, data_root):
 @click.option("--resume", is_flag=True, help="Finish a killed or failed build from its last committed batch.")
 @click.option("--batch-size", type=int, default=65536, show_default=True, help="Items per transaction.")
 @click.option("--out", required=True, type=click.Path(), help="Index folder (IDX_DIR).")
+@click.option("--shards", type=int, default=None, help="Write a sharded index of N shards (item r -> shard r mod N).")
+@ray_option
 @data_root_option
-def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_size, out, data_root):
+def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_size, out, shards, ray, data_root):
     """Encode a dataset's database side and write it to an LMDB index.
 
     Each batch commits with the build's progress; an interrupted build is marked partial
     (see 'hashret info') and --resume finishes it."""
     from hashret.engine import build_index
+    from hashret.errors import check
 
+    check(ray is None or shards is not None, "--ray builds the shards of a sharded index: add --shards N")
     build_index(checkpoint, modality, out, dataset=dataset, data_root=data_root, part=part,
-                batch_size=batch_size, append=append, resume=resume, log=click.echo)
+                batch_size=batch_size, append=append, resume=resume, log=click.echo,
+                shards=shards, ray=_ray(ray))
 
 
 @main.command()
@@ -257,9 +271,10 @@ def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_s
 @click.option("--rerank", type=click.Path(), default=None,
               help="RUN_DIR of a matcher: re-score the Hamming candidates with it (cascade).")
 @click.option("--candidates", type=int, default=None, help="Hamming candidates to re-rank [default: 10 x k].")
+@ray_option
 @data_root_option
 def query(index_dir, checkpoint, server, text, text_file, image_features, item, codes, k, as_json, dataset,
-          rerank, candidates, data_root):
+          rerank, candidates, ray, data_root):
     """Search an index with a text, image-feature or item query (locally, or on a server)."""
     if server is not None:
         from hashret.serve import query_server
@@ -277,7 +292,7 @@ def query(index_dir, checkpoint, server, text, text_file, image_features, item, 
         res = query_index(index_dir, checkpoint, text=text, text_file=text_file,
                           image_features=image_features, item=item, k=k, dataset=dataset,
                           codes=codes.split(",") if codes else None,
-                          data_root=data_root, rerank=rerank, candidates=candidates)
+                          data_root=data_root, rerank=rerank, candidates=candidates, ray=_ray(ray))
     for warning in res.get("warnings", ()):
         click.echo(f"warning: {warning}", err=True)
     if res["unknown_words"]:
@@ -320,15 +335,16 @@ def query(index_dir, checkpoint, server, text, text_file, image_features, item, 
 @click.option("--refresh-s", type=float, default=0.5, show_default=True)
 @click.option("--max-body-mb", type=float, default=16.0, show_default=True)
 @click.option("--dataset", default=None, help="Dataset for item and text queries (default: the checkpoint's).")
+@ray_option
 @data_root_option
 def serve(indexes, checkpoint, rerank, host, port, readonly, batch_window_ms, max_batch, refresh_s,
-          max_body_mb, dataset, data_root):
+          max_body_mb, dataset, ray, data_root):
     """Serve indexes over HTTP: POST /search, POST|DELETE /items, GET /health /info /metrics /."""
     from hashret.serve import serve as run
 
     run(indexes, checkpoint, rerank=rerank, host=host, port=port, readonly=readonly,
         window_ms=batch_window_ms, max_batch=max_batch, refresh_s=refresh_s, max_body_mb=max_body_mb,
-        dataset=dataset, data_root=data_root, log=lambda m: click.echo(m, err=True))
+        dataset=dataset, data_root=data_root, ray=_ray(ray), log=lambda m: click.echo(m, err=True))
 
 
 @main.command()

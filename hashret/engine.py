@@ -49,7 +49,8 @@ def _payloads(ds, rows) -> list:
 
 def build_index(checkpoint, modality: str, out, dataset: str | None = None, data_root=None,
                 part: str = "database", batch_size: int = 65536, append: bool = False,
-                resume: bool = False, progress: bool = True, log=print) -> dict:
+                resume: bool = False, progress: bool = True, log=print, shards: int | None = None,
+                ray=None, _take=None) -> dict:
     """Encode the ``part`` of a dataset (default: the checkpoint's dataset and split) with the
     checkpoint's ``modality`` student and write the codes to the LMDB index ``out``, one
     transaction per batch. Ids are the dataset's row numbers; payloads hold the item's key,
@@ -59,7 +60,14 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     'complete' with the last one), so a killed or failed build is never mistaken for a whole
     one: ``resume`` continues it from its last committed batch and ends equal to a build that
     was never interrupted. A fresh build that fails before its first commit leaves nothing
-    behind. Returns the index's info."""
+    behind. Returns the index's info.
+
+    ``shards``: write a sharded index (:mod:`hashret.index.sharded`) -- the part's r-th item
+    goes to shard r mod N, each shard built (and resumable) as an index of its own; ``ray``
+    (True or an address) builds the shards as Ray tasks, in this process otherwise."""
+    if shards is not None:
+        return _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_size, append,
+                              resume, progress, log, positive_int(shards, "--shards"), ray)
     from tqdm.auto import tqdm
 
     from hashret.index.store import LMDBStore, is_initialised
@@ -73,6 +81,8 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     ds = checkpoint_dataset(checkpoint, dataset, data_root)
     rows, encode_batch, payloads = _source(model, ds, modality, part, batch_size)
     check(len(rows) > 0, f"the {part} part of {ds.name} is empty: nothing to index")
+    if _take is not None:  # one shard's share: items s, s + N, s + 2N, ... of the part
+        rows = rows[_take[0]::_take[1]]
     out = Path(out)
     check(not out.exists() or out.is_dir(), f"--out {out} is a file: pass a folder for the index")
     info = {"modality": modality, "model_fingerprint": fp, "model": model.config,
@@ -82,6 +92,8 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
             "synthetic": ds.synthetic, "part": part}
     source = {"model_fingerprint": fp, "dataset_fingerprint": ds.fingerprint(), "modality": modality,
               "part": part, "rows": int(len(rows))}
+    if _take is not None:
+        source["shard"] = list(_take)
     existing = is_initialised(out)
     done = 0
     if existing:
@@ -181,6 +193,65 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     log(f"{verb} {len(rows) - done} {modality} items of {'SYNTHETIC ' if ds.synthetic else ''}{ds.name} "
         f"({model.bits} bits) into {out} in {seconds:.2f} s; the index holds {result['items']}")
     return result
+
+
+def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_size, append, resume,
+                   progress, log, n, ray):
+    """The manifest first (so an interrupted build is a sharded index whose shards say
+    'partial'), then each shard's share, here or as one Ray task per shard."""
+    from hashret.index.sharded import is_sharded, read_manifest, shard_paths, write_manifest
+
+    out = Path(out)
+    check(not append, "--append to a sharded index: add through ShardedIndex.add or POST /items")
+    if is_sharded(out):
+        check(resume, f"{out} already holds a sharded index: pass --resume to finish its build, or "
+              "choose a new --out")
+        check(read_manifest(out)["shards"] == n, f"{out} has {read_manifest(out)['shards']} shards, "
+              f"not {n}: resume with the same --shards")
+    else:
+        check(not resume, f"{out} holds no sharded index to resume: build without --resume")
+        check(not out.exists() or not any(out.iterdir()), f"--out {out} is not empty: choose a new folder")
+        model = load_checkpoint(checkpoint)
+        out.mkdir(parents=True, exist_ok=True)
+        write_manifest(out, model.bits, n, {
+            "modality": modality, "model_fingerprint": fingerprint(checkpoint), "model": model.config,
+            "checkpoint": str(Path(checkpoint).resolve()), "dataset_spec": dataset or
+            model.checkpoint_info.get("dataset_spec"), "part": part, "sharded_by": "row"})
+    t0 = time.perf_counter()
+    paths = shard_paths(out, n)
+    args = [(checkpoint, modality, str(p), dataset, data_root, part, batch_size, resume and _started(p), s, n)
+            for s, p in enumerate(paths)]
+    if ray:
+        import ray as ray_
+
+        from hashret.index.sharded import _connect
+
+        _connect(ray)
+        task = ray_.remote(_build_one_shard).options(num_cpus=1)
+        infos = ray_.get([task.remote(*a) for a in args])
+    else:
+        infos = [_build_one_shard(*a, progress=progress) for a in args]
+    items = sum(i["items"] for i in infos)
+    meta = {**read_manifest(out)["info"], "items": items, "shards": n,
+            "build_seconds": round(time.perf_counter() - t0, 3), "complete": True}
+    (out / "index.json").write_text(json.dumps(meta, indent=2))
+    log(f"indexed {items} {modality} items into {n} shards at {out}"
+        f"{' with Ray' if ray else ''} in {meta['build_seconds']:.2f} s")
+    from hashret.index.sharded import ShardedIndex
+
+    with ShardedIndex.open(out) as ix:
+        return ix.info()
+
+
+def _started(path: Path) -> bool:
+    return (path / "data.mdb").exists()
+
+
+def _build_one_shard(checkpoint, modality, out, dataset, data_root, part, batch_size, resume, s, n,
+                     progress=False):
+    return build_index(checkpoint, modality, out, dataset=dataset, data_root=data_root, part=part,
+                       batch_size=batch_size, resume=resume, progress=progress,
+                       log=lambda *a: None, _take=(s, n))
 
 
 def _remove_folder(out: Path, rmdir: bool = True):
@@ -321,8 +392,15 @@ class Engine:
 
     @classmethod
     def open(cls, index, checkpoint=None, rerank=None, dataset=None, data_root=None,
-             readonly: bool = True, verify: bool = True) -> "Engine":
-        ix = HashIndex.open(index, readonly=readonly, verify=verify)
+             readonly: bool = True, verify: bool = True, ray=None) -> "Engine":
+        """``index``: an index folder or a sharded one (``ray``: its shards as Ray actors)."""
+        from hashret.index.sharded import ShardedIndex, is_sharded
+
+        if is_sharded(index):
+            ix = ShardedIndex.open(index, readonly=readonly, ray=ray, verify=verify)
+        else:
+            check(not ray, f"{index} is not a sharded index: --ray serves the shards of one")
+            ix = HashIndex.open(index, readonly=readonly, verify=verify)
         try:
             return cls(ix, index, checkpoint, rerank, dataset, data_root)
         except BaseException:
@@ -566,7 +644,7 @@ class Engine:
 
 def query_index(index, checkpoint=None, text: str | None = None, text_file=None, image_features=None,
                 item=None, k: int = 10, dataset: str | None = None, data_root=None,
-                rerank=None, candidates: int | None = None, codes=None) -> dict:
+                rerank=None, candidates: int | None = None, codes=None, ray=None) -> dict:
     """Search ``index`` (a folder) for one query: free ``text`` (or a ``text_file``) through the
     dataset's vocabulary, ``image_features`` (.npy path or array; region sets N x n_o x d for
     a matcher's index), or the dataset ``item`` (row number or key) seen through the other
@@ -590,7 +668,7 @@ def query_index(index, checkpoint=None, text: str | None = None, text_file=None,
         path = Path(text_file)
         check(path.is_file(), f"text file {path} does not exist")
         text = path.read_text(encoding="utf-8")
-    with Engine.open(index, checkpoint, rerank=rerank, dataset=dataset, data_root=data_root) as eng:
+    with Engine.open(index, checkpoint, rerank=rerank, dataset=dataset, data_root=data_root, ray=ray) as eng:
         if eng.model_problem is not None and (checkpoint is not None or codes is None):
             raise ConflictError(eng.model_problem)
         return eng.search(text=text, image_features=image_features, item=item, codes=codes, k=k,
@@ -657,8 +735,11 @@ def _item_row(ds, item) -> int:
 
 
 def index_info(index) -> dict:
-    """Size, code length, model, dataset and build state ('complete' or not) of an index folder."""
-    with HashIndex.open(index) as ix:
+    """Size, code length, model, dataset and build state ('complete' or not) of an index folder
+    (or a sharded one)."""
+    from hashret.index.sharded import ShardedIndex, is_sharded
+
+    with (ShardedIndex if is_sharded(index) else HashIndex).open(index) as ix:
         return ix.info()
 
 

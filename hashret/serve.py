@@ -145,7 +145,7 @@ class Service:
 
     def __init__(self, indexes, checkpoint=None, rerank=None, dataset=None, data_root=None,
                  readonly: bool = False, window_ms: float = 0.0, max_batch: int = 256,
-                 refresh_s: float = 0.5, max_body_mb: float = 16.0):
+                 refresh_s: float = 0.5, max_body_mb: float = 16.0, ray=None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         check(len(indexes) > 0, "give at least one --index")
@@ -156,7 +156,7 @@ class Service:
         try:
             for path in indexes:
                 eng = Engine.open(path, checkpoint, rerank=rerank, dataset=dataset,
-                                  data_root=data_root, readonly=readonly)
+                                  data_root=data_root, readonly=readonly, ray=ray)
                 check(eng.name not in self.engines, f"two indexes are named {eng.name}: serve folders "
                       "with different names")
                 self.engines[eng.name] = eng
@@ -386,14 +386,14 @@ def create_app(service: Service):
 
 def serve(indexes, checkpoint=None, rerank=None, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
           readonly: bool = False, window_ms: float = 0.0, max_batch: int = 256, refresh_s: float = 0.5,
-          max_body_mb: float = 16.0, dataset=None, data_root=None, log=print):
+          max_body_mb: float = 16.0, dataset=None, data_root=None, ray=None, log=print):
     """Serve ``indexes`` until SIGTERM or SIGINT (in-flight requests finish; exit status 0).
     Opening every index and loading the model happen before the port opens."""
     import uvicorn
 
     service = Service([Path(i) for i in indexes], checkpoint, rerank=rerank, dataset=dataset,
                       data_root=data_root, readonly=readonly, window_ms=window_ms,
-                      max_batch=max_batch, refresh_s=refresh_s, max_body_mb=max_body_mb)
+                      max_batch=max_batch, refresh_s=refresh_s, max_body_mb=max_body_mb, ray=ray)
     try:
         for eng in service.engines.values():  # compile / load the kernels before the first request
             eng.scan(np.zeros((1, eng.index.bits // 8), np.uint8), 1)

@@ -391,30 +391,42 @@ class HashIndex:
         """(distances, ids), int arrays of shape (Q, min(k, rows)), nearest first, ties by
         row; -1 where fewer alive items exist. Memory is O(Q x min(k, rows)) for any k.
         ``threads``: scan threads (default: NUMBA_NUM_THREADS)."""
+        dist, _, ids = self.search_rows(queries, k, threads)
+        return dist, ids
+
+    def search_rows(self, queries, k: int, threads: int | None = None):
+        """``search`` with the rows too: (distances, rows, ids) from one snapshot (a sharded
+        index merges shards by row)."""
         k = positive_int(k, "k")
         q = self._query_words(queries)
 
         def scan(segs, deleted, ids_of_rows):
             kk = min(k, segs.n_rows)
             if kk == 0:
-                return np.zeros((len(q), 0), dtype=np.int32), np.zeros((len(q), 0), dtype=np.int64)
+                none = np.zeros((len(q), 0), dtype=np.int64)
+                return none.astype(np.int32), none, none
             dist, rows = kernels.topk(segs, q, kk, self.bits, deleted, threads)
-            return dist, ids_of_rows(rows)
+            return dist, rows, ids_of_rows(rows)
 
         return self._scan(scan)
 
     def range_search(self, queries, radius: int, threads: int | None = None):
         """All items within Hamming distance ``radius``: (lims, distances, ids) as in faiss;
         query i's results are ``[lims[i], lims[i+1])``, by distance then row."""
+        lims, dist, _, ids = self.range_search_rows(queries, radius, threads)
+        return lims, dist, ids
+
+    def range_search_rows(self, queries, radius: int, threads: int | None = None):
+        """``range_search`` with the rows too: (lims, distances, rows, ids)."""
         check(is_integer(radius) and radius >= 0, f"radius must be a non-negative integer, got {radius!r}")
         q = self._query_words(queries)
 
         def scan(segs, deleted, ids_of_rows):
             if segs.n_rows == 0:
-                return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+                return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
             lims, dist, rows = kernels.range_search(segs, q, int(min(radius, self.bits)), self.bits,
                                                     deleted, threads)
-            return lims, dist, ids_of_rows(rows)
+            return lims, dist, rows, ids_of_rows(rows)
 
         return self._scan(scan)
 
@@ -435,15 +447,18 @@ class HashIndex:
             raise HashretError(f"ids must be integers, got {ids.dtype}")
         if ids.dtype.kind == "u":
             ids = np.where(ids > _MAX_ID, -1, ids.astype(np.int64, casting="unsafe"))
-        ids = ids.astype(np.int64)
-        if self._id_mode != "explicit":
-            rows = np.where((ids >= 0) & (ids < self._n), ids, -1)
-        else:
-            rows = self._id_map().lookup(ids)
+        rows = self.lookup_rows(ids.astype(np.int64))
         bad = rows < 0
         if bad.any():
             raise NotFoundError(f"unknown id {int(ids[bad][0])}: it is not in the index")
         return rows
+
+    def lookup_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of int64 ids, -1 for an id the index does not know (no error)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._id_mode != "explicit":
+            return np.where((ids >= 0) & (ids < self._n), ids, -1)
+        return self._id_map().lookup(ids)
 
     def _id_map(self) -> _IdMap:
         if self._idmap is None:
