@@ -252,6 +252,8 @@ class ShardedIndex:
         state = self._all("rows_and_mode")
         self._counts = [int(r) for r, _ in state]
         self._mode = "explicit" if any(m == "explicit" for _, m in state) else "rows"
+        self._builds = self._all("build_info")
+        self._payloads = any(self._all("payloads_given"))
 
     def _rows(self):
         return list(self._counts)
@@ -260,7 +262,7 @@ class ShardedIndex:
         counts = self._rows()
         total = sum(counts)
         expect = [(total - s + self.n - 1) // self.n for s in range(self.n)]
-        builds = [b for b in self._all("build_info") if b is not None]
+        builds = [b for b in self._builds if b is not None]
         if counts != expect and not any(b.get("state") == "partial" for b in builds):
             raise HashretError(f"the shards of {self.path} hold {counts} rows, which do not split "
                                f"round-robin ({expect} for {total}): an add was interrupted between "
@@ -297,6 +299,7 @@ class ShardedIndex:
                                     None if items is None else [items[i] for i in at]))
                 self._counts[s] += len(at)
         self._mode = "explicit" if ids is not None else "rows"
+        self._payloads = self._payloads or (items is not None and any(it is not None for it in items))
         return ids if ids is not None else np.arange(total, total + n, dtype=np.int64)
 
     # -- searching -------------------------------------------------------------------------------
@@ -441,11 +444,11 @@ class ShardedIndex:
 
     @property
     def has_payloads(self) -> bool:
-        return any(self._all("payloads_given"))
+        return self._payloads
 
     @property
     def build_state(self) -> dict | None:
-        builds = self._all("build_info")
+        builds = self._builds
         if all(b is None for b in builds):
             return None
         if all(b is not None and b.get("state") == "complete" for b in builds):
