@@ -747,8 +747,16 @@ def verify_index(index) -> dict:
     """Check every checksum and link of an index folder without loading it into memory:
     {"ok", "problems" (one line each, naming the damaged chunk and rows), "rows", "chunks",
     "items", "ids"}. Damage is reported, not raised; a folder that is no index raises."""
+    from hashret.index.sharded import is_sharded, read_manifest, shard_paths
     from hashret.index.store import LMDBStore
 
+    if is_sharded(index):  # every shard, its problems named by shard
+        reports = [verify_index(p) for p in shard_paths(index, read_manifest(index)["shards"])]
+        out = {"ok": all(r["ok"] for r in reports), "path": str(index), "shards": len(reports),
+               "problems": [f"{Path(r['path']).name}: {p}" for r in reports for p in r["problems"]]}
+        for f in ("rows", "chunks", "items", "ids"):
+            out[f] = sum(r[f] or 0 for r in reports)
+        return out
     store = LMDBStore(index, readonly=True)
     try:
         report = store.verify()

@@ -83,6 +83,22 @@ def test_bad_input_and_interrupted_adds(tmp_path):
         ShardedIndex.open(tmp_path / "nothing")
 
 
+def test_verify_names_the_damaged_shard(tmp_path):
+    from hashret.engine import verify_index
+
+    db = tied_codes(3000, distinct=3000)
+    with ShardedIndex.create(tmp_path / "s", 32, 2, chunk_size=512) as sh:
+        sh.add(db)
+    assert verify_index(tmp_path / "s")["ok"]
+    data = bytearray((shard_paths(tmp_path / "s", 2)[1] / "data.mdb").read_bytes())
+    at = data.find(db[1:2001:2].tobytes()[:64])  # shard 1 holds rows 1, 3, 5, ...
+    assert at > 0
+    data[at + 8] ^= 0xFF
+    (shard_paths(tmp_path / "s", 2)[1] / "data.mdb").write_bytes(bytes(data))
+    report = verify_index(tmp_path / "s")
+    assert not report["ok"] and report["problems"][0].startswith("shard-001: code chunk 0")
+
+
 # -- on Ray ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_local():
