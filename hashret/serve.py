@@ -401,7 +401,7 @@ def serve(indexes, checkpoint=None, rerank=None, host: str = "127.0.0.1", port: 
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=30)
         server = uvicorn.Server(config)
-        names = ", ".join(f"{n} ({len(e.index)} {e.modality} items)" for n, e in service.engines.items())
+        names = ", ".join(f"{n} ({len(e.index)} {e.modality or 'code'} items)" for n, e in service.engines.items())
         log(f"serving {names} on http://{host}:{port}{' (read-only)' if readonly else ''}")
         # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal under
         # the handlers it found: quiet ones make a graceful stop exit with status 0
