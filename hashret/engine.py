@@ -219,8 +219,10 @@ def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_si
             model.checkpoint_info.get("dataset_spec"), "part": part, "sharded_by": "row"})
     t0 = time.perf_counter()
     paths = shard_paths(out, n)
-    args = [(checkpoint, modality, str(p), dataset, data_root, part, batch_size, resume and _started(p), s, n)
-            for s, p in enumerate(paths)]
+    todo = [s for s, p in enumerate(paths) if not (resume and _started(p) and index_info(p)["complete"])]
+    check(todo, f"the build of {out} is complete: nothing to resume")
+    args = [(checkpoint, modality, str(paths[s]), dataset, data_root, part, batch_size,
+             resume and _started(paths[s]), s, n) for s in todo]
     if ray:
         import ray as ray_
 
@@ -231,7 +233,7 @@ def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_si
         infos = ray_.get([task.remote(*a) for a in args])
     else:
         infos = [_build_one_shard(*a, progress=progress) for a in args]
-    items = sum(i["items"] for i in infos)
+    items = sum(index_info(p)["items"] for p in paths)
     meta = {**read_manifest(out)["info"], "items": items, "shards": n,
             "build_seconds": round(time.perf_counter() - t0, 3), "complete": True}
     (out / "index.json").write_text(json.dumps(meta, indent=2))

@@ -154,3 +154,31 @@ def test_query_json_over_three_shards_equals_the_unsharded_index(tmp_path, ray_l
     assert query(tmp_path / "three_ray") == expect  # its shards built as Ray tasks
     info = json.loads(runner.invoke(main, ["info", "--index", str(tmp_path / "three")]).stdout)
     assert info["shards"] == 3 and info["complete"] and sum(info["shard_items"]) == info["items"]
+
+
+def test_an_interrupted_sharded_build_resumes_to_the_same_index(tmp_path, monkeypatch):
+    from hashret import engine
+    from hashret.engine import build_index, query_index
+    from hashret.training import train
+
+    spec = "synthetic:n_items=300,n_labels=4,image_dim=10,text_dim=20,n_query=30,n_train=150"
+    quiet = dict(log=lambda *a: None)
+    train("label-ridge", spec, 16, seed=0, out=tmp_path / "m", progress=False, evaluate=False, **quiet)
+    build_index(tmp_path / "m", "image", tmp_path / "whole", progress=False, shards=3, **quiet)
+    real = engine._build_one_shard
+
+    def dies_on_shard_1(*args, **kw):
+        if args[8] == 1:
+            raise HashretError("disk on fire")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine, "_build_one_shard", dies_on_shard_1)
+    with pytest.raises(HashretError, match="disk on fire"):
+        build_index(tmp_path / "m", "image", tmp_path / "cut", progress=False, shards=3, **quiet)
+    monkeypatch.setattr(engine, "_build_one_shard", real)
+    with pytest.raises(HashretError, match="--resume"):
+        build_index(tmp_path / "m", "image", tmp_path / "cut", progress=False, shards=3, **quiet)
+    build_index(tmp_path / "m", "image", tmp_path / "cut", progress=False, shards=3, resume=True, **quiet)
+    a = query_index(tmp_path / "whole", tmp_path / "m", text="w1 w2", k=50)["results"]
+    b = query_index(tmp_path / "cut", tmp_path / "m", text="w1 w2", k=50)["results"]
+    assert a == b
