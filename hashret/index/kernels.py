@@ -39,6 +39,7 @@ TILE = 2048  # rows per tile: 16 KiB of 64-bit codes, stays in L1 while queries 
 # the per-tile set-up (10^7 codes are 4,883 tiles of 2,048 rows)
 LONE_TILE = 16384
 BLOCK = 256  # rows per block minimum: only blocks that beat the threshold are re-scanned
+SMALL_BLOCK = 64
 GROUP = 4    # queries sharing one load of each database word
 SUPER = 4    # blocks sharing one minimum when a single query scans
 
@@ -117,7 +118,7 @@ def _block_distances(blk, n_words, q, out):
 
 
 @njit(inline="always", cache=True)
-def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmin):
+def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmin, block):
     """bmin[j, b] = min distance of queries q0..q0+nq-1 over block b of ``tile``.
 
     ``tile`` is a 1-D slice of the flat code array: loops over a slice indexed from 0
@@ -125,7 +126,7 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
     one-word codes, GROUP queries share each load."""
     _wide()
     n = tile.shape[0] // n_words
-    nblocks = (n + BLOCK - 1) // BLOCK
+    nblocks = (n + block - 1) // block
     if n_words == 1 and nq == 1:
         # one query: one popcount per word (not a padded group's four), and one minimum per
         # SUPER blocks -- the horizontal reduction that ends a minimum cost more than the
@@ -134,7 +135,7 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
         a = queries[q0, 0]
         pen = np.uint64(penalty)
         for sb in range(0, nblocks, SUPER):
-            lo, hi = sb * BLOCK, min(n, (sb + SUPER) * BLOCK)
+            lo, hi = sb * block, min(n, (sb + SUPER) * block)
             blk = tile[lo:hi]
             ma = pen
             if has_deleted:
@@ -154,10 +155,10 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
         d = queries[q0 + min(3, nq - 1), 0]
         pen = np.uint64(penalty)  # minima stay in uint64 lanes: no narrowing in the hot loop
         for bl in range(nblocks):
-            blk = tile[bl * BLOCK:min(n, (bl + 1) * BLOCK)]
+            blk = tile[bl * block:min(n, (bl + 1) * block)]
             ma = mb = mc = md = pen
             if has_deleted:
-                dblk = dtile[bl * BLOCK:min(n, (bl + 1) * BLOCK)]
+                dblk = dtile[bl * block:min(n, (bl + 1) * block)]
                 for i in range(blk.shape[0]):
                     x = blk[i]
                     p = np.uint64(dblk[i]) * pen
@@ -180,7 +181,7 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
     for j in range(nq):
         q = queries[q0 + j]
         for bl in range(nblocks):
-            blk = tile[bl * BLOCK * n_words:min(n, (bl + 1) * BLOCK) * n_words]
+            blk = tile[bl * block * n_words:min(n, (bl + 1) * block) * n_words]
             m = penalty
             if n_words == 2:
                 x0, x1 = q[0], q[1]
@@ -199,7 +200,7 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
                     m = min(m, np.int32(acc))
             if has_deleted:  # exact only when needed: a block of removed rows must not pass
                 m = penalty
-                dblk = dtile[bl * BLOCK:min(n, (bl + 1) * BLOCK)]
+                dblk = dtile[bl * block:min(n, (bl + 1) * block)]
                 for i in range(dblk.shape[0]):
                     if dblk[i] == 0:
                         acc = np.uint64(0)
@@ -230,7 +231,10 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
         cnt = np.zeros((n_q, nb), dtype=np.int32)
         thr = np.full(n_q, penalty, dtype=np.int32)  # accept d < thr
         tile_rows = LONE_TILE if n_q == 1 else TILE
-        bmin = np.empty((GROUP, tile_rows // BLOCK), dtype=np.int32)
+        # a large k keeps the threshold high, so most blocks of 256 would be re-scanned: blocks
+        # of 64 rows let more of them be skipped
+        block = SMALL_BLOCK if k >= 256 else BLOCK
+        bmin = np.empty((GROUP, tile_rows // SMALL_BLOCK), dtype=np.int32)
         dbuf = np.empty(BLOCK, dtype=np.int32)
         start = lo
         while start < hi:
@@ -239,15 +243,15 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                 ng = min(GROUP, n_q - g)
                 nblocks = _block_mins(tile, n_words, queries, g, ng,
                                       deleted[start:end] if has_deleted else deleted, has_deleted,
-                                      penalty, bmin)
+                                      penalty, bmin, block)
                 for j in range(ng):
                     qi = g + j
                     q = queries[qi]
                     for bl in range(nblocks):
                         if bmin[j, bl] >= thr[qi]:
                             continue
-                        r0 = start + bl * BLOCK
-                        nr = _block_distances(tile[bl * BLOCK * n_words:min(end - start, (bl + 1) * BLOCK) * n_words],
+                        r0 = start + bl * block
+                        nr = _block_distances(tile[bl * block * n_words:min(end - start, (bl + 1) * block) * n_words],
                                               n_words, q, dbuf)
                         for jj in range(nr):
                             i = r0 + jj
@@ -317,7 +321,7 @@ def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, delete
                 ng = min(GROUP, n_q - g)
                 nblocks = _block_mins(tile, n_words, queries, g, ng,
                                       deleted[start:end] if has_deleted else deleted, has_deleted,
-                                      penalty, bmin)
+                                      penalty, bmin, BLOCK)
                 for j in range(ng):
                     qi = g + j
                     q = queries[qi]

@@ -31,7 +31,7 @@ def test_bit_convention_is_pinned():
 
 
 @pytest.mark.parametrize("bits", [8, 16, 32, 64, 128, 256])
-@pytest.mark.parametrize("n,k", [(1, 4), (37, 10), (2049, 100), (5003, 7)])
+@pytest.mark.parametrize("n,k", [(1, 4), (37, 10), (2049, 100), (5003, 7), (5003, 300)])  # 300: the small-block path
 def test_topk_equals_brute_force(bits, n, k):
     rng = np.random.default_rng(bits * 7 + n)
     # few distinct codes -> many ties, which must resolve by row
