@@ -65,6 +65,10 @@ class Split:
         check(overlap.size == 0,
               f"{overlap.size} rows are both queries and database items: the protocol "
               "needs disjoint query and database parts")
+        seen = np.intersect1d(self.query, self.train)
+        check(seen.size == 0,
+              f"{seen.size} query rows are also training rows (e.g. row {int(seen[0]) if seen.size else -1}): "
+              "a model must not train on the queries it is scored on; draw train from the database part")
         return self
 
     def sizes(self) -> dict:

@@ -87,6 +87,9 @@ def test_split_round_trip_and_checks(tmp_path):
         Split([1, 2], [3], [2, 3]).validate(5)
     with pytest.raises(HashretError, match="outside"):
         Split([7], [1], [1]).validate(5)
+    # a model must not train on its queries (the train part used to be unchecked)
+    with pytest.raises(HashretError, match="query rows are also training rows"):
+        Split([1, 2], [2, 3], [3, 4]).validate(5)
 
 
 def test_random_split_is_seeded():
