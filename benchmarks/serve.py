@@ -33,8 +33,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from _timing import median_ms  # noqa: E402
 
 from hashret.engine import Engine  # noqa: E402
 from hashret.index import HashIndex  # noqa: E402
@@ -46,9 +48,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _client(port, bodies, start_at, stop_at, lat, errors):
+async def _client(port, bodies, start_at, stop_at, lat, errors, seed):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    i = np.random.default_rng(len(lat) + id(lat) % 1000).integers(len(bodies))
+    i = int(np.random.default_rng(seed).integers(len(bodies)))  # each client starts elsewhere
     try:
         while True:
             now = time.perf_counter()
@@ -74,7 +76,7 @@ async def _load(port, bodies, clients, seconds, warmup=1.0):
     lat, errors = [], []
     start = time.perf_counter() + warmup
     stop = start + seconds
-    await asyncio.gather(*[_client(port, bodies, start, stop, lat, errors) for _ in range(clients)])
+    await asyncio.gather(*[_client(port, bodies, start, stop, lat, errors, c) for c in range(clients)])
     return lat, errors, seconds
 
 
@@ -124,16 +126,6 @@ def build(path: Path, n: int, bits: int = 64, batch: int = 1 << 20):
     with HashIndex.create(path, bits) as w:
         for s in range(0, n, batch):
             w.add(rng.integers(0, 256, size=(min(batch, n - s), bits // 8), dtype=np.uint8))
-
-
-def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
 
 
 def main():

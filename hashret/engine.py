@@ -351,9 +351,10 @@ class _Held:
 _MODELS: dict = {}
 
 
-def _model(run_dir):
-    """A checkpoint's model, loaded once per process (several indexes share it)."""
-    key = (str(Path(run_dir).resolve()), fingerprint(run_dir))
+def _model(run_dir, fp: str):
+    """A checkpoint's model (fingerprint ``fp``), loaded once per process (several indexes
+    share it)."""
+    key = (str(Path(run_dir).resolve()), fp)
     if key not in _MODELS:
         _MODELS[key] = load_checkpoint(run_dir)
     return _MODELS[key]
@@ -381,7 +382,7 @@ class Engine:
         if checkpoint is not None:
             fp = fingerprint(checkpoint)
             if self.meta.get("model_fingerprint") == fp:
-                self.model, self.model_problem = _model(checkpoint), None
+                self.model, self.model_problem = _model(checkpoint, fp), None
             else:
                 self.model_problem = (f"the index {self.name} was built with model "
                                       f"{self.meta.get('model_fingerprint')}, the checkpoint is model {fp}: "

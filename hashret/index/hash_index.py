@@ -375,17 +375,21 @@ class HashIndex:
             self._deleted_mask = np.frombuffer(self._tomb.unpack(), dtype=np.uint8)[: self._n].copy()
         return self._deleted_mask
 
-    def _scan(self, fn):
-        """fn(segments, deleted mask, ids_of_rows) over one consistent state of the index."""
-        if self._store is None:
-            return fn(kernels.Segments.of(self._words, self._n), self._deleted(), self._ids_of_rows)
+    def _with_snapshot(self, fn):
+        """fn(snapshot), holding it so that no newer snapshot ends it meanwhile."""
         with self._swap:
             check(self._snap is not None, "the index is closed")
             snap = self._snap.acquire()
         try:
-            return fn(snap.segments, snap.deleted_mask(), snap.ids_of_rows)
+            return fn(snap)
         finally:
             snap.release()
+
+    def _scan(self, fn):
+        """fn(segments, deleted mask, ids_of_rows) over one consistent state of the index."""
+        if self._store is None:
+            return fn(kernels.Segments.of(self._words, self._n), self._deleted(), self._ids_of_rows)
+        return self._with_snapshot(lambda snap: fn(snap.segments, snap.deleted_mask(), snap.ids_of_rows))
 
     def search(self, queries, k: int, threads: int | None = None):
         """(distances, ids), int arrays of shape (Q, min(k, rows)), nearest first, ties by
@@ -534,12 +538,7 @@ class HashIndex:
         """The payloads stored with ``ids`` (None where none was given)."""
         rows = self.rows_of(ids)
         if self._store is not None:
-            with self._swap:
-                snap = self._snap.acquire()
-            try:
-                return snap.items_of_rows(self._store, rows)
-            finally:
-                snap.release()
+            return self._with_snapshot(lambda snap: snap.items_of_rows(self._store, rows))
         return [self._items.get(int(r)) for r in rows]
 
     @property

@@ -381,6 +381,10 @@ class Segments:
         self.seg_rows = int(seg_rows)
         self.n_rows = int(n_rows)
         self.n_words = self.arrays[0].shape[1] if self.arrays else 1
+        self.dtype = self.arrays[0].dtype if self.arrays else None
+        for a in self.arrays:  # once per snapshot, not per scan (10^8 codes are 1,526 chunks)
+            if a.dtype != self.dtype or not a.flags.c_contiguous or a.shape[1] != self.n_words:
+                raise ValueError("internal: segments must be C-contiguous arrays of one word type")
         self.addrs = np.array([a.ctypes.data for a in self.arrays] or [0], dtype=np.int64)
 
     @classmethod
@@ -404,16 +408,11 @@ class Segments:
 
 
 def _scan_args(segs: Segments, queries, deleted):
-    check_layout(segs, queries)
+    if segs.arrays and (queries.dtype != segs.dtype or queries.shape[1] != segs.n_words):
+        raise ValueError("internal: queries must be words of the segments' type")
     has_del = deleted is not None
     dmask = deleted if has_del else np.zeros(1, dtype=np.uint8)
     return np.ascontiguousarray(queries), dmask, has_del
-
-
-def check_layout(segs: Segments, queries):
-    for a in segs.arrays:
-        if a.dtype != queries.dtype or not a.flags.c_contiguous or a.shape[1] != queries.shape[1]:
-            raise ValueError("internal: segments must be C-contiguous words of the queries' type")
 
 
 def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,

@@ -244,6 +244,8 @@ class ShardedIndex:
                 out.append(None)
                 down.append(exc.shard)
         self.last_partial = down or None
+        if down and len(down) == self.n:
+            raise HashretError(f"no shard of {self.path} can answer (shards {down} are down): check the Ray cluster")
         return out
 
     def _sync(self):
@@ -323,7 +325,7 @@ class ShardedIndex:
             dists.append(d.astype(np.int64))
             seqs.append(seq)
             gids.append(gid)
-        nq = len(parts[0][0]) if parts[0] is not None else len(next(p for p in parts if p)[0])
+        nq = len(next(p for p in parts if p is not None)[0])
         if not dists or width == 0:
             return np.zeros((nq, 0), np.int32), np.zeros((nq, 0), np.int64)
         d, seq, gid = np.hstack(dists), np.hstack(seqs), np.hstack(gids)
@@ -378,7 +380,7 @@ class ShardedIndex:
         owner = np.full(len(ids), -1)
         row = np.full(len(ids), -1, dtype=np.int64)
         if self._mode == "explicit":
-            for s, rows in enumerate(self._all("lookup_rows", ids)):  # noqa: B007
+            for s, rows in enumerate(self._all("lookup_rows", ids)):
                 hit = rows >= 0
                 owner[hit], row[hit] = s, rows[hit]
         else:
