@@ -3,6 +3,7 @@ in this process and on a local Ray (2 CPUs), with ties, removals, k past a shard
 radius search; an actor that dies is survived, a shard that stays down is one clear line."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +119,13 @@ def test_ray_shards_answer_as_one_index_and_survive_a_killed_actor(tmp_path, ray
         same(sharded.search(q, 20), one.search(q, 20))
         # a shard that stays down: one clear line, or an explicit partial answer
         ray_local.kill(sharded.shards[2].actor, no_restart=True)
+        deadline = time.time() + 30  # ray.kill returns before the actor is gone
+        while time.time() < deadline:
+            try:
+                ray_local.get(sharded.shards[2].actor.pid.remote(), timeout=5)
+                time.sleep(0.1)
+            except ray_local.exceptions.RayActorError:
+                break
         with pytest.raises(HashretError, match=r"shard 2 .* cannot answer"):
             sharded.search(q, 20)
         d, got = sharded.search(q, 20, allow_partial=True)
