@@ -185,15 +185,17 @@ def models():
     from hashret.models import REGISTRY
 
     from hashret.models.distill import HEAD_DEFAULTS
-    from hashret.models.matchers import MATCHER_DEFAULTS, PER_MATCHER_DEFAULTS
+    from hashret.models.matchers import MATCHERS, PRESETS, matcher_config
 
     for name, cls in sorted(REGISTRY.items()):
         kind = "supervised" if cls.supervised else "unsupervised"
         fields = ", ".join(f"{k}={v}" for k, v in cls.defaults.items())
         click.echo(f"{name:14s} {kind:12s} {fields}")
-    for name, own in PER_MATCHER_DEFAULTS.items():
-        fields = ", ".join(f"{k}={v}" for k, v in {**MATCHER_DEFAULTS, **own, **HEAD_DEFAULTS}.items())
-        click.echo(f"{name:14s} {'matcher':12s} {fields}")
+    for name in MATCHERS:
+        for preset in PRESETS:
+            fields = ", ".join(f"{k}={v}" for k, v in {**matcher_config(name, preset), **HEAD_DEFAULTS}.items())
+            click.echo(f"{name:14s} {'matcher':12s} {fields}")
+    click.echo("matchers: '--set preset=paper' picks the papers' sizes (for a GPU); the cpu preset is the default")
 
 
 @main.command()

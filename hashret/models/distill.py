@@ -112,12 +112,13 @@ class MatcherModel:
     kind = "matcher"
 
     def __init__(self, name, bits, region_dim, vocab, seed=0, **overrides):
-        from hashret.models.matchers import MATCHER_DEFAULTS, PER_MATCHER_DEFAULTS
+        from hashret.models.matchers import matcher_config
 
         check(name in MATCHERS, f"unknown matcher {name!r}: use one of {', '.join(MATCHERS)}")
         check(int(bits) > 0 and int(bits) % 8 == 0,
               f"code length {bits} is not a positive multiple of 8: use e.g. 64, 128, 256 or 512")
-        fields = {**MATCHER_DEFAULTS, **PER_MATCHER_DEFAULTS[name], **HEAD_DEFAULTS}
+        matcher_fields = matcher_config(name, overrides.get("preset", "cpu"))
+        fields = {**matcher_fields, **HEAD_DEFAULTS}
         bad = sorted(set(overrides) - set(fields))
         check(not bad, f"{name} has no config field {', '.join(bad)}: known fields are "
               f"{', '.join(sorted(fields))}")
@@ -134,7 +135,7 @@ class MatcherModel:
         check(int(self.config["head_group"]) >= 1,
               f"head_group must be at least 1 (1 = random batches), got {self.config['head_group']}")
         torch.manual_seed(int(seed))
-        mcfg = {k: self.config[k] for k in {**MATCHER_DEFAULTS, **PER_MATCHER_DEFAULTS[name]}}
+        mcfg = {k: self.config[k] for k in matcher_fields}
         self.matcher = build_matcher(name, int(region_dim), len(self.vocab_words), **mcfg).eval()
         c = self.config
         self.head = HashHead(int(region_dim), len(self.vocab_words), int(bits), c["head_hidden"],

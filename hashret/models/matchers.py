@@ -77,7 +77,8 @@ class TextEncoder(nn.Module):
 
 
 class AttentionPool(nn.Module):
-    """Self-attention pooling guided by the mean (SGRAF's VisualSA / TextSA, SHAN's pooling)."""
+    """Additive self-attention pooling guided by the mean: weights softmax(w . tanh(W_l x_i +
+    W_g mean(x))) over the fragments (SHAN's pooling)."""
 
     def __init__(self, embed):
         super().__init__()
@@ -91,11 +92,68 @@ class AttentionPool(nn.Module):
         return l2norm((masked_softmax(logits, mask).unsqueeze(-1) * x).sum(-2))
 
 
+class MaskedBatchNorm(nn.BatchNorm1d):
+    """Batch norm over the last dimension whose training statistics come from the real
+    entries only (``mask`` over the leading dimensions), so padding and the number of padded
+    slots change nothing. In eval mode it is the usual fixed affine map."""
+
+    def forward(self, x, mask=None):
+        if self.training:
+            real = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
+            mean, var = real.mean(0), real.var(0, unbiased=False)
+            if len(real) > 1:
+                with torch.no_grad():
+                    m = self.momentum
+                    self.running_mean.mul_(1 - m).add_(m * mean)
+                    self.running_var.mul_(1 - m).add_(m * var * len(real) / (len(real) - 1))
+                    self.num_batches_tracked += 1
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class SGRAFPool(nn.Module):
+    """SGRAF's VisualSA / TextSA: weights softmax(w . (tanh(BN(W_l x_i)) * tanh(BN(W_g
+    mean(x))))) over the fragments, pooled vector L2-normalised. As in the official code the
+    image side has batch norm and the text side has none. One change: the official VisualSA
+    normalises per region slot (BatchNorm1d over 36 positions), which only means something for
+    a fixed count of ordered regions; here the image side normalises each feature over the
+    batch's real regions, so any region count works and order stays irrelevant."""
+
+    def __init__(self, embed, batch_norm, dropout=0.0):
+        super().__init__()
+        self.local, self.glob = nn.Linear(embed, embed), nn.Linear(embed, embed)
+        self.bn_local = MaskedBatchNorm(embed) if batch_norm else None
+        self.bn_glob = MaskedBatchNorm(embed) if batch_norm else None
+        self.drop = nn.Dropout(dropout)
+        self.common = nn.Linear(embed, 1, bias=False)  # the official bias is invisible to a softmax
+
+    def forward(self, x, mask):
+        g = self.glob(masked_mean(x, mask, -2))
+        loc = self.local(x)
+        if self.bn_local is not None:
+            loc, g = self.bn_local(loc, mask), self.bn_glob(g)
+        common = self.drop(torch.tanh(loc)) * self.drop(torch.tanh(g)).unsqueeze(-2)
+        w = masked_softmax(self.common(common).squeeze(-1), mask)
+        return l2norm((w.unsqueeze(-1) * x).sum(-2))
+
+
 def attend(queries, keys, key_mask, temperature):
     """For every query vector, the softmax(temperature * cosine)-weighted sum of the keys.
     queries (..., Lq, e), keys (..., Lk, e), key_mask (..., Lk) -> (..., Lq, e)."""
     logits = temperature * (l2norm(queries) @ l2norm(keys).transpose(-1, -2))
     return masked_softmax(logits, key_mask.unsqueeze(-2)) @ keys
+
+
+def scan_attend(words, regions, region_mask, lam):
+    """SCAN's text-to-image attention as SGRAF's code runs it: region-word products through
+    LeakyReLU(0.1), each region's row L2-normalised over the words, softmax(lam * .) over the
+    regions per word, the attended vector L2-normalised. Padded words are zero vectors (the
+    text encoder masks them), so they add nothing to a row's norm.
+    words (..., L, e), regions (..., n_o, e), region_mask (..., n_o) -> (..., L, e)."""
+    d = torch.nn.functional.leaky_relu(regions @ words.transpose(-1, -2), 0.1)   # (..., n_o, L)
+    d = l2norm(d, -1).transpose(-1, -2)                                          # (..., L, n_o)
+    return l2norm(masked_softmax(lam * d, region_mask.unsqueeze(-2)) @ regions)
 
 
 # -- losses --------------------------------------------------------------------------------
@@ -181,55 +239,70 @@ class _SimVector(nn.Module):
 
 
 class _SGRAFHead(nn.Module):
-    """One of SGR (graph reasoning over similarity nodes) or SAF (attention filtration)."""
+    """One of SGR (graph reasoning over the similarity nodes) or SAF (attention filtration),
+    each with its own VisualSA / TextSA pooling and similarity maps, as SGRAF's code builds
+    one model per module."""
 
-    def __init__(self, embed, sim_dim, kind, steps, lam):
+    def __init__(self, embed, sim_dim, kind, steps, lam, dropout):
         super().__init__()
         self.kind, self.lam = kind, lam
-        self.pool_img, self.pool_txt = AttentionPool(embed), AttentionPool(embed)
+        self.pool_img, self.pool_txt = SGRAFPool(embed, True, dropout), SGRAFPool(embed, False, dropout)
         self.sim_local, self.sim_global = _SimVector(embed, sim_dim), _SimVector(embed, sim_dim)
         if kind == "sgr":
-            self.w_in = nn.Linear(sim_dim, sim_dim)
-            self.w_out = nn.Linear(sim_dim, sim_dim)
+            # one (W_in, W_out, W_r) per reasoning step, as the official GraphReasoning modules
+            self.w_in = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
+            self.w_out = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
             self.w_r = nn.ModuleList(nn.Linear(sim_dim, sim_dim) for _ in range(steps))
         else:
             self.w_f = nn.Linear(sim_dim, 1)
+            self.bn_f = MaskedBatchNorm(1)
         self.out = nn.Linear(sim_dim, 1)
 
+    def pooled_image(self, v, vm):
+        return self.pool_img(v, vm)
+
+    def pooled_text(self, t, tm):
+        return self.pool_txt(t, tm)
+
     def forward(self, img, txt):
-        (v, vm), (t, tm) = img, txt
-        vg, tg = self.pool_img(v, vm), self.pool_txt(t, tm)  # (I, e), (T, e)
-        V, VM = v[:, None], vm[:, None]                     # (I, 1, n_o, e)
-        T = t[None]                                          # (1, T, L, e)
-        a = attend(T.expand(len(v), -1, -1, -1), V.expand(-1, len(t), -1, -1),
-                   VM.expand(-1, len(t), -1), self.lam)       # (I, T, L, e): regions per word
-        s_l = self.sim_local(a, T)                           # (I, T, L, m)
-        s_g = self.sim_global(vg[:, None], tg[None])         # (I, T, m)
-        nodes = torch.cat([s_g.unsqueeze(2), s_l], 2)        # (I, T, 1 + L, m)
-        nm = torch.cat([torch.ones_like(tm[:, :1]), tm], 1)[None].expand(len(v), -1, -1)
+        (v, vm, vg), (t, tm, tg) = img, txt
+        I, T = len(v), len(t)
+        a = scan_attend(t[None].expand(I, -1, -1, -1), v[:, None].expand(-1, T, -1, -1),
+                        vm[:, None].expand(-1, T, -1), self.lam)   # (I, T, L, e): regions per word
+        s_l = self.sim_local(a, t[None])                           # (I, T, L, m)
+        s_g = self.sim_global(vg[:, None], tg[None])               # (I, T, m)
+        nodes = torch.cat([s_g.unsqueeze(2), s_l], 2)              # (I, T, 1 + L, m)
+        nm = torch.cat([torch.ones_like(tm[:, :1]), tm], 1)[None].expand(I, -1, -1)
         if self.kind == "sgr":
-            for w_r in self.w_r:
-                e = self.w_in(nodes) @ self.w_out(nodes).transpose(-1, -2)
-                e = masked_softmax(e, nm.unsqueeze(-2))
+            for w_in, w_out, w_r in zip(self.w_in, self.w_out, self.w_r):
+                e = masked_softmax(w_in(nodes) @ w_out(nodes).transpose(-1, -2), nm.unsqueeze(-2))
                 nodes = torch.relu(w_r(e @ nodes))
             fused = nodes[:, :, 0]
         else:
-            beta = torch.sigmoid(self.w_f(nodes).squeeze(-1)) * nm
+            beta = torch.sigmoid(self.bn_f(self.w_f(nodes), nm).squeeze(-1)) * nm
             beta = beta / beta.sum(-1, keepdim=True).clamp_min(1e-8)
-            fused = (beta.unsqueeze(-1) * nodes).sum(2)
+            fused = l2norm((beta.unsqueeze(-1) * nodes).sum(2))
         return torch.sigmoid(self.out(fused).squeeze(-1))
 
 
 class SGRAF(Matcher):
-    """SGRAF (Diao et al., AAAI 2021): SGR and SAF heads over the same similarity
-    representations. They share nothing (each has its own encoders), and their losses are
-    summed, which with disjoint parameters and per-head gradient clipping is training them
-    separately; the score is their average. ``variant`` = sgr | saf | sgraf."""
+    """SGRAF (Diao et al., AAAI 2021) as its paper and official code define it: fragments
+    pooled by VisualSA / TextSA; local similarity vectors s(a_j, t_j; W_l) from SCAN's
+    text-to-image attention, a global one s(v, t; W_g); SGR reasons over the nodes {s_g,
+    s_l...} for ``steps`` steps with one (W_in, W_out, W_r) per step and scores the final
+    global node; SAF weights the nodes by sigma(BN(W_f s)), L1-normalised, and scores the
+    L2-normalised sum; score = sigmoid(FC(.)). SGR and SAF share nothing (each has its own
+    encoders) and their losses are summed, which with disjoint parameters and per-head
+    gradient clipping is training them separately, as the paper's ensemble does; the score is
+    their average. ``variant`` = sgr | saf | sgraf. Deviations: batch norm over real regions
+    instead of per region slot (see :class:`SGRAFPool`); nodes of one caption against a batch
+    of images are normalised together with every other pair of the batch (the official code
+    loops over captions); learned word embeddings as in the official code (no GloVe)."""
 
     name = "sgraf"
 
     def __init__(self, region_dim, vocab_size, embed=128, word_dim=64, sim_dim=64, steps=3,
-                 lam=9.0, variant="sgraf", **cfg):
+                 lam=9.0, variant="sgraf", dropout=0.0, **cfg):
         nn.Module.__init__(self)
         self.cfg = cfg
         self.variant = variant
@@ -237,13 +310,22 @@ class SGRAF(Matcher):
         self.branches = nn.ModuleDict({
             k: nn.ModuleDict({"regions": RegionEncoder(region_dim, embed),
                               "words": TextEncoder(vocab_size, word_dim, embed),
-                              "head": _SGRAFHead(embed, sim_dim, k, steps, lam)}) for k in kinds})
+                              "head": _SGRAFHead(embed, sim_dim, k, steps, lam, dropout)}) for k in kinds})
 
+    # the pooled vectors depend on one item only: computed once per item, not once per pair
     def encode_image(self, regions, mask):
-        return {k: (b["regions"](regions, mask), mask) for k, b in self.branches.items()}
+        out = {}
+        for k, b in self.branches.items():
+            v = b["regions"](regions, mask)
+            out[k] = (v, mask, b["head"].pooled_image(v, mask))
+        return out
 
     def encode_text(self, tokens, lengths):
-        return {k: b["words"](tokens, lengths) for k, b in self.branches.items()}
+        out = {}
+        for k, b in self.branches.items():
+            t, m = b["words"](tokens, lengths)
+            out[k] = (t, m, b["head"].pooled_text(t, m))
+        return out
 
     def branch_scores(self, img, txt):
         return {k: b["head"](img[k], txt[k]) for k, b in self.branches.items()}
@@ -254,6 +336,14 @@ class SGRAF(Matcher):
 
     def loss_terms(self, img, txt, epoch):
         return [self.loss(s, epoch) for s in self.branch_scores(img, txt).values()]
+
+
+def _joint(img, txt):
+    """Per pair (I x T), the image's fragments followed by the caption's: every tensor of
+    ``img`` (I, n_o, ...) and ``txt`` (T, L, ...) -> (I, T, n_o + L, ...)."""
+    I, T = len(img[0]), len(txt[0])
+    return [torch.cat([a[:, None].expand(-1, T, *a.shape[1:]), b[None].expand(I, *b.shape)], 2)
+            for a, b in zip(img, txt)]
 
 
 class CGAM(Matcher):
@@ -295,10 +385,7 @@ class CGAM(Matcher):
         return masked_mean(cosine(x.reshape(shape), r.reshape(shape)), mask, -2)   # (..., K)
 
     def pair_scores(self, img, txt):
-        I, T = len(img[0]), len(txt[0])
-        joint = [torch.cat([a[:, None].expand(-1, T, *a.shape[1:]), b[None].expand(I, *b.shape)], 2)
-                 for a, b in zip(img, txt)]
-        z, q, k, p, cz, zm = joint
+        z, q, k, p, cz, zm = _joint(img, txt)
         no = img[0].shape[1]
         n = zm.sum(-1).to(z.dtype)[..., None, None]           # N = n_o + n_w (real ones)
         a = (q @ k.transpose(-1, -2)) / n * (zm.unsqueeze(-1) & zm.unsqueeze(-2))
@@ -310,37 +397,56 @@ class CGAM(Matcher):
         return self.fc2(torch.tanh(self.fc1(torch.cat([gi, gt], -1)))).squeeze(-1)
 
 
+class _HANBlock(nn.Module):
+    """One self-attention block of HAN's heterogeneous attention module:
+    q, k, v = W h + b; a_ij = q_i . k_j; h~_i = fc(sum_j softmax_j(beta a_ij) v_j) + q_i."""
+
+    def __init__(self, embed):
+        super().__init__()
+        self.q, self.k, self.v, self.fc = (nn.Linear(embed, embed) for _ in range(4))
+
+    def parts(self, h):
+        # fc(sum_j a_ij v_j) = sum_j a_ij fc(v_j) since each row of a sums to 1: fc(v) is per
+        # fragment, so the first block's maps run once per item, not once per pair
+        return self.q(h), self.k(h), self.fc(self.v(h))
+
+    @staticmethod
+    def mix(q, k, fv, mask, beta):
+        att = masked_softmax(beta * (q @ k.transpose(-1, -2)), mask.unsqueeze(-2))
+        return (att @ fv + q) * mask.unsqueeze(-1)
+
+
 class HAN(Matcher):
-    """HAN (Yu et al., SIGIR 2021): self-attention over the joint sequence of L2-normalised
-    regions and words (h~ = fc(softmax(q k^T / beta) v) + q), then each word attends over the
-    updated regions; score = mean over words of cos(word, attended region). Trained with the
-    soft-max triplet loss (p). With one block every linear map acts per fragment
-    (fc(att v) = att fc(v) + bias, the attention rows summing to 1), so q, k and fc(v) are
-    computed once per item."""
+    """HAN (Yu et al., SIGIR 2021): ``blocks`` stacked self-attention blocks over the joint
+    sequence of L2-normalised regions and words (:class:`_HANBlock`, softmax(beta . q k^T) with
+    beta multiplying the logits as in the paper), then each word attends over the updated
+    regions (softmax(lam . cosine)); score = mean over words of cos(word, attended region).
+    Trained with the soft-max triplet loss (``p``). The paper stacks blocks without giving
+    their count in our notes; 2 by default. Only the first block's maps can run per item; the
+    later ones see both modalities and run per pair."""
 
     name = "han"
 
-    def __init__(self, region_dim, vocab_size, embed=128, word_dim=64, beta=0.1, lam=9.0, **cfg):
+    def __init__(self, region_dim, vocab_size, embed=128, word_dim=64, beta=10.0, lam=9.0, blocks=2, **cfg):
         super().__init__(region_dim, vocab_size, embed, word_dim, **cfg)
-        self.beta, self.lam = beta, lam
-        self.q, self.k, self.v, self.o = (nn.Linear(embed, embed) for _ in range(4))
+        from hashret.errors import check
 
-    def _parts(self, x):
-        return self.q(x), self.k(x), self.o(self.v(x))
+        check(int(blocks) >= 1, f"HAN needs at least one attention block, got blocks={blocks}")
+        self.beta, self.lam = beta, lam
+        self.blocks = nn.ModuleList(_HANBlock(embed) for _ in range(int(blocks)))
 
     def encode_image(self, regions, mask):
-        return self._parts(self.regions(regions, mask)) + (mask,)
+        return self.blocks[0].parts(self.regions(regions, mask)) + (mask,)
 
     def encode_text(self, tokens, lengths):
         t, m = self.words(tokens, lengths)
-        return self._parts(t) + (m,)
+        return self.blocks[0].parts(t) + (m,)
 
     def pair_scores(self, img, txt):
-        I, T = len(img[0]), len(txt[0])
-        q, k, ov, hm = [torch.cat([a[:, None].expand(-1, T, *a.shape[1:]), b[None].expand(I, *b.shape)], 2)
-                        for a, b in zip(img, txt)]
-        att = masked_softmax((q @ k.transpose(-1, -2)) / self.beta, hm.unsqueeze(-2))
-        h = (att @ ov + q) * hm.unsqueeze(-1)
+        q, k, fv, hm = _joint(img, txt)
+        h = _HANBlock.mix(q, k, fv, hm, self.beta)
+        for block in self.blocks[1:]:
+            h = block.mix(*block.parts(h), hm, self.beta)
         no = img[0].shape[1]
         ho, hw = h[:, :, :no], h[:, :, no:]
         o = attend(hw, ho, hm[:, :, :no], self.lam)            # regions attended per word
@@ -351,10 +457,19 @@ class HAN(Matcher):
 
 
 class SHAN(Matcher):
-    """SHAN (Ji et al., IJCAI 2021): three levels summed. L2L: cross attention both ways
-    (A = (W_v V)(W_t T)^T), cosine of each fragment with its attended counterpart. G2L: gated
-    fusion of each fragment with its attended context, attention-pooled, cosine. G2G: pooled
-    fragments concatenated with pooled attended counterparts, cosine."""
+    """SHAN (Ji et al., IJCAI 2021), score = L2L + G2L + G2G.
+    Fragment level (L2L): A = (W_v V)(W_t T)^T, attended text per region t*_i = sum_j
+    softmax_j(lam A_ij) t_j and attended region per word v*_j; the mean of the region-side
+    and word-side means of cos(v_i, t*_i), cos(t_j, v*_j).
+    Context level (G2L): gated fusion v^c_i = g * v_i + (1 - g) * t*_i with g = sigmoid(W_g
+    [v_i; t*_i] + b_g) (and for words), self-attention pooling -> the global contexts v_c,
+    t_c; then each global context attends over the other modality's context fragments,
+    t*_c = sum_j softmax_j(lam cos(v_c, t^c_j)) t^c_j and v*_c likewise; G2L = the mean of
+    cos(v_c, t*_c) and cos(t_c, v*_c). G2G: v_g = v_c + t*_c, t_g = t_c + v*_c (element-wise),
+    cos(v_g, t_g). Deviations: A is taken between L2-normalised projections, so lam acts as in
+    SCAN whatever the projections' scale; word features are learned embeddings through the
+    Bi-GRU (no GloVe vectors can be had here); the paper does not say which fragments the
+    global contexts attend over -- the fused context fragments, the level they belong to."""
 
     name = "shan"
 
@@ -364,25 +479,34 @@ class SHAN(Matcher):
         self.wv, self.wt = nn.Linear(embed, embed), nn.Linear(embed, embed)
         self.gate_v, self.gate_t = nn.Linear(2 * embed, embed), nn.Linear(2 * embed, embed)
         self.pool_v, self.pool_t = AttentionPool(embed), AttentionPool(embed)
-        self.pool_vs, self.pool_ts = AttentionPool(embed), AttentionPool(embed)
+
+    def encode_image(self, regions, mask):
+        v = self.regions(regions, mask)
+        return v, l2norm(self.wv(v)), mask
+
+    def encode_text(self, tokens, lengths):
+        t, m = self.words(tokens, lengths)
+        return t, l2norm(self.wt(t)), m
 
     def pair_scores(self, img, txt):
-        (v, vm), (t, tm) = img, txt
+        (v, pv, vm), (t, pt, tm) = img, txt
         I, T = len(v), len(t)
-        V, VM = v[:, None].expand(-1, T, -1, -1), vm[:, None].expand(-1, T, -1)
-        W, WM = t[None].expand(I, -1, -1, -1), tm[None].expand(I, -1, -1)
-        a = self.lam * (l2norm(self.wv(V)) @ l2norm(self.wt(W)).transpose(-1, -2))  # (I,T,n_o,L)
-        t_star = masked_softmax(a, WM.unsqueeze(-2)) @ W                           # per region
-        v_star = masked_softmax(a.transpose(-1, -2), VM.unsqueeze(-2)) @ V         # per word
+        V, PV, VM = v[:, None].expand(-1, T, -1, -1), pv[:, None], vm[:, None].expand(-1, T, -1)
+        W, PW, WM = t[None].expand(I, -1, -1, -1), pt[None], tm[None].expand(I, -1, -1)
+        a = self.lam * (PV @ PW.transpose(-1, -2))                                  # (I,T,n_o,L)
+        t_star = masked_softmax(a, WM.unsqueeze(-2)) @ W                            # per region
+        v_star = masked_softmax(a.transpose(-1, -2), VM.unsqueeze(-2)) @ V          # per word
         l2l = 0.5 * (masked_mean(cosine(V, t_star).unsqueeze(-1), VM, -2)
                      + masked_mean(cosine(W, v_star).unsqueeze(-1), WM, -2)).squeeze(-1)
         gv = torch.sigmoid(self.gate_v(torch.cat([V, t_star], -1)))
         gt = torch.sigmoid(self.gate_t(torch.cat([W, v_star], -1)))
-        vc = self.pool_v(gv * V + (1 - gv) * t_star, VM)
-        tc = self.pool_t(gt * W + (1 - gt) * v_star, WM)
-        g2l = cosine(vc, tc)
-        ts, vs = self.pool_ts(t_star, VM), self.pool_vs(v_star, WM)
-        g2g = cosine(torch.cat([vc, ts], -1), torch.cat([tc, vs], -1))
+        vc_i = (gv * V + (1 - gv) * t_star) * VM.unsqueeze(-1)                     # context fragments
+        tc_j = (gt * W + (1 - gt) * v_star) * WM.unsqueeze(-1)
+        vc, tc = self.pool_v(vc_i, VM), self.pool_t(tc_j, WM)                       # (I, T, e)
+        t_c_star = attend(vc.unsqueeze(-2), tc_j, WM, self.lam).squeeze(-2)          # global -> local
+        v_c_star = attend(tc.unsqueeze(-2), vc_i, VM, self.lam).squeeze(-2)
+        g2l = 0.5 * (cosine(vc, t_c_star) + cosine(tc, v_c_star))
+        g2g = cosine(vc + t_c_star, tc + v_c_star)
         return l2l + g2l + g2g
 
 
@@ -409,26 +533,47 @@ MATCHER_DEFAULTS = {
     "batch_size": 64, "lr": 1e-3, "grad_clip": 2.0,
 }
 PER_MATCHER_DEFAULTS = {
-    "sgraf": {"sim_dim": 32, "steps": 3, "lam": 9.0, "variant": "sgraf"},
+    "sgraf": {"sim_dim": 32, "steps": 3, "lam": 9.0, "variant": "sgraf", "dropout": 0.0},
     "cgam": {"heads": 8, "hidden": 64, "lam": 9.0},
-    "han": {"beta": 0.1, "lam": 9.0, "p": 4.0},
+    "han": {"beta": 10.0, "lam": 9.0, "p": 4.0, "blocks": 2},
     "shan": {"lam": 9.0},
     "global": {},
+}
+# "cpu" (the defaults above) is sized to train on 2 CPU cores in minutes: embed 64, lr 1e-3 so
+# a few epochs suffice. "paper" is the papers' scale for a GPU user with real region features
+# (SGRAF's official code: embed 1024, sim 256, 300-d words, Adam 2e-4, batch 128, dropout 0.4
+# in the pooling; CGAM, HAN and SHAN report the same SCAN-family embed / word sizes; their other
+# fields keep the CPU values, which our notes on those papers do not fix).
+PRESETS = {
+    "cpu": {},
+    "paper": {"embed": 1024, "word_dim": 300, "lr": 2e-4, "batch_size": 128, "epochs": 20,
+              "sgraf": {"sim_dim": 256, "dropout": 0.4}},
 }
 TRAINING_FIELDS = ("epochs", "batch_size", "lr", "grad_clip")
 
 
-def build_matcher(name: str, region_dim: int, vocab_size: int, **overrides) -> Matcher:
-    """A matcher by name with its defaults; ``overrides`` must be known config fields."""
+def matcher_config(name: str, preset: str = "cpu") -> dict:
+    """The resolved config fields of matcher ``name`` under ``preset`` (cpu | paper), the
+    preset's name included; what a checkpoint's config records."""
     from hashret.errors import check
 
     check(name in MATCHERS, f"unknown matcher {name!r}: use one of {', '.join(MATCHERS)}")
-    cfg = {**MATCHER_DEFAULTS, **PER_MATCHER_DEFAULTS[name]}
+    check(preset in PRESETS, f"unknown matcher preset {preset!r}: use one of {', '.join(PRESETS)}")
+    own = {k: v for k, v in PRESETS[preset].items() if not isinstance(v, dict)}
+    return {**MATCHER_DEFAULTS, **PER_MATCHER_DEFAULTS[name], **own,
+            **PRESETS[preset].get(name, {}), "preset": preset}
+
+
+def build_matcher(name: str, region_dim: int, vocab_size: int, preset: str = "cpu", **overrides) -> Matcher:
+    """A matcher by name with its ``preset``'s sizes; ``overrides`` must be known config fields."""
+    from hashret.errors import check
+
+    cfg = matcher_config(name, preset)
     bad = sorted(set(overrides) - set(cfg))
     check(not bad, f"{name} has no config field {', '.join(bad)}: known fields are "
           f"{', '.join(sorted(cfg))}")
     cfg.update(overrides)
-    model_cfg = {k: v for k, v in cfg.items() if k not in TRAINING_FIELDS}
+    model_cfg = {k: v for k, v in cfg.items() if k not in TRAINING_FIELDS + ("preset",)}
     return MATCHERS[name](region_dim, vocab_size, **model_cfg)
 
 
