@@ -44,10 +44,30 @@ class Split:
     database: np.ndarray
     seed: int | None = None
     note: str = ""
+    # held out from training for every choice a method makes (epochs, settings); empty = none
+    validation: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def __post_init__(self):
         for part in SPLIT_PARTS:
             object.__setattr__(self, part, _as_index(getattr(self, part), part))
+        val = np.asarray(self.validation)
+        object.__setattr__(self, "validation", _as_index(val, "validation") if val.size else
+                           np.empty(0, dtype=np.int64))
+
+    def carve_validation(self, fraction: float = 0.1, seed: int = 0, at_least: int = 100) -> "Split":
+        """A copy whose training part gives up a seeded random ``fraction`` (at least
+        ``at_least`` rows, at most half) as the validation part; the test queries are never
+        touched. Validation queries are scored against the remaining training rows."""
+        check(len(self.validation) == 0, "this split already has a validation part")
+        check(0 < fraction < 1, f"validation fraction must be in (0, 1), got {fraction}")
+        n = len(self.train)
+        size = min(max(int(round(fraction * n)), at_least), n // 2)
+        check(size > 0, f"the training part ({n} rows) is too small to carve a validation part from")
+        rng = np.random.default_rng(seed)
+        val = np.sort(rng.choice(self.train, size=size, replace=False))
+        return Split(self.query, np.setdiff1d(self.train, val), self.database, seed=self.seed,
+                     note=f"{self.note}; validation: {size} rows carved from train, seed {seed}".lstrip("; "),
+                     validation=val)
 
     def validate(self, n_items: int) -> "Split":
         for part in SPLIT_PARTS:
@@ -69,16 +89,31 @@ class Split:
         check(seen.size == 0,
               f"{seen.size} query rows are also training rows (e.g. row {int(seen[0]) if seen.size else -1}): "
               "a model must not train on the queries it is scored on; draw train from the database part")
+        val = self.validation
+        if len(val):
+            check(val.min() >= 0 and val.max() < n_items and len(np.unique(val)) == len(val),
+                  f"the validation split points outside the dataset (rows 0..{n_items - 1}) or lists a "
+                  "row twice: carve it again")
+            for part in ("query", "train"):
+                both = np.intersect1d(val, getattr(self, part))
+                check(both.size == 0, f"{both.size} validation rows are also {part} rows (e.g. row "
+                      f"{int(both[0]) if both.size else -1}): the validation part must be disjoint from "
+                      "the queries and the rows a model trains on; carve it again")
         return self
 
     def sizes(self) -> dict:
-        return {part: int(len(getattr(self, part))) for part in SPLIT_PARTS}
+        out = {part: int(len(getattr(self, part))) for part in SPLIT_PARTS}
+        if len(self.validation):
+            out["validation"] = int(len(self.validation))
+        return out
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for part in SPLIT_PARTS:
             h.update(getattr(self, part).astype("<i8").tobytes())
             h.update(b"|")
+        if len(self.validation):  # splits without one keep the fingerprints they always had
+            h.update(b"validation:" + self.validation.astype("<i8").tobytes())
         return h.hexdigest()[:16]
 
     def save(self, path, dataset: str = "", n_items: int | None = None) -> Path:
@@ -90,7 +125,7 @@ class Split:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
             np.savez(fh, query=self.query, train=self.train, database=self.database,
-                     meta=np.array(json.dumps(meta)))
+                     validation=self.validation, meta=np.array(json.dumps(meta)))
         os.replace(tmp, path)
         return path
 
@@ -101,6 +136,8 @@ class Split:
         try:
             with np.load(path, allow_pickle=False) as z:
                 parts = {part: z[part] for part in SPLIT_PARTS}
+                if "validation" in z.files:
+                    parts["validation"] = z["validation"]
                 meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
         except Exception as exc:  # zip, npy and JSON readers fail in many ways on a damaged file
             raise HashretError(f"split file {path} is unreadable or corrupt ({type(exc).__name__}: "
@@ -238,9 +275,13 @@ class CrossModalDataset:
         return np.ascontiguousarray(m, dtype=np.float32)
 
     def part(self, name: str) -> np.ndarray:
-        """Row indices of a split part: 'query', 'train' or 'database'."""
+        """Row indices of a split part: 'query', 'train', 'database' or 'validation'."""
         check(self.split is not None, f"{self.name} has no split: give one or use random_split")
-        check(name in SPLIT_PARTS, f"unknown split part {name!r}: use one of {', '.join(SPLIT_PARTS)}")
+        check(name in SPLIT_PARTS + ("validation",),
+              f"unknown split part {name!r}: use one of {', '.join(SPLIT_PARTS)}, validation")
+        if name == "validation":
+            check(len(self.split.validation) > 0, f"{self.name}'s split has no validation part: "
+                  "carve one with Split.carve_validation")
         return getattr(self.split, name)
 
     def summary(self) -> dict:

@@ -92,6 +92,31 @@ def test_split_round_trip_and_checks(tmp_path):
         Split([1, 2], [2, 3], [3, 4]).validate(5)
 
 
+def test_validation_part_is_carved_from_train_seeded_saved_and_disjoint(tmp_path):
+    split = random_split(1000, 100, 600, seed=3)
+    carved = split.carve_validation(0.1, seed=5).validate(1000)
+    assert len(carved.validation) == 100 and len(carved.train) == 500
+    assert np.isin(carved.validation, split.train).all()                 # taken from train ...
+    assert np.intersect1d(carved.validation, carved.train).size == 0      # ... and no longer in it
+    assert np.intersect1d(carved.validation, carved.query).size == 0
+    np.testing.assert_array_equal(carved.query, split.query)              # the test queries untouched
+    np.testing.assert_array_equal(carved.validation, split.carve_validation(0.1, seed=5).validation)
+    assert not np.array_equal(carved.validation, split.carve_validation(0.1, seed=6).validation)
+    assert carved.sizes()["validation"] == 100 and carved.fingerprint() != split.fingerprint()
+    back = Split.load(carved.save(tmp_path / "split.npz", n_items=1000), n_items=1000)
+    np.testing.assert_array_equal(back.validation, carved.validation)
+    assert back.fingerprint() == carved.fingerprint()
+    old = Split.load(split.save(tmp_path / "plain.npz", n_items=1000), n_items=1000)
+    assert len(old.validation) == 0 and old.fingerprint() == split.fingerprint()
+    with pytest.raises(HashretError, match="validation rows are also query rows"):
+        Split([1, 2], [3, 4], [3, 4, 5], validation=[2, 5]).validate(6)
+    with pytest.raises(HashretError, match="validation rows are also train rows"):
+        Split([1, 2], [3, 4], [3, 4, 5], validation=[4, 5]).validate(6)
+    ds = make_synthetic(n_items=300, n_query=30, n_train=200, seed=0)
+    with pytest.raises(HashretError, match="no validation part"):
+        ds.part("validation")
+
+
 def test_random_split_is_seeded():
     a, b, c = random_split(500, 50, 100, seed=1), random_split(500, 50, 100, seed=1), random_split(500, 50, 100, seed=2)
     np.testing.assert_array_equal(a.query, b.query)
