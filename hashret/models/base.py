@@ -65,28 +65,61 @@ class HashModel:
         return self.config["bits"]
 
     # -- training ------------------------------------------------------------------------
-    def fit(self, image, text, labels, progress: bool = False, device: str = "cpu"):
+    def fit(self, image, text, labels, progress: bool = False, device: str = "cpu", validation=None):
         """Train on (N, d_i) image features, (N, d_t) text features and (N, c) labels.
-        ``device`` is used by the torch models ("cpu", "cuda", "cuda:1", ...)."""
+        ``device`` is used by the torch models ("cpu", "cuda", "cuda:1", ...).
+        ``validation``: (image, text, labels) of held-out rows (never the test queries). Models
+        trained by epochs then keep the epoch whose validation mAP is best (queries: these rows,
+        database: the training rows; I->T and T->I averaged); every model records its
+        validation mAP in ``self.selection``."""
+        image, text, labels = self._checked_part(image, text, labels, "training")
+        for mod, x in (("image", image), ("text", text)):
+            mean = x.mean(axis=0)
+            std = x.std(axis=0)
+            self.stats[mod] = (mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
+        image, text = self._standardise(image, "image"), self._standardise(text, "text")
+        self.selection, self._validation = {}, None
+        if validation is not None:
+            vi, vt, vl = self._checked_part(*validation, "validation")
+            self._validation = {"query": {"image": self._standardise(vi, "image"),
+                                          "text": self._standardise(vt, "text")}, "query_labels": vl,
+                                "database": {"image": image, "text": text}, "database_labels": labels}
+        try:
+            self._fit(image, text, labels, progress=progress, device=resolve_device(device))
+            if self._validation is not None and not self.selection:
+                self.selection = self._validation_map()
+        finally:
+            self._validation = None
+        self.fitted = True
+        return self
+
+    def _checked_part(self, image, text, labels, what):
         image = np.asarray(image, dtype=np.float32)
         text = np.asarray(text, dtype=np.float32)
         labels = np.asarray(labels, dtype=np.float32)
         self._check_input(image, "image")
         self._check_input(text, "text")
         check(len(image) == len(text) == len(labels),
-              f"training parts differ in length: {len(image)} images, {len(text)} texts, "
+              f"{what} parts differ in length: {len(image)} images, {len(text)} texts, "
               f"{len(labels)} label rows")
+        check(len(labels) > 0, f"the {what} part is empty")
         check(labels.ndim == 2 and labels.shape[1] == self.config["n_labels"],
-              f"labels have {labels.shape[-1]} classes, the model was configured for "
+              f"{what} labels have {labels.shape[-1]} classes, the model was configured for "
               f"{self.config['n_labels']}")
-        for mod, x in (("image", image), ("text", text)):
-            mean = x.mean(axis=0)
-            std = x.std(axis=0)
-            self.stats[mod] = (mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
-        self._fit(self._standardise(image, "image"), self._standardise(text, "text"), labels,
-                  progress=progress, device=resolve_device(device))
-        self.fitted = True
-        return self
+        return image, text, labels
+
+    def _validation_map(self) -> dict:
+        """mAP@all of the model as it stands on the validation rows (standardised inputs)."""
+        from hashret.eval.metrics import map_all
+
+        v = self._validation
+        codes = {(m, part): sign_codes(np.asarray(self._project(v[part][m], m), dtype=np.float32))
+                 for m in MODALITIES for part in ("query", "database")}
+        out = {d: round(float(map_all(codes[(a, "query")], codes[(b, "database")], v["query_labels"],
+                                      v["database_labels"])), 6)
+               for d, a, b in (("i2t", "image", "text"), ("t2i", "text", "image"))}
+        out["mean"] = round((out["i2t"] + out["t2i"]) / 2, 6)
+        return {"map_val": out}
 
     def _fit(self, image, text, labels, progress=False, device="cpu"):
         raise NotImplementedError
@@ -182,10 +215,31 @@ class HashModel:
 
 
 class TorchHashModel(HashModel):
-    """A hash model whose networks live in ``self.nets`` (an nn.ModuleDict made by ``_build``)."""
+    """A hash model whose networks live in ``self.nets`` (an nn.ModuleDict made by ``_build``).
+    ``_fit`` calls :meth:`_epoch_done` after every epoch and :meth:`_keep_best` at the end:
+    with validation rows, the epoch count is chosen on them."""
+
+    VAL_EVERY = 5  # epochs between validation scores (and the last epoch)
 
     def _build(self):
         raise NotImplementedError
+
+    def _epoch_done(self, epoch: int, total: int):
+        if self._validation is None or ((epoch + 1) % self.VAL_EVERY and epoch + 1 != total):
+            return
+        score = self._validation_map()["map_val"]
+        curve = self.selection.setdefault("curve", [])
+        curve.append([epoch + 1, score["mean"]])
+        best = self.selection.get("map_val")
+        if best is None or score["mean"] > best["mean"]:
+            self.selection.update(map_val=score, epochs=epoch + 1)
+            self._best_state = {k: v.detach().clone() for k, v in self.nets.state_dict().items()}
+
+    def _keep_best(self):
+        state = getattr(self, "_best_state", None)
+        if state is not None:
+            self.nets.load_state_dict(state)
+            self._best_state = None
 
     def _state(self):
         return {k: v.detach().clone() for k, v in self.nets.state_dict().items()}

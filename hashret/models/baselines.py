@@ -235,7 +235,7 @@ class DCMHMLP(TorchHashModel):
         opts = {m: torch.optim.Adam(self.nets[m].parameters(), lr=cfg["lr"],
                                     weight_decay=cfg["weight_decay"]) for m in feats}
         bar = tqdm(range(cfg["epochs"]), desc="dcmh-mlp", disable=not progress, leave=False)
-        for _ in bar:
+        for epoch in bar:
             for mod, other in (("image", "text"), ("text", "image")):
                 self.nets[mod].train()
                 perm = torch.randperm(n, generator=gen).to(device)
@@ -255,9 +255,14 @@ class DCMHMLP(TorchHashModel):
             codes = torch.sign(buf["image"] + buf["text"])
             codes[codes == 0] = 1
             bar.set_postfix(loss=float(loss.detach()))
+            self._epoch_done(epoch, cfg["epochs"])
+        self._keep_best()
         self.nets.to("cpu").eval()
 
     def _project(self, x, modality):
+        net = self.nets[modality]
+        net.eval()
+        dev = next(net.parameters()).device  # also called mid-training, for validation scores
         with torch.no_grad():
-            return self.nets[modality](torch.from_numpy(np.ascontiguousarray(x))).numpy()
+            return net(torch.from_numpy(np.ascontiguousarray(x)).to(dev)).cpu().numpy()
 

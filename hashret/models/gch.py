@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from hashret.errors import check
+from hashret.errors import HashretError, check
 from hashret.models.base import TorchHashModel, register
 from hashret.models.losses import label_similarity, pairwise_nll
 
@@ -103,6 +103,16 @@ def _sign(h):
     return torch.where(h >= 0, 1.0, -1.0).to(h.dtype)
 
 
+def gch_loss(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0):
+    """One net's GCH loss: alpha * NLL(S, Gamma(H, ref)) + gamma * ||L_pred - L||^2
+    (+ beta * ||H^b - H||^2 for a student pulled towards the beacons), each term a mean per
+    element (pair, label, bit), with Gamma(A, B)_ij = <a_i, b_j> / 2."""
+    loss = alpha * pairwise_nll(0.5 * h @ ref.T, s, "mean") + gamma * ((pred - labels) ** 2).mean()
+    if beacons is not None:
+        loss = loss + beta * ((beacons - h) ** 2).mean()
+    return loss
+
+
 @register
 class GCH(TorchHashModel):
     name = "gch"
@@ -113,7 +123,7 @@ class GCH(TorchHashModel):
         "lr_label": 1e-3, "lr_image": 1e-3, "lr_text": 1e-3, "lr_gcn": 1e-3, "weight_decay": 1e-5,
         "alpha_likelihood": 1.0, "beta_beacon": 3.0, "gamma_label": 1.0,
         "use_teacher": True, "use_gcn": True,
-        "lr_schedule": "constant",
+        "lr_schedule": "constant", "likelihood": "all",
     }
 
     def _build(self):
@@ -133,6 +143,10 @@ class GCH(TorchHashModel):
         from tqdm.auto import tqdm
 
         cfg = self.config
+        check(cfg["lr_schedule"] in ("constant", "cosine"),
+              f"unknown lr_schedule {cfg['lr_schedule']!r}: use constant or cosine")
+        check(cfg["likelihood"] in ("all", "batch"),
+              f"unknown likelihood {cfg['likelihood']!r}: use all (every training pair, the paper's) or batch")
         self._build()
         nets = self.nets.to(device)
         gen = torch.Generator().manual_seed(cfg["seed"])
@@ -145,26 +159,28 @@ class GCH(TorchHashModel):
         opt = {name: torch.optim.Adam(nets[name].parameters(), lr=cfg[f"lr_{name}"],
                                       weight_decay=cfg["weight_decay"])
                for name in trained}
-        a, g = cfg["alpha_likelihood"], cfg["gamma_label"]
-        check(cfg["lr_schedule"] in ("constant", "cosine"),
-              f"unknown lr_schedule {cfg['lr_schedule']!r}: use constant or cosine")
         # cosine decay of every net's learning rate to 0 over the run: with a constant rate the
         # students' codes keep wandering between epochs (mAP +-0.03 on synthetic multi-label data)
         sched = ([torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg["epochs"]) for o in opt.values()]
                  if cfg["lr_schedule"] == "cosine" else [])
+        self.updates = {name: 0 for name in trained}
+        self.banks = self._initial_banks(nets, x, lab) if cfg["likelihood"] == "all" else None
+        epoch = 0
 
         def step(name, loss):
+            if not torch.isfinite(loss):
+                raise HashretError(
+                    f"gch: the {name} loss became {float(loss.detach())} in epoch {epoch + 1}: training diverged; "
+                    f"lower lr_{name} (now {cfg[f'lr_{name}']}) or check the features for extreme values")
             opt[name].zero_grad()
             loss.backward()
             opt[name].step()
+            self.updates[name] += 1
             return float(loss.detach())
-
-        def label_loss(pred, target):
-            return ((pred - target) ** 2).mean()
 
         history = []
         bar = tqdm(range(cfg["epochs"]), desc="gch", disable=not progress, leave=False)
-        for _ in bar:
+        for epoch in bar:
             perm = torch.randperm(n, generator=gen).to(device)
             batches = [perm[s:s + bs] for s in range(0, n, bs) if len(perm[s:s + bs]) > 1]
             losses = {}
@@ -173,72 +189,121 @@ class GCH(TorchHashModel):
                 nets.train()
                 for idx in batches:
                     l_b = lab[idx]
-                    s = label_similarity(l_b, l_b)
                     _, h, pred = nets["label"](l_b)
-                    losses["label"] = step("label", a * pairwise_nll(0.5 * h @ h.T, s, "mean")
-                                           + g * label_loss(pred, l_b))
+                    ref, s = self._reference("label", h, idx, lab)
+                    losses["label"] = step("label", gch_loss(h, ref, s, pred, l_b, *self._weights))
+                    self._remember("label", idx, h)
             # 2. students towards the teacher's codes (or, without a teacher, towards each other)
-            self._student_phase(batches, x, lab, step, label_loss, beacons=False, losses=losses)
+            self._student_phase(batches, x, lab, step, beacons=False, losses=losses)
             if cfg["use_gcn"]:
                 # 3. GCN over the batch graph, on the students' (fixed) features
                 for idx in batches:
-                    with torch.no_grad():
-                        nets["image"].eval()
-                        nets["text"].eval()
-                        fx, _, _ = nets["image"](x["image"][idx])
-                        fy, _, _ = nets["text"](x["text"][idx])
-                    l_b = lab[idx]
-                    hb, pred = nets["gcn"](semantic_fusion(fx, fy), normalized_adjacency(l_b))
-                    losses["gcn"] = step("gcn", a * pairwise_nll(0.5 * hb @ hb.T, label_similarity(l_b, l_b), "mean")
-                                         + g * label_loss(pred, l_b))
+                    hb, pred = self._beacons(x, lab, idx, grad=True)
+                    ref, s = self._reference("gcn", hb, idx, lab)
+                    losses["gcn"] = step("gcn", gch_loss(hb, ref, s, pred, lab[idx], *self._weights))
+                    self._remember("gcn", idx, hb)
                 # 4. students towards the beacons (and still the teacher)
-                self._student_phase(batches, x, lab, step, label_loss, beacons=True, losses=losses)
+                self._student_phase(batches, x, lab, step, beacons=True, losses=losses)
+            else:
+                # the ablation gets the same number of student updates as full GCH: a second
+                # pass towards the teacher where GCH's second pass goes towards the beacons
+                self._student_phase(batches, x, lab, step, beacons=False, losses=losses)
             losses["lr"] = opt["image"].param_groups[0]["lr"]
             history.append(losses)
             for sc in sched:
                 sc.step()
             bar.set_postfix({k: round(v, 3) for k, v in losses.items()})
+            self._epoch_done(epoch, cfg["epochs"])
+        self._keep_best()
         self.history = history
+        self.banks = None
         self.nets.to("cpu").eval()
 
-    def _student_phase(self, batches, x, lab, step, label_loss, beacons, losses):
+    @property
+    def _weights(self):
+        return self.config["alpha_likelihood"], self.config["gamma_label"]
+
+    def _initial_banks(self, nets, x, lab):
+        """For every training item, the latest output of each net whose codes the others are
+        scored against: the paper's likelihood sums over all n training pairs, so a batch is
+        scored against the whole training set (as DCMH keeps its F and G)."""
+        cfg, banks = self.config, {}
+        with torch.no_grad():
+            nets.eval()
+            if cfg["use_teacher"]:
+                banks["label"] = nets["label"](lab)[1]
+            else:
+                banks["image"] = nets["image"](x["image"])[1]
+                banks["text"] = nets["text"](x["text"])[1]
+            if cfg["use_gcn"]:
+                banks["gcn"] = torch.zeros(len(lab), self.bits, device=lab.device)
+                order = torch.arange(len(lab), device=lab.device)
+                for s in range(0, len(lab), cfg["batch_size"]):
+                    idx = order[s:s + cfg["batch_size"]]
+                    banks["gcn"][idx] = self._beacons(x, lab, idx, grad=False)[0]
+        return banks
+
+    def _reference(self, name, h, idx, lab):
+        """What a batch's outputs ``h`` of net ``name`` are scored against, and the label
+        similarities: every training item's latest outputs, or (likelihood=batch) the batch's
+        own."""
+        if self.banks is None or name not in self.banks:
+            return h, label_similarity(lab[idx], lab[idx])
+        # the batch's own rows as they are now (with their gradient), the others as last seen
+        return self.banks[name].index_copy(0, idx, h), label_similarity(lab[idx], lab)
+
+    def _remember(self, name, idx, h):
+        if self.banks is not None and name in self.banks:
+            self.banks[name][idx] = h.detach()
+
+    def _beacons(self, x, lab, idx, grad):
+        nets = self.nets
+        with torch.no_grad():
+            nets["image"].eval()
+            nets["text"].eval()
+            fx, _, _ = nets["image"](x["image"][idx])
+            fy, _, _ = nets["text"](x["text"][idx])
+        with torch.set_grad_enabled(grad):
+            return nets["gcn"](semantic_fusion(fx, fy), normalized_adjacency(lab[idx]))
+
+    def _student_phase(self, batches, x, lab, step, beacons, losses):
         cfg, nets = self.config, self.nets
-        a, beta, g = cfg["alpha_likelihood"], cfg["beta_beacon"], cfg["gamma_label"]
+        beta = cfg["beta_beacon"]
+        teacher_codes = None
+        if cfg["use_teacher"]:
+            with torch.no_grad():  # the teacher is fixed while the students learn
+                nets["label"].eval()
+                teacher_codes = _sign(nets["label"](lab)[1])
         for idx in batches:
             l_b = lab[idx]
-            s = label_similarity(l_b, l_b)
-            with torch.no_grad():
-                target = None
-                if cfg["use_teacher"]:
-                    nets["label"].eval()
-                    target = _sign(nets["label"](l_b)[1])
-                hb = None
-                if beacons:
-                    nets["image"].eval()
-                    nets["text"].eval()
-                    fx, _, _ = nets["image"](x["image"][idx])
-                    fy, _, _ = nets["text"](x["text"][idx])
-                    nets["gcn"].eval()
-                    hb = _sign(nets["gcn"](semantic_fusion(fx, fy), normalized_adjacency(l_b))[0])
-                other = {}
-                if not cfg["use_teacher"]:  # DCMH-style: each student against the other's codes
-                    for m in ("image", "text"):
-                        other[m] = nets[m](x[m][idx])[1]
+            hb = None
+            if beacons:
+                nets["gcn"].eval()
+                hb = _sign(self._beacons(x, lab, idx, grad=False)[0])
             for m in ("image", "text"):
                 nets[m].train()
                 _, h, pred = nets[m](x[m][idx])
-                ref = target if target is not None else other["text" if m == "image" else "image"]
-                loss = a * pairwise_nll(0.5 * ref @ h.T, s, "mean") + g * label_loss(pred, l_b)
-                if hb is not None:
-                    loss = loss + beta * ((hb - h) ** 2).mean()
-                losses[m] = step(m, loss)
+                if teacher_codes is not None:
+                    ref, s = ((teacher_codes, label_similarity(l_b, lab)) if self.banks is not None
+                              else (teacher_codes[idx], label_similarity(l_b, l_b)))
+                else:  # DCMH-style: each student against the other's codes
+                    other = "text" if m == "image" else "image"
+                    if self.banks is not None:
+                        ref, s = self.banks[other], label_similarity(l_b, lab)
+                    else:
+                        with torch.no_grad():
+                            ref = nets[other](x[other][idx])[1]
+                        s = label_similarity(l_b, l_b)
+                losses[m] = step(m, gch_loss(h, ref, s, pred, l_b, *self._weights, hb, beta))
+                self._remember(m, idx, h)
 
     # -- encoding ------------------------------------------------------------------------
     def _project(self, x, modality):
         net = self.nets[modality]
         net.eval()
+        dev = next(net.parameters()).device  # also called mid-training, for validation scores
         with torch.no_grad():
-            return net(torch.from_numpy(np.ascontiguousarray(x)))[1].numpy()
+            return net(torch.from_numpy(np.ascontiguousarray(x)).to(dev))[1].cpu().numpy()
 
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -161,3 +162,116 @@ def test_cli_train_then_encode(tmp_path):
     res = runner.invoke(main, ["train", "--model", "gch", "--dataset", spec, "--set", "nosuch=1",
                                "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "no config field nosuch" in res.output
+
+
+def test_likelihood_over_every_training_item_against_a_double_loop():
+    # the paper's NLL sums over all n training pairs: a batch's outputs are scored against the
+    # latest outputs of every training item (its own rows as they are now)
+    m = build_model("gch", 8, image_dim=4, text_dim=4, n_labels=3)
+    g = torch.Generator().manual_seed(0)
+    n, idx = 7, torch.tensor([4, 1, 5])
+    lab = (torch.rand(n, 3, generator=g) < 0.5).double()
+    m.banks = {"label": torch.randn(n, 8, generator=g, dtype=torch.float64).tanh()}
+    h = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ref, s = m._reference("label", h, idx, lab)
+    loss = pairwise_nll(0.5 * h @ ref.T, s, "mean")
+    total = 0.0
+    for a, i in enumerate(idx.tolist()):
+        for j in range(n):
+            other = h.detach()[idx.tolist().index(j)] if j in idx.tolist() else m.banks["label"][j]
+            theta = 0.5 * float(h.detach()[a] @ other)
+            sij = 1.0 if float(lab[i] @ lab[j]) > 0 else 0.0
+            total += math.log1p(math.exp(theta)) - sij * theta
+    assert float(loss.detach()) == pytest.approx(total / (3 * n), rel=1e-12)
+    loss.backward()
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+    # likelihood=batch: only the batch's own pairs
+    m.banks = None
+    ref, s = m._reference("label", h, idx, lab)
+    assert ref.shape == (3, 8) and s.shape == (3, 3)
+
+
+def test_fair_ablations_get_the_same_student_updates(data):
+    counts = {name: _fit(name, data, epochs=3).updates for name in ("gch", "gch-no-gcn", "gch-no-teacher")}
+    batches = -(-len(data.part("train")) // SMALL["batch_size"])
+    for name, c in counts.items():
+        assert c["image"] == c["text"] == 2 * 3 * batches, (name, c)
+    assert "gcn" not in counts["gch-no-gcn"] and "label" not in counts["gch-no-teacher"]
+
+
+def test_a_loss_that_goes_non_finite_stops_training_with_a_reason(data, monkeypatch):
+    import hashret.models.gch as gch
+
+    monkeypatch.setattr(gch, "pairwise_nll", lambda theta, s, reduction="sum": theta.sum() * float("nan"))
+    with pytest.raises(HashretError, match=r"the label loss became nan in epoch 1: training diverged; lower lr_label"):
+        _fit("gch", data, epochs=2)
+
+
+@pytest.mark.parametrize("name", ["gch", "dcmh-mlp"])
+def test_epochs_are_chosen_on_validation_rows(data, name):
+    split = data.split.carve_validation(0.2, seed=1)
+    tr, val = split.train, split.validation
+    m = build_for_dataset(name, data, 16, seed=0, **({**SMALL, "epochs": 12} if name == "gch" else {"epochs": 12}))
+    m.fit(data.features("image", tr), data.features("text", tr), data.labels[tr],
+          validation=(data.features("image", val), data.features("text", val), data.labels[val]))
+    sel = m.selection
+    assert [e for e, _ in sel["curve"]] == [5, 10, 12]
+    assert sel["map_val"]["mean"] == max(v for _, v in sel["curve"])
+    assert sel["epochs"] == next(e for e, v in sel["curve"] if v == sel["map_val"]["mean"])
+    # the model kept is the chosen epoch's: its validation mAP recomputed from scratch
+    again = [evaluate_codes(m.encode(data.features(a, val), a), m.encode(data.features(b, tr), b),
+                            data.labels[val], data.labels[tr])["map_all"]
+             for a, b in (("image", "text"), ("text", "image"))]
+    assert again == pytest.approx([sel["map_val"]["i2t"], sel["map_val"]["t2i"]], abs=1e-6)
+
+
+def _direct_gch_loss(h, ref, s, pred, labels, alpha, gamma, hb=None, beta=0.0, drop=()):
+    """The paper's per-net objective, one element at a time."""
+    nll = [math.log1p(math.exp(0.5 * float(h[i] @ ref[j]))) - float(s[i, j]) * 0.5 * float(h[i] @ ref[j])
+           for i in range(len(h)) for j in range(len(ref))]
+    lab = [(float(pred[i, c]) - float(labels[i, c])) ** 2 for i in range(len(h)) for c in range(labels.shape[1])]
+    total = (0 if "likelihood" in drop else alpha * sum(nll) / len(nll)) + \
+        (0 if "label" in drop else gamma * sum(lab) / len(lab))
+    if hb is not None and "beacon" not in drop:
+        bea = [(float(hb[i, k]) - float(h[i, k])) ** 2 for i in range(len(h)) for k in range(h.shape[1])]
+        total += beta * sum(bea) / len(bea)
+    return total
+
+
+def test_each_loss_weight_against_the_papers_objective():
+    from hashret.models.gch import gch_loss
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 6, generator=g, dtype=torch.float64).tanh()
+    ref = torch.randn(9, 6, generator=g, dtype=torch.float64).tanh()
+    s = (torch.rand(4, 9, generator=g) < 0.4).double()
+    pred = torch.rand(4, 3, generator=g, dtype=torch.float64)
+    labels = (torch.rand(4, 3, generator=g) < 0.5).double()
+    hb = torch.sign(torch.randn(4, 6, generator=g, dtype=torch.float64))
+    w = dict(alpha=0.7, gamma=1.9, beta=2.3)
+    got = float(gch_loss(h, ref, s, pred, labels, w["alpha"], w["gamma"], hb, w["beta"]))
+    want = _direct_gch_loss(h, ref, s, pred, labels, w["alpha"], w["gamma"], hb, w["beta"])
+    assert got == pytest.approx(want, rel=1e-12)
+    for term in ("likelihood", "label", "beacon"):  # a model without the term could not pass
+        assert abs(_direct_gch_loss(h, ref, s, pred, labels, w["alpha"], w["gamma"], hb, w["beta"],
+                                    drop=(term,)) - want) > 1e-3, term
+    assert float(gch_loss(h, ref, s, pred, labels, 0.7, 1.9)) == pytest.approx(
+        _direct_gch_loss(h, ref, s, pred, labels, 0.7, 1.9), rel=1e-12)   # no beacon term for the teacher
+
+
+def test_fusion_formula_against_a_loop():
+    g = torch.Generator().manual_seed(2)
+    fx, fy = torch.rand(5, 4, generator=g, dtype=torch.float64), torch.rand(5, 4, generator=g, dtype=torch.float64)
+
+    def unit_centred(f):
+        c = f - f.mean(0)
+        return [c[i] / c[i].norm() for i in range(len(f))]
+
+    cx, cy = unit_centred(fx), unit_centred(fy)
+    w = [[float(cx[i] @ cy[j]) for j in range(5)] for i in range(5)]
+    top = max(abs(v) for row in w for v in row)
+    w = [[v / top for v in row] for row in w]
+    for i in range(5):
+        fx_sa = fx[i] + sum(w[i][j] * fy[j] for j in range(5))      # image re-weighted by text
+        fy_sa = fy[i] + sum(w[j][i] * fx[j] for j in range(5))      # text by image (W transposed)
+        assert torch.allclose(semantic_fusion(fx, fy)[i], (fx_sa + fy_sa) / 2, atol=1e-12)
