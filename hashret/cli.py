@@ -131,14 +131,19 @@ def describe(dataset, data_root, as_json):
 @click.option("--reuse", is_flag=True, help="Load trained models from OUT/models when configs match.")
 @click.option("--set", "settings", multiple=True,
               help="Config field, key=value (repeatable); applied to every method that has it.")
+@click.option("--validation", default=0.1, show_default=True, type=float,
+              help="Share of the training part held out for every choice (0 = none).")
+@click.option("--tune/--no-tune", default=True, show_default=True,
+              help="Try each method's settings grid (the same size for all) and keep the best on validation.")
 @data_root_option
-def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, settings, data_root):
+def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, settings, validation, tune,
+              data_root):
     """mAP table of every method (the same as python benchmarks/mAP.py)."""
     from hashret.eval.benchmark import run_benchmark
 
     run_benchmark(dataset=dataset, methods=methods, bits=bits, seeds=seeds, out=out, topk=topk,
                   radius=radius, split=split, reuse=reuse, settings=_parse_options(settings),
-                  data_root=data_root, log=click.echo)
+                  validation=validation, tune=tune, data_root=data_root, log=click.echo)
 
 
 def _parse_options(pairs) -> dict:
@@ -165,9 +170,11 @@ def _parse_options(pairs) -> dict:
 @click.option("--set", "settings", multiple=True, help="Config field, key=value (repeatable).")
 @click.option("--distill-from", type=click.Path(), default=None,
               help="RUN_DIR of a trained matcher: train only its hash head.")
+@click.option("--validation", default=0.1, show_default=True, type=float,
+              help="Share of the training part held out to choose the epoch count on (0 = none).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (RUN_DIR).")
 @data_root_option
-def train(model, bits, dataset, epochs, seed, device, settings, distill_from, out, data_root):
+def train(model, bits, dataset, epochs, seed, device, settings, distill_from, validation, out, data_root):
     """Train a model and write a checkpoint (weights.pt, config.json, split.npz).
 
     Matchers (sgraf, cgam, han, shan; global = the mean-pooled baseline) train on scene data
@@ -176,7 +183,7 @@ def train(model, bits, dataset, epochs, seed, device, settings, distill_from, ou
 
     train_model(model=model, dataset=dataset, bits=bits, seed=seed, out=out, data_root=data_root,
                 epochs=epochs, device=device, options=_parse_options(settings), log=click.echo,
-                distill_from=distill_from)
+                distill_from=distill_from, validation=validation)
 
 
 @main.command()

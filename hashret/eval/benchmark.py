@@ -73,6 +73,27 @@ def _job_matches(run_dir: Path, config: dict, fingerprint: str) -> bool:
 
 DIRECTIONS = (("i2t", "image", "text"), ("t2i", "text", "image"))  # (name, query side, database side)
 
+# The tuning budget: the same number of settings for every method, each trained on the
+# training rows and scored on the validation rows (methods trained by epochs also choose their
+# epoch count there, every 5 epochs). The fields are each method's main knobs: GCH's learning-
+# rate schedule and beacon weight (its ablations vary the schedule and the likelihood weight,
+# since they lack a beacon or a teacher), DCMH's step size and quantisation weight, the ridge
+# strength and kernel of label-ridge, the regulariser and kernel of CCA-ITQ.
+TUNING = {
+    "gch": [{"lr_schedule": sc, "beta_beacon": b} for sc in ("constant", "cosine") for b in (1.0, 3.0)],
+    "gch-no-gcn": [{"lr_schedule": sc, "alpha_likelihood": a} for sc in ("constant", "cosine") for a in (1.0, 3.0)],
+    "gch-no-teacher": [{"lr_schedule": sc, "beta_beacon": b} for sc in ("constant", "cosine") for b in (1.0, 3.0)],
+    "dcmh-mlp": [{"lr": lr, "gamma": g} for lr in (1e-2, 3e-3) for g in (1.0, 0.3)],
+    "label-ridge": [{"ridge": r, "anchors": a} for r in (0.1, 10.0) for a in (500, 1000)],
+    "cca-itq": [{"reg": r, "anchors": a} for r in (1e-2, 1e-1) for a in (0, 500)],
+}
+
+
+def tuning_grid(method: str, fixed: dict) -> list:
+    """The settings ``method`` is tried with: its grid without the fields the user fixed."""
+    grid = [{k: v for k, v in c.items() if k not in fixed} for c in TUNING.get(method, [{}])]
+    return [dict(c) for c in dict.fromkeys(tuple(sorted(c.items())) for c in grid)] or [{}]
+
 
 def evaluate_model(model, dataset, query_rows=None, db_rows=None, **metric_args):
     """Encode the query and database parts with ``model`` (the database by the same hash
@@ -92,16 +113,22 @@ def evaluate_model(model, dataset, query_rows=None, db_rows=None, **metric_args)
 def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), seeds=(0,),
                   out="results/mAP", topk=(100, 1000), radius: int = 2, n_max: int = 1000,
                   data_root=None, split=None, reuse: bool = False, settings=None,
-                  progress: bool = True, log=print) -> list:
+                  validation: float = 0.1, tune: bool = True, progress: bool = True, log=print) -> list:
     """Run every (method, bits, seed) on ``dataset`` and write the results to ``out``.
 
+    ``validation``: the share of the training part held out (seeded, saved in ``split.npz``;
+    a split file that has a validation part keeps it; 0 = none). With ``tune``, each method
+    is trained with every setting of its :data:`TUNING` grid (the same count for all) and the
+    one with the best validation mAP is kept -- epochs too, for methods trained by epochs --
+    so the test queries are scored once, by the chosen model.
+
     Writes ``table.md``, ``results.csv``, ``results.json`` (one record per method, bits,
-    direction and seed with ``map_all`` and the other metrics), ``p_at_n.csv``,
-    ``pr_curve.csv``, PNG plots, ``split.npz`` and ``run.json`` (the resolved arguments);
-    trained models go to ``out/models`` (``reuse=True`` loads those whose config matches).
-    ``settings`` (config field -> value) overrides the defaults of every chosen method that
-    has the field; they are saved in ``run.json`` and named in the table's header.
-    Returns the records.
+    direction and seed with ``map_all``, ``map_val`` and the chosen settings), ``p_at_n.csv``,
+    ``pr_curve.csv``, PNG plots, ``split.npz`` and ``run.json`` (the resolved arguments and
+    grids); trained models go to ``out/models`` (``reuse=True`` loads those whose config
+    matches). ``settings`` (config field -> value) overrides the defaults of every chosen
+    method that has the field (and takes it out of the grids); saved in ``run.json`` and
+    named in the table's header. Returns the records.
     """
     methods = _resolve_methods(methods)
     per_method = _settings_per_method(methods, settings)
@@ -115,7 +142,12 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     check(all(k > 0 for k in topk), "every K of --topk must be positive")
     check(radius >= 0, "--radius must be >= 0")
 
+    check(0 <= validation < 1, f"--validation must be a share in [0, 1), got {validation}")
+    check(not tune or validation > 0, "tuning needs validation rows: give --validation > 0 or --no-tune")
     ds = load_dataset(dataset, data_root=data_root, split=split, seed=0)
+    if validation > 0 and len(ds.split.validation) == 0:
+        ds.split = ds.split.carve_validation(validation, seed=0).validate(ds.n_items)
+    has_val = len(ds.split.validation) > 0
     for mod in ("image", "text"):
         check(ds.has(mod), f"dataset {ds.name} has no {mod} features, so cross-modal mAP cannot be "
               f"measured: use {ds.name}+synthetic-image or a dataset with both modalities")
@@ -124,8 +156,15 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     ds.split.save(out / "split.npz", dataset=ds.name, n_items=ds.n_items)
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
     train_feats = {mod: ds.features(mod, tr_idx) for mod in ("image", "text")}
+    val = None
+    if has_val:
+        v_idx = ds.part("validation")
+        val = (ds.features("image", v_idx), ds.features("text", v_idx), ds.labels[v_idx])
+    grids = {m: tuning_grid(m, per_method[m]) if tune else [{}] for m in methods}
     run_info = {"dataset": ds.summary(), "methods": methods, "settings": per_method,
-                "bits": bits, "seeds": seeds,
+                "validation": {"rows": int(len(ds.split.validation)), "share": validation,
+                               "carved_from": "train", "seed": 0} if has_val else None,
+                "tuning": grids, "bits": bits, "seeds": seeds,
                 "topk": topk, "radius": radius, "n_max": n_max, "split": str(out / "split.npz"),
                 "split_fingerprint": ds.split.fingerprint(), "python": platform.python_version(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -140,23 +179,32 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
 
     fp = ds.fingerprint()
     for seed, method, b in tqdm(jobs, desc="benchmark", disable=not progress):
-        model = build_for_dataset(method, ds, b, seed=seed, **per_method[method])
-        run_dir = out / "models" / f"{method}-{b}-seed{seed}"
         t0 = time.perf_counter()
-        if reuse and _job_matches(run_dir, model.config, fp):
-            model = load_checkpoint(run_dir)
-            trained = False
-        else:
-            model.fit(train_feats["image"], train_feats["text"], ds.labels[tr_idx])
-            save_checkpoint(run_dir, model, dataset=ds)
-            trained = True
+        tried, trained = [], False
+        for c, cand in enumerate(grids[method]):
+            model = build_for_dataset(method, ds, b, seed=seed, **{**per_method[method], **cand})
+            run_dir = out / "models" / (f"{method}-{b}-seed{seed}" + (f"-c{c}" if len(grids[method]) > 1 else ""))
+            if reuse and _job_matches(run_dir, model.config, fp):
+                model = load_checkpoint(run_dir)
+                model.selection = read_checkpoint_info(run_dir).get("selection", {})
+            else:
+                model.fit(train_feats["image"], train_feats["text"], ds.labels[tr_idx], validation=val)
+                save_checkpoint(run_dir, model, dataset=ds, extra={"selection": model.selection})
+                trained = True
+            tried.append((cand, model))
+        # the choice is made on validation mAP alone (I->T and T->I averaged)
+        cand, model = max(tried, key=lambda t: t[1].selection.get("map_val", {}).get("mean", 0.0)) \
+            if has_val else tried[0]
+        sel = getattr(model, "selection", {}) or {}
         fit_s = time.perf_counter() - t0
         results, enc_s = evaluate_model(model, ds, q_idx, db_idx, topk=topk, radius=radius,
                                         n_max=n_max)
         for direction, res in results.items():
             rec = {"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
                    "direction": direction, "seed": seed, "map_all": res["map_all"],
-                   "map_expected": res["map_expected"]}
+                   "map_val": sel.get("map_val", {}).get(direction),
+                   "chosen": {**cand, **({"epochs": sel["epochs"]} if "epochs" in sel else {})},
+                   "candidates": len(tried), "map_expected": res["map_expected"]}
             for k in topk:
                 rec[f"map@{k}_found"] = res["map_at_k"][k]["found"]
                 rec[f"map@{k}_truncated"] = res["map_at_k"][k]["truncated"]
@@ -177,6 +225,15 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
               f"{len(tr_idx)} training items; relevance = shared label; ties broken by database "
               f"position; seeds {','.join(map(str, seeds))} (mean ± std). The database is encoded "
               "by the same learned hash functions as the queries.")
+    if has_val:
+        n_val = len(ds.split.validation)
+        header += (f" Every choice was made on a validation part ({n_val} rows carved from the "
+                   "training part, never trained on): " +
+                   (f"each method's setting from a grid of {max(len(g) for g in grids.values())} "
+                    "(the same budget for every method; run.json lists them) and, for methods "
+                    "trained by epochs, the epoch count; " if tune else
+                    "the epoch count of methods trained by epochs; ") +
+                   "the test queries were scored once, by the chosen model.")
     changed = {m: own for m, own in per_method.items() if own}
     if changed:
         header += " Settings changed from the defaults: " + "; ".join(
@@ -184,6 +241,9 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     table = format_table(records, header)
     extra = format_table(records, "#### tie-aware expected mAP (McSherry & Najork)",
                          metric="map_expected")
+    if has_val:
+        extra = format_table(records, "#### validation mAP@all of the chosen models (validation "
+                             "rows as queries, training rows as database)", metric="map_val") + "\n" + extra
     (out / "table.md").write_text(table + "\n" + extra)
     plot_curves(out, curves, f"{tag}{ds.name}")
     log(table)

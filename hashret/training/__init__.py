@@ -24,11 +24,13 @@ def seed_everything(seed: int):
 def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int | None = 64,
           seed: int = 0, out="runs/model", data_root=None, epochs: int | None = None,
           device: str = "cpu", options: dict | None = None, evaluate: bool = True,
-          progress: bool = True, log=print, distill_from=None):
+          progress: bool = True, log=print, distill_from=None, validation: float = 0.1):
     """Train ``model`` on the training part of ``dataset`` and write a checkpoint to ``out``
     (weights.pt, config.json with the resolved config, split.npz). With ``evaluate``, mAP@all
     of both directions on the dataset's query/database parts is logged and saved in the
-    checkpoint's config.json. Returns the trained model.
+    checkpoint's config.json. ``validation``: the share of the training part held out
+    (seeded, saved in split.npz; 0 = none) on which models trained by epochs choose their
+    epoch count; the choice and its validation mAP go to config.json. Returns the trained model.
 
     Matchers (sgraf, cgam, han, shan, global) train on a scene dataset (``scenes`` or
     ``precomp:FOLDER``) through :func:`hashret.training.matching.train_scene_model`, with
@@ -47,21 +49,33 @@ def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int 
     options = dict(options or {})
     if epochs is not None:
         options["epochs"] = int(epochs)
+    check(0 <= validation < 1, f"--validation must be a share in [0, 1), got {validation}")
     ds = load_dataset(dataset, data_root=data_root)
     for mod in ("image", "text"):
         check(ds.has(mod), f"dataset {ds.name} has no {mod} features to train on: use "
               f"{ds.name}+synthetic-image or a dataset with both modalities")
+    if validation > 0 and len(ds.split.validation) == 0:
+        ds.split = ds.split.carve_validation(validation, seed=0).validate(ds.n_items)
     seed_everything(seed)
     net = build_for_dataset(model, ds, bits, seed=seed, **options)
     tr = ds.part("train")
+    val = None
+    if len(ds.split.validation):
+        v = ds.part("validation")
+        val = (ds.features("image", v), ds.features("text", v), ds.labels[v])
     tag = "SYNTHETIC " if ds.synthetic else ""
-    log(f"training {net.name} ({net.bits} bits, seed {seed}) on {tag}{ds.name}: {len(tr)} items")
+    log(f"training {net.name} ({net.bits} bits, seed {seed}) on {tag}{ds.name}: {len(tr)} items"
+        + (f", {len(val[2])} held out for validation" if val is not None else ""))
     t0 = time.perf_counter()
     net.fit(ds.features("image", tr), ds.features("text", tr), ds.labels[tr], progress=progress,
-            device=device)
+            device=device, validation=val)
     fit_s = time.perf_counter() - t0
     extra = {"dataset_spec": dataset, "data_root": str(data_root) if data_root else None,
-             "train": {"seconds": round(fit_s, 2), "device": device, "items": int(len(tr))}}
+             "train": {"seconds": round(fit_s, 2), "device": device, "items": int(len(tr))},
+             "selection": net.selection}
+    if "epochs" in net.selection:
+        log(f"kept epoch {net.selection['epochs']} of {net.config['epochs']} (best validation mAP "
+            f"{net.selection['map_val']['mean']:.4f})")
     q, db = ds.part("query"), ds.part("database")
     if evaluate and len(q) * len(db) > 2e8:
         log(f"skipping the mAP of {len(q)} x {len(db)} pairs (minutes): run benchmarks/mAP.py for it")

@@ -28,7 +28,8 @@ def test_benchmark_writes_table_and_records(tmp_path):
     assert "same learned hash functions" in table and "I→T 16" in table and "±" in table
     for name in ("results.csv", "p_at_n.csv", "pr_curve.csv", "split.npz", "run.json"):
         assert (out / name).is_file(), name
-    assert (out / "models" / "cca-itq-8-seed0" / "weights.pt").is_file()
+    assert (out / "models" / "cca-itq-8-seed0-c0" / "weights.pt").is_file()
+    assert "Every choice was made on a validation part" in table and "validation mAP@all" in table
     # a second run with --reuse loads the models and gives the same numbers
     again = run_benchmark(TINY, methods="cca-itq", bits="8", seeds="0", out=out, topk="10",
                           reuse=True, progress=False, log=lambda *a: None)
@@ -42,13 +43,44 @@ def test_benchmark_settings_reach_only_the_methods_that_have_the_field(tmp_path)
                   settings={"ridge": 5.0}, progress=False, log=lambda *a: None)
     info = json.loads((out / "run.json").read_text())
     assert info["settings"] == {"cca-itq": {}, "label-ridge": {"ridge": 5.0}}
-    saved = json.loads((out / "models" / "label-ridge-8-seed0" / "config.json").read_text())
+    assert info["tuning"]["label-ridge"] == [{"anchors": 500}, {"anchors": 1000}]  # ridge fixed by the user
+    saved = json.loads((out / "models" / "label-ridge-8-seed0-c0" / "config.json").read_text())
     assert saved["config"]["ridge"] == 5.0
     assert "label-ridge: ridge=5.0" in (out / "table.md").read_text()
 
 
+def test_every_method_gets_the_same_budget_and_the_choice_is_made_on_validation(tmp_path):
+    import numpy as np
+
+    from hashret.data import Split
+    from hashret.eval.benchmark import TUNING
+
+    assert len({len(grid) for grid in TUNING.values()}) == 1  # the same budget for every method
+    out = tmp_path / "bench"
+    recs = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
+                         settings={"epochs": 6}, progress=False, log=lambda *a: None)
+    split = Split.load(out / "split.npz")
+    assert len(split.validation) > 0 and np.intersect1d(split.validation, split.query).size == 0
+    assert np.intersect1d(split.validation, split.train).size == 0
+    for method in ("label-ridge", "dcmh-mlp"):
+        rec = [r for r in recs if r["method"] == method]
+        assert rec[0]["candidates"] == len(TUNING[method])
+        val = {}
+        for c in range(len(TUNING[method])):
+            info = json.loads((out / "models" / f"{method}-16-seed0-c{c}" / "config.json").read_text())
+            val[c] = info["selection"]["map_val"]
+        best = max(val, key=lambda c: val[c]["mean"])
+        for r in rec:
+            assert r["map_val"] == val[best][r["direction"]]
+            assert {k: v for k, v in r["chosen"].items() if k != "epochs"} == TUNING[method][best]
+        if method == "dcmh-mlp":
+            assert rec[0]["chosen"]["epochs"] in (5, 6)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(methods="cca-itq,nosuch"), "unknown model"),
+    (dict(validation=0), "tuning needs validation rows"),
+    (dict(validation=1.5), "share in"),
     (dict(settings={"beta_beacon": 1.0}), "no chosen method has the config field beta_beacon"),
     (dict(dataset="nosuch"), "unknown dataset"),
     (dict(bits="12"), "multiples of 8"),
