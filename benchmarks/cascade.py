@@ -1,6 +1,6 @@
 """Matchers vs their distilled codes vs the cascade, on synthetic scenes (or precomp data).
 
-    python benchmarks/cascade.py                                   # all four matchers, < 30 min on 2 cores
+    python benchmarks/cascade.py                                   # all four matchers, ~40 min on 2 cores
     python benchmarks/cascade.py --matchers han --queries 200 --out results/han
     python benchmarks/cascade.py --dataset precomp:/data/f30k_precomp --bits 128
 

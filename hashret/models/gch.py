@@ -13,14 +13,20 @@ with Gamma(A, B)_ij = <a_i, b_j> / 2 and the NLL the stable pairwise likelihood 
 code's squared error stand-in is not used). Each term is a mean per element (pair, bit,
 label), so the weights mean the same at any batch size, code length or label count.
 
+The likelihood sums over all n training pairs, as the paper writes it: each batch is scored
+against the latest outputs of every training item (``likelihood="all"``, the default; DCMH
+keeps its F and G the same way); ``likelihood="batch"`` is the in-batch form of GCH's public
+code.
+
 Training alternates per epoch: teacher; students towards the teacher's sign codes; GCN;
 students towards the beacons (and still the teacher). Ablations: ``gch-no-gcn`` (no beacon
-phases) and ``gch-no-teacher`` (students trained on labels directly: the likelihood between
-the two students' codes, as in DCMH, and no teacher).
+phases; its second student pass goes towards the teacher, so it gets as many student updates
+as GCH) and ``gch-no-teacher`` (students trained on labels directly: the likelihood between
+the two students' codes, as in DCMH, and no teacher). A loss that turns non-finite stops
+training with the net and the learning rate to lower.
 
-The defaults were chosen on Wikipedia (single-label). Multi-label data wants
-``lr_schedule="cosine"`` and ``beta_beacon=1`` (validated on a held-out part of the synthetic
-MIRFlickr-sized training set: 0.68/0.62 -> 0.85/0.77 mAP at 64 bits; see the README).
+Settings and the epoch count are chosen on a validation part carved from the training rows
+(``fit(validation=...)``, ``benchmarks/mAP.py``), never on the test queries.
 """
 
 from __future__ import annotations
