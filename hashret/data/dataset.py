@@ -284,6 +284,18 @@ class CrossModalDataset:
                   "carve one with Split.carve_validation")
         return getattr(self.split, name)
 
+    def hold_out_validation(self, share: float, seed: int = 0):
+        """Carve ``share`` of the training part as the validation part (unless the split has
+        one already; 0 = none) and return the validation rows' (image, text, labels) for
+        ``HashModel.fit``, or None when there are none."""
+        check(0 <= share < 1, f"--validation must be a share in [0, 1), got {share}")
+        if share > 0 and len(self.split.validation) == 0:
+            self.split = self.split.carve_validation(share, seed=seed).validate(self.n_items)
+        if len(self.split.validation) == 0:
+            return None
+        rows = self.split.validation
+        return self.features("image", rows), self.features("text", rows), self.labels[rows]
+
     def summary(self) -> dict:
         out = {"name": self.name, "items": self.n_items, "labels": self.n_labels,
                "synthetic": self.synthetic, "source": self.source,

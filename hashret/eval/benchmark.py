@@ -145,9 +145,8 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     check(0 <= validation < 1, f"--validation must be a share in [0, 1), got {validation}")
     check(not tune or validation > 0, "tuning needs validation rows: give --validation > 0 or --no-tune")
     ds = load_dataset(dataset, data_root=data_root, split=split, seed=0)
-    if validation > 0 and len(ds.split.validation) == 0:
-        ds.split = ds.split.carve_validation(validation, seed=0).validate(ds.n_items)
-    has_val = len(ds.split.validation) > 0
+    val = ds.hold_out_validation(validation)
+    has_val = val is not None
     for mod in ("image", "text"):
         check(ds.has(mod), f"dataset {ds.name} has no {mod} features, so cross-modal mAP cannot be "
               f"measured: use {ds.name}+synthetic-image or a dataset with both modalities")
@@ -156,10 +155,6 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     ds.split.save(out / "split.npz", dataset=ds.name, n_items=ds.n_items)
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
     train_feats = {mod: ds.features(mod, tr_idx) for mod in ("image", "text")}
-    val = None
-    if has_val:
-        v_idx = ds.part("validation")
-        val = (ds.features("image", v_idx), ds.features("text", v_idx), ds.labels[v_idx])
     grids = {m: tuning_grid(m, per_method[m]) if tune else [{}] for m in methods}
     run_info = {"dataset": ds.summary(), "methods": methods, "settings": per_method,
                 "validation": {"rows": int(len(ds.split.validation)), "share": validation,
@@ -186,7 +181,6 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
             run_dir = out / "models" / (f"{method}-{b}-seed{seed}" + (f"-c{c}" if len(grids[method]) > 1 else ""))
             if reuse and _job_matches(run_dir, model.config, fp):
                 model = load_checkpoint(run_dir)
-                model.selection = read_checkpoint_info(run_dir).get("selection", {})
             else:
                 model.fit(train_feats["image"], train_feats["text"], ds.labels[tr_idx], validation=val)
                 save_checkpoint(run_dir, model, dataset=ds, extra={"selection": model.selection})
@@ -195,7 +189,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
         # the choice is made on validation mAP alone (I->T and T->I averaged)
         cand, model = max(tried, key=lambda t: t[1].selection.get("map_val", {}).get("mean", 0.0)) \
             if has_val else tried[0]
-        sel = getattr(model, "selection", {}) or {}
+        sel = model.selection
         fit_s = time.perf_counter() - t0
         results, enc_s = evaluate_model(model, ds, q_idx, db_idx, topk=topk, radius=radius,
                                         n_max=n_max)

@@ -58,6 +58,7 @@ class HashModel:
                        "text_dim": int(text_dim), "n_labels": int(n_labels), "seed": int(seed),
                        **copy.deepcopy(self.defaults), **overrides}
         self.stats: dict = {}
+        self.selection: dict = {}  # what validation chose (fit with validation rows; saved in config.json)
         self.fitted = False
 
     @property
@@ -78,7 +79,7 @@ class HashModel:
             std = x.std(axis=0)
             self.stats[mod] = (mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
         image, text = self._standardise(image, "image"), self._standardise(text, "text")
-        self.selection, self._validation = {}, None
+        self.selection, self._validation, self._best_state = {}, None, None
         if validation is not None:
             vi, vt, vl = self._checked_part(*validation, "validation")
             self._validation = {"query": {"image": self._standardise(vi, "image"),
@@ -86,6 +87,7 @@ class HashModel:
                                 "database": {"image": image, "text": text}, "database_labels": labels}
         try:
             self._fit(image, text, labels, progress=progress, device=resolve_device(device))
+            self._keep_best()
             if self._validation is not None and not self.selection:
                 self.selection = self._validation_map()
         finally:
@@ -123,6 +125,9 @@ class HashModel:
 
     def _fit(self, image, text, labels, progress=False, device="cpu"):
         raise NotImplementedError
+
+    def _keep_best(self):
+        """After training: models that choose their epoch on validation restore it."""
 
     # -- encoding ------------------------------------------------------------------------
     def project(self, x, modality: str) -> np.ndarray:
@@ -216,8 +221,8 @@ class HashModel:
 
 class TorchHashModel(HashModel):
     """A hash model whose networks live in ``self.nets`` (an nn.ModuleDict made by ``_build``).
-    ``_fit`` calls :meth:`_epoch_done` after every epoch and :meth:`_keep_best` at the end:
-    with validation rows, the epoch count is chosen on them."""
+    ``_fit`` calls :meth:`_epoch_done` after every epoch; with validation rows, the best
+    epoch's weights are kept (``fit`` restores them through :meth:`_keep_best`)."""
 
     VAL_EVERY = 5  # epochs between validation scores (and the last epoch)
 
@@ -236,9 +241,8 @@ class TorchHashModel(HashModel):
             self._best_state = {k: v.detach().clone() for k, v in self.nets.state_dict().items()}
 
     def _keep_best(self):
-        state = getattr(self, "_best_state", None)
-        if state is not None:
-            self.nets.load_state_dict(state)
+        if self._best_state is not None:
+            self.nets.load_state_dict(self._best_state)
             self._best_state = None
 
     def _state(self):

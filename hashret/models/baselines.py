@@ -256,7 +256,6 @@ class DCMHMLP(TorchHashModel):
             codes[codes == 0] = 1
             bar.set_postfix(loss=float(loss.detach()))
             self._epoch_done(epoch, cfg["epochs"])
-        self._keep_best()
         self.nets.to("cpu").eval()
 
     def _project(self, x, modality):

@@ -117,7 +117,10 @@ def load_checkpoint(run_dir):
     except (TypeError, ValueError, KeyError) as exc:
         raise HashretError(f"{run_dir}/config.json does not describe a model this hashret builds "
                            f"({type(exc).__name__}: {exc}): train again") from None
-    return _load_weights(run_dir, model, info)
+    model = _load_weights(run_dir, model, info)
+    if "selection" in info and hasattr(model, "selection"):
+        model.selection = info["selection"]
+    return model
 
 
 def _load_weights(run_dir, model, info):

@@ -220,7 +220,6 @@ class GCH(TorchHashModel):
                 sc.step()
             bar.set_postfix({k: round(v, 3) for k, v in losses.items()})
             self._epoch_done(epoch, cfg["epochs"])
-        self._keep_best()
         self.history = history
         self.banks = None
         self.nets.to("cpu").eval()
@@ -249,14 +248,19 @@ class GCH(TorchHashModel):
                     banks["gcn"][idx] = self._beacons(x, lab, idx, grad=False)[0]
         return banks
 
+    def _similarity(self, idx, lab):
+        """Label similarities of a batch to what it is scored against: every training item
+        (likelihood=all) or the batch itself."""
+        return label_similarity(lab[idx], lab if self.banks is not None else lab[idx])
+
     def _reference(self, name, h, idx, lab):
         """What a batch's outputs ``h`` of net ``name`` are scored against, and the label
         similarities: every training item's latest outputs, or (likelihood=batch) the batch's
         own."""
-        if self.banks is None or name not in self.banks:
-            return h, label_similarity(lab[idx], lab[idx])
+        if self.banks is None:
+            return h, self._similarity(idx, lab)
         # the batch's own rows as they are now (with their gradient), the others as last seen
-        return self.banks[name].index_copy(0, idx, h), label_similarity(lab[idx], lab)
+        return self.banks[name].index_copy(0, idx, h), self._similarity(idx, lab)
 
     def _remember(self, name, idx, h):
         if self.banks is not None and name in self.banks:
@@ -282,6 +286,7 @@ class GCH(TorchHashModel):
                 teacher_codes = _sign(nets["label"](lab)[1])
         for idx in batches:
             l_b = lab[idx]
+            s = self._similarity(idx, lab)
             hb = None
             if beacons:
                 nets["gcn"].eval()
@@ -290,16 +295,14 @@ class GCH(TorchHashModel):
                 nets[m].train()
                 _, h, pred = nets[m](x[m][idx])
                 if teacher_codes is not None:
-                    ref, s = ((teacher_codes, label_similarity(l_b, lab)) if self.banks is not None
-                              else (teacher_codes[idx], label_similarity(l_b, l_b)))
+                    ref = teacher_codes if self.banks is not None else teacher_codes[idx]
                 else:  # DCMH-style: each student against the other's codes
                     other = "text" if m == "image" else "image"
                     if self.banks is not None:
-                        ref, s = self.banks[other], label_similarity(l_b, lab)
+                        ref = self.banks[other]
                     else:
                         with torch.no_grad():
                             ref = nets[other](x[other][idx])[1]
-                        s = label_similarity(l_b, l_b)
                 losses[m] = step(m, gch_loss(h, ref, s, pred, l_b, *self._weights, hb, beta))
                 self._remember(m, idx, h)
 

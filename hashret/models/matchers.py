@@ -258,12 +258,6 @@ class _SGRAFHead(nn.Module):
             self.bn_f = MaskedBatchNorm(1)
         self.out = nn.Linear(sim_dim, 1)
 
-    def pooled_image(self, v, vm):
-        return self.pool_img(v, vm)
-
-    def pooled_text(self, t, tm):
-        return self.pool_txt(t, tm)
-
     def forward(self, img, txt):
         (v, vm, vg), (t, tm, tg) = img, txt
         I, T = len(v), len(t)
@@ -317,14 +311,14 @@ class SGRAF(Matcher):
         out = {}
         for k, b in self.branches.items():
             v = b["regions"](regions, mask)
-            out[k] = (v, mask, b["head"].pooled_image(v, mask))
+            out[k] = (v, mask, b["head"].pool_img(v, mask))
         return out
 
     def encode_text(self, tokens, lengths):
         out = {}
         for k, b in self.branches.items():
             t, m = b["words"](tokens, lengths)
-            out[k] = (t, m, b["head"].pooled_text(t, m))
+            out[k] = (t, m, b["head"].pool_txt(t, m))
         return out
 
     def branch_scores(self, img, txt):

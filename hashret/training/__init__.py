@@ -49,20 +49,14 @@ def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int 
     options = dict(options or {})
     if epochs is not None:
         options["epochs"] = int(epochs)
-    check(0 <= validation < 1, f"--validation must be a share in [0, 1), got {validation}")
     ds = load_dataset(dataset, data_root=data_root)
     for mod in ("image", "text"):
         check(ds.has(mod), f"dataset {ds.name} has no {mod} features to train on: use "
               f"{ds.name}+synthetic-image or a dataset with both modalities")
-    if validation > 0 and len(ds.split.validation) == 0:
-        ds.split = ds.split.carve_validation(validation, seed=0).validate(ds.n_items)
+    val = ds.hold_out_validation(validation)
     seed_everything(seed)
     net = build_for_dataset(model, ds, bits, seed=seed, **options)
     tr = ds.part("train")
-    val = None
-    if len(ds.split.validation):
-        v = ds.part("validation")
-        val = (ds.features("image", v), ds.features("text", v), ds.labels[v])
     tag = "SYNTHETIC " if ds.synthetic else ""
     log(f"training {net.name} ({net.bits} bits, seed {seed}) on {tag}{ds.name}: {len(tr)} items"
         + (f", {len(val[2])} held out for validation" if val is not None else ""))
