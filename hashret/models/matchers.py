@@ -10,7 +10,9 @@ Notes on each model: ``shared/design/models.md``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from numba import njit
 from torch import nn
 
 NEG = -1e4  # masked logits; finite so fully masked rows stay NaN-free
@@ -63,8 +65,14 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens, lengths):
         lengths = lengths.clamp_min(1)
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+        if (len(tokens) <= 8 and tokens.device.type == "cpu"
+                and not (self.training or torch.is_grad_enabled())):
+            # a query (or a few): compiled, ~8x faster than torch's GRU on one caption; from
+            # ~16 captions on torch's batched steps win
+            return _query_text_encoding(self.embed, self.gru, tokens, lengths), mask
         if bool((lengths == tokens.shape[1]).all()):
-            # nothing padded (e.g. one query): packing would only cost time (~0.2 ms a query)
+            # nothing padded: packing would only cost time (~0.2 ms a query)
             out, _ = self.gru(self.embed(tokens))
         else:
             packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths.cpu(),
@@ -72,8 +80,80 @@ class TextEncoder(nn.Module):
             out, _ = self.gru(packed)
             out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
         half = out.shape[-1] // 2
-        mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
         return l2norm((out[..., :half] + out[..., half:]) / 2) * mask.unsqueeze(-1), mask
+
+
+@njit(cache=True, nogil=True)
+def _bigru_mean_kernel(emb, tokens, lengths, w_ih, b_ih, w_hh, b_hh, out):
+    """A one-layer bidirectional GRU over each caption's real words (the backward direction
+    starts at its last real word, as through a packed sequence), the two directions averaged
+    and L2-normalised into ``out`` (N, L, h), zero past a caption's end. emb (V, d); w_ih
+    (2, d, 3h) and w_hh (2, h, 3h) transposed per direction, gates ordered r, z, n as torch's."""
+    n_cap, n_tok = tokens.shape
+    hd = w_hh.shape[1]
+    g3 = 3 * hd
+    out[:] = 0.0
+    gi = np.empty(g3, dtype=out.dtype)
+    gh = np.empty(g3, dtype=out.dtype)
+    h = np.empty(hd, dtype=out.dtype)
+    for i in range(n_cap):
+        n = max(1, min(lengths[i], n_tok))
+        for d in range(2):
+            h[:] = 0.0
+            for s in range(n):
+                t = s if d == 0 else n - 1 - s
+                x = emb[tokens[i, t]]
+                gi[:] = b_ih[d]
+                for k in range(x.shape[0]):         # rows of W^T: the inner loop vectorises
+                    xk = x[k]
+                    for j in range(g3):
+                        gi[j] += xk * w_ih[d, k, j]
+                gh[:] = b_hh[d]
+                for k in range(hd):
+                    hk = h[k]
+                    for j in range(g3):
+                        gh[j] += hk * w_hh[d, k, j]
+                for j in range(hd):
+                    r = 1.0 / (1.0 + np.exp(-(gi[j] + gh[j])))
+                    z = 1.0 / (1.0 + np.exp(-(gi[hd + j] + gh[hd + j])))
+                    c = np.tanh(gi[2 * hd + j] + r * gh[2 * hd + j])
+                    h[j] = c + z * (h[j] - c)
+                for j in range(hd):
+                    out[i, t, j] += 0.5 * h[j]
+        for t in range(n):
+            sq = 0.0
+            for j in range(hd):
+                sq += out[i, t, j] * out[i, t, j]
+            scale = 1.0 / max(np.sqrt(sq), 1e-8)
+            for j in range(hd):
+                out[i, t, j] *= scale
+
+
+def _query_text_encoding(embed, gru, tokens, lengths):
+    """TextEncoder's output for a few captions at inference, by :func:`_bigru_mean_kernel`:
+    torch's CPU GRU dispatches ~40 ops per word and direction, so one caption took ~0.4 ms
+    there and ~0.05 ms here -- the fixed cost of every text query of the cascade."""
+    w_emb, w = _gru_weights(embed, gru)
+    out = np.empty((len(tokens), tokens.shape[1], gru.hidden_size), dtype=w_emb.dtype)
+    _bigru_mean_kernel(w_emb, tokens.numpy(), lengths.numpy(), *w, out)
+    return torch.from_numpy(out)
+
+
+def _gru_weights(embed, gru):
+    """The embedding table and (W_ih^T, b_ih, W_hh^T, b_hh) of both directions as contiguous
+    numpy arrays, kept on the module until a parameter changes (an optimiser step or a load
+    bumps its version)."""
+    params = [embed.weight] + [getattr(gru, f"{k}_l0{sfx}") for k in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+                               for sfx in ("", "_reverse")]
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    cached = getattr(gru, "_numpy_weights", None)
+    if cached is None or cached[0] != key:
+        a = [p.detach().numpy() for p in params]
+        w = (np.ascontiguousarray(a[0]),
+             (np.ascontiguousarray(np.stack([a[1].T, a[2].T])), np.stack(a[3:5]),
+              np.ascontiguousarray(np.stack([a[5].T, a[6].T])), np.stack(a[7:9])))
+        gru._numpy_weights = cached = (key, w)
+    return cached[1]
 
 
 class AttentionPool(nn.Module):
@@ -235,7 +315,8 @@ class _SimVector(nn.Module):
         self.w = nn.Linear(embed, sim_dim)
 
     def forward(self, x, y):
-        return l2norm(self.w((x - y) ** 2))
+        d = x - y
+        return l2norm(self.w(d * d))  # d * d: pow(d, 2) is ~2x slower on CPU
 
 
 class _SGRAFHead(nn.Module):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -146,6 +148,18 @@ def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
     assert both.item() == pytest.approx(bad.item() + 0.5 * pairs_only_loss(h, -h, quantization=0.0).item(), rel=1e-5)
 
 
+def test_a_uniform_teacher_adds_only_the_smoothing_to_the_pairs_loss():
+    """The control of ``train_head(distill="uniform")``: an all-equal teacher makes the KL
+    terms KL(uniform || softmax(s)) per row and per column, on top of the pairs loss."""
+    g = torch.Generator().manual_seed(1)
+    hi, ht = torch.randn(5, 8, generator=g).tanh(), torch.randn(5, 8, generator=g).tanh()
+    got = distill_loss(torch.zeros(5, 5), hi, ht, tau_teacher=0.25, tau_student=0.05, quantization=0.1,
+                       hard_weight=1.0)
+    s = hi @ ht.T / 8 / 0.05
+    smooth = sum((-math.log(5) - torch.log_softmax(x, 1).mean(1)).mean() for x in (s, s.T))
+    assert got.item() == pytest.approx(smooth.item() + pairs_only_loss(hi, ht, 0.05, 0.1).item(), rel=1e-5)
+
+
 def test_masked_softmax_ignores_masked_entries():
     x = torch.tensor([[1.0, 5.0, 2.0]])
     w = masked_softmax(x, torch.tensor([[True, False, True]]))
@@ -177,7 +191,6 @@ def test_every_matcher_learns_to_recall_well_above_chance(name):
 # features (what the model's encoders give) and follows the paper's equations one fragment at
 # a time with the model's own parameters. ``drop`` removes or changes one term; the tests also
 # check that every such change moves the score, so a model missing that term cannot pass.
-import math  # noqa: E402
 
 from hashret.models.matchers import MaskedBatchNorm  # noqa: E402
 
@@ -418,3 +431,28 @@ def test_presets_build_the_papers_sizes_through_the_one_factory():
     assert mm.config["preset"] == "paper" and mm.config["word_dim"] == 300 and mm.config["embed"] == 32
     with pytest.raises(HashretError, match="unknown matcher preset 'huge'"):
         build_matcher("cgam", 12, 20, preset="huge")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_query_text_path_equals_torch_gru(dtype):
+    """The numpy Bi-GRU that encodes a few captions at inference equals nn.GRU through a packed
+    sequence (the training path), padding and short captions included, and follows a weight
+    update (its cached weights are keyed on the parameters' versions)."""
+    from hashret.models.matchers import TextEncoder
+
+    torch.manual_seed(3)
+    enc = TextEncoder(30, 6, 8).to(dtype).eval()
+    tokens = torch.randint(2, 30, (5, 7))
+    lengths = torch.tensor([7, 1, 4, 6, 2])
+    tokens[torch.arange(7)[None, :] >= lengths[:, None]] = 0
+    opt = torch.optim.SGD(enc.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.inference_mode():
+            fast, fast_mask = enc(tokens, lengths)
+        slow, slow_mask = enc(tokens, lengths)          # grad enabled: torch's GRU
+        assert fast.dtype == dtype and torch.equal(fast_mask, slow_mask)
+        assert torch.allclose(fast, slow.detach(), atol=1e-6 if dtype == torch.float32 else 1e-12)
+        assert (fast[~fast_mask] == 0).all()
+        opt.zero_grad()
+        slow.sum().backward()
+        opt.step()                                       # the cached numpy weights must follow
