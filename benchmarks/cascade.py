@@ -36,14 +36,14 @@ def cascade(dataset, matchers, bits, n_queries, seed, settings, out):
     from hashret.eval.cascade import run_cascade_benchmark
 
     from hashret.errors import check
-    from hashret.models.distill import HEAD_DEFAULTS
+    from hashret.models.distill import head_config
     from hashret.models.matchers import MATCHERS, matcher_config
 
     names = [m.strip() for m in matchers.split(",") if m.strip()]
     bad = [m for m in names if m not in MATCHERS or m == "global"]
     check(not bad, f"unknown matcher {', '.join(bad)}: use sgraf, cgam, han, shan")
     opts = _parse_options(settings)
-    fields = {m: {**matcher_config(m, opts.get("preset", "cpu")), **HEAD_DEFAULTS} for m in names + ["global"]}
+    fields = {m: {**matcher_config(m, opts.get("preset", "cpu")), **head_config(m)} for m in names + ["global"]}
     unknown = [k for k in opts if not any(k in f for f in fields.values())]
     check(not unknown, f"no matcher has the field {', '.join(unknown)}: see 'hashret models'")
     run_cascade_benchmark(dataset=dataset, matchers=names, bits=bits, n_queries=n_queries, seed=seed,

@@ -191,7 +191,7 @@ def models():
     """List the model names the factory builds."""
     from hashret.models import REGISTRY
 
-    from hashret.models.distill import HEAD_DEFAULTS
+    from hashret.models.distill import head_config
     from hashret.models.matchers import MATCHERS, PRESETS, matcher_config
 
     for name, cls in sorted(REGISTRY.items()):
@@ -200,7 +200,7 @@ def models():
         click.echo(f"{name:14s} {kind:12s} {fields}")
     for name in MATCHERS:
         for preset in PRESETS:
-            fields = ", ".join(f"{k}={v}" for k, v in {**matcher_config(name, preset), **HEAD_DEFAULTS}.items())
+            fields = ", ".join(f"{k}={v}" for k, v in {**matcher_config(name, preset), **head_config(name)}.items())
             click.echo(f"{name:14s} {'matcher':12s} {fields}")
     click.echo("matchers: '--set preset=paper' picks the papers' sizes (for a GPU); the cpu preset is the default")
 

@@ -131,9 +131,13 @@ def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu", lo
 
 def train_head(model: MatcherModel, dataset, distill=True, progress=False, device="cpu") -> list:
     """Train the hash head: distilled from the (trained, frozen) matcher's in-batch score
-    matrix, or, with ``distill=False``, from the matching pairs alone (one-hot targets).
+    matrix, or, with ``distill=False``, from the matching pairs alone (one-hot targets), or,
+    with ``distill="uniform"``, by the distillation loss against a uniform teacher -- the
+    pairs plus the same smoothing, no matcher -- the control that tells what a teacher's
+    ranking brings beyond a softened target.
     With ``head_group`` > 1, batches after the first epoch are built from groups of
     look-alikes under the head's current codes (:func:`_look_alike_order`)."""
+    check(distill in (True, False, "uniform"), f"distill must be true, false or 'uniform', got {distill!r}")
     cfg = model.config
     matcher = model.matcher.to(device).eval()
     head = model.head.to(device).train()
@@ -142,9 +146,12 @@ def train_head(model: MatcherModel, dataset, distill=True, progress=False, devic
     def step(epoch, x, m, t, ln):
         hi, ht = head.image(x, m), head.text(t, ln)
         if distill:
-            with torch.no_grad():
-                # in blocks: one 64 x 64 pass over all fragments ran ~1.5x slower (cache misses)
-                teacher = score_chunks(matcher, matcher.encode_image(x, m), matcher.encode_text(t, ln))
+            if distill == "uniform":
+                teacher = torch.zeros(len(x), len(t), device=hi.device)  # every pair alike
+            else:
+                with torch.no_grad():
+                    # in blocks: one 64 x 64 pass over all fragments ran ~1.5x slower (cache misses)
+                    teacher = score_chunks(matcher, matcher.encode_image(x, m), matcher.encode_text(t, ln))
             loss = distill_loss(teacher, hi, ht, cfg["tau_teacher"], cfg["tau_student"],
                                 cfg["quantization"], cfg["hard_weight"])
         else:
@@ -159,7 +166,7 @@ def train_head(model: MatcherModel, dataset, distill=True, progress=False, devic
     def look_alikes(images, captions, rng):
         return _look_alike_order(head, dataset.part("train"), images, captions, group, rng, device)
 
-    desc = f"{model.name} hash head ({'distilled' if distill else 'pairs only'})"
+    desc = f"{model.name} hash head ({ {True: 'distilled', False: 'pairs only', 'uniform': 'uniform teacher'}[distill]})"
     history = _epochs(dataset, cfg["seed"] + 1, cfg["head_epochs"], cfg["head_batch_size"], desc,
                       progress, device, step, look_alikes if group > 1 else None)
     model.head = head.to("cpu").eval()

@@ -40,6 +40,7 @@ def test_the_benchmark_writes_every_mode_with_the_promised_keys(tiny_run):
     assert frac["exhaustive"] == 1.0 and frac["codes"] == 0.0 and frac["cascade-1%"] == 10 / 40
     table = (out / "table.md").read_text()
     assert "cascade-1%" in table and "distilled vs undistilled" in table
+    assert "distilled vs uniform-teacher" in table
 
 
 def test_the_cascade_counts_each_direction_against_its_own_gallery(five_captions_run):
@@ -60,6 +61,6 @@ def test_every_query_rsum_matches_the_per_query_loop_when_all_are_queries(tiny_r
     # path behind rsum_every_query rank the same items
     _, records = tiny_run
     for r in records:
-        if r["mode"] in ("codes", "undistilled"):
+        if r["mode"] in ("codes", "undistilled", "uniform-teacher"):
             assert r["queries_every"] == 40
             assert r["rsum_every_query"] == pytest.approx(r["rsum"], abs=0.02)
