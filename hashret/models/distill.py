@@ -143,6 +143,9 @@ class MatcherModel:
         self.config = {"model": name, "kind": self.kind, "bits": int(bits),
                        "region_dim": int(region_dim), "vocab_size": len(self.vocab_words),
                        "seed": int(seed), **fields, **overrides}
+        check(self.config["distill"] in (True, False, "uniform"),
+              f"distill must be true, false or 'uniform' (the smoothing-only control), got "
+              f"{self.config['distill']!r}")
         check(int(self.config["head_group"]) >= 1,
               f"head_group must be at least 1 (1 = random batches), got {self.config['head_group']}")
         torch.manual_seed(int(seed))

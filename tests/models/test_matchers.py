@@ -456,3 +456,14 @@ def test_query_text_path_equals_torch_gru(dtype):
         opt.zero_grad()
         slow.sum().backward()
         opt.step()                                       # the cached numpy weights must follow
+
+
+def test_a_bad_distill_setting_is_refused_before_any_training():
+    from hashret.errors import HashretError
+    from hashret.models.distill import MatcherModel
+
+    vocab = ["<pad>", "<unk>", "a"]
+    assert MatcherModel("shan", 16, 12, vocab, distill="uniform").config["tau_teacher"] == 4.0
+    assert MatcherModel("han", 16, 12, vocab).config["tau_teacher"] == 0.25
+    with pytest.raises(HashretError, match="distill must be true, false or 'uniform'"):
+        MatcherModel("han", 16, 12, vocab, distill="maybe")
