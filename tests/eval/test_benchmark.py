@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -150,3 +151,34 @@ def test_cli_describe_and_errors():
     assert res.exit_code == 0 and json.loads(res.output)["items"] == 2866
     res = runner.invoke(main, ["describe", "--dataset", "nosuch"])
     assert res.exit_code == 2 and "error: unknown dataset" in res.output
+
+
+def test_tag_views_splits_the_vocabulary_into_two_disjoint_real_views(tmp_path):
+    """benchmarks/tag_views.py: the held-aside two-view set keeps each item's tags, split by a
+    seeded vocabulary half into the image and text views, drops items empty on one side and
+    keeps the queries as queries; benchmarks/mAP.py reads the file."""
+    rng = np.random.default_rng(0)
+    tags = (rng.random((60, 12)) < 0.3).astype(np.float32)
+    tags[0] = 0                                              # no tag at all: dropped
+    labels = (rng.random((60, 3)) < 0.5).astype(np.uint8)
+    labels[labels.sum(1) == 0, 0] = 1
+    src = tmp_path / "tags.npz"
+    np.savez(src, image=rng.random((60, 4)).astype(np.float32), text=tags, labels=labels,
+             query=np.arange(10), train=np.arange(10, 60), database=np.arange(10, 60))
+    out = tmp_path / "views.npz"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tag_views.py"), "--dataset", str(src),
+                          "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    with np.load(out) as z:
+        v = {k: z[k] for k in z.files}
+    kept = (tags[:, :] > 0).any(1)
+    assert v["image"].shape[1] + v["text"].shape[1] == 12 and v["image"].shape[1] == 6
+    assert (v["image"].sum(1) > 0).all() and (v["text"].sum(1) > 0).all()
+    rows = [int(i) for i in v["ids"]]
+    assert set(rows) <= set(np.flatnonzero(kept))
+    for r, a, b in zip(rows, v["image"], v["text"]):            # the item's own tags, split
+        assert a.sum() + b.sum() == tags[r].sum()
+    assert all(int(v["ids"][q]) < 10 for q in v["query"])      # queries stay queries
+    res = _script("--dataset", str(out), "--methods", "label-ridge", "--bits", "8", "--no-tune",
+                  "--validation", "0", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
