@@ -33,6 +33,14 @@ HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "hea
 # SHAN's head about as much as a uniform one (592.4): what transfers there is mostly the
 # smoothing, not SHAN's ranking -- the "uniform" control of the cascade benchmark shows it.
 HEAD_PER_MATCHER = {"shan": {"tau_teacher": 4.0}}
+# what the head learns from, by the "distill" field: the matcher's scores, the pairs alone, or
+# the distillation loss against a uniform teacher (the smoothing-only control)
+DISTILL_MODES = {True: "distilled", False: "pairs only", "uniform": "uniform teacher"}
+
+
+def check_distill(distill):
+    check(distill in DISTILL_MODES, f"distill must be true, false or 'uniform' (the smoothing-only "
+          f"control), got {distill!r}")
 
 
 def head_config(name: str) -> dict:
@@ -143,9 +151,7 @@ class MatcherModel:
         self.config = {"model": name, "kind": self.kind, "bits": int(bits),
                        "region_dim": int(region_dim), "vocab_size": len(self.vocab_words),
                        "seed": int(seed), **fields, **overrides}
-        check(self.config["distill"] in (True, False, "uniform"),
-              f"distill must be true, false or 'uniform' (the smoothing-only control), got "
-              f"{self.config['distill']!r}")
+        check_distill(self.config["distill"])
         check(int(self.config["head_group"]) >= 1,
               f"head_group must be at least 1 (1 = random batches), got {self.config['head_group']}")
         torch.manual_seed(int(seed))

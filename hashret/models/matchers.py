@@ -68,8 +68,9 @@ class TextEncoder(nn.Module):
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
         if (len(tokens) <= 8 and tokens.device.type == "cpu"
                 and not (self.training or torch.is_grad_enabled())):
-            # a query (or a few): compiled, ~8x faster than torch's GRU on one caption; from
-            # ~16 captions on torch's batched steps win
+            # a query (or a few): compiled, ~5x faster than torch's GRU on one caption; from
+            # ~10 captions on torch's batched steps win (12 words: 8 -> 0.60 vs 0.74 ms,
+            # 16 -> 1.4 vs 0.76 ms)
             return _query_text_encoding(self.embed, self.gru, tokens, lengths), mask
         if bool((lengths == tokens.shape[1]).all()):
             # nothing padded: packing would only cost time (~0.2 ms a query)

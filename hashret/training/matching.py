@@ -10,8 +10,8 @@ import torch
 
 from hashret.errors import check
 from hashret.eval.metrics import recall_at_k
-from hashret.models.distill import (MatcherModel, distill_loss, exhaustive_ranking, pairs_only_loss,
-                                    select)
+from hashret.models.distill import (DISTILL_MODES, MatcherModel, check_distill, distill_loss,
+                                    exhaustive_ranking, pairs_only_loss, select)
 from hashret.models.matchers import score_chunks
 
 
@@ -137,7 +137,7 @@ def train_head(model: MatcherModel, dataset, distill=True, progress=False, devic
     ranking brings beyond a softened target.
     With ``head_group`` > 1, batches after the first epoch are built from groups of
     look-alikes under the head's current codes (:func:`_look_alike_order`)."""
-    check(distill in (True, False, "uniform"), f"distill must be true, false or 'uniform', got {distill!r}")
+    check_distill(distill)
     cfg = model.config
     matcher = model.matcher.to(device).eval()
     head = model.head.to(device).train()
@@ -166,7 +166,7 @@ def train_head(model: MatcherModel, dataset, distill=True, progress=False, devic
     def look_alikes(images, captions, rng):
         return _look_alike_order(head, dataset.part("train"), images, captions, group, rng, device)
 
-    desc = f"{model.name} hash head ({ {True: 'distilled', False: 'pairs only', 'uniform': 'uniform teacher'}[distill]})"
+    desc = f"{model.name} hash head ({DISTILL_MODES[distill]})"
     history = _epochs(dataset, cfg["seed"] + 1, cfg["head_epochs"], cfg["head_batch_size"], desc,
                       progress, device, step, look_alikes if group > 1 else None)
     model.head = head.to("cpu").eval()
