@@ -369,11 +369,11 @@ class HashIndex:
         return _to_words(packed, self.word_dtype, self.n_words)
 
     def _deleted(self):
-        if not self._tomb.any():
-            return None
+        # cached until the rows or tombstones change: _tomb.any() walks every bit
         if self._deleted_mask is None:
-            self._deleted_mask = np.frombuffer(self._tomb.unpack(), dtype=np.uint8)[: self._n].copy()
-        return self._deleted_mask
+            self._deleted_mask = (np.frombuffer(self._tomb.unpack(), dtype=np.uint8)[: self._n].copy()
+                                  if self._tomb.any() else False)
+        return None if self._deleted_mask is False else self._deleted_mask
 
     def _with_snapshot(self, fn):
         """fn(snapshot), holding it so that no newer snapshot ends it meanwhile."""

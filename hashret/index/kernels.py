@@ -118,6 +118,50 @@ def _block_distances(blk, n_words, q, out):
 
 
 @njit(inline="always", cache=True)
+def _span_min(blk, n_words, q, dblk, has_deleted, penalty):
+    """Minimum distance of ``q`` over the rows of the 1-D slice ``blk`` (removed rows count as
+    ``penalty``): one vectorised pass, one horizontal reduction."""
+    _wide()
+    n = blk.shape[0] // n_words
+    pen = np.uint64(penalty)  # minima stay in uint64 lanes: no narrowing in the hot loop
+    m = pen
+    if n_words == 1:
+        a = q[0]
+        if has_deleted:
+            for i in range(n):
+                m = min(m, _popcount(blk[i] ^ a) + np.uint64(dblk[i]) * pen)
+        else:
+            for i in range(n):
+                m = min(m, _popcount(blk[i] ^ a))
+    elif n_words == 2:
+        a, b = q[0], q[1]
+        if has_deleted:
+            for i in range(n):
+                m = min(m, _popcount(blk[2 * i] ^ a) + _popcount(blk[2 * i + 1] ^ b)
+                        + np.uint64(dblk[i]) * pen)
+        else:
+            for i in range(n):
+                m = min(m, _popcount(blk[2 * i] ^ a) + _popcount(blk[2 * i + 1] ^ b))
+    elif n_words == 4:
+        a, b, c, d = q[0], q[1], q[2], q[3]
+        for i in range(n):
+            x = (_popcount(blk[4 * i] ^ a) + _popcount(blk[4 * i + 1] ^ b)
+                 + _popcount(blk[4 * i + 2] ^ c) + _popcount(blk[4 * i + 3] ^ d))
+            if has_deleted:
+                x += np.uint64(dblk[i]) * pen
+            m = min(m, x)
+    else:
+        for i in range(n):
+            x = np.uint64(0)
+            for w in range(n_words):
+                x += _popcount(blk[i * n_words + w] ^ q[w])
+            if has_deleted:
+                x += np.uint64(dblk[i]) * pen
+            m = min(m, x)
+    return np.int32(m)
+
+
+@njit(inline="always", cache=True)
 def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmin, block):
     """bmin[j, b] = min distance of queries q0..q0+nq-1 over block b of ``tile``.
 
@@ -127,33 +171,12 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
     _wide()
     n = tile.shape[0] // n_words
     nblocks = (n + block - 1) // block
-    if n_words == 1 and nq == 1:
-        # one query: one popcount per word (not a padded group's four), and one minimum per
-        # SUPER blocks -- the horizontal reduction that ends a minimum cost more than the
-        # re-scan it saves. Each block gets its superblock's minimum: a lower bound, so no
-        # block is skipped wrongly, at worst re-scanned.
-        a = queries[q0, 0]
-        pen = np.uint64(penalty)
-        for sb in range(0, nblocks, SUPER):
-            lo, hi = sb * block, min(n, (sb + SUPER) * block)
-            blk = tile[lo:hi]
-            ma = pen
-            if has_deleted:
-                dblk = dtile[lo:hi]
-                for i in range(blk.shape[0]):
-                    ma = min(ma, _popcount(blk[i] ^ a) + np.uint64(dblk[i]) * pen)
-            else:
-                for i in range(blk.shape[0]):
-                    ma = min(ma, _popcount(blk[i] ^ a))
-            for bl in range(sb, min(nblocks, sb + SUPER)):
-                bmin[0, bl] = np.int32(ma)
-        return nblocks
     if n_words == 1:
         a = queries[q0, 0]
         b = queries[q0 + min(1, nq - 1), 0]
         c = queries[q0 + min(2, nq - 1), 0]
         d = queries[q0 + min(3, nq - 1), 0]
-        pen = np.uint64(penalty)  # minima stay in uint64 lanes: no narrowing in the hot loop
+        pen = np.uint64(penalty)
         for bl in range(nblocks):
             blk = tile[bl * block:min(n, (bl + 1) * block)]
             ma = mb = mc = md = pen
@@ -181,48 +204,47 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
     for j in range(nq):
         q = queries[q0 + j]
         for bl in range(nblocks):
-            blk = tile[bl * block * n_words:min(n, (bl + 1) * block) * n_words]
-            m = penalty
-            if n_words == 2:
-                x0, x1 = q[0], q[1]
-                for i in range(blk.shape[0] // 2):
-                    m = min(m, np.int32(_popcount(blk[2 * i] ^ x0) + _popcount(blk[2 * i + 1] ^ x1)))
-            elif n_words == 4:
-                x0, x1, x2, x3 = q[0], q[1], q[2], q[3]
-                for i in range(blk.shape[0] // 4):
-                    m = min(m, np.int32(_popcount(blk[4 * i] ^ x0) + _popcount(blk[4 * i + 1] ^ x1)
-                                        + _popcount(blk[4 * i + 2] ^ x2) + _popcount(blk[4 * i + 3] ^ x3)))
-            else:
-                for i in range(blk.shape[0] // n_words):
-                    acc = np.uint64(0)
-                    for w in range(n_words):
-                        acc += _popcount(blk[i * n_words + w] ^ q[w])
-                    m = min(m, np.int32(acc))
-            if has_deleted:  # exact only when needed: a block of removed rows must not pass
-                m = penalty
-                dblk = dtile[bl * block:min(n, (bl + 1) * block)]
-                for i in range(dblk.shape[0]):
-                    if dblk[i] == 0:
-                        acc = np.uint64(0)
-                        for w in range(n_words):
-                            acc += _popcount(blk[i * n_words + w] ^ q[w])
-                        m = min(m, np.int32(acc))
-            bmin[j, bl] = m
+            lo, hi = bl * block, min(n, (bl + 1) * block)
+            bmin[j, bl] = _span_min(tile[lo * n_words:hi * n_words], n_words, q,
+                                    dtile[lo:hi] if has_deleted else dtile, has_deleted, penalty)
     return nblocks
 
 
+@njit(inline="always", cache=True)
+def _offer(i, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next):
+    """Row i at distance d (< thr[qi]) into the best-k set of (thread t, query qi)."""
+    s = size[t, qi]
+    if s < k:
+        slot = s
+        size[t, qi] = s + 1
+    else:  # evict the newest row at the worst distance
+        worst = thr[qi]
+        slot = head[qi, worst]
+        head[qi, worst] = pool_next[t, qi, slot]
+        cnt[qi, worst] -= 1
+    pool_row[t, qi, slot] = i
+    pool_dist[t, qi, slot] = d
+    pool_next[t, qi, slot] = head[qi, d]
+    head[qi, d] = slot
+    cnt[qi, d] += 1
+    if size[t, qi] == k:
+        w = np.int32(bits)
+        if s == k:
+            w = thr[qi]
+        while w > 0 and cnt[qi, w] == 0:
+            w -= 1
+        thr[qi] = w
+
+
 @njit(parallel=True, nogil=True, cache=True)  # nogil: a server's event loop runs on during a scan
-def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts):
-    """Exact top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of
-    n_words words each); queries: (Q, n_words) of the segments' word type. Returns (distances, rows) of shape (Q, k), nearest first, ties by row, -1 where
-    fewer than k rows exist."""
+def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
+                pool_row, pool_dist, pool_next, size):
+    """Each of ``n_parts`` threads fills its best-k sets over its contiguous rows. One
+    parallel region and nothing allocated outside it: with passive OpenMP threads (how a
+    service sees them) every region costs a wake-up, ~0.1 ms here."""
     n_q = queries.shape[0]
     nb = bits + 2  # distances 0..bits, plus the "removed" distance
     penalty = np.int32(bits + 1)
-    pool_row = np.empty((n_parts, n_q, k), dtype=np.int64)
-    pool_dist = np.empty((n_parts, n_q, k), dtype=np.int32)
-    pool_next = np.empty((n_parts, n_q, k), dtype=np.int32)
-    size = np.zeros((n_parts, n_q), dtype=np.int64)
     chunk = (n_rows + n_parts - 1) // n_parts
     for t in prange(n_parts):
         lo = t * chunk
@@ -230,15 +252,38 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
         head = np.full((n_q, nb), -1, dtype=np.int32)
         cnt = np.zeros((n_q, nb), dtype=np.int32)
         thr = np.full(n_q, penalty, dtype=np.int32)  # accept d < thr
-        tile_rows = LONE_TILE if n_q == 1 else TILE
         # a large k keeps the threshold high, so most blocks of 256 would be re-scanned: blocks
         # of 64 rows let more of them be skipped
         block = SMALL_BLOCK if k >= 256 else BLOCK
-        bmin = np.empty((GROUP, tile_rows // SMALL_BLOCK), dtype=np.int32)
-        dbuf = np.empty(BLOCK, dtype=np.int32)
+        dbuf = np.empty(SUPER * BLOCK, dtype=np.int32)
+        if n_q == 1:
+            # one query reads every code once: walk each segment's share in spans of SUPER
+            # blocks, one minimum per span (the horizontal reduction that ends a minimum costs
+            # more than re-scanning a span that passes), re-scan only spans that beat the k-th
+            q = queries[0]
+            span = SUPER * block
+            start = lo
+            while start < hi:
+                tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, hi - start)
+                n = end - start
+                for s0 in range(0, n, span):
+                    s1 = min(n, s0 + span)
+                    blk = tile[s0 * n_words:s1 * n_words]
+                    dblk = deleted[start + s0:start + s1] if has_deleted else deleted
+                    if _span_min(blk, n_words, q, dblk, has_deleted, penalty) >= thr[0]:
+                        continue
+                    nr = _block_distances(blk, n_words, q, dbuf)
+                    for jj in range(nr):
+                        d = dbuf[jj]
+                        if d < thr[0] and not (has_deleted and dblk[jj] != 0):
+                            _offer(start + s0 + jj, d, t, 0, k, bits, thr, size, head, cnt,
+                                   pool_row, pool_dist, pool_next)
+                start = end
+            continue
+        bmin = np.empty((GROUP, TILE // SMALL_BLOCK), dtype=np.int32)
         start = lo
         while start < hi:
-            tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, tile_rows)
+            tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, TILE)
             for g in range(0, n_q, GROUP):
                 ng = min(GROUP, n_q - g)
                 nblocks = _block_mins(tile, n_words, queries, g, ng,
@@ -256,67 +301,101 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                         for jj in range(nr):
                             i = r0 + jj
                             d = dbuf[jj]
-                            if d >= thr[qi] or (has_deleted and deleted[i] != 0):
-                                continue
-                            s = size[t, qi]
-                            if s < k:
-                                slot = s
-                                size[t, qi] = s + 1
-                            else:  # evict the newest row at the worst distance
-                                worst = thr[qi]
-                                slot = head[qi, worst]
-                                head[qi, worst] = pool_next[t, qi, slot]
-                                cnt[qi, worst] -= 1
-                            pool_row[t, qi, slot] = i
-                            pool_dist[t, qi, slot] = d
-                            pool_next[t, qi, slot] = head[qi, d]
-                            head[qi, d] = slot
-                            cnt[qi, d] += 1
-                            if size[t, qi] == k:
-                                w = np.int32(bits)
-                                if s == k:
-                                    w = thr[qi]
-                                while w > 0 and cnt[qi, w] == 0:
-                                    w -= 1
-                                thr[qi] = w
+                            if d < thr[qi] and not (has_deleted and deleted[i] != 0):
+                                _offer(i, d, t, qi, k, bits, thr, size, head, cnt,
+                                       pool_row, pool_dist, pool_next)
             start = end
+
+
+@njit(inline="always", cache=True)
+def _merge_one(qi, n_rows, size, pool_row, pool_dist, out_d, out_r):
+    """Query qi's per-thread sets, ordered by (distance, row), into out_d/out_r[qi]."""
+    k = out_d.shape[1]
+    total = 0
+    for t in range(size.shape[0]):
+        total += size[t, qi]
+    keys = np.empty(total, dtype=np.int64)
+    pos = 0
+    for t in range(size.shape[0]):
+        for j in range(size[t, qi]):
+            keys[pos] = np.int64(pool_dist[t, qi, j]) * (n_rows + 1) + pool_row[t, qi, j]
+            pos += 1
+    keys.sort()
+    for j in range(min(k, total)):
+        out_d[qi, j] = np.int32(keys[j] // (n_rows + 1))
+        out_r[qi, j] = keys[j] % (n_rows + 1)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _merge_parallel(n_rows, size, pool_row, pool_dist, out_d, out_r):
+    for qi in prange(out_d.shape[0]):
+        _merge_one(qi, n_rows, size, pool_row, pool_dist, out_d, out_r)
+
+
+@njit(nogil=True, cache=True)
+def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts):
+    """Exact top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of
+    n_words words each); queries: (Q, n_words) of the segments' word type. Returns
+    (distances, rows) of shape (Q, k), nearest first, ties by row, -1 where fewer than k rows
+    exist."""
+    n_q = queries.shape[0]
+    pool_row = np.empty((n_parts, n_q, k), dtype=np.int64)
+    pool_dist = np.empty((n_parts, n_q, k), dtype=np.int32)
+    pool_next = np.empty((n_parts, n_q, k), dtype=np.int32)
+    size = np.zeros((n_parts, n_q), dtype=np.int64)
+    _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
+                pool_row, pool_dist, pool_next, size)
     out_d = np.full((n_q, k), -1, dtype=np.int32)
     out_r = np.full((n_q, k), -1, dtype=np.int64)
-    for qi in prange(n_q):
-        total = 0
-        for t in range(n_parts):
-            total += size[t, qi]
-        keys = np.empty(total, dtype=np.int64)
-        pos = 0
-        for t in range(n_parts):
-            for j in range(size[t, qi]):
-                keys[pos] = np.int64(pool_dist[t, qi, j]) * (n_rows + 1) + pool_row[t, qi, j]
-                pos += 1
-        keys.sort()
-        for j in range(min(k, total)):
-            out_d[qi, j] = np.int32(keys[j] // (n_rows + 1))
-            out_r[qi, j] = keys[j] % (n_rows + 1)
+    if n_q * k * n_parts < 65536:  # a second parallel region costs more than this merge
+        for qi in range(n_q):
+            _merge_one(qi, n_rows, size, pool_row, pool_dist, out_d, out_r)
+    else:
+        _merge_parallel(n_rows, size, pool_row, pool_dist, out_d, out_r)
     return out_d, out_r
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, deleted, has_deleted,
-                 n_parts, offsets, out_rows, out_dist, fill, cap):
-    """Counts (fill=False) or writes (fill=True, at ``offsets``) the rows within ``radius``;
-    with ``cap`` > 0, at most ``cap`` rows per (thread, query) are written (counts go on)."""
+                 n_parts, offsets, out_rows, out_dist, fill, cap, counts):
+    """Counts (into ``counts``, zeros on entry; fill=False) or writes (fill=True, at
+    ``offsets``) the rows within ``radius``; with ``cap`` > 0, at most ``cap`` rows per
+    (thread, query) are written (counts go on)."""
     n_q = queries.shape[0]
     penalty = np.int32(bits + 1)
-    counts = np.zeros((n_parts, n_q), dtype=np.int64)
     chunk = (n_rows + n_parts - 1) // n_parts
     for t in prange(n_parts):
         lo = t * chunk
         hi = min(n_rows, lo + chunk)
-        tile_rows = LONE_TILE if n_q == 1 else TILE
-        bmin = np.empty((GROUP, tile_rows // BLOCK), dtype=np.int32)
-        dbuf = np.empty(BLOCK, dtype=np.int32)
+        bmin = np.empty((GROUP, TILE // BLOCK), dtype=np.int32)
+        dbuf = np.empty(SUPER * BLOCK, dtype=np.int32)
+        if n_q == 1:  # as in _topk_parts: spans of SUPER blocks over each segment's share
+            q = queries[0]
+            span = SUPER * BLOCK
+            start = lo
+            while start < hi:
+                tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, hi - start)
+                n = end - start
+                for s0 in range(0, n, span):
+                    s1 = min(n, s0 + span)
+                    blk = tile[s0 * n_words:s1 * n_words]
+                    dblk = deleted[start + s0:start + s1] if has_deleted else deleted
+                    if _span_min(blk, n_words, q, dblk, has_deleted, penalty) > radius:
+                        continue
+                    nr = _block_distances(blk, n_words, q, dbuf)
+                    for jj in range(nr):
+                        d = dbuf[jj]
+                        if d <= radius and not (has_deleted and dblk[jj] != 0):
+                            if fill and (cap == 0 or counts[t, 0] < cap):
+                                p = offsets[t, 0] + counts[t, 0]
+                                out_rows[p] = start + s0 + jj
+                                out_dist[p] = d
+                            counts[t, 0] += 1
+                start = end
+            continue
         start = lo
         while start < hi:
-            tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, tile_rows)
+            tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, TILE)
             for g in range(0, n_q, GROUP):
                 ng = min(GROUP, n_q - g)
                 nblocks = _block_mins(tile, n_words, queries, g, ng,
@@ -334,16 +413,13 @@ def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, delete
                         for jj in range(nr):
                             i = r0 + jj
                             d = dbuf[jj]
-                            if has_deleted and deleted[i] != 0:
-                                continue
-                            if d <= radius:
+                            if d <= radius and not (has_deleted and deleted[i] != 0):
                                 if fill and (cap == 0 or counts[t, qi] < cap):
                                     p = offsets[t, qi] + counts[t, qi]
                                     out_rows[p] = i
                                     out_dist[p] = d
                                 counts[t, qi] += 1
             start = end
-    return counts
 
 
 def _parts(n_rows: int) -> int:
@@ -442,7 +518,8 @@ def _range_search(segs, queries, radius, bits, dmask, has_del):
     offsets = (np.arange(parts * nq, dtype=np.int64) * cap).reshape(parts, nq)
     buf_rows = np.empty(parts * nq * cap, dtype=np.int64)
     buf_dist = np.empty(parts * nq * cap, dtype=np.int32)
-    counts = range_kernel(*args, parts, offsets, buf_rows, buf_dist, True, cap)
+    counts = np.zeros((parts, nq), dtype=np.int64)
+    range_kernel(*args, parts, offsets, buf_rows, buf_dist, True, cap, counts)
     per_q = counts.sum(axis=0)
     lims = np.zeros(nq + 1, dtype=np.int64)
     lims[1:] = np.cumsum(per_q)
@@ -459,7 +536,7 @@ def _range_search(segs, queries, radius, bits, dmask, has_del):
         exact[0] = lims[:-1]
         if parts > 1:
             exact[1:] = lims[:-1] + np.cumsum(counts, axis=0)[:-1]
-        range_kernel(*args, parts, exact, rows, dist, True, 0)
+        range_kernel(*args, parts, exact, rows, dist, True, 0, np.zeros_like(counts))
     for i in range(nq):  # rows are ascending; a stable sort orders by distance
         a, b = lims[i], lims[i + 1]
         if b - a > 1:
@@ -470,8 +547,7 @@ def _range_search(segs, queries, radius, bits, dmask, has_del):
 
 # -- the machine's limits, measured the way the scan runs (for benchmarks/search.py) ------------
 @njit(parallel=True, cache=True)
-def _read_kernel(flat, parts):
-    acc = np.zeros(parts, dtype=np.uint64)
+def _read_kernel(flat, parts, acc):
     chunk = (flat.shape[0] + parts - 1) // parts
     for t in prange(parts):
         _wide()
@@ -480,14 +556,12 @@ def _read_kernel(flat, parts):
         for i in range(part.shape[0]):
             x ^= part[i]
         acc[t] = x
-    return acc
 
 
 @njit(parallel=True, cache=True)
-def _roof_kernel(block, queries, reps, parts):
+def _roof_kernel(block, queries, reps, parts, out):
     """XOR + popcount + running minimum of an L1-resident block against 4 queries per load,
     ``reps`` times on each thread: the scan's inner loop with nothing around it."""
-    out = np.zeros(parts, dtype=np.uint64)
     for t in prange(parts):
         _wide()
         acc = np.uint64(0)
@@ -503,7 +577,6 @@ def _roof_kernel(block, queries, reps, parts):
                 md = min(md, _popcount(x ^ d))
             acc += ma + mb + mc + md
         out[t] = acc
-    return out
 
 
 def read_floor_seconds(words: np.ndarray, threads: int | None = None, repeats: int = 11) -> float:
@@ -515,11 +588,12 @@ def read_floor_seconds(words: np.ndarray, threads: int | None = None, repeats: i
     flat = words.reshape(-1)
     with threads_used(threads):
         parts = numba.get_num_threads()
-        _read_kernel(flat[:1024], parts)
+        acc = np.zeros(parts, dtype=np.uint64)
+        _read_kernel(flat[:1024], parts, acc)
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            _read_kernel(flat, parts)
+            _read_kernel(flat, parts, acc)
             times.append(time.perf_counter() - t)
     return float(np.min(times))
 
@@ -535,10 +609,11 @@ def popcount_roof(threads: int | None = None, repeats: int = 11) -> float:
     reps = 4000
     with threads_used(threads):
         parts = numba.get_num_threads()
-        _roof_kernel(block, queries, 1, parts)
+        out = np.zeros(parts, dtype=np.uint64)
+        _roof_kernel(block, queries, 1, parts, out)
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            _roof_kernel(block, queries, reps, parts)
+            _roof_kernel(block, queries, reps, parts, out)
             times.append(time.perf_counter() - t)
     return parts * reps * TILE * 4 / float(np.min(times))

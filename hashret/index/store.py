@@ -945,6 +945,7 @@ class Snapshot:
         self._check(store, todo)
         self.has_items = txn.stat(store.db["present"])["entries"] > 0
         self.tomb = store._read_tombstones(txn, meta)
+        self._any_removed = self.tomb.any()  # once: any() walks the bits (~75 us per 10^7 rows)
         self.meta, self.count, self.chunk_size = meta, count, cs
         self.word_dtype, self.n_words = word_dtype, n_words
         self.generation = meta["generation"]
@@ -972,7 +973,7 @@ class Snapshot:
     # -- rows -------------------------------------------------------------------------------
     def deleted_mask(self):
         """uint8 per row (1 = removed), or None when nothing is removed."""
-        if not self.tomb.any():
+        if not self._any_removed:
             return None
         if self._deleted is None:
             self._deleted = np.frombuffer(self.tomb.unpack(), dtype=np.uint8)[: self.count].copy()

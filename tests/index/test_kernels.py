@@ -46,6 +46,37 @@ def test_topk_equals_brute_force(bits, n, k):
     np.testing.assert_array_equal(ids, br)
 
 
+@pytest.mark.parametrize("bits", [8, 16, 24, 32, 64, 128, 192, 256])
+def test_a_lone_query_takes_its_own_path_and_equals_brute_force(bits):
+    # one query walks each thread's rows in spans with its own minimum test (not the grouped
+    # path): ties, removals (a span entirely removed too), k = 1, small and large-k spans
+    import numba
+
+    rng = np.random.default_rng(bits + 11)
+    pool = rng.integers(0, 256, size=(40, bits // 8), dtype=np.uint8)
+    db = pool[rng.integers(0, len(pool), size=20000)]
+    index = HashIndex(bits)
+    index.add(db)
+    removed = np.concatenate([np.arange(3000, 4100), rng.choice(20000, 500, replace=False)])
+    index.remove(removed)
+    q = np.vstack([db[7], rng.integers(0, 256, size=bits // 8, dtype=np.uint8)])
+    threads = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
+    for qq in (q[:1], q[1:]):
+        for t in threads:
+            for k in (1, 10, 300):
+                d, ids = index.search(qq, k, threads=t)
+                bd, br = brute_topk(db, qq, k, removed)
+                np.testing.assert_array_equal(d, bd)
+                np.testing.assert_array_equal(ids, br)
+            radius = bits // 3
+            lims, dist, ids = index.range_search(qq, radius, threads=t)
+            full = brute_distances(db, qq)[0]
+            rows = np.setdiff1d(np.flatnonzero(full <= radius), removed)
+            rows = rows[np.lexsort((rows, full[rows]))]
+            np.testing.assert_array_equal(ids, rows)
+            np.testing.assert_array_equal(dist, full[rows])
+
+
 @pytest.mark.parametrize("bits", [8, 16, 32, 64, 128, 256])
 def test_removed_rows_never_come_back(bits):
     rng = np.random.default_rng(bits)
@@ -153,10 +184,11 @@ def test_scan_in_lmdb_chunks_equals_brute_force(bits, tmp_path):
         assert len(back._snap.codes) == 6
         for t in threads:
             for k in (1, 10, 2500):
-                d, ids = back.search(q, k, threads=t)
-                bd, br = brute_topk(db, q, k, removed)
-                np.testing.assert_array_equal(d, bd)
-                np.testing.assert_array_equal(ids, br)
+                for qq in (q, q[3:4]):  # the grouped path and a lone query's
+                    d, ids = back.search(qq, k, threads=t)
+                    bd, br = brute_topk(db, qq, k, removed)
+                    np.testing.assert_array_equal(d, bd)
+                    np.testing.assert_array_equal(ids, br)
             lims, dist, ids = back.range_search(q, bits // 4, threads=t)
             full = brute_distances(db, q)
             for i in range(len(q)):
