@@ -6,10 +6,10 @@ chunks where its memory map has them, without copying them (an in-memory index i
 segment). Tiles never cross a segment's end.
 
 Exact top-k, ties broken by row number: the database is split into one contiguous row
-range per thread; each thread walks its range in cache-sized tiles and, for every query,
-first computes the tile's distances (a vectorisable XOR + popcount loop) and their minimum,
-and only when that minimum beats the query's running k-th distance goes back to insert
-rows. The running best-k set of a (thread, query) lives in per-distance LIFO buckets: a row
+range per thread; each thread walks its range in cache-sized tiles (a lone query: straight
+through) and, for every query, first computes the minimum distance over each span of rows (a
+vectorisable XOR + popcount + min loop), and only when that minimum beats the query's
+running k-th distance goes back: a minimum per 64 rows of the span, then rows. The running best-k set of a (thread, query) lives in per-distance LIFO buckets: a row
 enters only with a distance below the set's worst, and evicts the most recent (so largest)
 row at the worst distance -- O(1) per insert and exact under (distance, row) order, because
 rows arrive in increasing order. The per-thread sets are merged at the end.
@@ -34,14 +34,10 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-TILE = 2048  # rows per tile: 16 KiB of 64-bit codes, stays in L1 while queries scan it
-# a lone query reads each code once, so its tiles need not fit L1; larger ones spend less on
-# the per-tile set-up (10^7 codes are 4,883 tiles of 2,048 rows)
-LONE_TILE = 16384
-BLOCK = 256  # rows per block minimum: only blocks that beat the threshold are re-scanned
-SMALL_BLOCK = 64
+TILE = 2048  # rows per tile: 16 KiB of 64-bit codes, stays in L1 while a batch's queries scan it
+SPAN = 1024  # rows per first-level minimum (GROUP queries at once)
+SMALL_BLOCK = 64  # rows per second-level minimum, inside a span that passed, one query
 GROUP = 4    # queries sharing one load of each database word
-SUPER = 4    # blocks sharing one minimum when a single query scans
 
 
 @intrinsic
@@ -236,12 +232,38 @@ def _offer(i, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool
         thr[qi] = w
 
 
+@njit(inline="always", cache=True)
+def _rescan(tile, n_words, q, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t, k, bits,
+            thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+    """Rows s_lo..s_hi-1 of ``tile`` (row ``start`` first) whose span minimum beat query qi's
+    k-th: each SMALL_BLOCK of them gets its own minimum, and only blocks that beat it too
+    are walked row by row."""
+    for s0 in range(s_lo, s_hi, SMALL_BLOCK):
+        s1 = min(s_hi, s0 + SMALL_BLOCK)
+        blk = tile[s0 * n_words:s1 * n_words]
+        dblk = deleted[start + s0:start + s1] if has_deleted else deleted
+        if _span_min(blk, n_words, q, dblk, has_deleted, penalty) >= thr[qi]:
+            continue
+        nr = _block_distances(blk, n_words, q, dbuf)
+        for jj in range(nr):
+            d = dbuf[jj]
+            if d < thr[qi] and not (has_deleted and dblk[jj] != 0):
+                _offer(start + s0 + jj, d, t, qi, k, bits, thr, size, head, cnt,
+                       pool_row, pool_dist, pool_next)
+
+
 @njit(parallel=True, nogil=True, cache=True)  # nogil: a server's event loop runs on during a scan
 def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                pool_row, pool_dist, pool_next, size):
+                seed, pool_row, pool_dist, pool_next, size):
     """Each of ``n_parts`` threads fills its best-k sets over its contiguous rows. One
     parallel region and nothing allocated outside it: with passive OpenMP threads (how a
-    service sees them) every region costs a wake-up, ~0.1 ms here."""
+    service sees them) every region costs a wake-up, ~0.1 ms here.
+
+    Two levels of minima: one per SPAN rows (for GROUP queries at once), and, only inside a
+    span that beat a query's k-th, one per SMALL_BLOCK rows for that query. The horizontal
+    reduction that ends a minimum costs about as much as the popcounts of 64 rows, so
+    minima over long spans keep the scan near the popcount roof, and the second level keeps
+    a passing span from being walked row by row."""
     n_q = queries.shape[0]
     nb = bits + 2  # distances 0..bits, plus the "removed" distance
     penalty = np.int32(bits + 1)
@@ -251,36 +273,25 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
         hi = min(n_rows, lo + chunk)
         head = np.full((n_q, nb), -1, dtype=np.int32)
         cnt = np.zeros((n_q, nb), dtype=np.int32)
-        thr = np.full(n_q, penalty, dtype=np.int32)  # accept d < thr
-        # a large k keeps the threshold high, so most blocks of 256 would be re-scanned: blocks
-        # of 64 rows let more of them be skipped
-        block = SMALL_BLOCK if k >= 256 else BLOCK
-        dbuf = np.empty(SUPER * BLOCK, dtype=np.int32)
+        thr = seed.copy()  # accept d < thr
+        dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
         if n_q == 1:
-            # one query reads every code once: walk each segment's share in spans of SUPER
-            # blocks, one minimum per span (the horizontal reduction that ends a minimum costs
-            # more than re-scanning a span that passes), re-scan only spans that beat the k-th
+            # one query reads every code once: no tiles, just each segment's share in spans
             q = queries[0]
-            span = SUPER * block
             start = lo
             while start < hi:
                 tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, hi - start)
                 n = end - start
-                for s0 in range(0, n, span):
-                    s1 = min(n, s0 + span)
-                    blk = tile[s0 * n_words:s1 * n_words]
+                for s0 in range(0, n, SPAN):
+                    s1 = min(n, s0 + SPAN)
                     dblk = deleted[start + s0:start + s1] if has_deleted else deleted
-                    if _span_min(blk, n_words, q, dblk, has_deleted, penalty) >= thr[0]:
-                        continue
-                    nr = _block_distances(blk, n_words, q, dbuf)
-                    for jj in range(nr):
-                        d = dbuf[jj]
-                        if d < thr[0] and not (has_deleted and dblk[jj] != 0):
-                            _offer(start + s0 + jj, d, t, 0, k, bits, thr, size, head, cnt,
-                                   pool_row, pool_dist, pool_next)
+                    if _span_min(tile[s0 * n_words:s1 * n_words], n_words, q, dblk, has_deleted,
+                                 penalty) < thr[0]:
+                        _rescan(tile, n_words, q, 0, s0, s1, start, deleted, has_deleted, penalty,
+                                t, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf)
                 start = end
             continue
-        bmin = np.empty((GROUP, TILE // SMALL_BLOCK), dtype=np.int32)
+        bmin = np.empty((GROUP, TILE // SPAN), dtype=np.int32)
         start = lo
         while start < hi:
             tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, TILE)
@@ -288,22 +299,15 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                 ng = min(GROUP, n_q - g)
                 nblocks = _block_mins(tile, n_words, queries, g, ng,
                                       deleted[start:end] if has_deleted else deleted, has_deleted,
-                                      penalty, bmin, block)
+                                      penalty, bmin, SPAN)
                 for j in range(ng):
                     qi = g + j
-                    q = queries[qi]
                     for bl in range(nblocks):
-                        if bmin[j, bl] >= thr[qi]:
-                            continue
-                        r0 = start + bl * block
-                        nr = _block_distances(tile[bl * block * n_words:min(end - start, (bl + 1) * block) * n_words],
-                                              n_words, q, dbuf)
-                        for jj in range(nr):
-                            i = r0 + jj
-                            d = dbuf[jj]
-                            if d < thr[qi] and not (has_deleted and deleted[i] != 0):
-                                _offer(i, d, t, qi, k, bits, thr, size, head, cnt,
-                                       pool_row, pool_dist, pool_next)
+                        if bmin[j, bl] < thr[qi]:
+                            _rescan(tile, n_words, queries[qi], qi, bl * SPAN,
+                                    min(end - start, (bl + 1) * SPAN), start, deleted, has_deleted,
+                                    penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_dist,
+                                    pool_next, dbuf)
             start = end
 
 
@@ -333,18 +337,20 @@ def _merge_parallel(n_rows, size, pool_row, pool_dist, out_d, out_r):
 
 
 @njit(nogil=True, cache=True)
-def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts):
-    """Exact top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of
-    n_words words each); queries: (Q, n_words) of the segments' word type. Returns
-    (distances, rows) of shape (Q, k), nearest first, ties by row, -1 where fewer than k rows
-    exist."""
+def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
+                seed):
+    """Top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of n_words
+    words each); queries: (Q, n_words) of the segments' word type; seed: per query, only
+    rows at distance < seed are taken (bits + 1: all). Returns (distances, rows) of shape
+    (Q, k), nearest first, ties by row, -1 where fewer than k rows qualify: exact whenever
+    a query got k rows (see ``topk``)."""
     n_q = queries.shape[0]
     pool_row = np.empty((n_parts, n_q, k), dtype=np.int64)
     pool_dist = np.empty((n_parts, n_q, k), dtype=np.int32)
     pool_next = np.empty((n_parts, n_q, k), dtype=np.int32)
     size = np.zeros((n_parts, n_q), dtype=np.int64)
     _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                pool_row, pool_dist, pool_next, size)
+                seed, pool_row, pool_dist, pool_next, size)
     out_d = np.full((n_q, k), -1, dtype=np.int32)
     out_r = np.full((n_q, k), -1, dtype=np.int64)
     if n_q * k * n_parts < 65536:  # a second parallel region costs more than this merge
@@ -355,44 +361,58 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     return out_d, out_r
 
 
+@njit(inline="always", cache=True)
+def _collect(tile, n_words, q, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t, radius,
+             offsets, out_rows, out_dist, fill, cap, counts, dbuf):
+    """``_rescan`` for a radius: rows s_lo..s_hi-1 within ``radius``, counted and (``fill``)
+    written at offsets[t, qi], at most ``cap`` of them (0: no cap)."""
+    for s0 in range(s_lo, s_hi, SMALL_BLOCK):
+        s1 = min(s_hi, s0 + SMALL_BLOCK)
+        blk = tile[s0 * n_words:s1 * n_words]
+        dblk = deleted[start + s0:start + s1] if has_deleted else deleted
+        if _span_min(blk, n_words, q, dblk, has_deleted, penalty) > radius:
+            continue
+        nr = _block_distances(blk, n_words, q, dbuf)
+        for jj in range(nr):
+            d = dbuf[jj]
+            if d <= radius and not (has_deleted and dblk[jj] != 0):
+                if fill and (cap == 0 or counts[t, qi] < cap):
+                    p = offsets[t, qi] + counts[t, qi]
+                    out_rows[p] = start + s0 + jj
+                    out_dist[p] = d
+                counts[t, qi] += 1
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, deleted, has_deleted,
                  n_parts, offsets, out_rows, out_dist, fill, cap, counts):
     """Counts (into ``counts``, zeros on entry; fill=False) or writes (fill=True, at
     ``offsets``) the rows within ``radius``; with ``cap`` > 0, at most ``cap`` rows per
-    (thread, query) are written (counts go on)."""
+    (thread, query) are written (counts go on). The walk is ``_topk_parts``' with a fixed
+    threshold."""
     n_q = queries.shape[0]
     penalty = np.int32(bits + 1)
     chunk = (n_rows + n_parts - 1) // n_parts
     for t in prange(n_parts):
         lo = t * chunk
         hi = min(n_rows, lo + chunk)
-        bmin = np.empty((GROUP, TILE // BLOCK), dtype=np.int32)
-        dbuf = np.empty(SUPER * BLOCK, dtype=np.int32)
-        if n_q == 1:  # as in _topk_parts: spans of SUPER blocks over each segment's share
+        dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
+        if n_q == 1:
             q = queries[0]
-            span = SUPER * BLOCK
             start = lo
             while start < hi:
                 tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, hi - start)
                 n = end - start
-                for s0 in range(0, n, span):
-                    s1 = min(n, s0 + span)
-                    blk = tile[s0 * n_words:s1 * n_words]
+                for s0 in range(0, n, SPAN):
+                    s1 = min(n, s0 + SPAN)
                     dblk = deleted[start + s0:start + s1] if has_deleted else deleted
-                    if _span_min(blk, n_words, q, dblk, has_deleted, penalty) > radius:
-                        continue
-                    nr = _block_distances(blk, n_words, q, dbuf)
-                    for jj in range(nr):
-                        d = dbuf[jj]
-                        if d <= radius and not (has_deleted and dblk[jj] != 0):
-                            if fill and (cap == 0 or counts[t, 0] < cap):
-                                p = offsets[t, 0] + counts[t, 0]
-                                out_rows[p] = start + s0 + jj
-                                out_dist[p] = d
-                            counts[t, 0] += 1
+                    if _span_min(tile[s0 * n_words:s1 * n_words], n_words, q, dblk, has_deleted,
+                                 penalty) <= radius:
+                        _collect(tile, n_words, q, 0, s0, s1, start, deleted, has_deleted, penalty,
+                                 t, radius, offsets, out_rows, out_dist, fill, cap, counts, dbuf)
                 start = end
             continue
+        bmin = np.empty((GROUP, TILE // SPAN), dtype=np.int32)
         start = lo
         while start < hi:
             tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, TILE)
@@ -400,25 +420,15 @@ def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, delete
                 ng = min(GROUP, n_q - g)
                 nblocks = _block_mins(tile, n_words, queries, g, ng,
                                       deleted[start:end] if has_deleted else deleted, has_deleted,
-                                      penalty, bmin, BLOCK)
+                                      penalty, bmin, SPAN)
                 for j in range(ng):
                     qi = g + j
-                    q = queries[qi]
                     for bl in range(nblocks):
-                        if bmin[j, bl] > radius:
-                            continue
-                        r0 = start + bl * BLOCK
-                        nr = _block_distances(tile[bl * BLOCK * n_words:min(end - start, (bl + 1) * BLOCK) * n_words],
-                                              n_words, q, dbuf)
-                        for jj in range(nr):
-                            i = r0 + jj
-                            d = dbuf[jj]
-                            if d <= radius and not (has_deleted and deleted[i] != 0):
-                                if fill and (cap == 0 or counts[t, qi] < cap):
-                                    p = offsets[t, qi] + counts[t, qi]
-                                    out_rows[p] = i
-                                    out_dist[p] = d
-                                counts[t, qi] += 1
+                        if bmin[j, bl] <= radius:
+                            _collect(tile, n_words, queries[qi], qi, bl * SPAN,
+                                     min(end - start, (bl + 1) * SPAN), start, deleted, has_deleted,
+                                     penalty, t, radius, offsets, out_rows, out_dist, fill, cap,
+                                     counts, dbuf)
             start = end
 
 
@@ -428,20 +438,26 @@ def _parts(n_rows: int) -> int:
 
 class threads_used:
     """``with threads_used(n):`` run the scan on n threads (numba's setting is per calling
-    thread, so other threads' scans are unaffected); None keeps NUMBA_NUM_THREADS."""
+    thread, so other threads' scans are unaffected); None keeps the current setting
+    (NUMBA_NUM_THREADS unless changed). With ``rows``, no more threads than that many rows
+    have tiles: an idle thread still has to be woken and joined (~0.07 ms here with passive
+    OpenMP threads, more than a scan of a few thousand codes)."""
 
-    def __init__(self, n):
+    def __init__(self, n, rows: int | None = None):
         from hashret.errors import check, is_integer
 
         top = numba.config.NUMBA_NUM_THREADS
         ok = n is None or (is_integer(n) and 1 <= n <= top)
         check(ok, f"threads must be an integer in [1, {top}] (NUMBA_NUM_THREADS), got {n!r}")
-        self.n = n
+        self.n, self.rows = n, rows
 
     def __enter__(self):
         self.prev = numba.get_num_threads()
-        if self.n is not None:
-            numba.set_num_threads(int(self.n))
+        n = self.prev if self.n is None else int(self.n)
+        if self.rows is not None:
+            n = max(1, min(n, (self.rows + TILE - 1) // TILE))
+        if n != self.prev:
+            numba.set_num_threads(n)
 
     def __exit__(self, *exc):
         numba.set_num_threads(self.prev)
@@ -491,21 +507,74 @@ def _scan_args(segs: Segments, queries, deleted):
     return np.ascontiguousarray(queries), dmask, has_del
 
 
+SAMPLE_EVERY = 64  # the seeding sample: one block of SMALL_BLOCK rows in every SAMPLE_EVERY
+
+
 def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
          deleted: np.ndarray | None = None, threads: int | None = None):
-    """Top-k of ``queries`` ((Q, n_words), the segments' word type: uint8/16/32 for codes of
-    up to 4 bytes, else uint64) over ``segs``."""
+    """Exact top-k of ``queries`` ((Q, n_words), the segments' word type: uint8/16/32 for
+    codes of up to 4 bytes, else uint64) over ``segs``.
+
+    A scan's running k-th distance starts at "anything" and tightens only as rows arrive,
+    so with a large k most of the early blocks are re-scanned and most of their rows inserted
+    and evicted again. Where k is large, a scan of a 1/64 block sample first gives each query
+    a *seed*: the distance below which about k rows lie. The full scan then takes
+    only rows under it. A seed is a guess, so the answer is checked: a query that got k rows
+    under its seed has its exact top-k (every one of its k nearest lies under the seed, and
+    each thread kept its own nearest of those); a query that got fewer is scanned again
+    unseeded."""
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
-    with threads_used(threads):
-        return topk_kernel(segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, k, bits,
-                           dmask, has_del, _parts(segs.n_rows))
+    with threads_used(threads, segs.n_rows):
+        parts = _parts(segs.n_rows)
+        unseeded = np.full(len(queries), bits + 1, dtype=np.int32)
+        seed = _seeds(segs, queries, k, bits, dmask, has_del, parts)
+        args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words)
+        if seed is None:
+            return topk_kernel(*args, queries, k, bits, dmask, has_del, parts, unseeded)
+        dist, rows = topk_kernel(*args, queries, k, bits, dmask, has_del, parts, seed)
+        short = np.flatnonzero(rows[:, -1] < 0)
+        if len(short):
+            dist[short], rows[short] = topk_kernel(*args, queries[short], k, bits, dmask, has_del,
+                                                   parts, unseeded[short])
+        return dist, rows
+
+
+def _seeds(segs: Segments, queries, k, bits, dmask, has_del, parts):
+    """Per query, one more than the distance of the sample's (k / SAMPLE_EVERY + 4)-th
+    nearest row; None where seeding would not pay (small k, or too few rows)."""
+    # a lone query's scan is bound by reading the codes, and its re-scans hit cache: the
+    # sample's extra pass and parallel region cost it more than they save (measured: k=1000
+    # at 10^7 codes, 4.5 ms seeded vs 3.5 ms not)
+    if len(queries) < GROUP or k < 64 or segs.n_rows < max(64 * k, 16 * SMALL_BLOCK * SAMPLE_EVERY):
+        return None
+    span = SMALL_BLOCK * SAMPLE_EVERY
+    picks, rows = [], []
+    for s, a in enumerate(segs.arrays):
+        m = min(len(a), segs.n_rows - s * segs.seg_rows)
+        whole = m - m % span
+        picks.append(a[:whole].reshape(-1, SAMPLE_EVERY, SMALL_BLOCK, segs.n_words)[:, 0]
+                     .reshape(-1, segs.n_words))
+        if has_del:
+            local = (np.arange(0, whole, span)[:, None] + np.arange(SMALL_BLOCK)).ravel()
+            rows.append(s * segs.seg_rows + local)
+    sample = np.concatenate(picks)
+    k_s = k // SAMPLE_EVERY + 4
+    if len(sample) < 8 * k_s:  # segments shorter than a sample span
+        return None
+    smask = dmask[np.concatenate(rows)] if has_del else dmask
+    d, _ = topk_kernel(np.array([sample.ctypes.data], dtype=np.int64), max(len(sample), 1),
+                       len(sample), segs.n_words, queries, k_s, bits, smask, has_del,
+                       _parts(len(sample)), np.full(len(queries), bits + 1, dtype=np.int32))
+    seed = d[:, -1] + 1
+    seed[d[:, -1] < 0] = bits + 1  # too few sampled rows alive: no seed
+    return seed.astype(np.int32)
 
 
 def range_search(segs: Segments, queries, radius, bits, deleted=None, threads: int | None = None):
     """All rows within ``radius`` of each query: (lims, distances, rows), faiss' layout
     (query i's results are [lims[i], lims[i+1])), each query's results by (distance, row)."""
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
-    with threads_used(threads):
+    with threads_used(threads, segs.n_rows):
         return _range_search(segs, queries, radius, bits, dmask, has_del)
 
 
@@ -579,41 +648,35 @@ def _roof_kernel(block, queries, reps, parts, out):
         out[t] = acc
 
 
-def read_floor_seconds(words: np.ndarray, threads: int | None = None, repeats: int = 11) -> float:
-    """Fastest of ``repeats`` plain multi-threaded reads (XOR-reduce) of ``words``: the floor
-    for one query, which must read every code once. The fastest, not the median: a limit is
-    what the hardware can do, and on a shared host the median drifts with other tenants."""
-    import time
-
+def read_probe(words: np.ndarray, threads: int | None = None):
+    """A callable that reads every word of ``words`` once (an XOR-reduce on ``threads``
+    threads, one parallel region like the scan's): the floor for one query, which must read
+    every code once."""
     flat = words.reshape(-1)
-    with threads_used(threads):
-        parts = numba.get_num_threads()
-        acc = np.zeros(parts, dtype=np.uint64)
-        _read_kernel(flat[:1024], parts, acc)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            _read_kernel(flat, parts, acc)
-            times.append(time.perf_counter() - t)
-    return float(np.min(times))
+    acc = np.zeros(numba.config.NUMBA_NUM_THREADS, dtype=np.uint64)
+
+    def run():
+        with threads_used(threads):
+            _read_kernel(flat, numba.get_num_threads(), acc)
+
+    _read_kernel(flat[:1024], 1, acc)  # compile or load outside any timing
+    return run
 
 
-def popcount_roof(threads: int | None = None, repeats: int = 11) -> float:
-    """Word-distances per second the scan's inner loop reaches with nothing around it (the
-    fastest of ``repeats``): the roof for batched queries (a code of w words costs w)."""
-    import time
-
+def roof_probe(word_distances: float, threads: int | None = None):
+    """A callable that does about ``word_distances`` XOR + popcount + minimum steps (64-bit
+    words, 4 queries per load, an L1-resident block) on ``threads`` threads: the scan's inner
+    loop with nothing around it, the roof for batched queries (a code of w words costs w)."""
     rng = np.random.default_rng(0)
     block = rng.integers(0, 2**63, size=TILE, dtype=np.uint64)
     queries = rng.integers(0, 2**63, size=4, dtype=np.uint64)
-    reps = 4000
-    with threads_used(threads):
-        parts = numba.get_num_threads()
-        out = np.zeros(parts, dtype=np.uint64)
-        _roof_kernel(block, queries, 1, parts, out)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
+    out = np.zeros(numba.config.NUMBA_NUM_THREADS, dtype=np.uint64)
+
+    def run():
+        with threads_used(threads):
+            parts = numba.get_num_threads()
+            reps = max(1, int(round(word_distances / (parts * TILE * 4))))
             _roof_kernel(block, queries, reps, parts, out)
-            times.append(time.perf_counter() - t)
-    return parts * reps * TILE * 4 / float(np.min(times))
+
+    _roof_kernel(block, queries, 1, 1, out)
+    return run

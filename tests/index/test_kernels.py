@@ -215,3 +215,50 @@ def test_range_search_that_overflows_its_one_pass_buffers_is_still_exact():
             rows = rows[np.lexsort((rows, full[i][rows]))]
             np.testing.assert_array_equal(ids[lims[i]:lims[i + 1]], rows)
             np.testing.assert_array_equal(dist[lims[i]:lims[i + 1]], full[i][rows])
+
+
+def test_seeded_scans_equal_brute_force_and_fall_back_when_a_seed_is_too_tight(tmp_path):
+    # k >= 64 with a batch over >= 65,536 rows: a 1/64 block sample seeds each query's
+    # threshold; ties, removals (sampled rows among them) and LMDB chunks must not matter
+    from hashret.index import kernels
+
+    rng = np.random.default_rng(12)
+    pool = rng.integers(0, 256, size=(500, 8), dtype=np.uint8)
+    db = pool[rng.integers(0, len(pool), size=70000)]
+    q = rng.integers(0, 256, size=(9, 8), dtype=np.uint8)
+    removed = np.concatenate([np.arange(0, 70000, 97), np.arange(4096, 4096 + 64)])
+    words = np.ascontiguousarray(db).view(np.uint64)
+    assert kernels._seeds(kernels.Segments.of(words), q.view(np.uint64), 100, 64,
+                          np.zeros(1, np.uint8), False, 2) is not None  # the path is taken
+    index = HashIndex(64)
+    index.add(db)
+    index.remove(removed)
+    with HashIndex.create(tmp_path / "ix", 64, chunk_size=5000) as on_disk:
+        on_disk.add(db)
+        on_disk.remove(removed)
+    with HashIndex.open(tmp_path / "ix") as back:
+        for ix in (index, back):
+            for k in (64, 100, 1000):
+                d, ids = ix.search(q, k)
+                bd, br = brute_topk(db, q, k, removed)
+                np.testing.assert_array_equal(d, bd)
+                np.testing.assert_array_equal(ids, br)
+
+    # a sample that is not like the rest: its k_s rows at distance 1 and nothing else near, so
+    # the seed admits fewer than k rows and every query is scanned again without one
+    far = np.full((140000, 8), 0xFF, dtype=np.uint8)
+    qq = np.zeros((4, 8), dtype=np.uint8)
+    k = 2000
+    sampled = (np.arange(0, 140000 - 140000 % 4096, 4096)[:, None] + np.arange(64)).ravel()
+    near = sampled[:: len(sampled) // (k // 64 + 4)][: k // 64 + 4]
+    far[near] = 0
+    far[near, 0] = 1
+    seed = kernels._seeds(kernels.Segments.of(far.view(np.uint64)), qq.view(np.uint64), k, 64,
+                          np.zeros(1, np.uint8), False, 2)
+    assert (seed == 2).all()  # the seed's guess: fewer than k rows lie under it
+    index = HashIndex(64)
+    index.add(far)
+    d, ids = index.search(qq, k)
+    bd, br = brute_topk(far, qq, k)
+    np.testing.assert_array_equal(d, bd)
+    np.testing.assert_array_equal(ids, br)
