@@ -7,13 +7,15 @@
 
 Random codes; k = 10 and 1000, and radius search (the radius within which ~100 random codes
 lie; 1 and 100 queries); 1, 100 and 1000 queries; medians over --repeats runs, and
-the ratio of each peer's median to hashret's (> 1: hashret is faster). Beside each figure, in
-the same run, the machine's limit for it: the read floor (a plain multi-threaded read of the
-same codes, which one query must read once) and the popcount roof (the scan's inner loop over
-a cache-resident block, word-distances/s), each the fastest of 11 runs (a limit is what the
-hardware can do; hashret's and faiss' figures are medians, so the share is conservative);
-"of limit" = the larger of the two times divided by hashret's median. OMP_WAIT_POLICY defaults to PASSIVE (see below). --threads 1,2 adds a one-thread row for each cell. Every hashret result
-is checked against numpy's (ids, ties by row) or faiss' (distances) before it is timed.
+the ratio of each peer's median to hashret's (> 1: hashret is faster). Beside each figure, the
+machine's limit for that cell, timed alternately with hashret (run for run, so both see the
+same moments of a shared host): the read floor (a plain multi-threaded read of the same codes,
+which one query must read once) or the popcount roof (the scan's inner loop over an
+L1-resident block, 4 queries per load, for as many word-distances as the cell computes),
+whichever takes longer. "of limit" = the limit's median / hashret's median. OMP_WAIT_POLICY
+defaults to PASSIVE (see below). Threads: 1 and NUMBA_NUM_THREADS by default (--threads).
+Every hashret result is checked against numpy's (ids, ties by row) or faiss' (distances)
+before it is timed.
 Then LMDB: build throughput (batches of 65,536, one transaction each) and the time to open
 the largest index.
 
@@ -47,19 +49,29 @@ from hashret.index import HashIndex  # noqa: E402
 from hashret.index import kernels  # noqa: E402
 
 
-def median_ms(fn, repeats):
-    """Median of ``repeats`` runs; 3 where one run takes over half a second (keeps the grid's
-    1,000-query cells within minutes)."""
-    t = time.perf_counter()
-    fn()
-    times = [time.perf_counter() - t]
-    if times[0] > 0.5:
-        repeats = 3
-    for _ in range(repeats - 1):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
+def median_ms(*fns, repeats):
+    """Medians (ms) of ``repeats`` rounds in which each of ``fns`` runs once, in turn; 3
+    rounds where one round takes over half a second (keeps the grid's 1,000-query cells
+    within minutes). Alternating keeps a shared host's slow moments from landing on one side."""
+    times = [[] for _ in fns]
+    for r in range(repeats):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        if r == 0 and sum(ts[0] for ts in times) > 0.5:
+            repeats = 3
+        if r + 1 >= repeats:
+            break
+    return [float(np.median(ts)) * 1e3 for ts in times]
+
+
+def limit_probe(floors, roof_rate, words, n_word_distances, threads):
+    """(name, probe) of the limit that binds a cell: the read of every code (a lone query) or
+    the popcount roof for the cell's word-distances (batches), whichever takes longer."""
+    if floors[threads] >= n_word_distances / roof_rate[threads]:
+        return "read", kernels.read_probe(words, threads)
+    return "roof", kernels.roof_probe(n_word_distances, threads)
 
 
 def numpy_topk(db, q, k):
@@ -141,8 +153,14 @@ def main():
         if faiss is not None:
             fidx = faiss.IndexBinaryFlat(bits)
             fidx.add(db)
-        limits = {t: (kernels.read_floor_seconds(index._words[:n], t), kernels.popcount_roof(t))
-                  for t in thread_counts}
+        words = index._words[:n]
+        # which limit binds a cell: rough estimates (fastest of 5) decide, then each cell times
+        # its binding limit alternately with hashret
+        floors, roof_rate = {}, {}
+        for t in thread_counts:
+            read, roof = kernels.read_probe(words, t), kernels.roof_probe(2e8, t)
+            floors[t] = min(median_ms(read, repeats=1)[0] for _ in range(5)) / 1e3
+            roof_rate[t] = 2e8 / (min(median_ms(roof, repeats=1)[0] for _ in range(5)) / 1e3)
         for nq in nqs:
             q = queries[:nq]
             for k in ks:
@@ -155,18 +173,16 @@ def main():
                     fd, _ = fidx.search(q, k)
                     assert (fd == d).all(), "hashret's distances differ from faiss'"
                 for t in thread_counts:
-                    floor_s, roof = limits[t]
-                    roof_s = n * nq * index.n_words / roof
-                    rec = {"n": n, "bits": bits, "queries": nq, "k": k, "threads": t,
-                           "read_floor_ms": floor_s * 1e3, "roof_ms": roof_s * 1e3,
-                           "roof_g_word_distances_per_s": roof / 1e9}
-                    rec["hashret_ms"] = median_ms(lambda: index.search(q, k, threads=t), args.repeats)
-                    rec["of_limit"] = max(floor_s, roof_s) * 1e3 / rec["hashret_ms"]
+                    rec = {"n": n, "bits": bits, "queries": nq, "k": k, "threads": t}
+                    rec.update(_timed(lambda: index.search(q, k, threads=t),
+                                      limit_probe(floors, roof_rate, words, n * nq * index.n_words, t),
+                                      args.repeats))
                     if fidx is not None:
                         faiss.omp_set_num_threads(t)
-                        rec["faiss_ms"] = median_ms(lambda: fidx.search(q, k), args.repeats)
+                        rec["faiss_ms"] = median_ms(lambda: fidx.search(q, k), repeats=args.repeats)[0]
                     if run_np and t == thread_counts[-1]:
-                        rec["numpy_ms"] = median_ms(lambda: numpy_topk(db, q, k), max(1, args.repeats // 3))
+                        rec["numpy_ms"] = median_ms(lambda: numpy_topk(db, q, k),
+                                                    repeats=max(1, args.repeats // 3))[0]
                     records.append(rec)
                     rows.append(rec)
                     print(_row(rec), flush=True)
@@ -178,15 +194,15 @@ def main():
                 flims, _, _ = fidx.range_search(q, radius + 1)  # faiss counts distances < radius
                 assert (np.diff(flims) == np.diff(lims)).all(), "radius counts differ from faiss'"
             for t in thread_counts:
-                floor_s, roof = limits[t]
-                roof_s = n * nq * index.n_words / roof
                 rec = {"n": n, "bits": bits, "queries": nq, "k": f"r<={radius}", "threads": t,
-                       "read_floor_ms": floor_s * 1e3, "roof_ms": roof_s * 1e3, "found": int(lims[-1])}
-                rec["hashret_ms"] = median_ms(lambda: index.range_search(q, radius, threads=t), args.repeats)
-                rec["of_limit"] = max(floor_s, roof_s) * 1e3 / rec["hashret_ms"]
+                       "found": int(lims[-1])}
+                rec.update(_timed(lambda: index.range_search(q, radius, threads=t),
+                                  limit_probe(floors, roof_rate, words, n * nq * index.n_words, t),
+                                  args.repeats))
                 if fidx is not None:
                     faiss.omp_set_num_threads(t)
-                    rec["faiss_ms"] = median_ms(lambda: fidx.range_search(q, radius + 1), args.repeats)
+                    rec["faiss_ms"] = median_ms(lambda: fidx.range_search(q, radius + 1),
+                                                repeats=args.repeats)[0]
                 records.append(rec)
                 rows.append(rec)
                 print(_row(rec), flush=True)
@@ -229,7 +245,7 @@ def lmdb_figures(db, bits, batch=65536):
                 HashIndex.open(tmp / m).close()
 
             load()  # warm the page cache: the figure is the warm open-and-load
-            out[f"open_and_load_{mode}_ms"] = median_ms(load, 5)
+            out[f"open_and_load_{mode}_ms"] = median_ms(load, repeats=5)[0]
             with HashIndex.open(tmp / mode) as r:
                 assert len(r) == len(db) and np.array_equal(r.packed_codes(np.arange(1000)), db[:1000])
                 t = time.perf_counter()
@@ -338,9 +354,17 @@ def _radius_for(n, bits, found):
     return max(r, 0)
 
 
+def _timed(search, limit, repeats):
+    """hashret's median and its limit's, timed alternately."""
+    name, probe = limit
+    ours, lim = median_ms(search, probe, repeats=repeats)
+    return {"hashret_ms": ours, "limit": name, "limit_ms": lim, "of_limit": lim / ours}
+
+
 def _row(r):
     parts = [f"N={r['n']:>10,} bits={r['bits']:>3} Q={r['queries']:>3} k={r['k']!s:>5} t={r['threads']}:",
-             f"hashret {r['hashret_ms']:9.2f} ms ({r['of_limit']:4.0%} of limit)"]
+             f"hashret {r['hashret_ms']:9.2f} ms ({r['of_limit']:4.0%} of the {r['limit']} limit, "
+             f"{r['limit_ms']:.2f} ms)"]
     for peer in ("faiss", "numpy"):
         if f"{peer}_ms" in r:
             parts.append(f"{peer} {r[f'{peer}_ms']:9.2f} ms ({r[f'{peer}_ms'] / r['hashret_ms']:5.1f}x)")
@@ -348,14 +372,14 @@ def _row(r):
 
 
 def _table(rows):
-    lines = ["| N | bits | queries | k | threads | read floor ms | popcount roof ms | hashret ms | of limit "
+    lines = ["| N | bits | queries | k | threads | limit | limit ms | hashret ms | of limit "
              "| faiss ms | faiss / hashret | numpy ms | numpy / hashret |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r.get("faiss_ms")
         npm = r.get("numpy_ms")
         lines.append(f"| {r['n']:,} | {r['bits']} | {r['queries']} | {r['k']} | {r['threads']} | "
-                     f"{r['read_floor_ms']:.2f} | {r['roof_ms']:.2f} | {r['hashret_ms']:.2f} | {r['of_limit']:.0%} | "
+                     f"{r['limit']} | {r['limit_ms']:.2f} | {r['hashret_ms']:.2f} | {r['of_limit']:.0%} | "
                      + (f"{f:.2f} | {f / r['hashret_ms']:.1f}x | " if f else "– | – | ")
                      + (f"{npm:.1f} | {npm / r['hashret_ms']:.0f}x |" if npm else "– | – |"))
     return "\n".join(lines)

@@ -177,6 +177,7 @@ class HashIndex:
         self._idmap = _IdMap()  # explicit id -> row; after open, built on first use
         self._tomb = bitarray()
         self._deleted_mask = None
+        self._segs = None  # in memory: the scan's view of _words, until rows change
         self._items: dict = {}
         self._store: LMDBStore | None = None
         self._snap = None  # on disk: the snapshot scans read
@@ -388,7 +389,10 @@ class HashIndex:
     def _scan(self, fn):
         """fn(segments, deleted mask, ids_of_rows) over one consistent state of the index."""
         if self._store is None:
-            return fn(kernels.Segments.of(self._words, self._n), self._deleted(), self._ids_of_rows)
+            segs = self._segs
+            if segs is None or segs.n_rows != self._n or segs.arrays[0] is not self._words:
+                segs = self._segs = kernels.Segments.of(self._words, self._n)
+            return fn(segs, self._deleted(), self._ids_of_rows)
         return self._with_snapshot(lambda snap: fn(snap.segments, snap.deleted_mask(), snap.ids_of_rows))
 
     def search(self, queries, k: int, threads: int | None = None):

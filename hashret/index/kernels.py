@@ -432,8 +432,9 @@ def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, delete
             start = end
 
 
-def _parts(n_rows: int) -> int:
-    return max(1, min(numba.get_num_threads(), (n_rows + TILE - 1) // TILE))
+def _parts(n_rows: int, threads: int) -> int:
+    """Threads that get rows: no more than there are tiles."""
+    return max(1, min(threads, (n_rows + TILE - 1) // TILE))
 
 
 class threads_used:
@@ -451,16 +452,21 @@ class threads_used:
         check(ok, f"threads must be an integer in [1, {top}] (NUMBA_NUM_THREADS), got {n!r}")
         self.n, self.rows = n, rows
 
-    def __enter__(self):
+    def __enter__(self) -> int:
+        """The thread count in force. (numba's get/set_num_threads take a lock, ~5 us each,
+        so neither is called more than needed.)"""
         self.prev = numba.get_num_threads()
         n = self.prev if self.n is None else int(self.n)
         if self.rows is not None:
-            n = max(1, min(n, (self.rows + TILE - 1) // TILE))
+            n = _parts(self.rows, n)
         if n != self.prev:
             numba.set_num_threads(n)
+        self.set = n
+        return n
 
     def __exit__(self, *exc):
-        numba.set_num_threads(self.prev)
+        if self.set != self.prev:
+            numba.set_num_threads(self.prev)
 
 
 class Segments:
@@ -524,8 +530,7 @@ def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
     each thread kept its own nearest of those); a query that got fewer is scanned again
     unseeded."""
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
-    with threads_used(threads, segs.n_rows):
-        parts = _parts(segs.n_rows)
+    with threads_used(threads, segs.n_rows) as parts:
         unseeded = np.full(len(queries), bits + 1, dtype=np.int32)
         seed = _seeds(segs, queries, k, bits, dmask, has_del, parts)
         args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words)
@@ -564,7 +569,7 @@ def _seeds(segs: Segments, queries, k, bits, dmask, has_del, parts):
     smask = dmask[np.concatenate(rows)] if has_del else dmask
     d, _ = topk_kernel(np.array([sample.ctypes.data], dtype=np.int64), max(len(sample), 1),
                        len(sample), segs.n_words, queries, k_s, bits, smask, has_del,
-                       _parts(len(sample)), np.full(len(queries), bits + 1, dtype=np.int32))
+                       _parts(len(sample), parts), np.full(len(queries), bits + 1, dtype=np.int32))
     seed = d[:, -1] + 1
     seed[d[:, -1] < 0] = bits + 1  # too few sampled rows alive: no seed
     return seed.astype(np.int32)
@@ -574,15 +579,15 @@ def range_search(segs: Segments, queries, radius, bits, deleted=None, threads: i
     """All rows within ``radius`` of each query: (lims, distances, rows), faiss' layout
     (query i's results are [lims[i], lims[i+1])), each query's results by (distance, row)."""
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
-    with threads_used(threads, segs.n_rows):
-        return _range_search(segs, queries, radius, bits, dmask, has_del)
+    with threads_used(threads, segs.n_rows) as parts:
+        return _range_search(segs, queries, radius, bits, dmask, has_del, parts)
 
 
-def _range_search(segs, queries, radius, bits, dmask, has_del):
+def _range_search(segs, queries, radius, bits, dmask, has_del, parts):
     """One pass into per-(thread, query) buffers of ``cap`` rows; where one overflows (a
     radius that finds many rows), a second, exact pass: count, then fill at known offsets."""
     args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, radius, bits, dmask, has_del)
-    parts, nq = _parts(segs.n_rows), len(queries)
+    nq = len(queries)
     cap = int(max(64, min(4096, (1 << 21) // (parts * nq))))
     offsets = (np.arange(parts * nq, dtype=np.int64) * cap).reshape(parts, nq)
     buf_rows = np.empty(parts * nq * cap, dtype=np.int64)
@@ -656,8 +661,8 @@ def read_probe(words: np.ndarray, threads: int | None = None):
     acc = np.zeros(numba.config.NUMBA_NUM_THREADS, dtype=np.uint64)
 
     def run():
-        with threads_used(threads):
-            _read_kernel(flat, numba.get_num_threads(), acc)
+        with threads_used(threads) as parts:
+            _read_kernel(flat, parts, acc)
 
     _read_kernel(flat[:1024], 1, acc)  # compile or load outside any timing
     return run
@@ -673,8 +678,7 @@ def roof_probe(word_distances: float, threads: int | None = None):
     out = np.zeros(numba.config.NUMBA_NUM_THREADS, dtype=np.uint64)
 
     def run():
-        with threads_used(threads):
-            parts = numba.get_num_threads()
+        with threads_used(threads) as parts:
             reps = max(1, int(round(word_distances / (parts * TILE * 4))))
             _roof_kernel(block, queries, reps, parts, out)
 
