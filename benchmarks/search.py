@@ -50,19 +50,22 @@ from hashret.index import kernels  # noqa: E402
 
 
 def median_ms(*fns, repeats):
-    """Medians (ms) of ``repeats`` rounds in which each of ``fns`` runs once, in turn; 3
-    rounds where one round takes over half a second (keeps the grid's 1,000-query cells
-    within minutes). Alternating keeps a shared host's slow moments from landing on one side."""
+    """Medians (ms) of ``repeats`` rounds in which each of ``fns`` runs once, in turn.
+    Alternating keeps a shared host's slow moments from landing on one side. Rounds that
+    take milliseconds are repeated until about 0.3 s is spent (at most 41: a median of 5
+    few-ms runs moved by a third between runs here); 3 rounds where one takes over half a
+    second (keeps the grid's 1,000-query cells within minutes)."""
     times = [[] for _ in fns]
-    for r in range(repeats):
+    r = 0
+    while r < repeats:
         for fn, ts in zip(fns, times):
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
-        if r == 0 and sum(ts[0] for ts in times) > 0.5:
-            repeats = 3
-        if r + 1 >= repeats:
-            break
+        if r == 0:
+            first = sum(ts[0] for ts in times)
+            repeats = 3 if first > 0.5 else max(repeats, min(41, int(0.3 / max(first, 1e-6))))
+        r += 1
     return [float(np.median(ts)) * 1e3 for ts in times]
 
 
@@ -154,13 +157,13 @@ def main():
             fidx = faiss.IndexBinaryFlat(bits)
             fidx.add(db)
         words = index._words[:n]
-        # which limit binds a cell: rough estimates (fastest of 5) decide, then each cell times
-        # its binding limit alternately with hashret
+        # which limit binds a cell: estimates decide, then each cell times its binding limit
+        # alternately with hashret
         floors, roof_rate = {}, {}
         for t in thread_counts:
-            read, roof = kernels.read_probe(words, t), kernels.roof_probe(2e8, t)
-            floors[t] = min(median_ms(read, repeats=1)[0] for _ in range(5)) / 1e3
-            roof_rate[t] = 2e8 / (min(median_ms(roof, repeats=1)[0] for _ in range(5)) / 1e3)
+            read_ms, roof_ms = median_ms(kernels.read_probe(words, t), kernels.roof_probe(2e8, t),
+                                         repeats=5)
+            floors[t], roof_rate[t] = read_ms / 1e3, 2e8 / (roof_ms / 1e3)
         for nq in nqs:
             q = queries[:nq]
             for k in ks:

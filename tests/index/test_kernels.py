@@ -238,11 +238,12 @@ def test_seeded_scans_equal_brute_force_and_fall_back_when_a_seed_is_too_tight(t
         on_disk.remove(removed)
     with HashIndex.open(tmp_path / "ix") as back:
         for ix in (index, back):
-            for k in (64, 100, 1000):
-                d, ids = ix.search(q, k)
-                bd, br = brute_topk(db, q, k, removed)
-                np.testing.assert_array_equal(d, bd)
-                np.testing.assert_array_equal(ids, br)
+            for qq, ks in ((q, (64, 100, 1000)), (q[:1], (600,))):  # a lone query seeds >= 512
+                for k in ks:
+                    d, ids = ix.search(qq, k)
+                    bd, br = brute_topk(db, qq, k, removed)
+                    np.testing.assert_array_equal(d, bd)
+                    np.testing.assert_array_equal(ids, br)
 
     # a sample that is not like the rest: its k_s rows at distance 1 and nothing else near, so
     # the seed admits fewer than k rows and every query is scanned again without one
@@ -262,3 +263,31 @@ def test_seeded_scans_equal_brute_force_and_fall_back_when_a_seed_is_too_tight(t
     bd, br = brute_topk(far, qq, k)
     np.testing.assert_array_equal(d, bd)
     np.testing.assert_array_equal(ids, br)
+
+
+def test_a_lone_query_whose_own_sample_misleads_it_is_scanned_again():
+    # a lone query's threads each sample one 1,024-row span per 65,536 of their own rows
+    # (starting at their first row); near rows only there make every thread's seed too tight
+    import numba
+
+    from hashret.index import kernels
+
+    n, k = 140000, 2000
+    db = np.full((n, 8), 0xFF, dtype=np.uint8)
+    for start in (0, 65536, 131072, 70000, 135536):  # sampled spans with 1 thread and with 2
+        db[start:start + 40] = 0
+        db[start:start + 40, 0] = 1
+    q = np.zeros((1, 8), dtype=np.uint8)
+    words = db.view(np.uint64)
+    for t in ([1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]):
+        segs = kernels.Segments.of(words)
+        _, _, exact = kernels.topk_kernel(segs.addrs, segs.seg_rows, n, 1, q.view(np.uint64), k, 64,
+                                          np.zeros(1, np.uint8), False, t,
+                                          np.full(1, 65, np.int32), True)
+        assert not exact[0]  # the seed admitted 200 rows: the check catches it
+        index = HashIndex(64)
+        index.add(db)
+        d, ids = index.search(q, k, threads=t)
+        bd, br = brute_topk(db, q, k)
+        np.testing.assert_array_equal(d, bd)
+        np.testing.assert_array_equal(ids, br)
