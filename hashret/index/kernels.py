@@ -9,7 +9,8 @@ Exact top-k, ties broken by row number: the database is split into one contiguou
 range per thread; each thread walks its range in cache-sized tiles (a lone query: straight
 through) and, for every query, first computes the minimum distance over each span of rows (a
 vectorisable XOR + popcount + min loop), and only when that minimum beats the query's
-running k-th distance goes back: a minimum per 64 rows of the span, then rows. The running best-k set of a (thread, query) lives in per-distance LIFO buckets: a row
+running k-th distance goes back: a minimum per 64 rows of the span, then rows. The running
+best-k set of a (thread, query) lives in per-distance LIFO buckets: a row
 enters only with a distance below the set's worst, and evicts the most recent (so largest)
 row at the worst distance -- O(1) per insert and exact under (distance, row) order, because
 rows arrive in increasing order. The per-thread sets are merged at the end.
