@@ -40,6 +40,7 @@ SPAN = 1024  # rows per first-level minimum (GROUP queries at once)
 SMALL_BLOCK = 64  # rows per second-level minimum, inside a span that passed, one query
 GROUP = 4    # queries sharing one load of each database word
 SAMPLE_EVERY = 64  # the seeding sample: one block of SMALL_BLOCK rows in every SAMPLE_EVERY
+SEED_MARGIN = 2  # a seed: the (k / SAMPLE_EVERY + SEED_MARGIN)-th nearest sampled row's distance + 1
 
 
 @intrinsic
@@ -89,10 +90,24 @@ def _tile(addrs, seg_rows, n_rows, n_words, start, hi, like, rows):
 
 
 @njit(inline="always", cache=True)
+def _rows(words, n_words):
+    """Rows in a slice of ``words``: shifts for the common widths -- a division by the
+    run-time word count cost ~40 cycles per call, and the second level calls this 16 times
+    per span (it was most of a passing span's cost)."""
+    if n_words == 1:
+        return words.shape[0]
+    if n_words == 2:
+        return words.shape[0] >> 1
+    if n_words == 4:
+        return words.shape[0] >> 2
+    return words.shape[0] // n_words
+
+
+@njit(inline="always", cache=True)
 def _block_distances(blk, n_words, q, out):
     """out[i] = distance of row i of the 1-D slice ``blk`` (vectorised for 1 and 2 words)."""
     _wide()
-    n = blk.shape[0] // n_words
+    n = _rows(blk, n_words)
     if n_words == 1:
         q0 = q[0]
         for i in range(n):
@@ -120,7 +135,7 @@ def _span_min(blk, n_words, q, dblk, has_deleted, penalty):
     """Minimum distance of ``q`` over the rows of the 1-D slice ``blk`` (removed rows count as
     ``penalty``): one vectorised pass, one horizontal reduction."""
     _wide()
-    n = blk.shape[0] // n_words
+    n = _rows(blk, n_words)
     pen = np.uint64(penalty)  # minima stay in uint64 lanes: no narrowing in the hot loop
     m = pen
     if n_words == 1:
@@ -167,7 +182,7 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
     vectorise, loops indexed from a computed offset stayed scalar and ran 5x slower. For
     one-word codes, GROUP queries share each load."""
     _wide()
-    n = tile.shape[0] // n_words
+    n = _rows(tile, n_words)
     nblocks = (n + block - 1) // block
     if n_words == 1:
         a = queries[q0, 0]
@@ -203,8 +218,12 @@ def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmi
         q = queries[q0 + j]
         for bl in range(nblocks):
             lo, hi = bl * block, min(n, (bl + 1) * block)
-            bmin[j, bl] = _span_min(tile[lo * n_words:hi * n_words], n_words, q,
-                                    dtile[lo:hi] if has_deleted else dtile, has_deleted, penalty)
+            if has_deleted:
+                bmin[j, bl] = _span_min(tile[lo * n_words:hi * n_words], n_words, q, dtile[lo:hi],
+                                        True, penalty)
+            else:
+                bmin[j, bl] = _span_min(tile[lo * n_words:hi * n_words], n_words, q, dtile,
+                                        False, penalty)
     return nblocks
 
 
@@ -235,32 +254,52 @@ def _offer(i, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool
 
 
 @njit(inline="always", cache=True)
+def _minima(tile, n_words, q, s_lo, s_hi, block, start, deleted, has_deleted, penalty, mins):
+    """mins[b] = the minimum distance of ``q`` over rows s_lo + b * block.. of ``tile`` (up
+    to s_hi); returns how many. The removed-rows mask is sliced only where there is one:
+    ``deleted[a:b] if has_deleted else deleted`` made a new array reference per call either
+    way, and its reference counting cost more than the minimum of 64 rows."""
+    nb = 0
+    for s0 in range(s_lo, s_hi, block):
+        s1 = min(s_hi, s0 + block)
+        if has_deleted:
+            mins[nb] = _span_min(tile[s0 * n_words:s1 * n_words], n_words, q,
+                                 deleted[start + s0:start + s1], True, penalty)
+        else:
+            mins[nb] = _span_min(tile[s0 * n_words:s1 * n_words], n_words, q, deleted, False,
+                                 penalty)
+        nb += 1
+    return nb
+
+
+@njit(inline="always", cache=True)
 def _rescan(tile, n_words, q, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t, k, bits,
-            thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+            thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf, mins):
     """Rows s_lo..s_hi-1 of ``tile`` (row ``start`` first) whose span minimum beat query qi's
     k-th: each SMALL_BLOCK of them gets its own minimum, and only blocks that beat it too
     are walked row by row."""
-    for s0 in range(s_lo, s_hi, SMALL_BLOCK):
-        s1 = min(s_hi, s0 + SMALL_BLOCK)
-        blk = tile[s0 * n_words:s1 * n_words]
-        dblk = deleted[start + s0:start + s1] if has_deleted else deleted
-        if _span_min(blk, n_words, q, dblk, has_deleted, penalty) >= thr[qi]:
+    nb = _minima(tile, n_words, q, s_lo, s_hi, SMALL_BLOCK, start, deleted, has_deleted, penalty,
+                 mins)
+    for b in range(nb):
+        if mins[b] >= thr[qi]:
             continue
-        nr = _block_distances(blk, n_words, q, dbuf)
+        s0 = s_lo + b * SMALL_BLOCK
+        s1 = min(s_hi, s0 + SMALL_BLOCK)
+        nr = _block_distances(tile[s0 * n_words:s1 * n_words], n_words, q, dbuf)
         for jj in range(nr):
             d = dbuf[jj]
-            if d < thr[qi] and not (has_deleted and dblk[jj] != 0):
+            if d < thr[qi] and not (has_deleted and deleted[start + s0 + jj] != 0):
                 _offer(start + s0 + jj, d, t, qi, k, bits, thr, size, head, cnt,
                        pool_row, pool_dist, pool_next)
 
 
 @njit(inline="always", cache=True)
-def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, k, n_parts, bits, deleted,
+def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, need, bits, deleted,
                has_deleted, dbuf):
     """A lone query's seed for rows lo..hi-1: a histogram of the distances in one span of
     SPAN rows per SAMPLE_EVERY (1/64 of the reads, no copy, no second parallel region),
-    and one more than the distance under which (k / (SAMPLE_EVERY x threads) + 4) of them
-    lie -- about this thread's share of k rows in all. bits + 1 where the sample is short."""
+    and one more than the distance under which ``need`` of them lie (``topk`` asks for about
+    this thread's share of k rows in all). bits + 1 where the sample is short."""
     hist = np.zeros(bits + 2, dtype=np.int64)
     j = lo
     while j + SPAN <= hi:
@@ -272,7 +311,6 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, k, n_parts, bi
                     if not (has_deleted and deleted[b + jj] != 0):
                         hist[dbuf[jj]] += 1
         j += SPAN * SAMPLE_EVERY
-    need = k // (SAMPLE_EVERY * n_parts) + 4
     c = 0
     for d in range(bits + 1):
         c += hist[d]
@@ -283,16 +321,20 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, k, n_parts, bi
 
 @njit(parallel=True, nogil=True, cache=True)  # nogil: a server's event loop runs on during a scan
 def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                seed, lone_seed, used, pool_row, pool_dist, pool_next, size):
-    """Each of ``n_parts`` threads fills its best-k sets over its contiguous rows. One
-    parallel region and nothing allocated outside it: with passive OpenMP threads (how a
-    service sees them) every region costs a wake-up, ~0.1 ms here.
+                seed, used, pool_row, pool_dist, pool_next, size):
+    """Each of ``n_parts`` threads fills its best-k sets over its contiguous rows, a tile at
+    a time. One parallel region and nothing allocated outside it: with passive OpenMP
+    threads (how a service sees them) every region costs a wake-up, ~0.1 ms here.
 
     Two levels of minima: one per SPAN rows (for GROUP queries at once), and, only inside a
     span that beat a query's k-th, one per SMALL_BLOCK rows for that query. The horizontal
     reduction that ends a minimum costs about as much as the popcounts of 64 rows, so
     minima over long spans keep the scan near the popcount roof, and the second level keeps
     a passing span from being walked row by row.
+
+    A lone query has a kernel of its own (``_lone_parts``): with both walks in one function,
+    LLVM compiled this one's second level 4x slower (a passing span cost ~460 ns instead of
+    ~115).
 
     ``used[t, q]``: the threshold thread t started from (its seed), for the exactness check."""
     n_q = queries.shape[0]
@@ -305,28 +347,9 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
         head = np.full((n_q, nb), -1, dtype=np.int32)
         cnt = np.zeros((n_q, nb), dtype=np.int32)
         thr = seed.copy()  # accept d < thr
-        dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
-        if n_q == 1:
-            # one query reads every code once: no tiles, just each segment's share in spans
-            q = queries[0]
-            if lone_seed:
-                thr[0] = min(thr[0], _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi,
-                                                k, n_parts, bits, deleted, has_deleted, dbuf))
-            used[t, 0] = thr[0]
-            start = lo
-            while start < hi:
-                tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, hi - start)
-                n = end - start
-                for s0 in range(0, n, SPAN):
-                    s1 = min(n, s0 + SPAN)
-                    dblk = deleted[start + s0:start + s1] if has_deleted else deleted
-                    if _span_min(tile[s0 * n_words:s1 * n_words], n_words, q, dblk, has_deleted,
-                                 penalty) < thr[0]:
-                        _rescan(tile, n_words, q, 0, s0, s1, start, deleted, has_deleted, penalty,
-                                t, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf)
-                start = end
-            continue
         used[t] = thr
+        dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
+        mins = np.empty(SPAN // SMALL_BLOCK, dtype=np.int32)
         bmin = np.empty((GROUP, TILE // SPAN), dtype=np.int32)
         start = lo
         while start < hi:
@@ -343,7 +366,47 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                             _rescan(tile, n_words, queries[qi], qi, bl * SPAN,
                                     min(end - start, (bl + 1) * SPAN), start, deleted, has_deleted,
                                     penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_dist,
-                                    pool_next, dbuf)
+                                    pool_next, dbuf, mins)
+            start = end
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
+                seed, lone_need, used, pool_row, pool_dist, pool_next, size):
+    """``_topk_parts`` for one query, which reads every code once: no tiles, each thread
+    walks its share of each segment straight through; ``lone_need`` > 0: each thread
+    first seeds itself from its own sample (``_lone_seed``)."""
+    nb = bits + 2
+    penalty = np.int32(bits + 1)
+    chunk = (n_rows + n_parts - 1) // n_parts
+    for t in prange(n_parts):
+        lo = t * chunk
+        hi = min(n_rows, lo + chunk)
+        head = np.full((1, nb), -1, dtype=np.int32)
+        cnt = np.zeros((1, nb), dtype=np.int32)
+        thr = seed.copy()
+        dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
+        mins = np.empty(SPAN // SMALL_BLOCK, dtype=np.int32)
+        smins = np.empty(TILE // SPAN, dtype=np.int32)
+        q = queries[0]
+        if lone_need > 0:
+            thr[0] = min(thr[0], _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi,
+                                            lone_need, bits, deleted, has_deleted, dbuf))
+        used[t, 0] = thr[0]
+        start = lo
+        while start < hi:
+            tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, hi - start)
+            n = end - start
+            for r0 in range(0, n, TILE):
+                r1 = min(n, r0 + TILE)
+                ns = _minima(tile, n_words, q, r0, r1, SPAN, start, deleted, has_deleted,
+                             penalty, smins)
+                for j in range(ns):
+                    if smins[j] < thr[0]:
+                        s0 = r0 + j * SPAN
+                        _rescan(tile, n_words, q, 0, s0, min(r1, s0 + SPAN), start, deleted,
+                                has_deleted, penalty, t, k, bits, thr, size, head, cnt,
+                                pool_row, pool_dist, pool_next, dbuf, mins)
             start = end
 
 
@@ -374,11 +437,11 @@ def _merge_parallel(n_rows, size, pool_row, pool_dist, out_d, out_r):
 
 @njit(nogil=True, cache=True)
 def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                seed, lone_seed):
+                seed, lone_need):
     """Top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of n_words
     words each); queries: (Q, n_words) of the segments' word type; seed: per query, only
-    rows at distance < seed are taken (bits + 1: all); lone_seed: a lone query seeds each
-    thread from its own sample. Returns (distances, rows, exact): (Q, k) nearest first, ties
+    rows at distance < seed are taken (bits + 1: all); lone_need > 0: a lone query seeds
+    each thread from its own sample (see ``_lone_seed``; 0: no). Returns (distances, rows, exact): (Q, k) nearest first, ties
     by row, -1 where fewer than k rows qualify; exact[q] is False where a seed may have cut
     off one of query q's k nearest (see ``topk``)."""
     n_q = queries.shape[0]
@@ -387,8 +450,12 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     pool_next = np.empty((n_parts, n_q, k), dtype=np.int32)
     size = np.zeros((n_parts, n_q), dtype=np.int64)
     used = np.empty((n_parts, n_q), dtype=np.int32)
-    _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                seed, lone_seed, used, pool_row, pool_dist, pool_next, size)
+    if n_q == 1:
+        _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
+                    n_parts, seed, lone_need, used, pool_row, pool_dist, pool_next, size)
+    else:
+        _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
+                    n_parts, seed, used, pool_row, pool_dist, pool_next, size)
     out_d = np.full((n_q, k), -1, dtype=np.int32)
     out_r = np.full((n_q, k), -1, dtype=np.int64)
     if n_q * k * n_parts < 65536:  # a second parallel region costs more than this merge
@@ -575,7 +642,7 @@ def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
     is a guess, so the answer is checked: a thread that kept k rows under its seed kept its
     own k nearest, and one that kept fewer lacks only rows at or above its seed, which
     cannot matter when the merged k-th lies below it; a query where that fails is scanned
-    again unseeded."""
+    again with its seed one higher, and, should that fail too, unseeded."""
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
     with threads_used(threads, segs.n_rows) as parts:
         unseeded = np.full(len(queries), bits + 1, dtype=np.int32)
@@ -583,19 +650,27 @@ def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
         # a lone query: its sample pass paid off at k=1000 (2.4 vs 2.55 ms, 10^7 codes) and
         # cost at k=100 (1.9 vs 1.8 ms)
         lone = len(queries) == 1 and k >= 512 and segs.n_rows >= 64 * k
+        need = k // (SAMPLE_EVERY * parts) + SEED_MARGIN if lone else 0
         args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words)
         dist, rows, exact = topk_kernel(*args, queries, k, bits, dmask, has_del, parts,
-                                        unseeded if seed is None else seed, lone)
+                                        unseeded if seed is None else seed, need)
         again = np.flatnonzero(~exact)
+        if len(again) and seed is not None:
+            # a seed one too low (the sample over-counted its last distance) is the usual
+            # miss: one step up is exact unless that distance is short of rows too
+            up = np.minimum(seed[again] + 1, bits + 1).astype(np.int32)
+            dist[again], rows[again], ok = topk_kernel(*args, queries[again], k, bits, dmask,
+                                                       has_del, parts, up, 0)
+            again = again[~ok]
         if len(again):
             dist[again], rows[again], _ = topk_kernel(*args, queries[again], k, bits, dmask,
-                                                      has_del, parts, unseeded[again], False)
+                                                      has_del, parts, unseeded[again], 0)
         return dist, rows
 
 
 def _seeds(segs: Segments, queries, k, bits, dmask, has_del, parts):
-    """Per query, one more than the distance of the sample's (k / SAMPLE_EVERY + 4)-th
-    nearest row; None where seeding would not pay (small k, or too few rows)."""
+    """Per query, one more than the distance of the sample's (k / SAMPLE_EVERY +
+    SEED_MARGIN)-th nearest row; None where seeding would not pay (small k, or too few rows)."""
     # a lone query's scan is bound by reading the codes, and its re-scans hit cache: the
     # sample's extra pass and parallel region cost it more than they save (measured: k=1000
     # at 10^7 codes, 4.5 ms seeded vs 3.5 ms not)
@@ -613,14 +688,14 @@ def _seeds(segs: Segments, queries, k, bits, dmask, has_del, parts):
         if has_del:
             local = (np.arange(0, ns * span, span)[:, None] + np.arange(SMALL_BLOCK)).ravel()
             rows.append(s * segs.seg_rows + local)
-    k_s = k // SAMPLE_EVERY + 4
+    k_s = k // SAMPLE_EVERY + SEED_MARGIN
     if len(sample) < 8 * k_s:  # segments shorter than a sample span
         return None
     smask = dmask[np.concatenate(rows)] if has_del else dmask
     d, _, _ = topk_kernel(np.array([sample.ctypes.data], dtype=np.int64), max(len(sample), 1),
                           len(sample), segs.n_words, queries, k_s, bits, smask, has_del,
                           _parts(len(sample), parts), np.full(len(queries), bits + 1, dtype=np.int32),
-                          False)
+                          0)
     seed = d[:, -1] + 1
     seed[d[:, -1] < 0] = bits + 1  # too few sampled rows alive: no seed
     return seed.astype(np.int32)

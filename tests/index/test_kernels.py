@@ -246,12 +246,14 @@ def test_seeded_scans_equal_brute_force_and_fall_back_when_a_seed_is_too_tight(t
                     np.testing.assert_array_equal(ids, br)
 
     # a sample that is not like the rest: its k_s rows at distance 1 and nothing else near, so
-    # the seed admits fewer than k rows and every query is scanned again without one
+    # the seed admits fewer than k rows, and so does the seed one higher: every query is
+    # scanned a third time, without one
     far = np.full((140000, 8), 0xFF, dtype=np.uint8)
     qq = np.zeros((4, 8), dtype=np.uint8)
     k = 2000
     sampled = (np.arange(0, 140000 - 140000 % 4096, 4096)[:, None] + np.arange(64)).ravel()
-    near = sampled[:: len(sampled) // (k // 64 + 4)][: k // 64 + 4]
+    k_s = k // kernels.SAMPLE_EVERY + kernels.SEED_MARGIN
+    near = sampled[:: len(sampled) // k_s][:k_s]
     far[near] = 0
     far[near, 0] = 1
     seed = kernels._seeds(kernels.Segments.of(far.view(np.uint64)), qq.view(np.uint64), k, 64,
@@ -283,7 +285,8 @@ def test_a_lone_query_whose_own_sample_misleads_it_is_scanned_again():
         segs = kernels.Segments.of(words)
         _, _, exact = kernels.topk_kernel(segs.addrs, segs.seg_rows, n, 1, q.view(np.uint64), k, 64,
                                           np.zeros(1, np.uint8), False, t,
-                                          np.full(1, 65, np.int32), True)
+                                          np.full(1, 65, np.int32),
+                                          k // (kernels.SAMPLE_EVERY * t) + kernels.SEED_MARGIN)
         assert not exact[0]  # the seed admitted 200 rows: the check catches it
         index = HashIndex(64)
         index.add(db)
