@@ -41,6 +41,7 @@ SMALL_BLOCK = 64  # rows per second-level minimum, inside a span that passed, on
 GROUP = 4    # queries sharing one load of each database word
 SAMPLE_EVERY = 64  # the seeding sample: one block of SMALL_BLOCK rows in every SAMPLE_EVERY
 SEED_MARGIN = 2  # a seed: the (k / SAMPLE_EVERY + SEED_MARGIN)-th nearest sampled row's distance + 1
+LONE_SEED_K = 64  # a lone query seeds itself from k = 64 up
 
 
 @intrinsic
@@ -280,29 +281,33 @@ def _rescan(tile, n_words, q, qi, s_lo, s_hi, start, deleted, has_deleted, penal
 
 
 @njit(inline="always", cache=True)
-def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, need, bits, deleted,
-               has_deleted, dbuf):
-    """A lone query's seed for rows lo..hi-1: a histogram of the distances in one span of
-    SPAN rows per SAMPLE_EVERY (1/64 of the reads, no copy, no second parallel region),
-    and one more than the distance under which ``need`` of them lie (``topk`` asks for about
-    this thread's share of k rows in all). bits + 1 where the sample is short."""
-    hist = np.zeros(bits + 2, dtype=np.int64)
+def _lone_seed(addrs, seg_rows, n_rows, n_words, q, lo, hi, need, bits, deleted, has_deleted,
+               penalty, like, dbuf, mins):
+    """A lone query's seed for rows lo..hi-1: one more than the distance of the ``need``-th
+    nearest row among one span of SPAN rows per SAMPLE_EVERY (``topk`` asks for about this
+    thread's share of k rows in all); bits + 1 where the sample is short. The sample is
+    walked like the rows proper (a span minimum first, a best-``need`` set), so it costs
+    about its 1/64 of the reads: a histogram of its distances cost 0.1-0.2 ms at 10^7 codes."""
+    nb = bits + 2
+    head = np.full((1, nb), -1, dtype=np.int32)
+    cnt = np.zeros((1, nb), dtype=np.int32)
+    thr = np.full(1, bits + 1, dtype=np.int32)
+    size = np.zeros((1, 1), dtype=np.int64)
+    pool_row = np.empty((1, 1, need), dtype=np.int64)
+    pool_dist = np.empty((1, 1, need), dtype=np.int32)
+    pool_next = np.empty((1, 1, need), dtype=np.int32)
+    smin = np.empty(1, dtype=np.int32)
     j = lo
     while j + SPAN <= hi:
-        for b in range(j, j + SPAN, SMALL_BLOCK):
-            blk, end = _tile(addrs, seg_rows, n_rows, n_words, b, hi, queries, SMALL_BLOCK)
-            if end - b == SMALL_BLOCK:  # not a block cut by a segment's end
-                nr = _block_distances(blk, n_words, queries[0], dbuf)
-                for jj in range(nr):
-                    if not (has_deleted and deleted[b + jj] != 0):
-                        hist[dbuf[jj]] += 1
+        tile, end = _tile(addrs, seg_rows, n_rows, n_words, j, hi, like, SPAN)
+        _minima(tile, n_words, q, 0, end - j, SPAN, j, deleted, has_deleted, penalty, smin)
+        if smin[0] < thr[0]:
+            _rescan(tile, n_words, q, 0, 0, end - j, j, deleted, has_deleted, penalty, 0, need,
+                    bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf, mins)
         j += SPAN * SAMPLE_EVERY
-    c = 0
-    for d in range(bits + 1):
-        c += hist[d]
-        if c >= need:
-            return np.int32(d + 1)
-    return np.int32(bits + 1)
+    if size[0, 0] < need:
+        return np.int32(bits + 1)
+    return np.int32(thr[0] + 1)
 
 
 @njit(parallel=True, nogil=True, cache=True)  # nogil: a server's event loop runs on during a scan
@@ -376,8 +381,9 @@ def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
         smins = np.empty(TILE // SPAN, dtype=np.int32)
         q = queries[0]
         if lone_need > 0:
-            thr[0] = min(thr[0], _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi,
-                                            lone_need, bits, deleted, has_deleted, dbuf))
+            thr[0] = min(thr[0], _lone_seed(addrs, seg_rows, n_rows, n_words, q, lo, hi,
+                                            lone_need, bits, deleted, has_deleted, penalty,
+                                            queries, dbuf, mins))
         used[t, 0] = thr[0]
         start = lo
         while start < hi:
@@ -619,23 +625,23 @@ def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
 
     A scan's running k-th distance starts at "anything" and tightens only as rows arrive,
     so with a large k most of the early blocks are re-scanned and most of their rows inserted
-    and evicted again. Where k is large (>= 64; a lone query: >= 512), a 1/64 sample first
-    gives each query a *seed*: the distance below which about k rows lie -- for a batch, from
-    a scan of a copy
-    of the sample before the full scan; for a lone query, from each thread's histogram of its
-    own sampled rows inside the one scan (a second pass and parallel region cost a lone
-    query more than they saved). The full scan then takes only rows under the seed. A seed
-    is a guess, so the answer is checked: a thread that kept k rows under its seed kept its
-    own k nearest, and one that kept fewer lacks only rows at or above its seed, which
-    cannot matter when the merged k-th lies below it; a query where that fails is scanned
-    again with its seed one higher, and, should that fail too, unseeded."""
+    and evicted again. Where k is large (>= 64), a 1/64 sample first gives each query a
+    *seed*: the distance below which about k rows lie -- for a batch, from a scan of a copy of
+    the sample before the full scan; for a lone query, from each thread's walk of its own
+    sampled rows inside the one scan (a second pass and parallel region cost a lone query
+    more than they saved). The full scan then takes only rows under the seed. A seed is a
+    guess, so the answer is checked: a thread that kept k rows under its seed kept its own k
+    nearest, and one that kept fewer lacks only rows at or above its seed, which cannot
+    matter when the merged k-th lies below it; a query where that fails is scanned again
+    with its seed one higher, and, should that fail too, unseeded."""
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
     with threads_used(threads, segs.n_rows) as parts:
         unseeded = np.full(len(queries), bits + 1, dtype=np.int32)
         seed = _seeds(segs, queries, k, bits, dmask, has_del, parts)
-        # a lone query: its sample pass paid off at k=1000 (2.4 vs 2.55 ms, 10^7 codes) and
-        # cost at k=100 (1.9 vs 1.8 ms)
-        lone = len(queries) == 1 and k >= 512 and segs.n_rows >= 64 * k
+        # a lone query's own sample, walked with span minima, costs ~1/64 of its reads: it pays
+        # from k=64 (10^7 codes, alternated A/B vs the unseeded walk: k=100 +2%, k=1000 +4%;
+        # a histogram of the sample's distances had cost more than it saved below k=512)
+        lone = len(queries) == 1 and k >= LONE_SEED_K and segs.n_rows >= 64 * k
         need = k // (SAMPLE_EVERY * parts) + SEED_MARGIN if lone else 0
         args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words)
         dist, rows, exact = topk_kernel(*args, queries, k, bits, dmask, has_del, parts,
