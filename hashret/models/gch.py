@@ -41,9 +41,16 @@ from hashret.models.base import TorchHashModel, register
 from hashret.models.losses import label_similarity, pairwise_nll
 
 
-def normalized_adjacency(labels: torch.Tensor) -> torch.Tensor:
-    """D^-1/2 (A + I) D^-1/2 with A_ij = l_i . l_j (the batch's label graph)."""
+def normalized_adjacency(labels: torch.Tensor, graph: str = "dot") -> torch.Tensor:
+    """D^-1/2 (A + I) D^-1/2 over the batch's label graph: A_ij = l_i . l_j (``dot``, the
+    paper's), or the Jaccard overlap l_i . l_j / |l_i or l_j| (``jaccard``). With one label
+    per item the two are the same graph; with several, dot products make the items with many
+    labels hubs that every beacon averages over."""
     a = labels @ labels.T
+    if graph == "jaccard":
+        sizes = labels.sum(dim=1)
+        union = sizes[:, None] + sizes[None, :] - a
+        a = a / union.clamp_min(1e-12)
     a = a + torch.eye(len(labels), dtype=a.dtype, device=a.device)
     d = a.sum(dim=1).rsqrt()
     return d[:, None] * a * d[None, :]
@@ -129,7 +136,7 @@ class GCH(TorchHashModel):
         "lr_label": 1e-3, "lr_image": 1e-3, "lr_text": 1e-3, "lr_gcn": 1e-3, "weight_decay": 1e-5,
         "alpha_likelihood": 1.0, "beta_beacon": 3.0, "gamma_label": 1.0,
         "use_teacher": True, "use_gcn": True,
-        "lr_schedule": "constant", "likelihood": "all",
+        "lr_schedule": "constant", "likelihood": "all", "graph": "dot",
     }
 
     def _build(self):
@@ -151,6 +158,8 @@ class GCH(TorchHashModel):
         cfg = self.config
         check(cfg["lr_schedule"] in ("constant", "cosine"),
               f"unknown lr_schedule {cfg['lr_schedule']!r}: use constant or cosine")
+        check(cfg["graph"] in ("dot", "jaccard"),
+              f"unknown graph {cfg['graph']!r}: use dot (the paper's label graph) or jaccard")
         check(cfg["likelihood"] in ("all", "batch"),
               f"unknown likelihood {cfg['likelihood']!r}: use all (every training pair, the paper's) or batch")
         self._build()
@@ -274,7 +283,7 @@ class GCH(TorchHashModel):
             fx, _, _ = nets["image"](x["image"][idx])
             fy, _, _ = nets["text"](x["text"][idx])
         with torch.set_grad_enabled(grad):
-            return nets["gcn"](semantic_fusion(fx, fy), normalized_adjacency(lab[idx]))
+            return nets["gcn"](semantic_fusion(fx, fy), normalized_adjacency(lab[idx], self.config["graph"]))
 
     def _student_phase(self, batches, x, lab, step, beacons, losses):
         cfg, nets = self.config, self.nets

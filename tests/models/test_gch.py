@@ -62,6 +62,17 @@ def test_adjacency_normalisation_matches_direct_formula():
     d = a.sum(1)
     direct = np.array([[a[i, j] / np.sqrt(d[i] * d[j]) for j in range(6)] for i in range(6)])
     np.testing.assert_allclose(normalized_adjacency(torch.from_numpy(lab)).numpy(), direct, atol=1e-12)
+    # the Jaccard graph: shared labels over the labels either item has
+    jac = np.array([[(lab[i] * lab[j]).sum() / max(np.maximum(lab[i], lab[j]).sum(), 1e-12)
+                     for j in range(6)] for i in range(6)]) + np.eye(6)
+    dj = jac.sum(1)
+    direct_j = np.array([[jac[i, j] / np.sqrt(dj[i] * dj[j]) for j in range(6)] for i in range(6)])
+    np.testing.assert_allclose(normalized_adjacency(torch.from_numpy(lab), "jaccard").numpy(), direct_j,
+                               atol=1e-12)
+    # one label per item: the same graph either way
+    one = np.eye(4)[[0, 1, 0, 2, 3, 1]]
+    np.testing.assert_allclose(normalized_adjacency(torch.from_numpy(one), "jaccard").numpy(),
+                               normalized_adjacency(torch.from_numpy(one)).numpy(), atol=1e-12)
 
 
 def test_likelihood_matches_definition_and_stays_finite():
@@ -127,6 +138,17 @@ def test_cosine_schedule_decays_the_learning_rate_and_constant_keeps_it(data):
     assert const == [1e-3] * 3
     with pytest.raises(HashretError, match="unknown lr_schedule"):
         _fit("gch", data, epochs=1, lr_schedule="step")
+
+
+def test_the_label_graph_setting_reaches_the_gcn(data):
+    # multi-label data: the Jaccard graph gives other beacons, hence other student codes
+    dot, jac = _fit("gch", data, epochs=2), _fit("gch", data, epochs=2, graph="jaccard")
+    x = data.features("text", data.part("query"))
+    assert (dot.encode(x, "text") != jac.encode(x, "text")).any()
+    no_gcn = [_fit("gch-no-gcn", data, epochs=2, graph=g).encode(x, "text") for g in ("dot", "jaccard")]
+    np.testing.assert_array_equal(*no_gcn)  # without a GCN the graph is unused
+    with pytest.raises(HashretError, match="unknown graph 'knn'"):
+        _fit("gch", data, epochs=1, graph="knn")
 
 
 @pytest.mark.parametrize("bits", [16, 32, 64, 128])
