@@ -442,9 +442,9 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     """Top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of n_words
     words each); queries: (Q, n_words) of the segments' word type; seed: per query, only
     rows at distance < seed are taken (bits + 1: all); lone_need > 0: a lone query seeds
-    each thread from its own sample (see ``_lone_seed``; 0: no). Returns (distances, rows, exact): (Q, k) nearest first, ties
-    by row, -1 where fewer than k rows qualify; exact[q] is False where a seed may have cut
-    off one of query q's k nearest (see ``topk``)."""
+    each thread from its own sample (see ``_lone_seed``; 0: no). Returns (distances, rows,
+    exact): (Q, k) nearest first, ties by row, -1 where fewer than k rows qualify; exact[q]
+    is False where a seed may have cut off one of query q's k nearest (see ``topk``)."""
     n_q = queries.shape[0]
     pool_row = np.empty((n_parts, n_q, k), dtype=np.int64)
     pool_dist = np.empty((n_parts, n_q, k), dtype=np.int32)
