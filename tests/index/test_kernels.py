@@ -294,3 +294,47 @@ def test_a_lone_query_whose_own_sample_misleads_it_is_scanned_again():
         bd, br = brute_topk(db, q, k)
         np.testing.assert_array_equal(d, bd)
         np.testing.assert_array_equal(ids, br)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_one_word_vector_tests_equal_their_scalar_definition(dtype):
+    # the first level's vector minima (_pass1/_pass4) and the second level's 64-row masks
+    # (_below64, _set64) are LLVM IR written by hand: each against its plain definition
+    from numba import njit
+
+    from hashret.index import kernels as kn
+
+    @njit
+    def masks(arr, pos, q, t, dead):
+        return kn._below64(arr, pos, q, t), kn._set64(dead, pos)
+
+    @njit
+    def passes(arr, pos, n, qs, ts):
+        one = kn._pass1(arr, pos, n, qs[0], ts[0])
+        return one, kn._pass4(arr, pos, n, qs[0], qs[1], qs[2], qs[3], ts[0], ts[1], ts[2], ts[3])
+
+    bits = np.dtype(dtype).itemsize * 8
+    rng = np.random.default_rng(bits)
+    arr = rng.integers(0, 2**bits, size=3000, dtype=np.uint64).astype(dtype)
+    dead = (rng.random(3000) < 0.3).astype(np.uint8)
+
+    def dist(rows, q):
+        x = (rows ^ dtype(q)).astype(np.uint64)
+        return np.unpackbits(x.view(np.uint8)).reshape(len(rows), 64).sum(axis=1)
+
+    ch = 1024 // bits
+    for _ in range(40):
+        pos = int(rng.integers(0, 3000 - 64 * 8))
+        q = rng.integers(0, 2**bits, size=4, dtype=np.uint64).astype(dtype)
+        t = int(rng.integers(0, bits + 2))
+        m, dm = masks(arr, pos, q[0], t, dead)
+        want = sum(1 << i for i, d in enumerate(dist(arr[pos:pos + 64], q[0])) if d < t)
+        assert int(m) == want
+        assert int(dm) == sum(1 << i for i in range(64) if dead[pos + i])
+        n = int(rng.integers(0, (3000 - pos) // ch + 1))
+        ts = rng.integers(0, bits + 2, size=4)
+        one, four = passes(arr, pos, n, q, ts)
+        rows = arr[pos:pos + n * ch]
+        hit = [n > 0 and dist(rows, q[j]).min() < ts[j] for j in range(4)]
+        assert int(one) == int(hit[0])
+        assert int(four) == sum(1 << j for j in range(4) if hit[j])
