@@ -74,7 +74,7 @@ def limit_probe(floors, roof_rate, words, n_word_distances, threads):
     the popcount roof for the cell's word-distances (batches), whichever takes longer."""
     if floors[threads] >= n_word_distances / roof_rate[threads]:
         return "read", kernels.read_probe(words, threads)
-    return "roof", kernels.roof_probe(n_word_distances, threads)
+    return "roof", kernels.roof_probe(n_word_distances, threads, words.dtype)
 
 
 def numpy_topk(db, q, k):
@@ -161,8 +161,8 @@ def main():
         # alternately with hashret
         floors, roof_rate = {}, {}
         for t in thread_counts:
-            read_ms, roof_ms = median_ms(kernels.read_probe(words, t), kernels.roof_probe(2e8, t),
-                                         repeats=5)
+            read_ms, roof_ms = median_ms(kernels.read_probe(words, t),
+                                         kernels.roof_probe(2e8, t, words.dtype), repeats=5)
             floors[t], roof_rate[t] = read_ms / 1e3, 2e8 / (roof_ms / 1e3)
         for nq in nqs:
             q = queries[:nq]

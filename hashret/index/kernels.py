@@ -1006,23 +1006,17 @@ def _read_kernel(flat, parts, acc):
 
 
 @njit(parallel=True, cache=True)
-def _roof_kernel(block, queries, reps, parts, out):
-    """XOR + popcount + running minimum of an L1-resident block against 4 queries per load,
-    ``reps`` times on each thread: the scan's inner loop with nothing around it."""
+def _roof_kernel(block, queries, lim, reps, parts, out):
+    """``_pass4`` -- the scan's first level for one-word codes: XOR + popcount + running
+    minimum, 4 queries per load -- over an L1-resident block, ``reps`` times on each thread:
+    the scan's inner loop with nothing around it. ``lim``: thresholds read at run time, so
+    that LLVM cannot fold the compares away."""
+    n = block.shape[0] // (128 // block.itemsize)
     for t in prange(parts):
-        _wide()
         acc = np.uint64(0)
         for r in range(reps):  # queries change per rep, so no rep can be hoisted
-            a, b = queries[0] ^ np.uint64(r), queries[1] ^ np.uint64(r)
-            c, d = queries[2] ^ np.uint64(r), queries[3] ^ np.uint64(r)
-            ma = mb = mc = md = np.uint64(1 << 20)
-            for i in range(block.shape[0]):
-                x = block[i]
-                ma = min(ma, _popcount(x ^ a))
-                mb = min(mb, _popcount(x ^ b))
-                mc = min(mc, _popcount(x ^ c))
-                md = min(md, _popcount(x ^ d))
-            acc += ma + mb + mc + md
+            q = queries[r % queries.shape[0]]
+            acc += _pass4(block, 0, n, q[0], q[1], q[2], q[3], lim[0], lim[1], lim[2], lim[3])
         out[t] = acc
 
 
@@ -1041,19 +1035,22 @@ def read_probe(words: np.ndarray, threads: int | None = None):
     return run
 
 
-def roof_probe(word_distances: float, threads: int | None = None):
-    """A callable that does about ``word_distances`` XOR + popcount + minimum steps (64-bit
-    words, 4 queries per load, an L1-resident block) on ``threads`` threads: the scan's inner
-    loop with nothing around it, the roof for batched queries (a code of w words costs w)."""
+def roof_probe(word_distances: float, threads: int | None = None, dtype=np.uint64):
+    """A callable that does about ``word_distances`` XOR + popcount + minimum steps on words
+    of ``dtype`` (4 queries per load, an L1-resident block) on ``threads`` threads: the
+    scan's inner loop with nothing around it, the roof for batched queries (a code of w
+    words costs w; a narrow word packs more codes per vector, so it has a roof of its own)."""
+    dtype = np.dtype(dtype)
     rng = np.random.default_rng(0)
-    block = rng.integers(0, 2**63, size=TILE, dtype=np.uint64)
-    queries = rng.integers(0, 2**63, size=4, dtype=np.uint64)
+    block = rng.integers(0, 2**63, size=TILE, dtype=np.uint64).view(dtype)  # 16 KiB
+    queries = rng.integers(0, 2**63, size=(64, 4), dtype=np.uint64).astype(dtype)
+    lim = np.ones(4, dtype=np.int32)
     out = np.zeros(numba.config.NUMBA_NUM_THREADS, dtype=np.uint64)
 
     def run():
         with threads_used(threads) as parts:
-            reps = max(1, int(round(word_distances / (parts * TILE * 4))))
-            _roof_kernel(block, queries, reps, parts, out)
+            reps = max(1, int(round(word_distances / (parts * len(block) * 4))))
+            _roof_kernel(block, queries, lim, reps, parts, out)
 
-    _roof_kernel(block, queries, 1, 1, out)
+    _roof_kernel(block, queries, lim, 1, 1, out)
     return run
