@@ -3,3 +3,11 @@ import os
 # keep tests from reading a user's data folder: the packaged data and ../shared are found
 # through the default search order
 os.environ.pop("HASHRET_DATA", None)
+
+
+def pytest_configure(config):
+    # numba's pedantic SSA notice on the scan's inlined overloads (see hashret/index/kernels.py,
+    # which hides it outside pytest too); pytest resets a module's own warning filters per test
+    config.addinivalue_line(
+        "filterwarnings",
+        r"ignore:.*variable '_(first|second|gather)_:numba.core.errors.NumbaIRAssumptionWarning")

@@ -37,12 +37,22 @@ attribute changes nothing.
 
 from __future__ import annotations
 
+import warnings
+
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.core.errors import NumbaIRAssumptionWarning
+from numba.extending import intrinsic, overload
+
+# numba's SSA pass runs a check it calls pedantic on the variables of an ``@overload`` inlined
+# into a prange body (ours: ``_first``, ``_second``, ``_gather``) and asks for a bug report
+# where they are missing from its scope bookkeeping; the compiled scans equal brute force for
+# every word type (tests/index/test_kernels.py), so the notice is hidden for these names only
+warnings.filterwarnings("ignore", message=r".*variable '_(first|second|gather)_",
+                        category=NumbaIRAssumptionWarning)
 
 TILE = 2048  # rows per tile: 16 KiB of 64-bit codes, stays in L1 while a batch's queries scan it
 SPAN = 1024  # rows per first-level minimum (GROUP queries at once), codes of several words
@@ -225,14 +235,11 @@ def _tile(addrs, seg_rows, n_rows, n_words, start, hi, like, rows):
 
 @njit(inline="always", cache=True)
 def _block_distances(blk, n_words, q, out):
-    """out[i] = distance of row i of the 1-D slice ``blk`` (vectorised for 1 and 2 words)."""
+    """out[i] = distance of row i of the 1-D slice ``blk`` of codes of several words
+    (vectorised for 2 and 4 words)."""
     _wide()
     n = blk.shape[0] // n_words
-    if n_words == 1:
-        q0 = q[0]
-        for i in range(n):
-            out[i] = np.int32(_popcount(blk[i] ^ q0))
-    elif n_words == 2:
+    if n_words == 2:
         q0, q1 = q[0], q[1]
         for i in range(n):
             out[i] = np.int32(_popcount(blk[2 * i] ^ q0) + _popcount(blk[2 * i + 1] ^ q1))
@@ -252,21 +259,13 @@ def _block_distances(blk, n_words, q, out):
 
 @njit(inline="always", cache=True)
 def _span_min(blk, n_words, q, dblk, has_deleted, penalty):
-    """Minimum distance of ``q`` over the rows of the 1-D slice ``blk`` (removed rows count as
-    ``penalty``): one vectorised pass, one horizontal reduction."""
+    """Minimum distance of ``q`` over the rows of the 1-D slice ``blk`` of codes of several
+    words (removed rows count as ``penalty``): one vectorised pass, one horizontal reduction."""
     _wide()
     n = blk.shape[0] // n_words
     pen = np.uint64(penalty)  # minima stay in uint64 lanes: no narrowing in the hot loop
     m = pen
-    if n_words == 1:
-        a = q[0]
-        if has_deleted:
-            for i in range(n):
-                m = min(m, _popcount(blk[i] ^ a) + np.uint64(dblk[i]) * pen)
-        else:
-            for i in range(n):
-                m = min(m, _popcount(blk[i] ^ a))
-    elif n_words == 2:
+    if n_words == 2:
         a, b = q[0], q[1]
         if has_deleted:
             for i in range(n):
@@ -295,59 +294,6 @@ def _span_min(blk, n_words, q, dblk, has_deleted, penalty):
 
 
 @njit(inline="always", cache=True)
-def _block_mins(tile, n_words, queries, q0, nq, dtile, has_deleted, penalty, bmin, block):
-    """bmin[j, b] = min distance of queries q0..q0+nq-1 over block b of ``tile``.
-
-    ``tile`` is a 1-D slice of the flat code array: loops over a slice indexed from 0
-    vectorise, loops indexed from a computed offset stayed scalar and ran 5x slower. For
-    one-word codes, GROUP queries share each load."""
-    _wide()
-    n = tile.shape[0] // n_words
-    nblocks = (n + block - 1) // block
-    if n_words == 1:
-        a = queries[q0, 0]
-        b = queries[q0 + min(1, nq - 1), 0]
-        c = queries[q0 + min(2, nq - 1), 0]
-        d = queries[q0 + min(3, nq - 1), 0]
-        pen = np.uint64(penalty)
-        for bl in range(nblocks):
-            blk = tile[bl * block:min(n, (bl + 1) * block)]
-            ma = mb = mc = md = pen
-            if has_deleted:
-                dblk = dtile[bl * block:min(n, (bl + 1) * block)]
-                for i in range(blk.shape[0]):
-                    x = blk[i]
-                    p = np.uint64(dblk[i]) * pen
-                    ma = min(ma, _popcount(x ^ a) + p)
-                    mb = min(mb, _popcount(x ^ b) + p)
-                    mc = min(mc, _popcount(x ^ c) + p)
-                    md = min(md, _popcount(x ^ d) + p)
-            else:
-                for i in range(blk.shape[0]):
-                    x = blk[i]
-                    ma = min(ma, _popcount(x ^ a))
-                    mb = min(mb, _popcount(x ^ b))
-                    mc = min(mc, _popcount(x ^ c))
-                    md = min(md, _popcount(x ^ d))
-            bmin[0, bl] = np.int32(ma)
-            bmin[1, bl] = np.int32(mb)
-            bmin[2, bl] = np.int32(mc)
-            bmin[3, bl] = np.int32(md)
-        return nblocks
-    for j in range(nq):
-        q = queries[q0 + j]
-        for bl in range(nblocks):
-            lo, hi = bl * block, min(n, (bl + 1) * block)
-            if has_deleted:
-                bmin[j, bl] = _span_min(tile[lo * n_words:hi * n_words], n_words, q, dtile[lo:hi],
-                                        True, penalty)
-            else:
-                bmin[j, bl] = _span_min(tile[lo * n_words:hi * n_words], n_words, q, dtile,
-                                        False, penalty)
-    return nblocks
-
-
-@njit(inline="always", cache=True)
 def _offer(i, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next):
     """Row i at distance d (< thr[qi]) into the best-k set of (thread t, query qi)."""
     s = size[t, qi]
@@ -373,43 +319,65 @@ def _offer(i, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool
         thr[qi] = w
 
 
-@njit(inline="always", cache=True)
-def _minima(tile, n_words, q, s_lo, s_hi, block, start, deleted, has_deleted, penalty, mins):
-    """mins[b] = the minimum distance of ``q`` over rows s_lo + b * block.. of ``tile`` (up
-    to s_hi); returns how many. The removed-rows mask is sliced only where there is one
-    (``deleted[a:b] if has_deleted else deleted`` made a new, reference-counted array per
-    call either way)."""
-    nb = 0
-    for s0 in range(s_lo, s_hi, block):
-        s1 = min(s_hi, s0 + block)
-        if has_deleted:
-            mins[nb] = _span_min(tile[s0 * n_words:s1 * n_words], n_words, q,
-                                 deleted[start + s0:start + s1], True, penalty)
-        else:
-            mins[nb] = _span_min(tile[s0 * n_words:s1 * n_words], n_words, q, deleted, False,
-                                 penalty)
-        nb += 1
-    return nb
+# -- one walk, two kinds of codes --------------------------------------------------------------
+# The walks below are written once; what differs between codes of one word (the queries come
+# as a 1-D array of words) and codes of several (a 2-D array, a row per query) is chosen when
+# numba types the call, by the ``@overload``s of ``_first``, ``_second`` and ``_gather``. So a
+# kernel compiled for 8-, 16- or 32-bit words holds no multi-word loops, and one for 128-bit
+# codes no vector IR: with both compiled into every kernel (a branch on ``n_words`` at run
+# time), compiling the kernels once per word type took 710 s instead of ~400.
+
+def _first(tile, s0, s1, n_words, queries, g, ng, thr, start, deleted, has_deleted, penalty):
+    """The first level: bit j set where query g + j's minimum distance over rows s0..s1-1
+    of ``tile`` may be below thr[g + j], for j < ng (<= GROUP). Compiled code runs one of the
+    two implementations below, chosen by the queries' type."""
+    raise NotImplementedError("only compiled code calls _first")
 
 
-@njit(inline="always", cache=True)
-def _one_word_hits(tile, s0, s1, queries, g, ng, thr):
-    """Bit j set where query g + j's minimum distance over rows s0..s1-1 of ``tile`` (one-word
-    codes) is below thr[g + j]. Removed rows count here: the second level skips them, and the
-    first level only decides where to look."""
+def _first_one_word(tile, s0, s1, n_words, queries, g, ng, thr, start, deleted, has_deleted,
+                    penalty):
+    # removed rows count here: the second level skips them, the first only decides where to look
     ch = 128 // tile.itemsize
     nch = (s1 - s0) // ch
     if ng == 1:
-        hits = _pass1(tile, s0, nch, queries[g, 0], thr[g])
+        hits = _pass1(tile, s0, nch, queries[g], thr[g])
     else:
         ib, ic, id_ = g + 1, g + min(2, ng - 1), g + min(3, ng - 1)
-        hits = _pass4(tile, s0, nch, queries[g, 0], queries[ib, 0], queries[ic, 0],
-                      queries[id_, 0], thr[g], thr[ib], thr[ic], thr[id_])
+        hits = _pass4(tile, s0, nch, queries[g], queries[ib], queries[ic], queries[id_],
+                      thr[g], thr[ib], thr[ic], thr[id_])
     for r in range(s0 + nch * ch, s1):
         for j in range(ng):
-            if np.int32(_popcount(np.uint64(tile[r] ^ queries[g + j, 0]))) < thr[g + j]:
+            if np.int32(_popcount(np.uint64(tile[r] ^ queries[g + j]))) < thr[g + j]:
                 hits |= np.uint64(1) << np.uint64(j)
     return hits
+
+
+def _first_words(tile, s0, s1, n_words, queries, g, ng, thr, start, deleted, has_deleted,
+                 penalty):
+    blk = tile[s0 * n_words:s1 * n_words]
+    hits = np.uint64(0)
+    for j in range(ng):
+        if has_deleted:
+            m = _span_min(blk, n_words, queries[g + j], deleted[start + s0:start + s1], True,
+                          penalty)
+        else:  # slicing the mask only where there is one: a slice is a new array either way
+            m = _span_min(blk, n_words, queries[g + j], deleted, False, penalty)
+        if m < thr[g + j]:
+            hits |= np.uint64(1) << np.uint64(j)
+    return hits
+
+
+@overload(_first, inline="always")
+def _first_typed(tile, s0, s1, n_words, queries, g, ng, thr, start, deleted, has_deleted,
+                 penalty):
+    return _first_one_word if queries.ndim == 1 else _first_words
+
+
+@njit(inline="always", cache=True)
+def _span_rows(queries):
+    """Rows per first-level test: a one-word span ends in one vector compare, a multi-word
+    one in a horizontal reduction that costs about the popcounts of 64 rows."""
+    return ONE_WORD_SPAN if queries.ndim == 1 else SPAN
 
 
 @njit(inline="always", cache=True)
@@ -429,12 +397,18 @@ def _below_mask(tile, s0, s_hi, q0, t, start, deleted, has_deleted):
     return m
 
 
-@njit(inline="always", cache=True)
-def _rescan1(tile, q0, qi, s_lo, s_hi, start, deleted, has_deleted, t, k, bits, thr, size, head,
-             cnt, pool_row, pool_dist, pool_next):
-    """``_rescan`` for one-word codes: every 64 rows give a mask of the rows below query qi's
-    k-th (``_below_mask``), and only its set bits are looked at -- no minima, no distances
-    written out."""
+def _second(tile, n_words, queries, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t, k,
+            bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+    """The second level: rows s_lo..s_hi-1 of ``tile`` (row ``start`` first), whose span
+    passed query qi's first level, offered to its best-k set where below its k-th."""
+    raise NotImplementedError("only compiled code calls _second")
+
+
+def _second_one_word(tile, n_words, queries, qi, s_lo, s_hi, start, deleted, has_deleted, penalty,
+                     t, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+    # every 64 rows give a mask of the rows below the k-th (``_below_mask``), and only its set
+    # bits are looked at: no minima, no distances written out
+    q0 = queries[qi]
     for s0 in range(s_lo, s_hi, 64):
         m = _below_mask(tile, s0, s_hi, q0, thr[qi], start, deleted, has_deleted)
         while m != 0:
@@ -446,24 +420,21 @@ def _rescan1(tile, q0, qi, s_lo, s_hi, start, deleted, has_deleted, t, k, bits, 
                        pool_next)
 
 
-@njit(inline="always", cache=True)
-def _rescan(tile, n_words, q, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t, k, bits,
-            thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf, mins):
-    """Rows s_lo..s_hi-1 of ``tile`` (row ``start`` first) whose span minimum beat query qi's
-    k-th: each SMALL_BLOCK of them gets its own minimum, and only blocks that beat it too
-    are walked row by row."""
-    if n_words == 1:
-        _rescan1(tile, q[0], qi, s_lo, s_hi, start, deleted, has_deleted, t, k, bits, thr, size,
-                 head, cnt, pool_row, pool_dist, pool_next)
-        return
-    nb = _minima(tile, n_words, q, s_lo, s_hi, SMALL_BLOCK, start, deleted, has_deleted, penalty,
-                 mins)
-    for b in range(nb):
-        if mins[b] >= thr[qi]:
-            continue
-        s0 = s_lo + b * SMALL_BLOCK
+def _second_words(tile, n_words, queries, qi, s_lo, s_hi, start, deleted, has_deleted, penalty,
+                  t, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+    # each SMALL_BLOCK rows get their own minimum, and only blocks that beat the k-th too are
+    # walked row by row
+    q = queries[qi]
+    for s0 in range(s_lo, s_hi, SMALL_BLOCK):
         s1 = min(s_hi, s0 + SMALL_BLOCK)
-        nr = _block_distances(tile[s0 * n_words:s1 * n_words], n_words, q, dbuf)
+        blk = tile[s0 * n_words:s1 * n_words]
+        if has_deleted:
+            m = _span_min(blk, n_words, q, deleted[start + s0:start + s1], True, penalty)
+        else:
+            m = _span_min(blk, n_words, q, deleted, False, penalty)
+        if m >= thr[qi]:
+            continue
+        nr = _block_distances(blk, n_words, q, dbuf)
         for jj in range(nr):
             d = dbuf[jj]
             if d < thr[qi] and not (has_deleted and deleted[start + s0 + jj] != 0):
@@ -471,14 +442,20 @@ def _rescan(tile, n_words, q, qi, s_lo, s_hi, start, deleted, has_deleted, penal
                        pool_row, pool_dist, pool_next)
 
 
+@overload(_second, inline="always")
+def _second_typed(tile, n_words, queries, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t,
+                  k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+    return _second_one_word if queries.ndim == 1 else _second_words
+
+
 @njit(inline="always", cache=True)
-def _lone_seed(addrs, seg_rows, n_rows, n_words, q, lo, hi, need, bits, deleted, has_deleted,
-               penalty, like, dbuf, mins):
+def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, need, bits, deleted,
+               has_deleted, penalty, dbuf):
     """A lone query's seed for rows lo..hi-1: one more than the distance of the ``need``-th
     nearest row among one span of SPAN rows per SAMPLE_EVERY (``topk`` asks for about this
     thread's share of k rows in all); bits + 1 where the sample is short. The sample is
-    walked like the rows proper (a span minimum first, a best-``need`` set), so it costs
-    about its 1/64 of the reads: a histogram of its distances cost 0.1-0.2 ms at 10^7 codes."""
+    walked like the rows proper (both levels, a best-``need`` set), so it costs about its
+    1/64 of the reads: a histogram of its distances cost 0.1-0.2 ms at 10^7 codes."""
     nb = bits + 2
     head = np.full((1, nb), -1, dtype=np.int32)
     cnt = np.zeros((1, nb), dtype=np.int32)
@@ -487,14 +464,16 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, q, lo, hi, need, bits, deleted,
     pool_row = np.empty((1, 1, need), dtype=np.int64)
     pool_dist = np.empty((1, 1, need), dtype=np.int32)
     pool_next = np.empty((1, 1, need), dtype=np.int32)
-    smin = np.empty(1, dtype=np.int32)
+    span = _span_rows(queries)
     j = lo
     while j + SPAN <= hi:
-        tile, end = _tile(addrs, seg_rows, n_rows, n_words, j, hi, like, SPAN)
-        _minima(tile, n_words, q, 0, end - j, SPAN, j, deleted, has_deleted, penalty, smin)
-        if smin[0] < thr[0]:
-            _rescan(tile, n_words, q, 0, 0, end - j, j, deleted, has_deleted, penalty, 0, need,
-                    bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf, mins)
+        tile, end = _tile(addrs, seg_rows, n_rows, n_words, j, hi, queries, SPAN)
+        for s0 in range(0, end - j, span):
+            s1 = min(end - j, s0 + span)
+            if _first(tile, s0, s1, n_words, queries, 0, 1, thr, j, deleted, has_deleted,
+                      penalty) != 0:
+                _second(tile, n_words, queries, 0, s0, s1, j, deleted, has_deleted, penalty, 0,
+                        need, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf)
         j += SPAN * SAMPLE_EVERY
     if size[0, 0] < need:
         return np.int32(bits + 1)
@@ -505,14 +484,9 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, q, lo, hi, need, bits, deleted,
 def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
                 seed, used, pool_row, pool_dist, pool_next, size, heads):
     """Each of ``n_parts`` threads fills its best-k sets over its contiguous rows, a tile at
-    a time. One parallel region and nothing allocated outside it: with passive OpenMP
-    threads (how a service sees them) every region costs a wake-up, ~0.1 ms here.
-
-    Two levels of minima: one per SPAN rows (for GROUP queries at once), and, only inside a
-    span that beat a query's k-th, one per SMALL_BLOCK rows for that query. The horizontal
-    reduction that ends a minimum costs about as much as the popcounts of 64 rows, so
-    minima over long spans keep the scan near the popcount roof, and the second level keeps
-    a passing span from being walked row by row.
+    a time, GROUP queries at a time. One parallel region and nothing allocated outside it:
+    with passive OpenMP threads (how a service sees them) every region costs a wake-up,
+    ~0.1 ms here.
 
     A lone query has a kernel of its own (``_lone_parts``): with both walks in one function,
     100 queries at k=1000 over 10^7 codes took ~10% longer (113 vs 103 ms, alternated A/B);
@@ -522,6 +496,7 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     n_q = queries.shape[0]
     nb = bits + 2  # distances 0..bits, plus the "removed" distance
     penalty = np.int32(bits + 1)
+    span = _span_rows(queries)
     chunk = (n_rows + n_parts - 1) // n_parts
     for t in prange(n_parts):
         lo = t * chunk
@@ -531,35 +506,21 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
         thr = seed.copy()  # accept d < thr
         used[t] = thr
         dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
-        mins = np.empty(SPAN // SMALL_BLOCK, dtype=np.int32)
-        bmin = np.empty((GROUP, TILE // SPAN), dtype=np.int32)
         start = lo
         while start < hi:
             tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, TILE)
             n = end - start
             for g in range(0, n_q, GROUP):
                 ng = min(GROUP, n_q - g)
-                if n_words == 1:
-                    for s0 in range(0, n, ONE_WORD_SPAN):
-                        s1 = min(n, s0 + ONE_WORD_SPAN)
-                        hits = _one_word_hits(tile, s0, s1, queries, g, ng, thr)
-                        for j in range(ng):
-                            if hits & (np.uint64(1) << np.uint64(j)):
-                                _rescan1(tile, queries[g + j, 0], g + j, s0, s1, start, deleted,
-                                         has_deleted, t, k, bits, thr, size, head, cnt, pool_row,
-                                         pool_dist, pool_next)
-                    continue
-                nblocks = _block_mins(tile, n_words, queries, g, ng,
-                                      deleted[start:end] if has_deleted else deleted, has_deleted,
-                                      penalty, bmin, SPAN)
-                for j in range(ng):
-                    qi = g + j
-                    for bl in range(nblocks):
-                        if bmin[j, bl] < thr[qi]:
-                            _rescan(tile, n_words, queries[qi], qi, bl * SPAN,
-                                    min(end - start, (bl + 1) * SPAN), start, deleted, has_deleted,
-                                    penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_dist,
-                                    pool_next, dbuf, mins)
+                for s0 in range(0, n, span):
+                    s1 = min(n, s0 + span)
+                    hits = _first(tile, s0, s1, n_words, queries, g, ng, thr, start, deleted,
+                                  has_deleted, penalty)
+                    for j in range(ng):
+                        if hits & (np.uint64(1) << np.uint64(j)):
+                            _second(tile, n_words, queries, g + j, s0, s1, start, deleted,
+                                    has_deleted, penalty, t, k, bits, thr, size, head, cnt,
+                                    pool_row, pool_dist, pool_next, dbuf)
             start = end
 
 
@@ -571,6 +532,7 @@ def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     first seeds itself from its own sample (``_lone_seed``)."""
     nb = bits + 2
     penalty = np.int32(bits + 1)
+    span = _span_rows(queries)
     chunk = (n_rows + n_parts - 1) // n_parts
     for t in prange(n_parts):
         lo = t * chunk
@@ -579,36 +541,21 @@ def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
         cnt = np.zeros((1, nb), dtype=np.int32)
         thr = seed.copy()
         dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
-        mins = np.empty(SPAN // SMALL_BLOCK, dtype=np.int32)
-        smins = np.empty(TILE // SPAN, dtype=np.int32)
-        q = queries[0]
         if lone_need > 0:
-            thr[0] = min(thr[0], _lone_seed(addrs, seg_rows, n_rows, n_words, q, lo, hi,
-                                            lone_need, bits, deleted, has_deleted, penalty,
-                                            queries, dbuf, mins))
+            thr[0] = min(thr[0], _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi,
+                                            lone_need, bits, deleted, has_deleted, penalty, dbuf))
         used[t, 0] = thr[0]
         start = lo
         while start < hi:
             tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, hi - start)
             n = end - start
-            if n_words == 1:
-                for s0 in range(0, n, ONE_WORD_SPAN):
-                    s1 = min(n, s0 + ONE_WORD_SPAN)
-                    if _one_word_hits(tile, s0, s1, queries, 0, 1, thr) != 0:
-                        _rescan1(tile, q[0], 0, s0, s1, start, deleted, has_deleted, t, k, bits,
-                                 thr, size, head, cnt, pool_row, pool_dist, pool_next)
-                start = end
-                continue
-            for r0 in range(0, n, TILE):
-                r1 = min(n, r0 + TILE)
-                ns = _minima(tile, n_words, q, r0, r1, SPAN, start, deleted, has_deleted,
-                             penalty, smins)
-                for j in range(ns):
-                    if smins[j] < thr[0]:
-                        s0 = r0 + j * SPAN
-                        _rescan(tile, n_words, q, 0, s0, min(r1, s0 + SPAN), start, deleted,
-                                has_deleted, penalty, t, k, bits, thr, size, head, cnt,
-                                pool_row, pool_dist, pool_next, dbuf, mins)
+            for s0 in range(0, n, span):
+                s1 = min(n, s0 + span)
+                if _first(tile, s0, s1, n_words, queries, 0, 1, thr, start, deleted, has_deleted,
+                          penalty) != 0:
+                    _second(tile, n_words, queries, 0, s0, s1, start, deleted, has_deleted,
+                            penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_dist,
+                            pool_next, dbuf)
             start = end
 
 
@@ -650,7 +597,8 @@ def _merge_parallel(bits, heads, pool_row, pool_next, out_d, out_r):
 def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
                 seed, lone_need):
     """Top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of n_words
-    words each); queries: (Q, n_words) of the segments' word type; seed: per query, only
+    words each); queries: of the segments' word type, (Q,) for codes of one word, else
+    (Q, n_words); seed: per query, only
     rows at distance < seed are taken (bits + 1: all); lone_need > 0: a lone query seeds
     each thread from its own sample (see ``_lone_seed``; 0: no). Returns (distances, rows,
     exact): (Q, k) nearest first, ties by row, -1 where fewer than k rows qualify; exact[q]
@@ -686,20 +634,28 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     return out_d, out_r, exact
 
 
-@njit(inline="always", cache=True)
-def _collect(tile, n_words, q, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t, radius,
-             offsets, out_rows, out_dist, fill, cap, counts, dbuf):
-    """``_rescan`` for a radius: rows s_lo..s_hi-1 within ``radius``, counted and (``fill``)
-    written at offsets[t, qi], at most ``cap`` of them (0: no cap)."""
-    if n_words == 1:
-        for s0 in range(s_lo, s_hi, 64):
-            m = _below_mask(tile, s0, s_hi, q[0], radius + 1, start, deleted, has_deleted)
-            while m != 0:
-                j = s0 + _lowest(m)
-                m &= m - np.uint64(1)
-                _record(start + j, np.int32(_popcount(np.uint64(tile[j] ^ q[0]))), t, qi,
-                        offsets, out_rows, out_dist, fill, cap, counts)
-        return
+def _gather(tile, n_words, queries, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t,
+            radius, offsets, out_rows, out_dist, fill, cap, counts, dbuf):
+    """``_second`` for a radius: rows s_lo..s_hi-1 within ``radius`` of query qi, counted and
+    (``fill``) written at offsets[t, qi], at most ``cap`` of them (0: no cap)."""
+    raise NotImplementedError("only compiled code calls _gather")
+
+
+def _gather_one_word(tile, n_words, queries, qi, s_lo, s_hi, start, deleted, has_deleted, penalty,
+                     t, radius, offsets, out_rows, out_dist, fill, cap, counts, dbuf):
+    q0 = queries[qi]
+    for s0 in range(s_lo, s_hi, 64):
+        m = _below_mask(tile, s0, s_hi, q0, radius + 1, start, deleted, has_deleted)
+        while m != 0:
+            j = s0 + _lowest(m)
+            m &= m - np.uint64(1)
+            _record(start + j, np.int32(_popcount(np.uint64(tile[j] ^ q0))), t, qi, offsets,
+                    out_rows, out_dist, fill, cap, counts)
+
+
+def _gather_words(tile, n_words, queries, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t,
+                  radius, offsets, out_rows, out_dist, fill, cap, counts, dbuf):
+    q = queries[qi]
     for s0 in range(s_lo, s_hi, SMALL_BLOCK):
         s1 = min(s_hi, s0 + SMALL_BLOCK)
         blk = tile[s0 * n_words:s1 * n_words]
@@ -711,6 +667,12 @@ def _collect(tile, n_words, q, qi, s_lo, s_hi, start, deleted, has_deleted, pena
             d = dbuf[jj]
             if d <= radius and not (has_deleted and dblk[jj] != 0):
                 _record(start + s0 + jj, d, t, qi, offsets, out_rows, out_dist, fill, cap, counts)
+
+
+@overload(_gather, inline="always")
+def _gather_typed(tile, n_words, queries, qi, s_lo, s_hi, start, deleted, has_deleted, penalty, t,
+                  radius, offsets, out_rows, out_dist, fill, cap, counts, dbuf):
+    return _gather_one_word if queries.ndim == 1 else _gather_words
 
 
 @njit(inline="always", cache=True)
@@ -728,67 +690,32 @@ def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, delete
     """Counts (into ``counts``, zeros on entry; fill=False) or writes (fill=True, at
     ``offsets``) the rows within ``radius``; with ``cap`` > 0, at most ``cap`` rows per
     (thread, query) are written (counts go on). The walk is ``_topk_parts``' with a fixed
-    threshold."""
+    threshold; a lone query walks its rows straight through, as in ``_lone_parts``."""
     n_q = queries.shape[0]
     penalty = np.int32(bits + 1)
+    span = _span_rows(queries)
     chunk = (n_rows + n_parts - 1) // n_parts
     for t in prange(n_parts):
         lo = t * chunk
         hi = min(n_rows, lo + chunk)
         dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
-        lim = np.full(n_q, radius + 1, dtype=np.int32)  # what the one-word first level tests
-        if n_q == 1:
-            q = queries[0]
-            start = lo
-            while start < hi:
-                tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, hi - start)
-                n = end - start
-                if n_words == 1:
-                    for s0 in range(0, n, ONE_WORD_SPAN):
-                        s1 = min(n, s0 + ONE_WORD_SPAN)
-                        if _one_word_hits(tile, s0, s1, queries, 0, 1, lim) != 0:
-                            _collect(tile, n_words, q, 0, s0, s1, start, deleted, has_deleted,
-                                     penalty, t, radius, offsets, out_rows, out_dist, fill, cap,
-                                     counts, dbuf)
-                    start = end
-                    continue
-                for s0 in range(0, n, SPAN):
-                    s1 = min(n, s0 + SPAN)
-                    dblk = deleted[start + s0:start + s1] if has_deleted else deleted
-                    if _span_min(tile[s0 * n_words:s1 * n_words], n_words, q, dblk, has_deleted,
-                                 penalty) <= radius:
-                        _collect(tile, n_words, q, 0, s0, s1, start, deleted, has_deleted, penalty,
-                                 t, radius, offsets, out_rows, out_dist, fill, cap, counts, dbuf)
-                start = end
-            continue
-        bmin = np.empty((GROUP, TILE // SPAN), dtype=np.int32)
+        lim = np.full(n_q, radius + 1, dtype=np.int32)  # what the first level tests
+        rows = hi - lo if n_q == 1 else TILE
         start = lo
         while start < hi:
-            tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, TILE)
+            tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, rows)
             n = end - start
             for g in range(0, n_q, GROUP):
                 ng = min(GROUP, n_q - g)
-                if n_words == 1:
-                    for s0 in range(0, n, ONE_WORD_SPAN):
-                        s1 = min(n, s0 + ONE_WORD_SPAN)
-                        hits = _one_word_hits(tile, s0, s1, queries, g, ng, lim)
-                        for j in range(ng):
-                            if hits & (np.uint64(1) << np.uint64(j)):
-                                _collect(tile, n_words, queries[g + j], g + j, s0, s1, start,
-                                         deleted, has_deleted, penalty, t, radius, offsets,
-                                         out_rows, out_dist, fill, cap, counts, dbuf)
-                    continue
-                nblocks = _block_mins(tile, n_words, queries, g, ng,
-                                      deleted[start:end] if has_deleted else deleted, has_deleted,
-                                      penalty, bmin, SPAN)
-                for j in range(ng):
-                    qi = g + j
-                    for bl in range(nblocks):
-                        if bmin[j, bl] <= radius:
-                            _collect(tile, n_words, queries[qi], qi, bl * SPAN,
-                                     min(end - start, (bl + 1) * SPAN), start, deleted, has_deleted,
-                                     penalty, t, radius, offsets, out_rows, out_dist, fill, cap,
-                                     counts, dbuf)
+                for s0 in range(0, n, span):
+                    s1 = min(n, s0 + span)
+                    hits = _first(tile, s0, s1, n_words, queries, g, ng, lim, start, deleted,
+                                  has_deleted, penalty)
+                    for j in range(ng):
+                        if hits & (np.uint64(1) << np.uint64(j)):
+                            _gather(tile, n_words, queries, g + j, s0, s1, start, deleted,
+                                    has_deleted, penalty, t, radius, offsets, out_rows, out_dist,
+                                    fill, cap, counts, dbuf)
             start = end
 
 
@@ -870,7 +797,10 @@ def _scan_args(segs: Segments, queries, deleted):
         raise ValueError("internal: queries must be words of the segments' type")
     has_del = deleted is not None
     dmask = deleted if has_del else np.zeros(1, dtype=np.uint8)
-    return np.ascontiguousarray(queries), dmask, has_del
+    queries = np.ascontiguousarray(queries)
+    if queries.shape[1] == 1:  # one word a code: the kernels take the one-word walk (see _first)
+        queries = queries.reshape(len(queries))
+    return queries, dmask, has_del
 
 
 def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,

@@ -228,7 +228,7 @@ def test_seeded_scans_equal_brute_force_and_fall_back_when_a_seed_is_too_tight(t
     q = rng.integers(0, 256, size=(9, 8), dtype=np.uint8)
     removed = np.concatenate([np.arange(0, 70000, 97), np.arange(4096, 4096 + 64)])
     words = np.ascontiguousarray(db).view(np.uint64)
-    assert kernels._seeds(kernels.Segments.of(words), q.view(np.uint64), 100, 64,
+    assert kernels._seeds(kernels.Segments.of(words), q.view(np.uint64).ravel(), 100, 64,
                           np.zeros(1, np.uint8), False, 2) is not None  # the path is taken
     index = HashIndex(64)
     index.add(db)
@@ -256,8 +256,8 @@ def test_seeded_scans_equal_brute_force_and_fall_back_when_a_seed_is_too_tight(t
     near = sampled[:: len(sampled) // k_s][:k_s]
     far[near] = 0
     far[near, 0] = 1
-    seed = kernels._seeds(kernels.Segments.of(far.view(np.uint64)), qq.view(np.uint64), k, 64,
-                          np.zeros(1, np.uint8), False, 2)
+    seed = kernels._seeds(kernels.Segments.of(far.view(np.uint64)), qq.view(np.uint64).ravel(), k,
+                          64, np.zeros(1, np.uint8), False, 2)
     assert (seed == 2).all()  # the seed's guess: fewer than k rows lie under it
     index = HashIndex(64)
     index.add(far)
@@ -283,8 +283,8 @@ def test_a_lone_query_whose_own_sample_misleads_it_is_scanned_again():
     words = db.view(np.uint64)
     for t in ([1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]):
         segs = kernels.Segments.of(words)
-        _, _, exact = kernels.topk_kernel(segs.addrs, segs.seg_rows, n, 1, q.view(np.uint64), k, 64,
-                                          np.zeros(1, np.uint8), False, t,
+        _, _, exact = kernels.topk_kernel(segs.addrs, segs.seg_rows, n, 1, q.view(np.uint64).ravel(),
+                                          k, 64, np.zeros(1, np.uint8), False, t,
                                           np.full(1, 65, np.int32),
                                           k // (kernels.SAMPLE_EVERY * t) + kernels.SEED_MARGIN)
         assert not exact[0]  # the seed admitted 200 rows: the check catches it
