@@ -338,3 +338,42 @@ def test_one_word_vector_tests_equal_their_scalar_definition(dtype):
         hit = [n > 0 and dist(rows, q[j]).min() < ts[j] for j in range(4)]
         assert int(one) == int(hit[0])
         assert int(four) == sum(1 << j for j in range(4) if hit[j])
+
+
+@pytest.mark.parametrize("n_words", [2, 3, 4])
+def test_multi_word_vector_tests_equal_their_scalar_definition(n_words):
+    # codes of 2-4 words: 8 rows a load split into their words by shuffles (_multiword), hand-
+    # written IR like the one-word tests, each against distances from np.unpackbits
+    from numba import njit
+
+    from hashret.index import kernels as kn
+
+    first1, first4, below64 = kn._multiword(n_words)
+
+    @njit
+    def run(arr, pos, n, queries, thr):
+        return (first1(arr, pos, n, queries, 0, thr), first4(arr, pos, n, queries, 0, 1, 2, 3, thr),
+                below64(arr, pos, queries, 0, thr[0]))
+
+    rng = np.random.default_rng(n_words)
+    rows = rng.integers(0, 2**63, size=(2000, n_words), dtype=np.uint64)
+    rows[::3] &= np.uint64(0x00FF00FF00FF00FF)  # near rows, so thresholds cut both ways
+    flat = rows.ravel()
+
+    def dist(block, q):
+        return np.unpackbits((block ^ q).view(np.uint8), axis=1).sum(axis=1)
+
+    for _ in range(30):
+        pos = int(rng.integers(0, 2000 - 64 - 8 * 8))
+        queries = rows[rng.integers(0, 2000, size=4)] ^ rng.integers(0, 2**63, size=(4, n_words),
+                                                                     dtype=np.uint64) & np.uint64(0x0101)
+        n = int(rng.integers(0, (2000 - pos) // 8 + 1))
+        near = [dist(rows[pos:pos + 8 * n], queries[j]) for j in range(4)]
+        thr = np.array([(int(d.min()) if n else 0) + int(rng.integers(0, 2)) for d in near],
+                       dtype=np.int64)
+        one, four, mask = run(flat, pos, n, queries, thr)
+        hit = [n > 0 and near[j].min() < thr[j] for j in range(4)]
+        assert int(one) == int(hit[0])
+        assert int(four) == sum(1 << j for j in range(4) if hit[j])
+        d64 = dist(rows[pos:pos + 64], queries[0])
+        assert int(mask) == sum(1 << i for i, d in enumerate(d64) if d < thr[0])
