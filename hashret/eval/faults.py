@@ -500,7 +500,8 @@ for i, (op, arg) in enumerate(op_sequence(seed)):
         ix.remove(arg)
     else:
         ix.compact()
-    print("committed", i, flush=True)
+    sys.stdout.write(f"committed {i}\n")  # one write: unbuffered, print() writes its parts apart
+    sys.stdout.flush()
 """
 
 
@@ -566,7 +567,9 @@ def kill_ops_trial(root, seed: int, rng: random.Random) -> dict:
     proc.send_signal(signal.SIGKILL)
     rest = proc.stdout.read()
     proc.wait()
-    reported = max([int(ln.split()[1]) for ln in rest.splitlines() if ln.startswith("committed")], default=-1)
+    # only whole lines count: a kill can land between a line's bytes (PYTHONUNBUFFERED)
+    whole = rest.split("\n")[:-1]
+    reported = max([int(ln.split()[1]) for ln in whole if ln.startswith("committed ")], default=-1)
     states = _states(seed)
     try:
         with HashIndex.open(path) as r:
