@@ -221,6 +221,31 @@ def test_fair_ablations_get_the_same_student_updates(data):
     assert "gcn" not in counts["gch-no-gcn"] and "label" not in counts["gch-no-teacher"]
 
 
+def test_each_student_is_pulled_towards_the_beacons_with_its_own_weight(data, monkeypatch):
+    # beta_beacon_image sets the image student's beacon weight; unset, both take beta_beacon
+    import hashret.models.gch as gch
+
+    seen = []
+    real = gch.gch_loss
+
+    def spy(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0):
+        if beacons is not None:
+            seen.append(beta)
+        return real(h, ref, s, pred, labels, alpha, gamma, beacons, beta)
+
+    monkeypatch.setattr(gch, "gch_loss", spy)
+    for image_beta, want in ((None, {3.0}), (0.25, {0.25, 3.0})):
+        seen.clear()
+        m = _fit("gch", data, epochs=1, beta_beacon=3.0, beta_beacon_image=image_beta)
+        batches = -(-len(data.part("train")) // SMALL["batch_size"])
+        assert len(seen) == 2 * batches  # both students, every batch of the beacon pass
+        assert set(seen) == want
+        if image_beta is not None:  # students alternate image, text within a batch
+            assert seen[::2] == [image_beta] * batches
+            assert seen[1::2] == [3.0] * batches
+        assert m.config["beta_beacon_image"] == image_beta
+
+
 def test_a_loss_that_goes_non_finite_stops_training_with_a_reason(data, monkeypatch):
     import hashret.models.gch as gch
 
