@@ -54,8 +54,8 @@ from numba.extending import intrinsic, overload
 # into a prange body (ours: ``_first``, ``_second``, ``_gather``) and asks for a bug report
 # where they are missing from its scope bookkeeping; the compiled scans equal brute force for
 # every word type (tests/index/test_kernels.py), so the notice is hidden for these names only
-warnings.filterwarnings("ignore", message=r".*variable '_(first|second|gather)_",
-                        category=NumbaIRAssumptionWarning)
+INLINED_NOTICE = r".*variable '_(first|second|gather)_"
+warnings.filterwarnings("ignore", message=INLINED_NOTICE, category=NumbaIRAssumptionWarning)
 
 TILE = 2048  # rows per tile: 16 KiB of 64-bit codes, stays in L1 while a batch's queries scan it
 SPAN = 1024  # rows per first-level minimum (GROUP queries at once), codes of several words
