@@ -298,8 +298,9 @@ def test_a_lone_query_whose_own_sample_misleads_it_is_scanned_again():
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
 def test_one_word_vector_tests_equal_their_scalar_definition(dtype):
-    # the first level's vector minima (_pass1/_pass4) and the second level's 64-row masks
-    # (_below64, _set64) are LLVM IR written by hand: each against its plain definition
+    # the first level's vector minima (_pass1/_pass4: per query, 16 lane bits, bit l for the
+    # rows at offsets l mod 16) and the second level's 64-row masks (_below64, _set64) and
+    # one-lane rows (_one_lane) are written by hand: each against its plain definition
     from numba import njit
 
     from hashret.index import kernels as kn
@@ -307,6 +308,10 @@ def test_one_word_vector_tests_equal_their_scalar_definition(dtype):
     @njit
     def masks(arr, pos, q, t, dead):
         return kn._below64(arr, pos, q, t), kn._set64(dead, pos)
+
+    @njit
+    def one_lane(arr, lo, hi, lane, q, t):
+        return kn._one_lane(arr, lo, hi, lane, q, t)
 
     @njit
     def passes(arr, pos, n, qs, ts):
@@ -335,9 +340,14 @@ def test_one_word_vector_tests_equal_their_scalar_definition(dtype):
         ts = rng.integers(0, bits + 2, size=4)
         one, four = passes(arr, pos, n, q, ts)
         rows = arr[pos:pos + n * ch]
-        hit = [n > 0 and dist(rows, q[j]).min() < ts[j] for j in range(4)]
-        assert int(one) == int(hit[0])
-        assert int(four) == sum(1 << j for j in range(4) if hit[j])
+        lanes = [sum(1 << lane for lane in {o % 16 for o, d in enumerate(dist(rows, q[j])) if d < ts[j]})
+                 for j in range(4)]
+        assert int(one) == lanes[0]
+        assert int(four) == sum(lanes[j] << (16 * j) for j in range(4))
+        lane, hi = int(rng.integers(0, 16)), pos + int(rng.integers(0, 513))
+        got = one_lane(arr, pos, hi, lane, q[0], t)
+        at = np.arange(pos + lane, hi, 16)
+        assert int(got) == sum(1 << i for i, d in enumerate(dist(arr[at], q[0])) if d < t)
 
 
 @pytest.mark.parametrize("n_words", [2, 3, 4])
@@ -373,7 +383,8 @@ def test_multi_word_vector_tests_equal_their_scalar_definition(n_words):
                        dtype=np.int64)
         one, four, mask = run(flat, pos, n, queries, thr)
         hit = [n > 0 and near[j].min() < thr[j] for j in range(4)]
-        assert int(one) == int(hit[0])
-        assert int(four) == sum(1 << j for j in range(4) if hit[j])
+        # loops and multi-word IR do not say which rows: all 16 lane bits of a query or none
+        assert int(one) == 0xFFFF * hit[0]
+        assert int(four) == sum(0xFFFF << (16 * j) for j in range(4) if hit[j])
         d64 = dist(rows[pos:pos + 64], queries[0])
         assert int(mask) == sum(1 << i for i, d in enumerate(d64) if d < thr[0])
