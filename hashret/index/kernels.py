@@ -42,6 +42,7 @@ attribute changes nothing.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numba
@@ -407,7 +408,7 @@ def _span_min(blk, n_words, q, dblk, has_deleted, penalty):
 
 
 @njit(inline="always", cache=True)
-def _offer(i, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next):
+def _offer(i, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_next):
     """Row i at distance d (< thr[qi]) into the best-k set of (thread t, query qi)."""
     s = size[t, qi]
     if s < k:
@@ -419,7 +420,6 @@ def _offer(i, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool
         head[qi, worst] = pool_next[t, qi, slot]
         cnt[qi, worst] -= 1
     pool_row[t, qi, slot] = i
-    pool_dist[t, qi, slot] = d
     pool_next[t, qi, slot] = head[qi, d]
     head[qi, d] = slot
     cnt[qi, d] += 1
@@ -582,7 +582,7 @@ def _below_mask_words(tile, n_words, s0, s_hi, queries, qi, t, start, deleted, h
 
 
 def _second(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted, penalty,
-            t, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+            t, k, bits, thr, size, head, cnt, pool_row, pool_next, dbuf):
     """The second level: rows s_lo..s_hi-1 of ``tile`` (row ``start`` first), whose span
     passed query qi's first level with ``lanes`` (see ``_first``), offered to its best-k set
     where below its k-th."""
@@ -590,7 +590,7 @@ def _second(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_d
 
 
 def _second_one_word(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted,
-                     penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+                     penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_next, dbuf):
     # every 64 rows give a mask of the rows below the k-th (``_below_mask``), and only its set
     # bits are looked at: no minima, no distances written out; with one lane, only its rows
     q0 = queries[qi]
@@ -604,8 +604,7 @@ def _second_one_word(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, delet
                 continue
             d = np.int32(_popcount(np.uint64(tile[j] ^ q0)))
             if d < thr[qi]:
-                _offer(start + j, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_dist,
-                       pool_next)
+                _offer(start + j, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_next)
         return
     for s0 in range(s_lo, s_hi, 64):
         m = _below_mask(tile, s0, s_hi, q0, thr[qi], start, deleted, has_deleted)
@@ -614,12 +613,11 @@ def _second_one_word(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, delet
             m &= m - np.uint64(1)
             d = np.int32(_popcount(np.uint64(tile[j] ^ q0)))
             if d < thr[qi]:  # the k-th may have tightened since the mask was taken
-                _offer(start + j, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_dist,
-                       pool_next)
+                _offer(start + j, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_next)
 
 
 def _second_words(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted,
-                  penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+                  penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_next, dbuf):
     if 2 <= n_words <= VECTOR_WORDS:  # as for one word: 64-row masks, their set bits
         for s0 in range(s_lo, s_hi, 64):
             m = _below_mask_words(tile, n_words, s0, s_hi, queries, qi, thr[qi], start, deleted,
@@ -630,7 +628,7 @@ def _second_words(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted,
                 d = _row_distance(tile, n_words, j, queries[qi])
                 if d < thr[qi]:
                     _offer(start + j, d, t, qi, k, bits, thr, size, head, cnt, pool_row,
-                           pool_dist, pool_next)
+                           pool_next)
         return
     # each SMALL_BLOCK rows get their own minimum, and only blocks that beat the k-th too are
     # walked row by row
@@ -649,12 +647,12 @@ def _second_words(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted,
             d = dbuf[jj]
             if d < thr[qi] and not (has_deleted and deleted[start + s0 + jj] != 0):
                 _offer(start + s0 + jj, d, t, qi, k, bits, thr, size, head, cnt,
-                       pool_row, pool_dist, pool_next)
+                       pool_row, pool_next)
 
 
 @overload(_second, inline="always")
 def _second_typed(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted,
-                  penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf):
+                  penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_next, dbuf):
     return _second_one_word if queries.ndim == 1 else _second_words
 
 
@@ -672,7 +670,6 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, need, bits, de
     thr = np.full(1, bits + 1, dtype=np.int32)
     size = np.zeros((1, 1), dtype=np.int64)
     pool_row = np.empty((1, 1, need), dtype=np.int64)
-    pool_dist = np.empty((1, 1, need), dtype=np.int32)
     pool_next = np.empty((1, 1, need), dtype=np.int32)
     span = _span_rows(queries, n_words)
     j = lo
@@ -684,7 +681,7 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, need, bits, de
                            penalty)
             if lanes != 0:
                 _second(tile, n_words, queries, 0, s0, s1, lanes, j, deleted, has_deleted, penalty,
-                        0, need, bits, thr, size, head, cnt, pool_row, pool_dist, pool_next, dbuf)
+                        0, need, bits, thr, size, head, cnt, pool_row, pool_next, dbuf)
         j += SPAN * SAMPLE_EVERY
     if size[0, 0] < need:
         return np.int32(bits + 1)
@@ -693,7 +690,7 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, need, bits, de
 
 @njit(parallel=True, nogil=True, cache=True)  # nogil: a server's event loop runs on during a scan
 def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                seed, used, pool_row, pool_dist, pool_next, size, heads):
+                seed, used, pool_row, pool_next, size, heads):
     """Each of ``n_parts`` threads fills its best-k sets over its contiguous rows, a tile at
     a time, GROUP queries at a time. One parallel region and nothing allocated outside it:
     with passive OpenMP threads (how a service sees them) every region costs a wake-up,
@@ -741,13 +738,13 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                         if lanes != 0:
                             _second(tile, n_words, queries, g + j, s0, s1, lanes, start,
                                     deleted, has_deleted, penalty, t, k, bits, thr, size, head,
-                                    cnt, pool_row, pool_dist, pool_next, dbuf)
+                                    cnt, pool_row, pool_next, dbuf)
             start = end
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                seed, lone_need, used, pool_row, pool_dist, pool_next, size, heads):
+                seed, lone_need, used, pool_row, pool_next, size, heads):
     """``_topk_parts`` for one query, which reads every code once: no tiles, each thread
     walks its share of each segment straight through; ``lone_need`` > 0: each thread
     first seeds itself from its own sample (``_lone_seed``)."""
@@ -777,7 +774,7 @@ def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                 if lanes != 0:  # all lanes: the one-lane path measured 2-3% slower here
                     _second(tile, n_words, queries, 0, s0, s1, ALL_LANES, start, deleted,
                             has_deleted, penalty, t, k, bits, thr, size, head, cnt, pool_row,
-                            pool_dist, pool_next, dbuf)
+                            pool_next, dbuf)
             start = end
 
 
@@ -786,7 +783,8 @@ def _merge_one(qi, bits, heads, pool_row, pool_next, out_d, out_r):
     """Query qi's per-thread sets, ordered by (distance, row), into out_d/out_r[qi], without
     a sort: a thread's bucket for a distance is a chain of its rows, largest first, and
     thread t's rows all precede thread t + 1's, so distance by distance, thread by thread,
-    each chain is written backwards. (Sorting the keys took ~140 us a query at k=1000.)"""
+    each chain is written backwards. (Sorting the keys took ~140 us a query at k=1000.)
+    Places past the rows found get -1."""
     k = out_d.shape[1]
     pos = 0
     for d in range(bits + 1):
@@ -807,6 +805,9 @@ def _merge_one(qi, bits, heads, pool_row, pool_next, out_d, out_r):
                 j -= 1
                 p = pool_next[t, qi, p]
             pos += c
+    for j in range(pos, k):
+        out_d[qi, j] = -1
+        out_r[qi, j] = -1
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -817,29 +818,27 @@ def _merge_parallel(bits, heads, pool_row, pool_next, out_d, out_r):
 
 @njit(nogil=True, cache=True)
 def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                seed, lone_need):
+                seed, lone_need, pool_row, pool_next):
     """Top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of n_words
     words each); queries: of the segments' word type, (Q,) for codes of one word, else
-    (Q, n_words); seed: per query, only
-    rows at distance < seed are taken (bits + 1: all); lone_need > 0: a lone query seeds
-    each thread from its own sample (see ``_lone_seed``; 0: no). Returns (distances, rows,
+    (Q, n_words); seed: per query, only rows at distance < seed are taken (bits + 1: all);
+    lone_need > 0: a lone query seeds each thread from its own sample (see ``_lone_seed``;
+    0: no); pool_row/pool_next: (n_parts, Q, k) scratch for the best-k sets (``_pools``).
+    Returns (distances, rows,
     exact): (Q, k) nearest first, ties by row, -1 where fewer than k rows qualify; exact[q]
     is False where a seed may have cut off one of query q's k nearest (see ``topk``)."""
     n_q = queries.shape[0]
-    pool_row = np.empty((n_parts, n_q, k), dtype=np.int64)
-    pool_dist = np.empty((n_parts, n_q, k), dtype=np.int32)
-    pool_next = np.empty((n_parts, n_q, k), dtype=np.int32)
     size = np.zeros((n_parts, n_q), dtype=np.int64)
     used = np.empty((n_parts, n_q), dtype=np.int32)
     heads = np.full((n_parts, n_q, bits + 2), -1, dtype=np.int32)  # each bucket's newest row
     if n_q == 1:
         _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
-                    n_parts, seed, lone_need, used, pool_row, pool_dist, pool_next, size, heads)
+                    n_parts, seed, lone_need, used, pool_row, pool_next, size, heads)
     else:
         _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
-                    n_parts, seed, used, pool_row, pool_dist, pool_next, size, heads)
-    out_d = np.full((n_q, k), -1, dtype=np.int32)
-    out_r = np.full((n_q, k), -1, dtype=np.int64)
+                    n_parts, seed, used, pool_row, pool_next, size, heads)
+    out_d = np.empty((n_q, k), dtype=np.int32)  # the merge writes every entry
+    out_r = np.empty((n_q, k), dtype=np.int64)
     if n_q * k * n_parts < 65536:  # a second parallel region costs more than this merge
         for qi in range(n_q):
             _merge_one(qi, bits, heads, pool_row, pool_next, out_d, out_r)
@@ -1046,6 +1045,25 @@ def _scan_args(segs: Segments, queries, deleted):
     return queries, dmask, has_del
 
 
+_kept = threading.local()
+POOLS_KEPT = 32 << 20  # bytes of best-k scratch a thread keeps between scans
+
+
+def _pools(n_parts: int, n_q: int, k: int):
+    """(pool_row, pool_next) of shape (n_parts, n_q, k) for ``topk_kernel``: views of
+    buffers the calling thread keeps between scans (up to POOLS_KEPT bytes). Fresh ones each
+    scan were fresh pages each scan: 100 queries at k=1000 over 10^7 codes took ~750 page
+    faults, ~1.3 ms of its 22 ms."""
+    n = n_parts * n_q * k
+    rows, nxt = getattr(_kept, "rows", None), getattr(_kept, "next", None)
+    if rows is None or len(rows) < n:
+        rows, nxt = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int32)
+        if n * 12 <= POOLS_KEPT:
+            _kept.rows, _kept.next = rows, nxt
+    shape = (n_parts, n_q, k)
+    return rows[:n].reshape(shape), nxt[:n].reshape(shape)
+
+
 def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
          deleted: np.ndarray | None = None, threads: int | None = None):
     """Exact top-k of ``queries`` ((Q, n_words), the segments' word type: uint8/16/32 for
@@ -1073,18 +1091,21 @@ def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
         need = k // (SAMPLE_EVERY * parts) + SEED_MARGIN if lone else 0
         args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words)
         dist, rows, exact = topk_kernel(*args, queries, k, bits, dmask, has_del, parts,
-                                        unseeded if seed is None else seed, need)
+                                        unseeded if seed is None else seed, need,
+                                        *_pools(parts, len(queries), k))
         again = np.flatnonzero(~exact)
         if len(again) and seed is not None:
             # a seed one too low (the sample over-counted its last distance) is the usual
             # miss: one step up is exact unless that distance is short of rows too
             up = np.minimum(seed[again] + 1, bits + 1).astype(np.int32)
             dist[again], rows[again], ok = topk_kernel(*args, queries[again], k, bits, dmask,
-                                                       has_del, parts, up, 0)
+                                                       has_del, parts, up, 0,
+                                                       *_pools(parts, len(again), k))
             again = again[~ok]
         if len(again):
             dist[again], rows[again], _ = topk_kernel(*args, queries[again], k, bits, dmask,
-                                                      has_del, parts, unseeded[again], 0)
+                                                      has_del, parts, unseeded[again], 0,
+                                                      *_pools(parts, len(again), k))
         return dist, rows
 
 
@@ -1112,10 +1133,11 @@ def _seeds(segs: Segments, queries, k, bits, dmask, has_del, parts):
     if len(sample) < 8 * k_s:  # segments shorter than a sample span
         return None
     smask = dmask[np.concatenate(rows)] if has_del else dmask
+    sparts = _parts(len(sample), parts)
     d, _, _ = topk_kernel(np.array([sample.ctypes.data], dtype=np.int64), max(len(sample), 1),
-                          len(sample), segs.n_words, queries, k_s, bits, smask, has_del,
-                          _parts(len(sample), parts), np.full(len(queries), bits + 1, dtype=np.int32),
-                          0)
+                          len(sample), segs.n_words, queries, k_s, bits, smask, has_del, sparts,
+                          np.full(len(queries), bits + 1, dtype=np.int32), 0,
+                          *_pools(sparts, len(queries), k_s))
     seed = d[:, -1] + 1
     seed[d[:, -1] < 0] = bits + 1  # too few sampled rows alive: no seed
     return seed.astype(np.int32)

@@ -286,7 +286,8 @@ def test_a_lone_query_whose_own_sample_misleads_it_is_scanned_again():
         _, _, exact = kernels.topk_kernel(segs.addrs, segs.seg_rows, n, 1, q.view(np.uint64).ravel(),
                                           k, 64, np.zeros(1, np.uint8), False, t,
                                           np.full(1, 65, np.int32),
-                                          k // (kernels.SAMPLE_EVERY * t) + kernels.SEED_MARGIN)
+                                          k // (kernels.SAMPLE_EVERY * t) + kernels.SEED_MARGIN,
+                                          *kernels._pools(t, 1, k))
         assert not exact[0]  # the seed admitted 200 rows: the check catches it
         index = HashIndex(64)
         index.add(db)
