@@ -140,6 +140,11 @@ class GCH(TorchHashModel):
         # an ablation knob -- on Wikipedia a weaker pull on the images lowered validation mAP
         # in both directions (README, "Beacon weights")
         "beta_beacon_image": None,
+        # two more ablation knobs of the beacon pass, both below the default on Wikipedia
+        # validation (README, "Beacon weights"): its teacher term ("teacher", the paper's, or
+        # "none": beacons and labels only), and epochs whose second student pass still goes
+        # towards the teacher, as gch-no-gcn's, while the GCN already trains
+        "beacon_pass_teacher": "teacher", "beacon_warmup": 0,
         "use_teacher": True, "use_gcn": True,
         "lr_schedule": "constant", "likelihood": "all", "graph": "dot",
     }
@@ -165,6 +170,8 @@ class GCH(TorchHashModel):
               f"unknown lr_schedule {cfg['lr_schedule']!r}: use constant or cosine")
         check(cfg["graph"] in ("dot", "jaccard"),
               f"unknown graph {cfg['graph']!r}: use dot (the paper's label graph) or jaccard")
+        check(cfg["beacon_pass_teacher"] in ("teacher", "none"),
+              f"unknown beacon_pass_teacher {cfg['beacon_pass_teacher']!r}: use teacher (the paper's) or none")
         check(cfg["likelihood"] in ("all", "batch"),
               f"unknown likelihood {cfg['likelihood']!r}: use all (every training pair, the paper's) or batch")
         self._build()
@@ -223,7 +230,8 @@ class GCH(TorchHashModel):
                     losses["gcn"] = step("gcn", gch_loss(hb, ref, s, pred, lab[idx], *self._weights))
                     self._remember("gcn", idx, hb)
                 # 4. students towards the beacons (and still the teacher)
-                self._student_phase(batches, x, lab, step, beacons=True, losses=losses)
+                self._student_phase(batches, x, lab, step, beacons=epoch >= cfg["beacon_warmup"],
+                                    losses=losses)
             else:
                 # the ablation gets the same number of student updates as full GCH: a second
                 # pass towards the teacher where GCH's second pass goes towards the beacons
@@ -294,6 +302,9 @@ class GCH(TorchHashModel):
         cfg, nets = self.config, self.nets
         beta = {"image": cfg["beta_beacon"] if cfg.get("beta_beacon_image") is None
                 else cfg["beta_beacon_image"], "text": cfg["beta_beacon"]}
+        alpha, gamma = self._weights
+        if beacons and cfg["beacon_pass_teacher"] == "none":
+            alpha = 0.0
         teacher_codes = None
         if cfg["use_teacher"]:
             with torch.no_grad():  # the teacher is fixed while the students learn
@@ -318,7 +329,7 @@ class GCH(TorchHashModel):
                     else:
                         with torch.no_grad():
                             ref = nets[other](x[other][idx])[1]
-                losses[m] = step(m, gch_loss(h, ref, s, pred, l_b, *self._weights, hb, beta[m]))
+                losses[m] = step(m, gch_loss(h, ref, s, pred, l_b, alpha, gamma, hb, beta[m]))
                 self._remember(m, idx, h)
 
     # -- encoding ------------------------------------------------------------------------

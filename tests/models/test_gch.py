@@ -246,6 +246,35 @@ def test_each_student_is_pulled_towards_the_beacons_with_its_own_weight(data, mo
         assert m.config["beta_beacon_image"] == image_beta
 
 
+def test_the_beacon_pass_ablations_drop_the_teacher_term_or_wait_the_warmup_epochs(data, monkeypatch):
+    # beacon_pass_teacher="none": the beacon pass's likelihood weight is 0 (labels and beacons
+    # stay); beacon_warmup=e: the first e epochs' second pass goes towards the teacher only
+    import hashret.models.gch as gch
+
+    calls = []
+    real = gch.gch_loss
+
+    def spy(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0):
+        calls.append((alpha, gamma, beacons is not None, beta))
+        return real(h, ref, s, pred, labels, alpha, gamma, beacons, beta)
+
+    monkeypatch.setattr(gch, "gch_loss", spy)
+    batches = -(-len(data.part("train")) // SMALL["batch_size"])
+    _fit("gch", data, epochs=1, alpha_likelihood=2.0, gamma_label=0.5, beta_beacon=3.0,
+         beacon_pass_teacher="none")
+    pulled = [c for c in calls if c[2]]
+    assert pulled == [(0.0, 0.5, True, 3.0)] * (2 * batches)
+    assert all(c[0] == 2.0 for c in calls if not c[2])  # teacher, GCN, first pass keep alpha
+    calls.clear()
+    _fit("gch", data, epochs=3, beacon_warmup=2)
+    assert sum(c[2] for c in calls) == 2 * batches  # only the third epoch pulls
+    calls.clear()
+    _fit("gch", data, epochs=3)
+    assert sum(c[2] for c in calls) == 3 * 2 * batches
+    with pytest.raises(HashretError, match="beacon_pass_teacher"):
+        _fit("gch", data, epochs=1, beacon_pass_teacher="beacons")
+
+
 def test_a_loss_that_goes_non_finite_stops_training_with_a_reason(data, monkeypatch):
     import hashret.models.gch as gch
 
