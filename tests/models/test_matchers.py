@@ -69,8 +69,17 @@ def test_gradients_reach_every_parameter(name):
     img, txt = m.encode_image(r, rm), m.encode_text(t, tl)
     terms = m.loss_terms(img, txt, epoch=0) if hasattr(m, "loss_terms") else [m.loss(m.pair_scores(img, txt), 0)]
     sum(terms).backward()
-    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # SAF's W_f feeds batch norm, which subtracts every constant, so its bias gets a gradient
+    # of 0 in exact arithmetic (SGRAF's code has the bias too): rounding left it ~1e-9 on one
+    # host and exactly 0 on another, so it is held to that instead of to "some gradient"
+    by_norm = {n for n, _ in m.named_parameters() if n.endswith("saf.head.w_f.bias")}
+    missing = [n for n, p in m.named_parameters()
+               if n not in by_norm and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, missing
+    scale = max(float(p.grad.abs().max()) for p in m.parameters() if p.grad is not None)
+    for n, p in m.named_parameters():
+        if n in by_norm:
+            assert p.grad is None or float(p.grad.abs().max()) <= 1e-6 * scale, n
 
 
 def test_hash_head_ignores_region_order_and_padding():
