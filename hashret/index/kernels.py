@@ -17,8 +17,8 @@ vector lanes and ends a span with one vector compare, not a horizontal reduction
 spans can be half as long; the second level takes a 64-bit mask of the rows below the k-th
 per 64 rows and visits only its set bits. The first level's compare also says which lanes
 (row offsets mod 16) hold a row below the k-th; where only one does -- the usual case once
-the k-th is tight -- the second level tests that lane's 32 rows alone. Measured against the loops numba compiles (10^7
-64-bit codes, 2 threads, alternated): 100 queries at k=1000 86.7 -> 68.9 ms, one query at
+the k-th is tight -- the second level tests that lane's rows alone. Measured against the
+loops numba compiles (10^7 64-bit codes, 2 threads, alternated): 100 queries at k=1000 86.7 -> 68.9 ms, one query at
 k=1000 2.2-2.4 -> 2.0 ms; k=10 and 100 2-3% faster. Codes of 2-4 uint64 words take the same
 two levels (``_multiword``: 8 rows a load, split into their words by shuffles): 10^6 codes, 100
 queries, 128 bits 1.4-1.7x and 256 bits 1.8-1.9x faster than the loops, which codes of 5 or
@@ -256,20 +256,30 @@ def _multiword(w):
             s = pc if s is None else builder.add(s, pc)
         return s
 
-    def query(context, builder, q_t, qarr, row):
+    def query_words(context, builder, q_t, qarr, row):
         qa = context.make_array(q_t)(context, builder, qarr)
         out = []
         for i in range(w):
             x = builder.load(cgutils.get_item_pointer(context, builder, q_t, qa,
                                                       [row, ir.Constant(row.type, i)]))
             # codes of several words are uint64 words; a narrower word type is widened
-            out.append(_splat(builder, builder.zext(x, i64) if x.type.width < 64 else x, ch))
+            out.append(builder.zext(x, i64) if x.type.width < 64 else x)
         return out
+
+    def query(context, builder, q_t, qarr, row):
+        return [_splat(builder, x, ch) for x in query_words(context, builder, q_t, qarr, row)]
 
     def threshold(context, builder, t_t, tarr, row):
         ta = context.make_array(t_t)(context, builder, tarr)
         t = builder.load(cgutils.get_item_pointer(context, builder, t_t, ta, [row]))
         return _splat(builder, context.cast(builder, t, t_t.dtype, types.int64), ch)
+
+    def lanes_field(builder, acc, tv):
+        """ALL_LANES where a row's minimum in ``acc`` is below ``tv``, else 0: which row it
+        is, these lanes do not say (see ``_first``)."""
+        below = builder.bitcast(builder.icmp_unsigned("<", acc, tv), ir.IntType(ch))
+        hit = builder.icmp_unsigned("!=", below, ir.Constant(ir.IntType(ch), 0))
+        return builder.select(hit, ir.Constant(i64, ALL_LANES), ir.Constant(i64, 0))
 
     def lone_codegen(context, builder, signature, args):
         """``first1`` for w = 2 or 4, with no shuffles before the popcounts: the query's
@@ -281,16 +291,11 @@ def _multiword(w):
         arr_t, q_t, t_t = signature.args[0], signature.args[3], signature.args[-1]
         a, p, n, qarr, row, tarr = args
         base = _data(context, builder, arr_t, a, builder.mul(p, ir.Constant(p.type, w)))
-        qa = context.make_array(q_t)(context, builder, qarr)
+        words = query_words(context, builder, q_t, qarr, row)
         qpat = ir.Constant(rty, ir.Undefined)  # the query's words, repeated: w0 w1 .. w0 w1 ..
         for i in range(ch):
-            x = builder.load(cgutils.get_item_pointer(context, builder, q_t, qa,
-                                                      [row, ir.Constant(row.type, i % w)]))
-            qpat = builder.insert_element(qpat, builder.zext(x, i64) if x.type.width < 64 else x,
-                                          ir.Constant(i32, i))
-        ta = context.make_array(t_t)(context, builder, tarr)
-        t = builder.load(cgutils.get_item_pointer(context, builder, t_t, ta, [row]))
-        tv = _splat(builder, context.cast(builder, t, t_t.dtype, types.int64), ch)
+            qpat = builder.insert_element(qpat, words[i % w], ir.Constant(i32, i))
+        tv = threshold(context, builder, t_t, tarr, row)
         ctpop, umin = _vector_fn(builder, "ctpop", rty, 1), _vector_fn(builder, "umin", rty, 2)
         evens = ir.Constant(ir.VectorType(i32, ch), list(range(0, 2 * ch, 2)))
         odds = ir.Constant(ir.VectorType(i32, ch), list(range(1, 2 * ch, 2)))
@@ -307,10 +312,8 @@ def _multiword(w):
                                      builder.shuffle_vector(x, y, odds))
                          for x, y in zip(parts[::2], parts[1::2])]
             builder.store(builder.call(umin, [builder.load(acc), parts[0]]), acc)
-        below = builder.bitcast(builder.icmp_unsigned("<", builder.load(acc), tv), ir.IntType(ch))
-        hit = builder.icmp_unsigned("!=", below, ir.Constant(ir.IntType(ch), 0))
         _prefer_wide(builder)
-        return builder.select(hit, ir.Constant(i64, ALL_LANES), ir.Constant(i64, 0))
+        return lanes_field(builder, builder.load(acc), tv)
 
     def first_codegen(nq):
         if nq == 1 and w in (2, 4):
@@ -333,9 +336,7 @@ def _multiword(w):
                     builder.store(builder.call(umin, [builder.load(acc), distances(builder, v, qv)]), acc)
             out = ir.Constant(i64, 0)
             for j, (acc, tv) in enumerate(zip(accs, tvs)):
-                below = builder.bitcast(builder.icmp_unsigned("<", builder.load(acc), tv), ir.IntType(ch))
-                hit = builder.icmp_unsigned("!=", below, ir.Constant(ir.IntType(ch), 0))
-                field = builder.select(hit, ir.Constant(i64, ALL_LANES), ir.Constant(i64, 0))
+                field = lanes_field(builder, builder.load(acc), tv)
                 out = builder.or_(out, builder.shl(field, ir.Constant(i64, LANES * j)))
             _prefer_wide(builder)
             return out
@@ -553,6 +554,12 @@ def _first_words(tile, s0, s1, n_words, queries, g, ng, thr, start, deleted, has
 def _first_typed(tile, s0, s1, n_words, queries, g, ng, thr, start, deleted, has_deleted,
                  penalty):
     return _first_one_word if queries.ndim == 1 else _first_words
+
+
+@njit(inline="always", cache=True)
+def _lanes(hits, j):
+    """Query g + j's lanes in a first-level answer of queries g.. (see ``_first``)."""
+    return (hits >> np.uint64(LANES * j)) & np.uint64(ALL_LANES)
 
 
 @njit(inline="always", cache=True)
@@ -784,7 +791,7 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                         continue
                     s0, s1 = si * span, min(n, si * span + span)
                     for j in range(ng):
-                        lanes = (hits >> np.uint64(LANES * j)) & np.uint64(ALL_LANES)
+                        lanes = _lanes(hits, j)
                         if lanes != 0:
                             _second(tile, n_words, queries, g + j, s0, s1, lanes, start,
                                     deleted, has_deleted, penalty, t, k, bits, thr, size, head,
@@ -1003,7 +1010,7 @@ def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, delete
                     hits = _first(tile, s0, s1, n_words, queries, g, ng, lim, start, deleted,
                                   has_deleted, penalty)
                     for j in range(ng):
-                        lanes = (hits >> np.uint64(LANES * j)) & np.uint64(ALL_LANES)
+                        lanes = _lanes(hits, j)
                         if lanes != 0:
                             _gather(tile, n_words, queries, g + j, s0, s1, lanes, start,
                                     deleted, has_deleted, penalty, t, radius, offsets, out_rows,
