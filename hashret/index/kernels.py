@@ -23,10 +23,11 @@ k=1000 2.2-2.4 -> 2.0 ms; k=10 and 100 2-3% faster. Codes of 2-4 uint64 words ta
 two levels (``_multiword``: 8 rows a load, split into their words by shuffles): 10^6 codes, 100
 queries, 128 bits 1.4-1.7x and 256 bits 1.8-1.9x faster than the loops, which codes of 5 or
 more words keep. The running
-best-k set of a (thread, query) lives in per-distance LIFO buckets: a row
-enters only with a distance below the set's worst, and evicts the most recent (so largest)
-row at the worst distance -- O(1) per insert and exact under (distance, row) order, because
-rows arrive in increasing order. The per-thread sets are merged at the end.
+best-k set of a (thread, query) is a list its rows are appended to -- rows arrive in
+increasing order, so it stays in row order -- with a count per distance: a row enters only
+below the query's threshold, which drops to the k-th's distance once k rows lie below it (a
+later row at that distance loses its tie). The per-thread lists are merged at the end by a
+counting sort on the distance.
 
 Distances are integers in [0, bits]; a removed row gets a distance above ``bits`` and never
 enters. ``cache=True`` keeps compilation out of every process after the first.
@@ -452,29 +453,50 @@ def _span_min(blk, n_words, q, dblk, has_deleted, penalty):
     return np.int32(m)
 
 
+DIST_BITS = 16  # a list entry: row << DIST_BITS | distance
+
+
+@njit(cache=True)
+def _compact(pool, t, qi, f, thr, keep):
+    """(t, qi)'s full list without the rows that can no longer be among its k nearest: those
+    above thr, and at thr all but the first ``keep`` (k less the rows below thr: the later
+    ones lose their ties). Order is kept; the new length is at most k."""
+    n = 0
+    for j in range(f):
+        e = pool[t, qi, j]
+        d = np.int32(e & ((1 << DIST_BITS) - 1))
+        if d < thr or (d == thr and keep > 0):
+            keep -= d == thr
+            pool[t, qi, n] = e
+            n += 1
+    return n
+
+
 @njit(inline="always", cache=True)
-def _offer(i, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_next):
-    """Row i at distance d (< thr[qi]) into the best-k set of (thread t, query qi)."""
-    s = size[t, qi]
-    if s < k:
-        slot = s
-        size[t, qi] = s + 1
-    else:  # evict the newest row at the worst distance
-        worst = thr[qi]
-        slot = head[qi, worst]
-        head[qi, worst] = pool_next[t, qi, slot]
-        cnt[qi, worst] -= 1
-    pool_row[t, qi, slot] = i
-    pool_next[t, qi, slot] = head[qi, d]
-    head[qi, d] = slot
+def _offer(i, d, t, qi, k, thr, size, below, cnt, pool, fill):
+    """Row i at distance d (< thr[qi]) onto the best-k list of (thread t, query qi): appended
+    (rows arrive in increasing order, so a list is in row order), counted per distance, and
+    once k rows lie below thr, thr drops to the k-th's distance -- a later row there loses
+    its tie. ``below[qi]``: the list's rows below thr; ``size``: rows ever appended. A full
+    list (2k + 16 places) sheds the rows that lost (``_compact``), leaving at most k.
+    (Per-distance chains of list places with eviction cost ~2 ms of 21 at 100 queries,
+    k=1000, 10^7 codes: every append read and wrote a chain head.)"""
+    f = fill[t, qi]
+    if f == pool.shape[2]:
+        f = _compact(pool, t, qi, f, thr[qi], k - below[qi])
+    pool[t, qi, f] = (i << DIST_BITS) | d
+    fill[t, qi] = f + 1
+    size[t, qi] += 1
     cnt[qi, d] += 1
-    if size[t, qi] == k:
-        w = np.int32(bits)
-        if s == k:
-            w = thr[qi]
-        while w > 0 and cnt[qi, w] == 0:
+    b = below[qi] + 1
+    if b >= k:  # the k-th is at w: the largest w with fewer than k rows below it
+        w = thr[qi] - 1
+        while b - cnt[qi, w] >= k:
+            b -= cnt[qi, w]
             w -= 1
+        b -= cnt[qi, w]
         thr[qi] = w
+    below[qi] = b
 
 
 # -- one walk, two kinds of codes --------------------------------------------------------------
@@ -639,7 +661,7 @@ def _below_mask_words(tile, n_words, s0, s_hi, queries, qi, t, start, deleted, h
 
 
 def _second(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted, penalty,
-            t, k, bits, thr, size, head, cnt, pool_row, pool_next, dbuf):
+            t, k, thr, size, below, cnt, pool, fill, dbuf):
     """The second level: rows s_lo..s_hi-1 of ``tile`` (row ``start`` first), whose span
     passed query qi's first level with ``lanes`` (see ``_first``), offered to its best-k set
     where below its k-th."""
@@ -647,7 +669,7 @@ def _second(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_d
 
 
 def _second_one_word(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted,
-                     penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_next, dbuf):
+                     penalty, t, k, thr, size, below, cnt, pool, fill, dbuf):
     # every 64 rows give a mask of the rows below the k-th (``_below_mask``), and only its set
     # bits are looked at: no minima, no distances written out; with one lane, only its rows
     q0 = queries[qi]
@@ -661,7 +683,7 @@ def _second_one_word(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, delet
                 continue
             d = np.int32(_popcount(np.uint64(tile[j] ^ q0)))
             if d < thr[qi]:
-                _offer(start + j, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_next)
+                _offer(start + j, d, t, qi, k, thr, size, below, cnt, pool, fill)
         return
     for s0 in range(s_lo, s_hi, 64):
         m = _below_mask(tile, s0, s_hi, q0, thr[qi], start, deleted, has_deleted)
@@ -670,11 +692,11 @@ def _second_one_word(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, delet
             m &= m - np.uint64(1)
             d = np.int32(_popcount(np.uint64(tile[j] ^ q0)))
             if d < thr[qi]:  # the k-th may have tightened since the mask was taken
-                _offer(start + j, d, t, qi, k, bits, thr, size, head, cnt, pool_row, pool_next)
+                _offer(start + j, d, t, qi, k, thr, size, below, cnt, pool, fill)
 
 
 def _second_words(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted,
-                  penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_next, dbuf):
+                  penalty, t, k, thr, size, below, cnt, pool, fill, dbuf):
     if 2 <= n_words <= VECTOR_WORDS:  # as for one word: 64-row masks, their set bits
         for s0 in range(s_lo, s_hi, 64):
             m = _below_mask_words(tile, n_words, s0, s_hi, queries, qi, thr[qi], start, deleted,
@@ -684,8 +706,7 @@ def _second_words(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted,
                 m &= m - np.uint64(1)
                 d = _row_distance(tile, n_words, j, queries[qi])
                 if d < thr[qi]:
-                    _offer(start + j, d, t, qi, k, bits, thr, size, head, cnt, pool_row,
-                           pool_next)
+                    _offer(start + j, d, t, qi, k, thr, size, below, cnt, pool, fill)
         return
     # each SMALL_BLOCK rows get their own minimum, and only blocks that beat the k-th too are
     # walked row by row
@@ -703,13 +724,12 @@ def _second_words(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted,
         for jj in range(nr):
             d = dbuf[jj]
             if d < thr[qi] and not (has_deleted and deleted[start + s0 + jj] != 0):
-                _offer(start + s0 + jj, d, t, qi, k, bits, thr, size, head, cnt,
-                       pool_row, pool_next)
+                _offer(start + s0 + jj, d, t, qi, k, thr, size, below, cnt, pool, fill)
 
 
 @overload(_second, inline="always")
 def _second_typed(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted,
-                  penalty, t, k, bits, thr, size, head, cnt, pool_row, pool_next, dbuf):
+                  penalty, t, k, thr, size, below, cnt, pool, fill, dbuf):
     return _second_one_word if queries.ndim == 1 else _second_words
 
 
@@ -721,13 +741,12 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, need, bits, de
     thread's share of k rows in all); bits + 1 where the sample is short. The sample is
     walked like the rows proper (both levels, a best-``need`` set), so it costs about its
     1/64 of the reads: a histogram of its distances cost 0.1-0.2 ms at 10^7 codes."""
-    nb = bits + 2
-    head = np.full((1, nb), -1, dtype=np.int32)
-    cnt = np.zeros((1, nb), dtype=np.int32)
+    cnt = np.zeros((1, bits + 2), dtype=np.int32)
     thr = np.full(1, bits + 1, dtype=np.int32)
     size = np.zeros((1, 1), dtype=np.int64)
-    pool_row = np.empty((1, 1, need), dtype=np.int64)
-    pool_next = np.empty((1, 1, need), dtype=np.int32)
+    fill = np.zeros((1, 1), dtype=np.int64)
+    below = np.zeros(1, dtype=np.int64)
+    pool = np.empty((1, 1, 2 * need + 16), dtype=np.int64)
     span = _span_rows(queries, n_words, True)
     j = lo
     while j + SPAN <= hi:
@@ -738,7 +757,7 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, need, bits, de
                            penalty)
             if lanes != 0:
                 _second(tile, n_words, queries, 0, s0, s1, lanes, j, deleted, has_deleted, penalty,
-                        0, need, bits, thr, size, head, cnt, pool_row, pool_next, dbuf)
+                        0, need, thr, size, below, cnt, pool, fill, dbuf)
         j += SPAN * SAMPLE_EVERY
     if size[0, 0] < need:
         return np.int32(bits + 1)
@@ -747,7 +766,7 @@ def _lone_seed(addrs, seg_rows, n_rows, n_words, queries, lo, hi, need, bits, de
 
 @njit(parallel=True, nogil=True, cache=True)  # nogil: a server's event loop runs on during a scan
 def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                seed, used, pool_row, pool_next, size, heads):
+                seed, used, pool, fill, size):
     """Each of ``n_parts`` threads fills its best-k sets over its contiguous rows, a tile at
     a time, GROUP queries at a time. One parallel region and nothing allocated outside it:
     with passive OpenMP threads (how a service sees them) every region costs a wake-up,
@@ -766,8 +785,8 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     for t in prange(n_parts):
         lo = t * chunk
         hi = min(n_rows, lo + chunk)
-        head = heads[t]
         cnt = np.zeros((n_q, nb), dtype=np.int32)
+        below = np.zeros(n_q, dtype=np.int64)
         thr = seed.copy()  # accept d < thr
         used[t] = thr
         dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
@@ -794,14 +813,14 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                         lanes = _lanes(hits, j)
                         if lanes != 0:
                             _second(tile, n_words, queries, g + j, s0, s1, lanes, start,
-                                    deleted, has_deleted, penalty, t, k, bits, thr, size, head,
-                                    cnt, pool_row, pool_next, dbuf)
+                                    deleted, has_deleted, penalty, t, k, thr, size, below,
+                                    cnt, pool, fill, dbuf)
             start = end
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                seed, lone_need, used, pool_row, pool_next, size, heads):
+                seed, lone_need, used, pool, fill, size):
     """``_topk_parts`` for one query, which reads every code once: no tiles, each thread
     walks its share of each segment straight through; ``lone_need`` > 0: each thread
     first seeds itself from its own sample (``_lone_seed``)."""
@@ -812,8 +831,8 @@ def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     for t in prange(n_parts):
         lo = t * chunk
         hi = min(n_rows, lo + chunk)
-        head = heads[t]
         cnt = np.zeros((1, nb), dtype=np.int32)
+        below = np.zeros(1, dtype=np.int64)
         thr = seed.copy()
         dbuf = np.empty(SMALL_BLOCK, dtype=np.int32)
         if lone_need > 0:
@@ -830,77 +849,75 @@ def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                                has_deleted, penalty)
                 if lanes != 0:  # all lanes: the one-lane path measured 2-3% slower here
                     _second(tile, n_words, queries, 0, s0, s1, ALL_LANES, start, deleted,
-                            has_deleted, penalty, t, k, bits, thr, size, head, cnt, pool_row,
-                            pool_next, dbuf)
+                            has_deleted, penalty, t, k, thr, size, below, cnt, pool, fill,
+                            dbuf)
             start = end
 
 
 @njit(inline="always", cache=True)
-def _merge_one(qi, bits, heads, pool_row, pool_next, out_d, out_r):
-    """Query qi's per-thread sets, ordered by (distance, row), into out_d/out_r[qi], without
-    a sort: a thread's bucket for a distance is a chain of its rows, largest first, and
-    thread t's rows all precede thread t + 1's, so distance by distance, thread by thread,
-    each chain is written backwards. (Sorting the keys took ~140 us a query at k=1000.)
-    Places past the rows found get -1."""
+def _merge_one(qi, bits, pool, fill, at, out_d, out_r):
+    """Query qi's per-thread lists into out_d/out_r[qi], its k nearest by (distance, row):
+    a counting sort on the distance, stable, and thread t's rows all precede thread
+    t + 1's, so each distance's rows come out in row order. (Sorting the keys took ~140 us
+    a query at k=1000.) ``at``: scratch of bits + 2. Places past the rows found get -1."""
     k = out_d.shape[1]
-    pos = 0
-    for d in range(bits + 1):
-        for t in range(heads.shape[0]):
-            if pos >= k:
-                return
-            c = 0
-            p = heads[t, qi, d]
-            while p >= 0:
-                c += 1
-                p = pool_next[t, qi, p]
-            j = pos + c - 1
-            p = heads[t, qi, d]
-            while p >= 0:
-                if j < k:
-                    out_d[qi, j] = d
-                    out_r[qi, j] = pool_row[t, qi, p]
-                j -= 1
-                p = pool_next[t, qi, p]
-            pos += c
-    for j in range(pos, k):
+    n_parts = pool.shape[0]
+    low = (1 << DIST_BITS) - 1
+    at[:] = 0
+    for t in range(n_parts):
+        for j in range(fill[t, qi]):
+            at[(pool[t, qi, j] & low) + 1] += 1
+    for d in range(1, bits + 2):
+        at[d] += at[d - 1]
+    for t in range(n_parts):
+        for j in range(fill[t, qi]):
+            e = pool[t, qi, j]
+            d = e & low
+            p = at[d]
+            if p < k:
+                out_d[qi, p] = d
+                out_r[qi, p] = e >> DIST_BITS
+            at[d] = p + 1
+    for j in range(min(at[bits], k), k):
         out_d[qi, j] = -1
         out_r[qi, j] = -1
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _merge_parallel(bits, heads, pool_row, pool_next, out_d, out_r):
+def _merge_parallel(bits, pool, fill, out_d, out_r):
     for qi in prange(out_d.shape[0]):
-        _merge_one(qi, bits, heads, pool_row, pool_next, out_d, out_r)
+        _merge_one(qi, bits, pool, fill, np.empty(bits + 2, dtype=np.int64), out_d, out_r)
 
 
 @njit(nogil=True, cache=True)
 def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
-                seed, lone_need, pool_row, pool_next):
+                seed, lone_need, pool):
     """Top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of n_words
     words each); queries: of the segments' word type, (Q,) for codes of one word, else
     (Q, n_words); seed: per query, only rows at distance < seed are taken (bits + 1: all);
     lone_need > 0: a lone query seeds each thread from its own sample (see ``_lone_seed``;
-    0: no); pool_row/pool_next: (n_parts, Q, k) scratch for the best-k sets (``_pools``).
+    0: no); pool: (n_parts, Q, 2k + 16) scratch for the best-k lists (``_pools``).
     Returns (distances, rows,
     exact): (Q, k) nearest first, ties by row, -1 where fewer than k rows qualify; exact[q]
     is False where a seed may have cut off one of query q's k nearest (see ``topk``)."""
     n_q = queries.shape[0]
     size = np.zeros((n_parts, n_q), dtype=np.int64)
     used = np.empty((n_parts, n_q), dtype=np.int32)
-    heads = np.full((n_parts, n_q, bits + 2), -1, dtype=np.int32)  # each bucket's newest row
+    fill = np.zeros((n_parts, n_q), dtype=np.int64)
     if n_q == 1:
         _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
-                    n_parts, seed, lone_need, used, pool_row, pool_next, size, heads)
+                    n_parts, seed, lone_need, used, pool, fill, size)
     else:
         _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
-                    n_parts, seed, used, pool_row, pool_next, size, heads)
+                    n_parts, seed, used, pool, fill, size)
     out_d = np.empty((n_q, k), dtype=np.int32)  # the merge writes every entry
     out_r = np.empty((n_q, k), dtype=np.int64)
     if n_q * k * n_parts < 65536:  # a second parallel region costs more than this merge
+        at = np.empty(bits + 2, dtype=np.int64)
         for qi in range(n_q):
-            _merge_one(qi, bits, heads, pool_row, pool_next, out_d, out_r)
+            _merge_one(qi, bits, pool, fill, at, out_d, out_r)
     else:
-        _merge_parallel(bits, heads, pool_row, pool_next, out_d, out_r)
+        _merge_parallel(bits, pool, fill, out_d, out_r)
     # a thread whose set is not full lacks only rows at or above its seed: harmless exactly
     # when the answer's k-th lies below that seed (an unseeded thread lacks nothing)
     exact = np.ones(n_q, dtype=np.bool_)
@@ -1107,18 +1124,18 @@ POOLS_KEPT = 32 << 20  # bytes of best-k scratch a thread keeps between scans
 
 
 def _pools(n_parts: int, n_q: int, k: int):
-    """(pool_row, pool_next) of shape (n_parts, n_q, k) for ``topk_kernel``: views of
-    buffers the calling thread keeps between scans (up to POOLS_KEPT bytes). Fresh ones each
-    scan were fresh pages each scan: 100 queries at k=1000 over 10^7 codes took ~750 page
-    faults, ~1.3 ms of its 22 ms."""
-    n = n_parts * n_q * k
-    rows, nxt = getattr(_kept, "rows", None), getattr(_kept, "next", None)
-    if rows is None or len(rows) < n:
-        rows, nxt = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int32)
-        if n * 12 <= POOLS_KEPT:
-            _kept.rows, _kept.next = rows, nxt
-    shape = (n_parts, n_q, k)
-    return rows[:n].reshape(shape), nxt[:n].reshape(shape)
+    """The best-k lists for ``topk_kernel``, (n_parts, n_q, 2k + 16): a view of a buffer
+    the calling thread keeps between scans (up to POOLS_KEPT bytes). Fresh ones each scan
+    were fresh pages each scan: 100 queries at k=1000 over 10^7 codes took ~750 page faults,
+    ~1.3 ms of its 22 ms."""
+    shape = (n_parts, n_q, 2 * k + 16)
+    n = shape[0] * shape[1] * shape[2]
+    pool = getattr(_kept, "pool", None)
+    if pool is None or len(pool) < n:
+        pool = np.empty(n, dtype=np.int64)
+        if n * 8 <= POOLS_KEPT:
+            _kept.pool = pool
+    return pool[:n].reshape(shape)
 
 
 def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
@@ -1149,7 +1166,7 @@ def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
         args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words)
         dist, rows, exact = topk_kernel(*args, queries, k, bits, dmask, has_del, parts,
                                         unseeded if seed is None else seed, need,
-                                        *_pools(parts, len(queries), k))
+                                        _pools(parts, len(queries), k))
         again = np.flatnonzero(~exact)
         if len(again) and seed is not None:
             # a seed one too low (the sample over-counted its last distance) is the usual
@@ -1157,12 +1174,12 @@ def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
             up = np.minimum(seed[again] + 1, bits + 1).astype(np.int32)
             dist[again], rows[again], ok = topk_kernel(*args, queries[again], k, bits, dmask,
                                                        has_del, parts, up, 0,
-                                                       *_pools(parts, len(again), k))
+                                                       _pools(parts, len(again), k))
             again = again[~ok]
         if len(again):
             dist[again], rows[again], _ = topk_kernel(*args, queries[again], k, bits, dmask,
                                                       has_del, parts, unseeded[again], 0,
-                                                      *_pools(parts, len(again), k))
+                                                      _pools(parts, len(again), k))
         return dist, rows
 
 
@@ -1194,7 +1211,7 @@ def _seeds(segs: Segments, queries, k, bits, dmask, has_del, parts):
     d, _, _ = topk_kernel(np.array([sample.ctypes.data], dtype=np.int64), max(len(sample), 1),
                           len(sample), segs.n_words, queries, k_s, bits, smask, has_del, sparts,
                           np.full(len(queries), bits + 1, dtype=np.int32), 0,
-                          *_pools(sparts, len(queries), k_s))
+                          _pools(sparts, len(queries), k_s))
     seed = d[:, -1] + 1
     seed[d[:, -1] < 0] = bits + 1  # too few sampled rows alive: no seed
     return seed.astype(np.int32)

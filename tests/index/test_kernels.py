@@ -287,7 +287,7 @@ def test_a_lone_query_whose_own_sample_misleads_it_is_scanned_again():
                                           k, 64, np.zeros(1, np.uint8), False, t,
                                           np.full(1, 65, np.int32),
                                           k // (kernels.SAMPLE_EVERY * t) + kernels.SEED_MARGIN,
-                                          *kernels._pools(t, 1, k))
+                                          kernels._pools(t, 1, k))
         assert not exact[0]  # the seed admitted 200 rows: the check catches it
         index = HashIndex(64)
         index.add(db)
@@ -389,3 +389,39 @@ def test_multi_word_vector_tests_equal_their_scalar_definition(n_words):
         assert int(four) == sum(0xFFFF << (16 * j) for j in range(4) if hit[j])
         d64 = dist(rows[pos:pos + 64], queries[0])
         assert int(mask) == sum(1 << i for i, d in enumerate(d64) if d < thr[0])
+
+
+@pytest.mark.parametrize("k", [2, 7, 100, 700])
+def test_best_k_lists_keep_ties_by_row_through_compaction(k):
+    # two threads' lists fed rows in order, as the scans feed them. Thread 0's rows make its
+    # list fill up while its threshold sits at the final k-th distance (9) with rows there
+    # still needed: j levels of k rows each, falling to 9, then k - 1 rows at 5; compaction
+    # must keep the first rows at 9 and may drop the rest. Thread 1: random distances.
+    from hashret.index import kernels
+
+    bits, cap = 64, 2 * k + 16
+    j = cap // k
+    first = np.concatenate([np.full(k, 9 + 2 * (j - 1 - i)) for i in range(j)] + [np.full(k - 1, 5)])
+    rng = np.random.default_rng(k)
+    second = rng.binomial(bits, 0.5, size=3000)
+    dist = np.concatenate([first, second]).astype(np.int32)
+    n, split = len(dist), [np.arange(len(first)), np.arange(len(first), len(dist))]
+    pool = np.full((2, 1, cap), -7, dtype=np.int64)
+    fill = np.zeros((2, 1), dtype=np.int64)
+    size = np.zeros((2, 1), dtype=np.int64)
+    for t, rows in enumerate(split):
+        thr = np.full(1, bits + 1, dtype=np.int32)
+        below = np.zeros(1, dtype=np.int64)
+        cnt = np.zeros((1, bits + 2), dtype=np.int32)
+        for i in rows:
+            if dist[i] < thr[0]:
+                kernels._offer(i, dist[i], t, 0, k, thr, size, below, cnt, pool, fill)
+        # the threshold is the thread's own k-th distance: nothing it turned away was needed
+        assert thr[0] == np.sort(dist[rows])[k - 1]
+    assert size[0, 0] > cap and fill[0, 0] < cap  # thread 0's list compacted
+    out_d = np.empty((1, k), dtype=np.int32)
+    out_r = np.empty((1, k), dtype=np.int64)
+    kernels._merge_one(0, bits, pool, fill, np.empty(bits + 2, dtype=np.int64), out_d, out_r)
+    order = np.lexsort((np.arange(n), dist))[:k]
+    np.testing.assert_array_equal(out_r[0], order)
+    np.testing.assert_array_equal(out_d[0], dist[order])
