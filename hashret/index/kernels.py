@@ -801,20 +801,26 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
                 # the first level over the whole tile before any second level: a branch on each
                 # span's answer as it came, mispredicted, threw away the next span's work already
                 # in flight (100 queries, k=1000, 10^7 codes: 25.0 -> 24.4 ms)
+                passed = np.uint64(0)
                 for si in range(n_spans):
-                    found[si] = _first(tile, si * span, min(n, si * span + span), n_words,
-                                       queries, g, ng, thr, start, deleted, has_deleted, penalty)
-                for si in range(n_spans):
+                    hits = _first(tile, si * span, min(n, si * span + span), n_words,
+                                  queries, g, ng, thr, start, deleted, has_deleted, penalty)
+                    found[si] = hits
+                    passed |= np.uint64(hits != 0) << np.uint64(si)
+                while passed != 0:
+                    si = _lowest(passed)
+                    passed &= passed - np.uint64(1)
                     hits = found[si]
-                    if hits == 0:
-                        continue
                     s0, s1 = si * span, min(n, si * span + span)
+                    who = np.uint64(0)
                     for j in range(ng):
-                        lanes = _lanes(hits, j)
-                        if lanes != 0:
-                            _second(tile, n_words, queries, g + j, s0, s1, lanes, start,
-                                    deleted, has_deleted, penalty, t, k, thr, size, below,
-                                    cnt, pool, fill, dbuf)
+                        who |= np.uint64(_lanes(hits, j) != 0) << np.uint64(j)
+                    while who != 0:
+                        j = _lowest(who)
+                        who &= who - np.uint64(1)
+                        _second(tile, n_words, queries, g + j, s0, s1, _lanes(hits, j), start,
+                                deleted, has_deleted, penalty, t, k, thr, size, below,
+                                cnt, pool, fill, dbuf)
             start = end
 
 
