@@ -130,6 +130,23 @@ def _data(context, builder, arr_type, arr, pos):
     return builder.gep(context.make_array(arr_type)(context, builder, arr).data, [pos])
 
 
+PREFETCH_LEVEL = 3  # llvm.prefetch locality: 3 = into L1
+
+
+@intrinsic
+def _prefetch(typingctx, arr, pos):
+    """Ask for the cache line holding arr[pos] (a 1-D array), for reading."""
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        ptr = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), i8p)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, PREFETCH_LEVEL), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp), codegen
+
+
 @intrinsic
 def _below64(typingctx, arr, pos, q, thr):
     """Bit i set where popcount(arr[pos + i] ^ q) < thr, for the 64 one-word rows from
@@ -391,6 +408,30 @@ def _tile(addrs, seg_rows, n_rows, n_words, start, hi, like, rows):
     end = min(start + rows, hi, seg_lo + seg_rows)
     seg = numba.carray(_at(addrs[s]), (min(seg_rows, n_rows - seg_lo)) * n_words, like.dtype)
     return seg[(start - seg_lo) * n_words:(end - seg_lo) * n_words], end
+
+
+@njit(inline="always", cache=True)
+def _next_tile(addrs, seg_rows, n_rows, n_words, end, hi, like, tile):
+    """The tile after the one that ends at ``end``, for ``_prefetch_share``; empty past
+    ``hi``, and for codes of several words, whose tiles (32-64 KiB) leave no room in L1 for
+    the next one (10^6 256-bit codes, 100 queries, k=1000: 3% slower with it)."""
+    if like.ndim == 1 and end < hi:
+        ahead, _ = _tile(addrs, seg_rows, n_rows, n_words, end, hi, like, TILE)
+        return ahead
+    return tile[:0]
+
+
+@njit(inline="always", cache=True)
+def _prefetch_share(ahead, gi, n_groups):
+    """Query group gi's share of the next tile's cache lines, asked for while this tile is
+    scanned: a batch reads each tile from memory in its first group's first level only, and
+    the hardware's prefetchers, seeing 25 passes over one tile and then a jump, did not have
+    the next one ready -- every tile the same L1-resident 16 KiB ran 1.4 ms (8%) faster than
+    10^7 codes from memory (100 queries, k=1000, first level alone)."""
+    step = 64 // ahead.itemsize  # words a cache line
+    per = ((len(ahead) + step - 1) // step + n_groups - 1) // n_groups
+    for w in range(gi * per * step, min(len(ahead), (gi + 1) * per * step), step):
+        _prefetch(ahead, w)
 
 
 @njit(inline="always", cache=True)
@@ -796,8 +837,10 @@ def _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
             tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, TILE)
             n = end - start
             n_spans = (n + span - 1) // span
+            ahead = _next_tile(addrs, seg_rows, n_rows, n_words, end, hi, queries, tile)
             for g in range(0, n_q, GROUP):
                 ng = min(GROUP, n_q - g)
+                _prefetch_share(ahead, g // GROUP, (n_q + GROUP - 1) // GROUP)
                 # the first level over the whole tile before any second level: a branch on each
                 # span's answer as it came, mispredicted, threw away the next span's work already
                 # in flight (100 queries, k=1000, 10^7 codes: 25.0 -> 24.4 ms)
@@ -1026,8 +1069,12 @@ def range_kernel(addrs, seg_rows, n_rows, n_words, queries, radius, bits, delete
         while start < hi:
             tile, end = _tile(addrs, seg_rows, n_rows, n_words, start, hi, queries, rows)
             n = end - start
+            ahead = tile[:0]  # a lone query's walk is one stream, which the hardware follows
+            if n_q > 1:
+                ahead = _next_tile(addrs, seg_rows, n_rows, n_words, end, hi, queries, tile)
             for g in range(0, n_q, GROUP):
                 ng = min(GROUP, n_q - g)
+                _prefetch_share(ahead, g // GROUP, (n_q + GROUP - 1) // GROUP)
                 for s0 in range(0, n, span):
                     s1 = min(n, s0 + span)
                     hits = _first(tile, s0, s1, n_words, queries, g, ng, lim, start, deleted,
