@@ -9,8 +9,9 @@ Random codes; k = 10 and 1000, and radius search (the radius within which ~100 r
 lie; 1 and 100 queries); 1, 100 and 1000 queries; medians over --repeats runs, and
 the ratio of each peer's median to hashret's (> 1: hashret is faster). Beside each figure, the
 machine's limit for that cell, timed alternately with hashret (run for run, so both see the
-same moments of a shared host): the read floor (a plain multi-threaded read of the same codes,
-which one query must read once) or the popcount roof (the scan's inner loop over an
+same moments of a shared host): the read floor (a multi-threaded read of the same codes, which
+one query must read once: the faster, on this machine, of a plain read and one that asks for
+its lines 4 KiB ahead) or the popcount roof (the scan's inner loop over an
 L1-resident block, 4 queries per load, for as many word-distances as the cell computes),
 whichever takes longer. "of limit" = the limit's median / hashret's median. OMP_WAIT_POLICY
 defaults to PASSIVE (see below). Threads: 1 and NUMBA_NUM_THREADS by default (--threads).
