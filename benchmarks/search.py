@@ -11,7 +11,7 @@ the ratio of each peer's median to hashret's (> 1: hashret is faster). Beside ea
 machine's limit for that cell, timed alternately with hashret (run for run, so both see the
 same moments of a shared host): the read floor (a multi-threaded read of the same codes, which
 one query must read once: the faster, on this machine, of a plain read and one that asks for
-its lines 4 KiB ahead) or the popcount roof (the scan's inner loop over an
+its lines 4 KiB ahead; a one-query cell also gives its share of a plain read) or the popcount roof (the scan's inner loop over an
 L1-resident block, 4 queries per load, for as many word-distances as the cell computes),
 whichever takes longer. "of limit" = the limit's median / hashret's median. OMP_WAIT_POLICY
 defaults to PASSIVE (see below). Threads: 1 and NUMBA_NUM_THREADS by default (--threads).
@@ -71,11 +71,13 @@ def median_ms(*fns, repeats):
 
 
 def limit_probe(floors, roof_rate, words, n_word_distances, threads):
-    """(name, probe) of the limit that binds a cell: the read of every code (a lone query) or
-    the popcount roof for the cell's word-distances (batches), whichever takes longer."""
+    """(name, probe, plain) of the limit that binds a cell: the read of every code (a lone
+    query) or the popcount roof for the cell's word-distances (batches), whichever takes
+    longer; for a read, ``plain`` is a plain read of the codes (no lines asked for ahead),
+    the floor as it was defined before the scan asked for its lines ahead, else None."""
     if floors[threads] >= n_word_distances / roof_rate[threads]:
-        return "read", kernels.read_probe(words, threads)
-    return "roof", kernels.roof_probe(n_word_distances, threads, words.dtype)
+        return "read", kernels.read_probe(words, threads), kernels.read_probe(words, threads, False)
+    return "roof", kernels.roof_probe(n_word_distances, threads, words.dtype), None
 
 
 def numpy_topk(db, q, k):
@@ -359,16 +361,22 @@ def _radius_for(n, bits, found):
 
 
 def _timed(search, limit, repeats):
-    """hashret's median and its limit's, timed alternately."""
-    name, probe = limit
-    ours, lim = median_ms(search, probe, repeats=repeats)
-    return {"hashret_ms": ours, "limit": name, "limit_ms": lim, "of_limit": lim / ours}
+    """hashret's median and its limit's (and a plain read's, for a read), timed alternately."""
+    name, probe, plain = limit
+    if plain is None:
+        ours, lim = median_ms(search, probe, repeats=repeats)
+        return {"hashret_ms": ours, "limit": name, "limit_ms": lim, "of_limit": lim / ours}
+    ours, lim, flat = median_ms(search, probe, plain, repeats=repeats)
+    return {"hashret_ms": ours, "limit": name, "limit_ms": lim, "of_limit": lim / ours,
+            "plain_read_ms": flat, "of_plain_read": flat / ours}
 
 
 def _row(r):
     parts = [f"N={r['n']:>10,} bits={r['bits']:>3} Q={r['queries']:>3} k={r['k']!s:>5} t={r['threads']}:",
              f"hashret {r['hashret_ms']:9.2f} ms ({r['of_limit']:4.0%} of the {r['limit']} limit, "
-             f"{r['limit_ms']:.2f} ms)"]
+             f"{r['limit_ms']:.2f} ms" + (f"; {r['of_plain_read']:.0%} of a plain read, "
+                                          f"{r['plain_read_ms']:.2f} ms" if "of_plain_read" in r else "")
+             + ")"]
     for peer in ("faiss", "numpy"):
         if f"{peer}_ms" in r:
             parts.append(f"{peer} {r[f'{peer}_ms']:9.2f} ms ({r[f'{peer}_ms'] / r['hashret_ms']:5.1f}x)")
@@ -377,13 +385,14 @@ def _row(r):
 
 def _table(rows):
     lines = ["| N | bits | queries | k | threads | limit | limit ms | hashret ms | of limit "
-             "| faiss ms | faiss / hashret | numpy ms | numpy / hashret |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| of a plain read | faiss ms | faiss / hashret | numpy ms | numpy / hashret |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r.get("faiss_ms")
         npm = r.get("numpy_ms")
         lines.append(f"| {r['n']:,} | {r['bits']} | {r['queries']} | {r['k']} | {r['threads']} | "
                      f"{r['limit']} | {r['limit_ms']:.2f} | {r['hashret_ms']:.2f} | {r['of_limit']:.0%} | "
+                     + (f"{r['of_plain_read']:.0%} | " if "of_plain_read" in r else "– | ")
                      + (f"{f:.2f} | {f / r['hashret_ms']:.1f}x | " if f else "– | – | ")
                      + (f"{npm:.1f} | {npm / r['hashret_ms']:.0f}x |" if npm else "– | – |"))
     return "\n".join(lines)

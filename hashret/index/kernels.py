@@ -1418,13 +1418,13 @@ def _roof_kernel(block, queries, lim, reps, parts, out):
         out[t] = acc
 
 
-def read_probe(words: np.ndarray, threads: int | None = None):
+def read_probe(words: np.ndarray, threads: int | None = None, ahead: bool | None = None):
     """A callable that reads every byte of ``words`` once on ``threads`` threads: the floor
-    for one query, which must read every code once. The faster of two reads on this machine
-    (timed alternately when the probe is made): a plain one, and one that asks for each line
-    4 KiB ahead, as the lone scan does -- without it the scan could beat its own floor (on
-    this project's AMD host the second read 10^7 x 64-bit codes 8-12% faster, 10^6 x 256-bit
-    ones 28%)."""
+    for one query, which must read every code once. ``ahead``: True asks for each line 4 KiB
+    ahead, as the lone scan does, False is a plain read, and None (the floor) takes the
+    faster of the two on this machine, timed alternately when the probe is made -- without
+    the first the scan could beat its own floor (on this project's AMD host it read 10^7 x
+    64-bit codes 8-12% faster than a plain read, 10^6 x 256-bit ones 28%)."""
     raw = np.ascontiguousarray(words).reshape(-1).view(np.uint8)
     n = len(raw) // 128 * 128
     lines, tail = raw[:n].view(np.uint64), raw[n:]
@@ -1438,6 +1438,8 @@ def read_probe(words: np.ndarray, threads: int | None = None):
                 _read_kernel(lines, tail, parts, acc, ahead)
         return run
 
+    if ahead is not None:
+        return reader(ahead)
     plain, early = reader(False), reader(True)
     spent = {plain: [], early: []}
     for _ in range(7):
