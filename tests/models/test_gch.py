@@ -142,13 +142,28 @@ def test_cosine_schedule_decays_the_learning_rate_and_constant_keeps_it(data):
 
 def test_the_label_graph_setting_reaches_the_gcn(data):
     # multi-label data: the Jaccard graph gives other beacons, hence other student codes
-    dot, jac = _fit("gch", data, epochs=2), _fit("gch", data, epochs=2, graph="jaccard")
+    # (the whole small run: after 2 epochs the students may still share one code)
+    dot, jac = _fit("gch", data), _fit("gch", data, graph="jaccard")
     x = data.features("text", data.part("query"))
     assert (dot.encode(x, "text") != jac.encode(x, "text")).any()
     no_gcn = [_fit("gch-no-gcn", data, epochs=2, graph=g).encode(x, "text") for g in ("dot", "jaccard")]
     np.testing.assert_array_equal(*no_gcn)  # without a GCN the graph is unused
     with pytest.raises(HashretError, match="unknown graph 'knn'"):
         _fit("gch", data, epochs=1, graph="knn")
+
+
+def test_dropout_reaches_the_students_while_they_train_and_never_the_codes(data):
+    # the tuning grid's dropout: in the image and text students only (not the teacher's label
+    # net), active in their training passes, off when encoding and when beacons are made
+    m = _fit("gch", data, epochs=2, dropout=0.3)
+    drops = {name: [mod.p for mod in net.modules() if isinstance(mod, torch.nn.Dropout)]
+             for name, net in m.nets.items()}
+    assert drops == {"label": [], "image": [0.3] * m.config["image_depth"],
+                     "text": [0.3] * m.config["text_depth"], "gcn": []}
+    x = data.features("image", data.part("query"))
+    np.testing.assert_array_equal(m.encode(x, "image"), m.encode(x, "image"))
+    plain = _fit("gch", data, epochs=2)
+    assert (plain.encode(x, "image") != m.encode(x, "image")).any()  # it changed training
 
 
 @pytest.mark.parametrize("bits", [16, 32, 64, 128])
@@ -273,6 +288,38 @@ def test_the_beacon_pass_ablations_drop_the_teacher_term_or_wait_the_warmup_epoc
     assert sum(c[2] for c in calls) == 3 * 2 * batches
     with pytest.raises(HashretError, match="beacon_pass_teacher"):
         _fit("gch", data, epochs=1, beacon_pass_teacher="beacons")
+
+
+def test_the_gcn_scores_its_beacons_against_the_teacher_or_other_beacons(data, monkeypatch):
+    # gcn_reference="teacher": the GCN's likelihood pairs each beacon with the teacher's sign
+    # code of every training item (Gamma(H^l, H^b)); "beacons", the paper's: with other beacons
+    import hashret.models.gch as gch
+
+    calls = []
+    real = gch.gch_loss
+
+    def spy(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0):
+        calls.append((h.detach().clone(), ref.detach().clone()))
+        return real(h, ref, s, pred, labels, alpha, gamma, beacons, beta)
+
+    monkeypatch.setattr(gch, "gch_loss", spy)
+    nb = -(-len(data.part("train")) // SMALL["batch_size"])
+    lab = torch.from_numpy(data.labels[data.part("train")]).float()
+    for reference in ("teacher", "beacons"):
+        calls.clear()
+        m = _fit("gch", data, epochs=1, gcn_reference=reference)
+        gcn_calls = calls[3 * nb:4 * nb]  # per epoch: teacher, students, GCN, students
+        with torch.no_grad():
+            teacher = torch.where(m.nets["label"](lab)[1] >= 0, 1.0, -1.0)
+        for h, ref in gcn_calls:
+            assert ref.shape == (len(lab), m.bits)  # every training item (likelihood=all)
+            if reference == "teacher":
+                torch.testing.assert_close(ref, teacher)
+            else:
+                assert not torch.equal(ref, teacher) and ref.abs().max() < 1  # tanh beacons
+                assert any(torch.equal(ref[i], h[0]) for i in range(len(ref)))  # its own rows in it
+    with pytest.raises(HashretError, match="unknown gcn_reference"):
+        _fit("gch", data, epochs=1, gcn_reference="labels")
 
 
 def test_a_loss_that_goes_non_finite_stops_training_with_a_reason(data, monkeypatch):
