@@ -15,8 +15,9 @@ code's squared error stand-in is not used). One departure, a setting: the paper 
 beacons against each other, Gamma(H^b, H^b) (``gcn_reference="beacons"``), which lets them
 settle on a code per class unrelated to the teacher's (about b/2 bits away on Wikipedia), so
 the students' two targets pull apart; by default they are scored against the teacher's codes,
-as the students are, and the beacons land in the teacher's space. Each term is a mean per element (pair, bit,
-label), so the weights mean the same at any batch size, code length or label count.
+as the students are, and the beacons land in the teacher's space. Each term is a mean per
+element (pair, bit, label), so the weights mean the same at any batch size, code length or
+label count.
 
 The likelihood sums over all n training pairs, as the paper writes it: each batch is scored
 against the latest outputs of every training item (``likelihood="all"``, the default; DCMH
@@ -233,32 +234,29 @@ class GCH(TorchHashModel):
                     ref, s = self._reference("label", h, idx, lab)
                     losses["label"] = step("label", gch_loss(h, ref, s, pred, l_b, *self._weights))
                     self._remember("label", idx, h)
+            # the teacher is fixed from here to the end of the epoch
+            teacher_codes = self._teacher_codes(lab) if cfg["use_teacher"] else None
             # 2. students towards the teacher's codes (or, without a teacher, towards each other)
-            self._student_phase(batches, x, lab, step, beacons=False, losses=losses)
+            self._student_phase(batches, x, lab, step, teacher_codes, beacons=False, losses=losses)
             if cfg["use_gcn"]:
                 # 3. GCN over the batch graph, on the students' (fixed) features. Scored against
                 # other beacons (the paper's), the beacons settle on a code of their own for each
                 # class, about b/2 bits from the teacher's (measured on Wikipedia), and the students
                 # are then pulled towards two unrelated targets; scored against the teacher's codes
                 # they are made in the teacher's space
-                teacher_codes = (self._teacher_codes(lab) if cfg["use_teacher"]
-                                 and cfg["gcn_reference"] == "teacher" else None)
+                target = teacher_codes if self._gcn_scored_by_teacher else None
                 for idx in batches:
                     hb, pred = self._beacons(x, lab, idx, grad=True)
-                    if teacher_codes is None:
-                        ref, s = self._reference("gcn", hb, idx, lab)
-                    else:
-                        ref = teacher_codes if self.banks is not None else teacher_codes[idx]
-                        s = self._similarity(idx, lab)
+                    ref, s = self._reference("gcn", hb, idx, lab, fixed=target)
                     losses["gcn"] = step("gcn", gch_loss(hb, ref, s, pred, lab[idx], *self._weights))
                     self._remember("gcn", idx, hb)
                 # 4. students towards the beacons (and still the teacher)
-                self._student_phase(batches, x, lab, step, beacons=epoch >= cfg["beacon_warmup"],
-                                    losses=losses)
+                self._student_phase(batches, x, lab, step, teacher_codes,
+                                    beacons=epoch >= cfg["beacon_warmup"], losses=losses)
             else:
                 # the ablation gets the same number of student updates as full GCH: a second
                 # pass towards the teacher where GCH's second pass goes towards the beacons
-                self._student_phase(batches, x, lab, step, beacons=False, losses=losses)
+                self._student_phase(batches, x, lab, step, teacher_codes, beacons=False, losses=losses)
             losses["lr"] = opt["image"].param_groups[0]["lr"]
             history.append(losses)
             for sc in sched:
@@ -268,6 +266,10 @@ class GCH(TorchHashModel):
         self.history = history
         self.banks = None
         self.nets.to("cpu").eval()
+
+    @property
+    def _gcn_scored_by_teacher(self):
+        return self.config["use_teacher"] and self.config["gcn_reference"] == "teacher"
 
     @property
     def _weights(self):
@@ -285,7 +287,7 @@ class GCH(TorchHashModel):
             else:
                 banks["image"] = nets["image"](x["image"])[1]
                 banks["text"] = nets["text"](x["text"])[1]
-            if cfg["use_gcn"]:
+            if cfg["use_gcn"] and not self._gcn_scored_by_teacher:  # else: the teacher's codes
                 banks["gcn"] = torch.zeros(len(lab), self.bits, device=lab.device)
                 order = torch.arange(len(lab), device=lab.device)
                 for s in range(0, len(lab), cfg["batch_size"]):
@@ -298,14 +300,21 @@ class GCH(TorchHashModel):
         (likelihood=all) or the batch itself."""
         return label_similarity(lab[idx], lab if self.banks is not None else lab[idx])
 
-    def _reference(self, name, h, idx, lab):
+    def _reference(self, name, h, idx, lab, fixed=None):
         """What a batch's outputs ``h`` of net ``name`` are scored against, and the label
         similarities: every training item's latest outputs, or (likelihood=batch) the batch's
-        own."""
+        own -- or, given ``fixed`` codes of every training item (the teacher's), those."""
+        if fixed is not None:
+            return self._fixed_rows(fixed, idx), self._similarity(idx, lab)
         if self.banks is None:
             return h, self._similarity(idx, lab)
         # the batch's own rows as they are now (with their gradient), the others as last seen
         return self.banks[name].index_copy(0, idx, h), self._similarity(idx, lab)
+
+    def _fixed_rows(self, codes, idx):
+        """Fixed codes of every training item as a batch's reference: all of them, or
+        (likelihood=batch) the batch's rows."""
+        return codes if self.banks is not None else codes[idx]
 
     def _remember(self, name, idx, h):
         if self.banks is not None and name in self.banks:
@@ -327,14 +336,13 @@ class GCH(TorchHashModel):
             self.nets["label"].eval()
             return _sign(self.nets["label"](lab)[1])
 
-    def _student_phase(self, batches, x, lab, step, beacons, losses):
+    def _student_phase(self, batches, x, lab, step, teacher_codes, beacons, losses):
         cfg, nets = self.config, self.nets
         beta = {"image": cfg["beta_beacon"] if cfg.get("beta_beacon_image") is None
                 else cfg["beta_beacon_image"], "text": cfg["beta_beacon"]}
         alpha, gamma = self._weights
         if beacons and cfg["beacon_pass_teacher"] == "none":
             alpha = 0.0
-        teacher_codes = self._teacher_codes(lab) if cfg["use_teacher"] else None
         for idx in batches:
             l_b = lab[idx]
             s = self._similarity(idx, lab)
@@ -346,7 +354,7 @@ class GCH(TorchHashModel):
                 nets[m].train()
                 _, h, pred = nets[m](x[m][idx])
                 if teacher_codes is not None:
-                    ref = teacher_codes if self.banks is not None else teacher_codes[idx]
+                    ref = self._fixed_rows(teacher_codes, idx)
                 else:  # DCMH-style: each student against the other's codes
                     other = "text" if m == "image" else "image"
                     if self.banks is not None:
