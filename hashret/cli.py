@@ -135,15 +135,17 @@ def describe(dataset, data_root, as_json):
               help="Share of the training part held out for every choice (0 = none).")
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="Try each method's settings grid (the same size for all) and keep the best on validation.")
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="Train the chosen setting again on every training row, validation included, before scoring.")
 @data_root_option
 def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, settings, validation, tune,
-              data_root):
+              refit, data_root):
     """mAP table of every method (the same as python benchmarks/mAP.py)."""
     from hashret.eval.benchmark import run_benchmark
 
     run_benchmark(dataset=dataset, methods=methods, bits=bits, seeds=seeds, out=out, topk=topk,
                   radius=radius, split=split, reuse=reuse, settings=_parse_options(settings),
-                  validation=validation, tune=tune, data_root=data_root, log=click.echo)
+                  validation=validation, tune=tune, refit=refit, data_root=data_root, log=click.echo)
 
 
 def _parse_options(pairs) -> dict:

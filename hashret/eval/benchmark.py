@@ -104,6 +104,17 @@ def tuning_grid(method: str, fixed: dict) -> list:
     return [dict(c) for c in dict.fromkeys(tuple(sorted(c.items())) for c in grid)] or [{}]
 
 
+def _refit(method, ds, bits, seed, config, rows, run_dir, reuse, fingerprint):
+    """The chosen ``config`` (epochs included) trained on ``rows`` with no validation, so it
+    runs exactly the chosen epoch count. Returns (model, whether it was trained now)."""
+    model = build_for_dataset(method, ds, bits, seed=seed, **config)
+    if reuse and _job_matches(run_dir, model.config, fingerprint):
+        return load_checkpoint(run_dir), False
+    model.fit(ds.features("image", rows), ds.features("text", rows), ds.labels[rows])
+    save_checkpoint(run_dir, model, dataset=ds, extra={"refit_rows": int(len(rows))})
+    return model, True
+
+
 def evaluate_model(model, dataset, query_rows=None, db_rows=None, **metric_args):
     """Encode the query and database parts with ``model`` (the database by the same hash
     functions as the queries) and evaluate both directions. Returns ({"i2t": metrics,
@@ -122,14 +133,18 @@ def evaluate_model(model, dataset, query_rows=None, db_rows=None, **metric_args)
 def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), seeds=(0,),
                   out="results/mAP", topk=(100, 1000), radius: int = 2, n_max: int = 1000,
                   data_root=None, split=None, reuse: bool = False, settings=None,
-                  validation: float = 0.1, tune: bool = True, progress: bool = True, log=print) -> list:
+                  validation: float = 0.1, tune: bool = True, refit: bool = True, progress: bool = True,
+                  log=print) -> list:
     """Run every (method, bits, seed) on ``dataset`` and write the results to ``out``.
 
     ``validation``: the share of the training part held out (seeded, saved in ``split.npz``;
     a split file that has a validation part keeps it; 0 = none). With ``tune``, each method
     is trained with every setting of its :data:`TUNING` grid (the same count for all) and the
     one with the best validation mAP is kept -- epochs too, for methods trained by epochs --
-    so the test queries are scored once, by the chosen model.
+    so the test queries are scored once, by the chosen model. With ``refit`` (and validation
+    rows) the chosen setting and epoch count are then trained once more on the whole training
+    part, validation rows included, and that model is the one scored: the choices stay the
+    validation's, and the final model sees every training row, as in the papers' protocol.
 
     Writes ``table.md``, ``results.csv``, ``results.json`` (one record per method, bits,
     direction and seed with ``map_all``, ``map_val`` and the chosen settings), ``p_at_n.csv``,
@@ -164,11 +179,14 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     ds.split.save(out / "split.npz", dataset=ds.name, n_items=ds.n_items)
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
     train_feats = {mod: ds.features(mod, tr_idx) for mod in ("image", "text")}
+    refit = bool(refit and has_val)
+    all_train = np.sort(np.concatenate([tr_idx, ds.split.validation])) if refit else tr_idx
     grids = {m: tuning_grid(m, per_method[m]) if tune else [{}] for m in methods}
     run_info = {"dataset": ds.summary(), "methods": methods, "settings": per_method,
                 "validation": {"rows": int(len(ds.split.validation)), "share": validation,
                                "carved_from": "train", "seed": 0} if has_val else None,
-                "tuning": grids, "bits": bits, "seeds": seeds,
+                "tuning": grids, "refit": {"rows": int(len(all_train))} if refit else None,
+                "bits": bits, "seeds": seeds,
                 "topk": topk, "radius": radius, "n_max": n_max, "split": str(out / "split.npz"),
                 "split_fingerprint": ds.split.fingerprint(), "python": platform.python_version(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -199,6 +217,11 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
         cand, model = max(tried, key=lambda t: t[1].selection.get("map_val", {}).get("mean", 0.0)) \
             if has_val else tried[0]
         sel = model.selection
+        chosen = {**cand, **({"epochs": sel["epochs"]} if "epochs" in sel else {})}
+        if refit:
+            model, done = _refit(method, ds, b, seed, {**per_method[method], **chosen}, all_train,
+                                 out / "models" / f"{method}-{b}-seed{seed}", reuse, fp)
+            trained = trained or done
         fit_s = time.perf_counter() - t0
         results, enc_s = evaluate_model(model, ds, q_idx, db_idx, topk=topk, radius=radius,
                                         n_max=n_max)
@@ -206,8 +229,9 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
             rec = {"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
                    "direction": direction, "seed": seed, "map_all": res["map_all"],
                    "map_val": sel.get("map_val", {}).get(direction),
-                   "chosen": {**cand, **({"epochs": sel["epochs"]} if "epochs" in sel else {})},
-                   "candidates": len(tried), "map_expected": res["map_expected"]}
+                   "chosen": chosen, "candidates": len(tried),
+                   "trained_on": int(len(all_train) if refit else len(tr_idx)),
+                   "map_expected": res["map_expected"]}
             for k in topk:
                 rec[f"map@{k}_found"] = res["map_at_k"][k]["found"]
                 rec[f"map@{k}_truncated"] = res["map_at_k"][k]["truncated"]
@@ -236,6 +260,8 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                     "(the same budget for every method; run.json lists them) and, for methods "
                     "trained by epochs, the epoch count; " if tune else
                     "the epoch count of methods trained by epochs; ") +
+                   ("then the chosen setting was trained again on all "
+                    f"{len(all_train)} training rows (validation included) and " if refit else "") +
                    "the test queries were scored once, by the chosen model.")
     changed = {m: own for m, own in per_method.items() if own}
     if changed:

@@ -78,6 +78,41 @@ def test_every_method_gets_the_same_budget_and_the_choice_is_made_on_validation(
             assert rec[0]["chosen"]["epochs"] in (5, 6)
 
 
+def test_the_chosen_setting_is_trained_again_on_every_training_row_before_the_queries(tmp_path):
+    from hashret.data import Split, load_dataset
+    from hashret.eval.benchmark import evaluate_model
+    from hashret.models import build_for_dataset, load_checkpoint
+
+    out = tmp_path / "bench"
+    recs = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
+                         settings={"epochs": 6}, progress=False, log=lambda *a: None)
+    split = Split.load(out / "split.npz")
+    rows = np.sort(np.concatenate([split.train, split.validation]))
+    assert json.loads((out / "run.json").read_text())["refit"] == {"rows": len(rows)}
+    assert "trained again on all" in (out / "table.md").read_text()
+    ds = load_dataset(TINY, split=out / "split.npz")
+    for method in ("label-ridge", "dcmh-mlp"):
+        rec = {r["direction"]: r for r in recs if r["method"] == method}
+        assert rec["i2t"]["trained_on"] == len(rows) > len(split.train)
+        final = load_checkpoint(out / "models" / f"{method}-16-seed0")
+        assert {k: final.config[k] for k in rec["i2t"]["chosen"]} == rec["i2t"]["chosen"]
+        # the scored model is the chosen setting fitted on training + validation rows, exactly
+        # the chosen epoch count (no selection left to make), not the candidate that was chosen
+        again = build_for_dataset(method, ds, 16, seed=0, **rec["i2t"]["chosen"])
+        again.fit(ds.features("image", rows), ds.features("text", rows), ds.labels[rows])
+        scores, _ = evaluate_model(again, ds, topk=(10,))
+        for d in ("i2t", "t2i"):
+            assert scores[d]["map_all"] == pytest.approx(rec[d]["map_all"], abs=1e-9)
+            assert np.array_equal(again.encode_rows(ds, "image", ds.part("query")),
+                                  final.encode_rows(ds, "image", ds.part("query")))
+    # --no-refit scores the chosen candidate itself, trained on the training rows alone
+    plain = run_benchmark(TINY, methods="label-ridge", bits="16", seeds="0", out=tmp_path / "plain",
+                          topk="10", refit=False, progress=False, log=lambda *a: None)
+    assert plain[0]["trained_on"] == len(split.train)
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())["refit"] is None
+    assert plain[0]["map_all"] != [r for r in recs if r["method"] == "label-ridge"][0]["map_all"]
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(methods="cca-itq,nosuch"), "unknown model"),
     (dict(validation=0), "tuning needs validation rows"),
