@@ -88,7 +88,8 @@ def test_the_chosen_setting_is_trained_again_on_every_training_row_before_the_qu
                          settings={"epochs": 6}, progress=False, log=lambda *a: None)
     split = Split.load(out / "split.npz")
     rows = np.sort(np.concatenate([split.train, split.validation]))
-    assert json.loads((out / "run.json").read_text())["refit"] == {"rows": len(rows)}
+    info = json.loads((out / "run.json").read_text())
+    assert info["refit"] == {"rows": len(rows)} and info["torch_threads"] >= 1
     assert "trained again on all" in (out / "table.md").read_text()
     ds = load_dataset(TINY, split=out / "split.npz")
     for method in ("label-ridge", "dcmh-mlp"):
