@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hashret.data import load_dataset
 from hashret.errors import HashretError, check
@@ -104,20 +105,17 @@ def tuning_grid(method: str, fixed: dict) -> list:
     return [dict(c) for c in dict.fromkeys(tuple(sorted(c.items())) for c in grid)] or [{}]
 
 
-def _torch_threads():
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _refit(method, ds, bits, seed, config, rows, run_dir, reuse, fingerprint):
-    """The chosen ``config`` (epochs included) trained on ``rows`` with no validation, so it
-    runs exactly the chosen epoch count. Returns (model, whether it was trained now)."""
+def _fit_or_load(method, ds, bits, seed, config, data, run_dir, reuse, fingerprint, validation=None):
+    """``method`` built with ``config`` and fitted on ``data`` (image, text, labels) -- or,
+    with ``reuse``, loaded from ``run_dir`` when its saved config matches. Without validation
+    rows a model trained by epochs runs exactly ``config``'s epoch count (the refit).
+    Returns (model, whether it was trained now)."""
     model = build_for_dataset(method, ds, bits, seed=seed, **config)
     if reuse and _job_matches(run_dir, model.config, fingerprint):
         return load_checkpoint(run_dir), False
-    model.fit(ds.features("image", rows), ds.features("text", rows), ds.labels[rows])
-    save_checkpoint(run_dir, model, dataset=ds, extra={"refit_rows": int(len(rows))})
+    model.fit(*data, validation=validation)
+    save_checkpoint(run_dir, model, dataset=ds,
+                    extra={"selection": model.selection, "trained_on": int(len(data[2]))})
     return model, True
 
 
@@ -184,9 +182,12 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     out.mkdir(parents=True, exist_ok=True)
     ds.split.save(out / "split.npz", dataset=ds.name, n_items=ds.n_items)
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
-    train_feats = {mod: ds.features(mod, tr_idx) for mod in ("image", "text")}
     refit = bool(refit and has_val)
     all_train = np.sort(np.concatenate([tr_idx, ds.split.validation])) if refit else tr_idx
+    def rows_data(rows):
+        return ds.features("image", rows), ds.features("text", rows), ds.labels[rows]
+
+    train_data, refit_data = rows_data(tr_idx), rows_data(all_train) if refit else None
     grids = {m: tuning_grid(m, per_method[m]) if tune else [{}] for m in methods}
     run_info = {"dataset": ds.summary(), "methods": methods, "settings": per_method,
                 "validation": {"rows": int(len(ds.split.validation)), "share": validation,
@@ -197,7 +198,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                 "split_fingerprint": ds.split.fingerprint(), "python": platform.python_version(),
                 # torch's CPU sums depend on the thread count: the same seed trained with 1 and
                 # with 2 threads chose different settings on Wikipedia (up to 0.03 mAP apart)
-                "torch_threads": _torch_threads(),
+                "torch_threads": torch.get_num_threads(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (out / "run.json").write_text(json.dumps(run_info, indent=2))
     tag = "SYNTHETIC " if ds.synthetic else ""
@@ -212,15 +213,13 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     for seed, method, b in tqdm(jobs, desc="benchmark", disable=not progress):
         t0 = time.perf_counter()
         tried, trained = [], False
+        final_dir = out / "models" / f"{method}-{b}-seed{seed}"
         for c, cand in enumerate(grids[method]):
-            model = build_for_dataset(method, ds, b, seed=seed, **{**per_method[method], **cand})
-            run_dir = out / "models" / (f"{method}-{b}-seed{seed}" + (f"-c{c}" if len(grids[method]) > 1 else ""))
-            if reuse and _job_matches(run_dir, model.config, fp):
-                model = load_checkpoint(run_dir)
-            else:
-                model.fit(train_feats["image"], train_feats["text"], ds.labels[tr_idx], validation=val)
-                save_checkpoint(run_dir, model, dataset=ds, extra={"selection": model.selection})
-                trained = True
+            lone = len(grids[method]) == 1
+            run_dir = final_dir if lone else final_dir.with_name(f"{final_dir.name}-c{c}")
+            model, done = _fit_or_load(method, ds, b, seed, {**per_method[method], **cand}, train_data,
+                                       run_dir, reuse, fp, validation=val)
+            trained = trained or done
             tried.append((cand, model))
         # the choice is made on validation mAP alone (I->T and T->I averaged)
         cand, model = max(tried, key=lambda t: t[1].selection.get("map_val", {}).get("mean", 0.0)) \
@@ -228,8 +227,8 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
         sel = model.selection
         chosen = {**cand, **({"epochs": sel["epochs"]} if "epochs" in sel else {})}
         if refit:
-            model, done = _refit(method, ds, b, seed, {**per_method[method], **chosen}, all_train,
-                                 out / "models" / f"{method}-{b}-seed{seed}", reuse, fp)
+            model, done = _fit_or_load(method, ds, b, seed, {**per_method[method], **chosen},
+                                       refit_data, final_dir, reuse, fp)
             trained = trained or done
         fit_s = time.perf_counter() - t0
         results, enc_s = evaluate_model(model, ds, q_idx, db_idx, topk=topk, radius=radius,
@@ -239,7 +238,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                    "direction": direction, "seed": seed, "map_all": res["map_all"],
                    "map_val": sel.get("map_val", {}).get(direction),
                    "chosen": chosen, "candidates": len(tried),
-                   "trained_on": int(len(all_train) if refit else len(tr_idx)),
+                   "trained_on": int(len(all_train)),
                    "map_expected": res["map_expected"]}
             for k in topk:
                 rec[f"map@{k}_found"] = res["map_at_k"][k]["found"]
