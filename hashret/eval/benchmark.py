@@ -215,7 +215,8 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
         tried, trained = [], False
         final_dir = out / "models" / f"{method}-{b}-seed{seed}"
         for c, cand in enumerate(grids[method]):
-            lone = len(grids[method]) == 1
+            # a candidate never shares the refit model's folder, even when it is the only one
+            lone = len(grids[method]) == 1 and not refit
             run_dir = final_dir if lone else final_dir.with_name(f"{final_dir.name}-c{c}")
             model, done = _fit_or_load(method, ds, b, seed, {**per_method[method], **cand}, train_data,
                                        run_dir, reuse, fp, validation=val)

@@ -114,6 +114,19 @@ def test_the_chosen_setting_is_trained_again_on_every_training_row_before_the_qu
     assert plain[0]["map_all"] != [r for r in recs if r["method"] == "label-ridge"][0]["map_all"]
 
 
+def test_a_lone_candidate_and_its_refit_keep_separate_checkpoints(tmp_path):
+    out = tmp_path / "bench"
+    args = dict(methods="dcmh-mlp", bits="16", seeds="0", out=out, topk="10", tune=False,
+                settings={"epochs": 6}, progress=False, log=lambda *a: None)
+    first = run_benchmark(TINY, **args)
+    cand = json.loads((out / "models" / "dcmh-mlp-16-seed0-c0" / "config.json").read_text())
+    final = json.loads((out / "models" / "dcmh-mlp-16-seed0" / "config.json").read_text())
+    assert cand["selection"]["map_val"]["i2t"] == first[0]["map_val"]  # the candidate survives
+    assert final["config"]["epochs"] == first[0]["chosen"]["epochs"]
+    again = run_benchmark(TINY, **args, reuse=True)
+    assert not again[0]["trained"] and again[0]["map_all"] == first[0]["map_all"]
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(methods="cca-itq,nosuch"), "unknown model"),
     (dict(validation=0), "tuning needs validation rows"),
