@@ -114,6 +114,19 @@ def test_the_chosen_setting_is_trained_again_on_every_training_row_before_the_qu
     assert plain[0]["map_all"] != [r for r in recs if r["method"] == "label-ridge"][0]["map_all"]
 
 
+def test_a_refit_stopped_early_keeps_the_candidates_learning_rate_schedule(tmp_path):
+    from hashret.models import load_checkpoint
+
+    out = tmp_path / "bench"
+    rec = run_benchmark(TINY, methods="gch", bits="16", seeds="0", out=out, topk="10", tune=False,
+                        settings={"epochs": 10}, progress=False, log=lambda *a: None)[0]
+    cand = load_checkpoint(out / "models" / "gch-16-seed0-c0")
+    final = load_checkpoint(out / "models" / "gch-16-seed0")
+    assert cand.config["lr_schedule"] == "cosine" and cand.config["lr_horizon"] is None
+    assert rec["chosen"] == {"epochs": cand.selection["epochs"], "lr_horizon": 10}
+    assert final.config["epochs"] == cand.selection["epochs"] and final.config["lr_horizon"] == 10
+
+
 def test_a_lone_candidate_and_its_refit_keep_separate_checkpoints(tmp_path):
     out = tmp_path / "bench"
     args = dict(methods="dcmh-mlp", bits="16", seeds="0", out=out, topk="10", tune=False,

@@ -140,6 +140,15 @@ def test_cosine_schedule_decays_the_learning_rate_and_constant_keeps_it(data):
         _fit("gch", data, epochs=1, lr_schedule="step")
 
 
+def test_a_cosine_horizon_longer_than_the_run_follows_the_longer_runs_rates(data):
+    # what a refit stopped at a chosen epoch uses: the first epochs of the candidate's schedule
+    full = [h["lr"] for h in _fit("gch", data, epochs=6).history]
+    short = [h["lr"] for h in _fit("gch", data, epochs=3, lr_horizon=6).history]
+    assert short == full[:3] and full[-1] < short[-1] < full[0]
+    with pytest.raises(HashretError, match="lr_horizon 2 is shorter than epochs 3"):
+        _fit("gch", data, epochs=3, lr_horizon=2)
+
+
 def test_the_label_graph_setting_reaches_the_gcn(data):
     # multi-label data: the Jaccard graph gives other beacons, hence other student codes
     # (the whole small run: after 2 epochs the students may still share one code)
