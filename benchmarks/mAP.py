@@ -2,7 +2,7 @@
 
     python benchmarks/mAP.py                       # Wikipedia, every method, 16/32/64 bits, seed 0
     python benchmarks/mAP.py --dataset wikipedia --bits 16,32,64 --seeds 0,1,2 --out results/wiki
-    python benchmarks/mAP.py --dataset synthetic --bits 64 --set lr_schedule=cosine --set beta_beacon=1
+    python benchmarks/mAP.py --dataset synthetic --bits 64 --set lr_schedule=constant   # GCH family: no decay
 
 Writes table.md, results.csv, results.json, PR and P@N curves (CSV, PNG) and the split to --out.
 """
