@@ -187,6 +187,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
     refit = bool(refit and has_val)
     all_train = np.sort(np.concatenate([tr_idx, ds.split.validation])) if refit else tr_idx
+
     def rows_data(rows):
         return ds.features("image", rows), ds.features("text", rows), ds.labels[rows]
 
@@ -217,9 +218,9 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
         t0 = time.perf_counter()
         tried, trained = [], False
         final_dir = out / "models" / f"{method}-{b}-seed{seed}"
+        # a candidate never shares the refit model's folder, even when it is the only one
+        lone = len(grids[method]) == 1 and not refit
         for c, cand in enumerate(grids[method]):
-            # a candidate never shares the refit model's folder, even when it is the only one
-            lone = len(grids[method]) == 1 and not refit
             run_dir = final_dir if lone else final_dir.with_name(f"{final_dir.name}-c{c}")
             model, done = _fit_or_load(method, ds, b, seed, {**per_method[method], **cand}, train_data,
                                        run_dir, reuse, fp, validation=val)
@@ -229,10 +230,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
         cand, model = max(tried, key=lambda t: t[1].selection.get("map_val", {}).get("mean", 0.0)) \
             if has_val else tried[0]
         sel = model.selection
-        chosen = {**cand, **({"epochs": sel["epochs"]} if "epochs" in sel else {})}
-        if "epochs" in sel and "lr_horizon" in model.config:
-            # a refit stopped at the chosen epoch keeps the candidate's learning-rate schedule
-            chosen["lr_horizon"] = model.config["lr_horizon"] or model.config["epochs"]
+        chosen = {**cand, **model.stopped_config()}
         if refit:
             model, done = _fit_or_load(method, ds, b, seed, {**per_method[method], **chosen},
                                        refit_data, final_dir, reuse, fp)

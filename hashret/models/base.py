@@ -129,6 +129,11 @@ class HashModel:
     def _keep_best(self):
         """After training: models that choose their epoch on validation restore it."""
 
+    def stopped_config(self) -> dict:
+        """The config fields that train this model again to where validation stopped it (the
+        chosen epoch count; empty when nothing was chosen) -- what a refit overrides."""
+        return {"epochs": self.selection["epochs"]} if "epochs" in self.selection else {}
+
     # -- encoding ------------------------------------------------------------------------
     def project(self, x, modality: str) -> np.ndarray:
         """Real-valued hash-layer outputs (N, bits) for raw features of ``modality``."""

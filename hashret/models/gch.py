@@ -276,6 +276,13 @@ class GCH(TorchHashModel):
         self.banks = None
         self.nets.to("cpu").eval()
 
+    def stopped_config(self) -> dict:
+        # stopped early, the run keeps the candidate's cosine horizon, hence the same rates
+        cfg = super().stopped_config()
+        if cfg:
+            cfg["lr_horizon"] = self.config["lr_horizon"] or self.config["epochs"]
+        return cfg
+
     @property
     def _gcn_scored_by_teacher(self):
         return self.config["use_teacher"] and self.config["gcn_reference"] == "teacher"
