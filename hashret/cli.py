@@ -174,9 +174,11 @@ def _parse_options(pairs) -> dict:
               help="RUN_DIR of a trained matcher: train only its hash head.")
 @click.option("--validation", default=0.1, show_default=True, type=float,
               help="Share of the training part held out to choose the epoch count on (0 = none).")
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="Train the chosen epoch count again on every training row, validation included.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (RUN_DIR).")
 @data_root_option
-def train(model, bits, dataset, epochs, seed, device, settings, distill_from, validation, out, data_root):
+def train(model, bits, dataset, epochs, seed, device, settings, distill_from, validation, refit, out, data_root):
     """Train a model and write a checkpoint (weights.pt, config.json, split.npz).
 
     Matchers (sgraf, cgam, han, shan; global = the mean-pooled baseline) train on scene data
@@ -185,7 +187,7 @@ def train(model, bits, dataset, epochs, seed, device, settings, distill_from, va
 
     train_model(model=model, dataset=dataset, bits=bits, seed=seed, out=out, data_root=data_root,
                 epochs=epochs, device=device, options=_parse_options(settings), log=click.echo,
-                distill_from=distill_from, validation=validation)
+                distill_from=distill_from, validation=validation, refit=refit)
 
 
 @main.command()

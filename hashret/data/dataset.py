@@ -284,6 +284,12 @@ class CrossModalDataset:
                   "carve one with Split.carve_validation")
         return getattr(self.split, name)
 
+    def refit_rows(self) -> np.ndarray:
+        """The training part with the validation rows carved from it, sorted: what a model is
+        trained on again once validation has made its choices (the papers train on every
+        training row; the validation rows are also database items)."""
+        return np.sort(np.concatenate([self.part("train"), self.split.validation]))
+
     def hold_out_validation(self, share: float, seed: int = 0):
         """Carve ``share`` of the training part as the validation part (unless the split has
         one already; 0 = none) and return the validation rows' (image, text, labels) for

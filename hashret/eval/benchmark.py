@@ -186,7 +186,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     ds.split.save(out / "split.npz", dataset=ds.name, n_items=ds.n_items)
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
     refit = bool(refit and has_val)
-    all_train = np.sort(np.concatenate([tr_idx, ds.split.validation])) if refit else tr_idx
+    all_train = ds.refit_rows() if refit else tr_idx
 
     def rows_data(rows):
         return ds.features("image", rows), ds.features("text", rows), ds.labels[rows]

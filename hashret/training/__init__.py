@@ -24,13 +24,18 @@ def seed_everything(seed: int):
 def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int | None = 64,
           seed: int = 0, out="runs/model", data_root=None, epochs: int | None = None,
           device: str = "cpu", options: dict | None = None, evaluate: bool = True,
-          progress: bool = True, log=print, distill_from=None, validation: float = 0.1):
+          progress: bool = True, log=print, distill_from=None, validation: float = 0.1,
+          refit: bool = True):
     """Train ``model`` on the training part of ``dataset`` and write a checkpoint to ``out``
     (weights.pt, config.json with the resolved config, split.npz). With ``evaluate``, mAP@all
     of both directions on the dataset's query/database parts is logged and saved in the
     checkpoint's config.json. ``validation``: the share of the training part held out
     (seeded, saved in split.npz; 0 = none) on which models trained by epochs choose their
-    epoch count; the choice and its validation mAP go to config.json. Returns the trained model.
+    epoch count; the choice and its validation mAP go to config.json. With ``refit`` (and
+    validation rows) the model is then trained once more, with what validation chose, on the
+    whole training part, validation rows included -- as ``benchmarks/mAP.py`` does, so the
+    checkpoint has seen every training row (a tenth of the database otherwise never trained
+    on); ``refit=False`` keeps the model validation scored. Returns the trained model.
 
     Matchers (sgraf, cgam, han, shan, global) train on a scene dataset (``scenes`` or
     ``precomp:FOLDER``) through :func:`hashret.training.matching.train_scene_model`, with
@@ -63,13 +68,23 @@ def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int 
     t0 = time.perf_counter()
     net.fit(ds.features("image", tr), ds.features("text", tr), ds.labels[tr], progress=progress,
             device=device, validation=val)
+    selection = net.selection
+    if "epochs" in selection:
+        log(f"kept epoch {selection['epochs']} of {net.config['epochs']} (best validation mAP "
+            f"{selection['map_val']['mean']:.4f})")
+    if refit and val is not None:
+        tr = ds.refit_rows()
+        seed_everything(seed)
+        net = build_for_dataset(model, ds, bits, seed=seed, **{**options, **net.stopped_config()})
+        log(f"training again on all {len(tr)} training rows (validation included)"
+            + (f" for {net.config['epochs']} epochs" if "epochs" in selection else ""))
+        net.fit(ds.features("image", tr), ds.features("text", tr), ds.labels[tr], progress=progress,
+                device=device)
     fit_s = time.perf_counter() - t0
     extra = {"dataset_spec": dataset, "data_root": str(data_root) if data_root else None,
-             "train": {"seconds": round(fit_s, 2), "device": device, "items": int(len(tr))},
-             "selection": net.selection}
-    if "epochs" in net.selection:
-        log(f"kept epoch {net.selection['epochs']} of {net.config['epochs']} (best validation mAP "
-            f"{net.selection['map_val']['mean']:.4f})")
+             "train": {"seconds": round(fit_s, 2), "device": device, "items": int(len(tr)),
+                       "refit": bool(refit and val is not None)},
+             "selection": selection}
     q, db = ds.part("query"), ds.part("database")
     if evaluate and len(q) * len(db) > 2e8:
         log(f"skipping the mAP of {len(q)} x {len(db)} pairs (minutes): run benchmarks/mAP.py for it")
