@@ -270,7 +270,8 @@ class GCH(TorchHashModel):
             history.append(losses)
             for sc in sched:
                 sc.step()
-            bar.set_postfix({k: round(v, 3) for k, v in losses.items()})
+            # the rate in 2 significant digits: rounded to 3 decimals, a cosine-decayed 4e-4 read 0
+            bar.set_postfix({k: f"{v:.2g}" if k == "lr" else round(v, 3) for k, v in losses.items()})
             self._epoch_done(epoch, cfg["epochs"])
         self.history = history
         self.banks = None
