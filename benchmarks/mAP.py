@@ -3,6 +3,7 @@
     python benchmarks/mAP.py                       # Wikipedia, every method, 16/32/64 bits, seed 0
     python benchmarks/mAP.py --dataset wikipedia --bits 16,32,64 --seeds 0,1,2 --out results/wiki
     python benchmarks/mAP.py --dataset synthetic --bits 64 --set lr_schedule=constant   # GCH family: no decay
+    python benchmarks/mAP.py --methods gch --no-tune --set gamma_label=0.1 --validation-only   # try, on validation
 
 Writes table.md, results.csv, results.json, PR and P@N curves (CSV, PNG) and the split to --out.
 """

@@ -137,15 +137,18 @@ def describe(dataset, data_root, as_json):
               help="Try each method's settings grid (the same size for all) and keep the best on validation.")
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="Train the chosen setting again on every training row, validation included, before scoring.")
+@click.option("--validation-only", is_flag=True,
+              help="Stop after the choice on validation: report validation mAP, never score the test queries.")
 @data_root_option
 def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, settings, validation, tune,
-              refit, data_root):
+              refit, validation_only, data_root):
     """mAP table of every method (the same as python benchmarks/mAP.py)."""
     from hashret.eval.benchmark import run_benchmark
 
     run_benchmark(dataset=dataset, methods=methods, bits=bits, seeds=seeds, out=out, topk=topk,
                   radius=radius, split=split, reuse=reuse, settings=_parse_options(settings),
-                  validation=validation, tune=tune, refit=refit, data_root=data_root, log=click.echo)
+                  validation=validation, tune=tune, refit=refit, data_root=data_root, log=click.echo,
+                  test=not validation_only)
 
 
 def _parse_options(pairs) -> dict:

@@ -63,6 +63,13 @@ def _settings_per_method(methods, settings) -> dict:
     return per
 
 
+def _settings_note(per_method: dict) -> str:
+    changed = {m: own for m, own in per_method.items() if own}
+    return (" Settings changed from the defaults: " + "; ".join(
+        f"{m}: " + ", ".join(f"{k}={v}" for k, v in own.items()) for m, own in changed.items()) + "."
+            if changed else "")
+
+
 def _job_matches(run_dir: Path, config: dict, fingerprint: str) -> bool:
     try:
         info = read_checkpoint_info(run_dir)
@@ -145,7 +152,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                   out="results/mAP", topk=(100, 1000), radius: int = 2, n_max: int = 1000,
                   data_root=None, split=None, reuse: bool = False, settings=None,
                   validation: float = 0.1, tune: bool = True, refit: bool = True, progress: bool = True,
-                  log=print) -> list:
+                  log=print, test: bool = True) -> list:
     """Run every (method, bits, seed) on ``dataset`` and write the results to ``out``.
 
     ``validation``: the share of the training part held out (seeded, saved in ``split.npz``;
@@ -156,6 +163,9 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     rows) the chosen setting and epoch count are then trained once more on the whole training
     part, validation rows included, and that model is the one scored: the choices stay the
     validation's, and the final model sees every training row, as in the papers' protocol.
+    ``test=False`` stops after the choice: nothing is refit, the test queries are never
+    encoded, and the tables hold validation mAP only -- for trying settings (``settings``)
+    without spending the test queries on them.
 
     Writes ``table.md``, ``results.csv``, ``results.json`` (one record per method, bits,
     direction and seed with ``map_all``, ``map_val`` and the chosen settings), ``p_at_n.csv``,
@@ -179,6 +189,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
 
     check(0 <= validation < 1, f"--validation must be a share in [0, 1), got {validation}")
     check(not tune or validation > 0, "tuning needs validation rows: give --validation > 0 or --no-tune")
+    check(test or validation > 0, "--validation-only needs validation rows: give --validation > 0")
     ds = load_dataset(dataset, data_root=data_root, split=split, seed=0)
     val = ds.hold_out_validation(validation)
     has_val = val is not None
@@ -189,7 +200,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     out.mkdir(parents=True, exist_ok=True)
     ds.split.save(out / "split.npz", dataset=ds.name, n_items=ds.n_items)
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
-    refit = bool(refit and has_val)
+    refit = bool(refit and has_val and test)
     all_train = ds.refit_rows() if refit else tr_idx
 
     def rows_data(rows):
@@ -202,6 +213,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                                "carved_from": "train", "seed": 0} if has_val else None,
                 "tuning": grids, "refit": {"rows": int(len(all_train))} if refit else None,
                 "bits": bits, "seeds": seeds,
+                "test_scored": test,
                 "topk": topk, "radius": radius, "n_max": n_max, "split": str(out / "split.npz"),
                 "split_fingerprint": ds.split.fingerprint(), "python": platform.python_version(),
                 # torch's CPU sums depend on the thread count: the same seed trained with 1 and
@@ -240,6 +252,15 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                                        refit_data, final_dir, reuse, fp)
             trained = trained or done
         fit_s = time.perf_counter() - t0
+        if not test:
+            for direction, _, _ in DIRECTIONS:
+                records.append({"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
+                                "direction": direction, "seed": seed,
+                                "map_val": sel.get("map_val", {}).get(direction), "chosen": chosen,
+                                "candidates": len(tried), "trained_on": int(len(tr_idx)),
+                                "fit_s": round(fit_s, 3), "trained": trained})
+            write_records(out, records)
+            continue
         results, enc_s = evaluate_model(model, ds, q_idx, db_idx, topk=topk, radius=radius,
                                         n_max=n_max)
         for direction, res in results.items():
@@ -263,6 +284,16 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
             c["recall"].append(res["pr_curve"]["recall"])
             write_records(out, records)  # partial results survive an interrupted run
 
+    if not test:
+        table = format_table(records, f"### validation mAP@all on {tag}{ds.name} — the test queries "
+                             f"were not scored; {len(ds.split.validation)} validation rows as queries, "
+                             f"the {len(tr_idx)} training rows as database; seeds "
+                             f"{','.join(map(str, seeds))} (mean ± std)" + _settings_note(per_method),
+                             metric="map_val")
+        (out / "table.md").write_text(table)
+        log(table)
+        log(f"wrote {out}/table.md, results.csv, results.json (validation only)")
+        return records
     curves = {k: {name: np.mean(v, axis=0) for name, v in c.items()} for k, c in curve_sums.items()}
     write_curves(out, curves)
     header = (f"### mAP@all on {tag}{ds.name} — {len(q_idx)} queries, {len(db_idx)} database items, "
@@ -280,10 +311,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                    ("then the chosen setting was trained again on all "
                     f"{len(all_train)} training rows (validation included) and " if refit else "") +
                    "the test queries were scored once, by the chosen model.")
-    changed = {m: own for m, own in per_method.items() if own}
-    if changed:
-        header += " Settings changed from the defaults: " + "; ".join(
-            f"{m}: " + ", ".join(f"{k}={v}" for k, v in own.items()) for m, own in changed.items()) + "."
+    header += _settings_note(per_method)
     table = format_table(records, header)
     extra = format_table(records, "#### tie-aware expected mAP (McSherry & Najork)",
                          metric="map_expected")

@@ -38,6 +38,40 @@ def test_benchmark_writes_table_and_records(tmp_path):
     assert again[0]["map_all"] == recs[0]["map_all"]
 
 
+def test_validation_only_makes_the_same_choices_and_never_encodes_a_test_query(tmp_path, monkeypatch):
+    full = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=tmp_path / "a",
+                         topk="10", settings={"epochs": 6}, progress=False, log=lambda *a: None)
+    from hashret.data import load_dataset
+    from hashret.models.base import HashModel
+
+    query = set(load_dataset(TINY).part("query"))
+    seen = []
+    real = HashModel.encode_rows
+
+    def spy(self, dataset, modality, rows, *a, **k):
+        seen.extend(np.asarray(rows).tolist())
+        return real(self, dataset, modality, rows, *a, **k)
+
+    monkeypatch.setattr(HashModel, "encode_rows", spy)
+    out = tmp_path / "b"
+    recs = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
+                         settings={"epochs": 6}, test=False, progress=False, log=lambda *a: None)
+    assert not query & set(seen)
+    assert all("map_all" not in r for r in recs) and len(recs) == len(full)
+    for a, b in zip(full, recs):  # the same candidates, the same choice, the same validation mAP
+        assert (a["method"], a["direction"], a["chosen"], a["map_val"]) == \
+            (b["method"], b["direction"], b["chosen"], b["map_val"])
+        assert b["trained_on"] < a["trained_on"]  # nothing refit on the validation rows
+    table = (out / "table.md").read_text()
+    assert "test queries were not scored" in table and f"{recs[0]['map_val']:.4f}" in table
+    assert json.loads((out / "run.json").read_text())["test_scored"] is False
+    assert not (out / "models" / "dcmh-mlp-16-seed0").exists()  # no refit model
+    res = CliRunner().invoke(main, ["benchmark", "--dataset", TINY, "--methods", "label-ridge", "--bits", "16",
+                                    "--validation-only", "--validation", "0", "--no-tune",
+                                    "--out", str(tmp_path / "c")])
+    assert res.exit_code != 0 and "--validation-only needs validation rows" in res.output
+
+
 def test_benchmark_settings_reach_only_the_methods_that_have_the_field(tmp_path):
     out = tmp_path / "bench"
     run_benchmark(TINY, methods="cca-itq,label-ridge", bits="8", seeds="0", out=out, topk="10",
