@@ -288,7 +288,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
         table = format_table(records, f"### validation mAP@all on {tag}{ds.name} — the test queries "
                              f"were not scored; {len(ds.split.validation)} validation rows as queries, "
                              f"the {len(tr_idx)} training rows as database; seeds "
-                             f"{','.join(map(str, seeds))} (mean ± std)" + _settings_note(per_method),
+                             f"{','.join(map(str, seeds))} (mean ± std)." + _settings_note(per_method),
                              metric="map_val")
         (out / "table.md").write_text(table)
         log(table)
