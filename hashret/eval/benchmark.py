@@ -252,23 +252,24 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                                        refit_data, final_dir, reuse, fp)
             trained = trained or done
         fit_s = time.perf_counter() - t0
+
+        def job(direction):  # what names the record, and what validation chose for it
+            return {"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
+                    "direction": direction, "seed": seed}
+
+        def choice(direction):
+            return {"map_val": sel.get("map_val", {}).get(direction), "chosen": chosen,
+                    "candidates": len(tried), "trained_on": int(len(all_train))}
+
         if not test:
-            for direction, _, _ in DIRECTIONS:
-                records.append({"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
-                                "direction": direction, "seed": seed,
-                                "map_val": sel.get("map_val", {}).get(direction), "chosen": chosen,
-                                "candidates": len(tried), "trained_on": int(len(tr_idx)),
-                                "fit_s": round(fit_s, 3), "trained": trained})
+            records += [{**job(d), **choice(d), "fit_s": round(fit_s, 3), "trained": trained}
+                        for d, _, _ in DIRECTIONS]
             write_records(out, records)
             continue
         results, enc_s = evaluate_model(model, ds, q_idx, db_idx, topk=topk, radius=radius,
                                         n_max=n_max)
         for direction, res in results.items():
-            rec = {"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
-                   "direction": direction, "seed": seed, "map_all": res["map_all"],
-                   "map_val": sel.get("map_val", {}).get(direction),
-                   "chosen": chosen, "candidates": len(tried),
-                   "trained_on": int(len(all_train)),
+            rec = {**job(direction), "map_all": res["map_all"], **choice(direction),
                    "map_expected": res["map_expected"]}
             for k in topk:
                 rec[f"map@{k}_found"] = res["map_at_k"][k]["found"]

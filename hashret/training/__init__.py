@@ -72,7 +72,8 @@ def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int 
     if "epochs" in selection:
         log(f"kept epoch {selection['epochs']} of {net.config['epochs']} (best validation mAP "
             f"{selection['map_val']['mean']:.4f})")
-    if refit and val is not None:
+    refit = bool(refit and val is not None)
+    if refit:
         tr = ds.refit_rows()
         seed_everything(seed)
         net = build_for_dataset(model, ds, bits, seed=seed, **{**options, **net.stopped_config()})
@@ -83,7 +84,7 @@ def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int 
     fit_s = time.perf_counter() - t0
     extra = {"dataset_spec": dataset, "data_root": str(data_root) if data_root else None,
              "train": {"seconds": round(fit_s, 2), "device": device, "items": int(len(tr)),
-                       "refit": bool(refit and val is not None)},
+                       "refit": refit},
              "selection": selection}
     q, db = ds.part("query"), ds.part("database")
     if evaluate and len(q) * len(db) > 2e8:
