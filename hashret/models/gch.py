@@ -384,6 +384,26 @@ class GCH(TorchHashModel):
                 self._remember(m, idx, h)
 
     # -- encoding ------------------------------------------------------------------------
+    def beacon_codes(self, image, text, labels, seed: int = 0) -> np.ndarray:
+        """The trained GCN's beacon codes ({-1, +1}, int8) for items given both modalities and
+        their labels -- the targets the students were pulled towards. A beacon depends on the
+        label graph of its batch, so the items go through in seeded random batches of the
+        training batch size, as in training. For diagnosis: how good a target the beacons are
+        beside the students' own codes (``benchmarks/gch_diagnostics.py beacons``)."""
+        check(self.fitted, f"the {self.name} model is not trained: fit it or load a checkpoint")
+        check(self.config["use_gcn"], f"{self.name} has no GCN, hence no beacons: use gch or gch-no-teacher")
+        image, text, labels = self._checked_part(image, text, labels, "beacon")
+        x = {"image": torch.from_numpy(self._standardise(image, "image")),
+             "text": torch.from_numpy(self._standardise(text, "text"))}
+        lab = torch.from_numpy(labels)
+        out = np.empty((len(lab), self.bits), dtype=np.int8)
+        perm = torch.randperm(len(lab), generator=torch.Generator().manual_seed(seed))
+        self.nets.eval()
+        for s in range(0, len(lab), self.config["batch_size"]):
+            idx = perm[s:s + self.config["batch_size"]]
+            out[idx.numpy()] = _sign(self._beacons(x, lab, idx, grad=False)[0]).numpy().astype(np.int8)
+        return out
+
     def _project(self, x, modality):
         net = self.nets[modality]
         net.eval()

@@ -407,3 +407,29 @@ def test_fusion_formula_against_a_loop():
         fx_sa = fx[i] + sum(w[i][j] * fy[j] for j in range(5))      # image re-weighted by text
         fy_sa = fy[i] + sum(w[j][i] * fx[j] for j in range(5))      # text by image (W transposed)
         assert torch.allclose(semantic_fusion(fx, fy)[i], (fx_sa + fy_sa) / 2, atol=1e-12)
+
+
+def test_beacon_codes_are_the_gcn_over_each_batchs_label_graph(data):
+    tr = data.part("train")
+    img, txt, lab = data.features("image", tr), data.features("text", tr), data.labels[tr]
+    m = _fit("gch", data, epochs=3)
+    m.config["batch_size"] = len(tr)  # one batch: the whole label graph, checked by hand below
+    got = m.beacon_codes(img, txt, lab)
+    assert got.shape == (len(tr), 16) and set(np.unique(got)) <= {-1, 1}
+    with torch.no_grad():
+        fx = m.nets["image"].body(torch.from_numpy(m._standardise(img, "image")))
+        fy = m.nets["text"].body(torch.from_numpy(m._standardise(txt, "text")))
+        a = torch.from_numpy(lab) @ torch.from_numpy(lab).T + torch.eye(len(tr))
+        d = torch.diag(a.sum(1) ** -0.5)
+        adj = d @ a @ d
+        f = semantic_fusion(fx, fy)
+        g = m.nets["gcn"]
+        want = torch.tanh(adj @ g.w2(torch.relu(adj @ g.w1(f))))
+    np.testing.assert_array_equal(got, np.where(want.numpy() >= 0, 1, -1))
+    # in batches, a beacon depends on its batch: the seed picks them, and repeats them
+    m.config["batch_size"] = 64
+    b0 = m.beacon_codes(img, txt, lab, seed=0)
+    np.testing.assert_array_equal(b0, m.beacon_codes(img, txt, lab, seed=0))
+    assert (b0 != m.beacon_codes(img, txt, lab, seed=1)).any()
+    with pytest.raises(HashretError, match="no GCN"):
+        _fit("gch-no-gcn", data, epochs=1).beacon_codes(img, txt, lab)
