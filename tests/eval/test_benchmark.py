@@ -278,3 +278,73 @@ def test_tag_views_splits_the_vocabulary_into_two_disjoint_real_views(tmp_path):
     res = _script("--dataset", str(out), "--methods", "label-ridge", "--bits", "8", "--no-tune",
                   "--validation", "0", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+
+
+def _diagnostics():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gch_diagnostics", ROOT / "benchmarks" / "gch_diagnostics.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_class_ranking_bound_against_a_ranked_list():
+    """gch_diagnostics' bound: the AP of a database of perfect class clusters laid out class by
+    class in the order of the scores, against AP computed on that explicit ranked list."""
+    diag = _diagnostics()
+    rng = np.random.default_rng(0)
+    sizes = np.array([3, 7, 1, 5])
+    scores, cls = rng.random((20, 4)), rng.integers(0, 4, 20)
+    want = []
+    for s, c in zip(scores, cls):
+        ranked = np.concatenate([np.full(sizes[k], k) for k in np.argsort(-s)])
+        hits = np.cumsum(ranked == c)
+        want.append(np.mean([hits[i] / (i + 1) for i in np.flatnonzero(ranked == c)]))
+    assert diag._oracle_map(scores, cls, sizes) == round(float(np.mean(want)), 4)
+    one = np.eye(3)[[0, 0, 1, 2, 2, 2]]
+    assert diag.graph_stats(one, 6) == {"neighbours": round(float(np.mean([1, 1, 0, 2, 2, 2])), 1),
+                                        "same_label_set_share": 1.0}
+    many = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1]])
+    # item 0's neighbours: 1 (weight 1) and 2 (weight 1), none with its label set
+    assert diag.graph_stats(many, 3)["same_label_set_share"] == 0.0
+
+
+def test_gch_diagnostics_on_a_trained_checkpoint(tmp_path):
+    """Both commands run on a saved GCH checkpoint and its split; a multi-label set is refused
+    by t2i with one line, and a checkpoint without a GCN by beacons."""
+    from hashret.data import load_dataset
+    from hashret.models import build_for_dataset, save_checkpoint
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 240)
+    centres = rng.normal(size=(3, 20))
+    np.savez(tmp_path / "one.npz", image=(centres[y] + rng.normal(size=(240, 20))).astype(np.float32),
+             text=(centres[y] @ rng.normal(size=(20, 12)) + rng.normal(size=(240, 12))).astype(np.float32),
+             labels=np.eye(3, dtype=np.uint8)[y], query=np.arange(40), train=np.arange(40, 240),
+             database=np.arange(40, 240))
+    ds = load_dataset(str(tmp_path / "one.npz"), seed=0)
+    ds.hold_out_validation(0.2)
+    tr = ds.part("train")
+    for name in ("gch", "gch-no-gcn"):
+        m = build_for_dataset(name, ds, 16, seed=0, hidden=32, gcn_hidden=32, epochs=4, batch_size=64)
+        m.fit(ds.features("image", tr), ds.features("text", tr), ds.labels[tr])
+        save_checkpoint(tmp_path / name, m, dataset=ds, extra={"trained_on": len(tr)})
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gch_diagnostics.py"), *args,
+                               "--dataset", str(tmp_path / "one.npz")], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    res = run("beacons", "--model", str(tmp_path / "gch"))
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["rows"] == len(tr) and out["same_label_set_share"] == 1.0
+    assert all(0 < out[f"map {k}->{k}"] <= 1 for k in ("image", "text", "teacher", "beacon"))
+    res = run("t2i", "--model", str(tmp_path / "gch"))
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["queries"] == 40 and out["database"] == 200
+    assert 0 <= out["text code accuracy"] <= 1 and 0 < out["plain classifier ranking bound"] <= 1
+    res = run("beacons", "--model", str(tmp_path / "gch-no-gcn"))
+    assert res.returncode != 0 and "no GCN" in res.stderr and "Traceback" not in res.stderr
