@@ -11,13 +11,14 @@ beacons; and the batch label graph the GCN averages over (neighbours per item, a
 the adjacency's weight on items with exactly the item's label set). A beacon below the
 students' own codes pulls them towards a worse target.
 
-``t2i`` (single-label data): what sets text->image mAP. The test queries' text codes against the
-class codewords (the teacher's codes of one-hot labels): how often the nearest is the query's
-class, and the mAP a database of perfect class clusters would give for that ranking of the
+``t2i`` (single-label data): what sets text->image mAP. The share of database image codes
+nearest their own class's codeword (the teacher's code of the one-hot label); the test
+queries' text codes against the class codewords: how often the nearest is the query's class,
+and the mAP a database of perfect class clusters would give for that ranking of the
 classes; text->image with the real database codes and with every database image replaced by
 its class's codeword; and the same ranking bound for the best plain classifier of the text
-features (softmax regression or a one-hidden-layer MLP, chosen on the validation rows, trained
-on the training rows and scored once on the queries).
+features (softmax regression or a one-hidden-layer MLP, chosen on the validation rows, then
+trained on the training and validation rows and scored once on the queries).
 """
 
 import json
@@ -187,6 +188,8 @@ def t2i(dataset, model_dir, data_root, seed):
     out = {"model": str(model_dir), "queries": len(q), "database": len(db),
            "text code accuracy": round(float((dist.argmin(1) == y[q]).mean()), 4),
            "text code ranking bound": _oracle_map(-dist + jitter, y[q], sizes),
+           "database image codes nearest their class's codeword":
+               round(float((((m.bits - idb.astype(np.float32) @ words.T) / 2).argmin(1) == y[db]).mean()), 4),
            "t2i": label_map(tq, idb, ds.labels[q], ds.labels[db]),
            "t2i, database snapped to codewords": label_map(tq, words[y[db]], ds.labels[q], ds.labels[db]),
            "plain classifier": chosen}
