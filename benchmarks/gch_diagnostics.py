@@ -93,15 +93,11 @@ def beacons(dataset, model_dir, data_root, queries, seed):
     """Label mAP of the teacher's, the students' and the beacons' codes over the training rows."""
     import torch
 
-    from hashret.models.gch import _sign
-
     ds, m, rows = _load(dataset, model_dir, data_root)
     img, txt, lab = ds.features("image", rows), ds.features("text", rows), ds.labels[rows]
     codes = {"image": m.encode(img, "image"), "text": m.encode(txt, "text")}
     if m.config["use_teacher"]:
-        with torch.no_grad():
-            m.nets["label"].eval()
-            codes["teacher"] = _sign(m.nets["label"](torch.from_numpy(lab.astype(np.float32)))[1]).numpy()
+        codes["teacher"] = m._teacher_codes(torch.from_numpy(lab.astype(np.float32))).numpy()
     codes["beacon"] = m.beacon_codes(img, txt, lab, seed=seed)
     q = np.random.default_rng(seed).choice(len(rows), min(queries, len(rows)), replace=False)
     out = {"model": str(model_dir), "rows": len(rows), **graph_stats(lab, m.config["batch_size"], seed=seed)}
@@ -165,7 +161,7 @@ def t2i(dataset, model_dir, data_root, seed):
     import torch
 
     from hashret.errors import check
-    from hashret.models.gch import _sign
+    from hashret.eval.metrics import hamming_distances
 
     ds, m, _ = _load(dataset, model_dir, data_root)
     check((ds.labels.sum(1) == 1).all(), f"{ds.name} is not single-label: the t2i bound needs one class per item")
@@ -174,11 +170,9 @@ def t2i(dataset, model_dir, data_root, seed):
     q, tr, va = ds.part("query"), ds.part("train"), ds.split.validation
     db = ds.part("database")
     y, k = ds.labels.argmax(1), ds.labels.shape[1]
-    with torch.no_grad():
-        m.nets["label"].eval()
-        words = _sign(m.nets["label"](torch.eye(k))[1]).numpy()
-    tq, idb = m.encode_rows(ds, "text", q).astype(np.float32), m.encode_rows(ds, "image", db)
-    dist = (m.bits - tq @ words.T) / 2
+    words = m._teacher_codes(torch.eye(k)).numpy()  # class codewords: the teacher's codes of one-hot labels
+    tq, idb = m.encode_rows(ds, "text", q), m.encode_rows(ds, "image", db)
+    dist = hamming_distances(tq, words).astype(np.float32)
     # ties between codewords broken at random (seeded), as a ranking by distance would
     jitter = np.random.default_rng(seed).random(dist.shape) * 1e-3
     sizes = np.bincount(y[db], minlength=k)
@@ -189,7 +183,7 @@ def t2i(dataset, model_dir, data_root, seed):
            "text code accuracy": round(float((dist.argmin(1) == y[q]).mean()), 4),
            "text code ranking bound": _oracle_map(-dist + jitter, y[q], sizes),
            "database image codes nearest their class's codeword":
-               round(float((((m.bits - idb.astype(np.float32) @ words.T) / 2).argmin(1) == y[db]).mean()), 4),
+               round(float((hamming_distances(idb, words).argmin(1) == y[db]).mean()), 4),
            "t2i": label_map(tq, idb, ds.labels[q], ds.labels[db]),
            "t2i, database snapped to codewords": label_map(tq, words[y[db]], ds.labels[q], ds.labels[db]),
            "plain classifier": chosen}
