@@ -50,7 +50,7 @@ def _payloads(ds, rows) -> list:
 def build_index(checkpoint, modality: str, out, dataset: str | None = None, data_root=None,
                 part: str = "database", batch_size: int = 65536, append: bool = False,
                 resume: bool = False, progress: bool = True, log=print, shards: int | None = None,
-                ray=None, _take=None) -> dict:
+                ray=None, _shard: dict | None = None) -> dict:
     """Encode the ``part`` of a dataset (default: the checkpoint's dataset and split) with the
     checkpoint's ``modality`` student and write the codes to the LMDB index ``out``, one
     transaction per batch. Ids are the dataset's row numbers; payloads hold the item's key,
@@ -81,8 +81,8 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     ds = checkpoint_dataset(checkpoint, dataset, data_root)
     rows, encode_batch, payloads = _source(model, ds, modality, part, batch_size)
     check(len(rows) > 0, f"the {part} part of {ds.name} is empty: nothing to index")
-    if _take is not None:  # one shard's share: items s, s + N, s + 2N, ... of the part
-        rows = rows[_take[0]::_take[1]]
+    if _shard is not None:  # one shard's share: items s, s + N, s + 2N, ... of the part
+        rows = rows[_shard["position"]::_shard["of"]]
     out = Path(out)
     check(not out.exists() or out.is_dir(), f"--out {out} is a file: pass a folder for the index")
     info = {"modality": modality, "model_fingerprint": fp, "model": model.config,
@@ -90,10 +90,12 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
             "dataset_spec": dataset or model.checkpoint_info.get("dataset_spec"),
             "dataset_fingerprint": ds.fingerprint(),
             "synthetic": ds.synthetic, "part": part}
+    if _shard is not None:
+        info["shard"] = dict(_shard)
     source = {"model_fingerprint": fp, "dataset_fingerprint": ds.fingerprint(), "modality": modality,
               "part": part, "rows": int(len(rows))}
-    if _take is not None:
-        source["shard"] = list(_take)
+    if _shard is not None:
+        source["shard"] = [_shard["position"], _shard["of"]]
     existing = is_initialised(out)
     done = 0
     if existing:
@@ -198,45 +200,61 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
 def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_size, append, resume,
                    progress, log, n, ray):
     """The manifest first (so an interrupted build is a sharded index whose shards say
-    'partial'), then each shard's share, here or as one Ray task per shard."""
-    from hashret.index.sharded import is_sharded, read_manifest, shard_paths, write_manifest
+    'partial'), then each shard's share, here or as one Ray task per shard. A shard folder
+    whose creation a kill interrupted is started again; --resume is refused for any other
+    checkpoint, modality, part or dataset than the build's."""
+    from hashret.index.sharded import (MANIFEST, interrupted_build, is_sharded, read_manifest, shard_paths,
+                                       shard_record, write_manifest)
+    from hashret.index.store import is_initialised
 
     out = Path(out)
     check(not append, "--append to a sharded index: add through ShardedIndex.add or POST /items")
+    model = load_checkpoint(checkpoint)
+    want = {"modality": modality, "model_fingerprint": fingerprint(checkpoint), "part": part,
+            "dataset_spec": dataset or model.checkpoint_info.get("dataset_spec")}
     if is_sharded(out):
+        m = read_manifest(out)
         check(resume, f"{out} already holds a sharded index: pass --resume to finish its build, or "
               "choose a new --out")
-        check(read_manifest(out)["shards"] == n, f"{out} has {read_manifest(out)['shards']} shards, "
-              f"not {n}: resume with the same --shards")
+        check(m["shards"] == n, f"{out} has {m['shards']} shards, not {n}: resume with the same --shards")
+        for field, value in want.items():
+            if field in m["info"] and m["info"][field] != value:
+                raise HashretError(f"{out} is a build of {field} {m['info'][field]!r}; this command builds "
+                                   f"{value!r}: resume with the same checkpoint, --modality, --split and "
+                                   "--dataset as the build")
+        check(interrupted_build(out, m) is not None, f"the build of {out} is complete: nothing to resume")
     else:
         check(not resume, f"{out} holds no sharded index to resume: build without --resume")
-        check(not out.exists() or not any(out.iterdir()), f"--out {out} is not empty: choose a new folder")
-        model = load_checkpoint(checkpoint)
+        # a build killed before its manifest was renamed in place left only the temporary file
+        check(not out.exists() or all(p.name == MANIFEST + ".tmp" for p in out.iterdir()),
+              f"--out {out} is not empty: choose a new folder")
         out.mkdir(parents=True, exist_ok=True)
-        write_manifest(out, model.bits, n, {
-            "modality": modality, "model_fingerprint": fingerprint(checkpoint), "model": model.config,
-            "checkpoint": str(Path(checkpoint).resolve()), "dataset_spec": dataset or
-            model.checkpoint_info.get("dataset_spec"), "part": part, "sharded_by": "row"})
+        m = write_manifest(out, model.bits, n, {**want, "model": model.config,
+                                                "checkpoint": str(Path(checkpoint).resolve()),
+                                                "sharded_by": "row"})
     t0 = time.perf_counter()
     paths = shard_paths(out, n)
-    todo = [s for s, p in enumerate(paths) if not (resume and _started(p) and index_info(p)["complete"])]
-    check(todo, f"the build of {out} is complete: nothing to resume")
+    started = [is_initialised(p) for p in paths]
+    todo = [s for s, p in enumerate(paths) if not (started[s] and index_info(p)["complete"])]
     args = [(checkpoint, modality, str(paths[s]), dataset, data_root, part, batch_size,
-             resume and _started(paths[s]), s, n) for s in todo]
+             resume and started[s], shard_record(m["set"], s, n)) for s in todo]
     if ray:
         import ray as ray_
 
-        from hashret.index.sharded import _connect
+        from hashret.index.sharded import connect_ray
 
-        _connect(ray)
+        connect_ray(ray)
         task = ray_.remote(_build_one_shard).options(num_cpus=1)
-        infos = ray_.get([task.remote(*a) for a in args])
+        ray_.get([task.remote(*a) for a in args])
     else:
-        infos = [_build_one_shard(*a, progress=progress) for a in args]
+        for a in args:
+            _build_one_shard(*a, progress=progress)
     items = sum(index_info(p)["items"] for p in paths)
-    meta = {**read_manifest(out)["info"], "items": items, "shards": n,
+    meta = {**m["info"], "items": items, "shards": n,
             "build_seconds": round(time.perf_counter() - t0, 3), "complete": True}
-    (out / "index.json").write_text(json.dumps(meta, indent=2))
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / "index.json")  # the build's end: an interrupted one has none
     log(f"indexed {items} {modality} items into {n} shards at {out}"
         f"{' with Ray' if ray else ''} in {meta['build_seconds']:.2f} s")
     from hashret.index.sharded import ShardedIndex
@@ -245,15 +263,11 @@ def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_si
         return ix.info()
 
 
-def _started(path: Path) -> bool:
-    return (path / "data.mdb").exists()
-
-
-def _build_one_shard(checkpoint, modality, out, dataset, data_root, part, batch_size, resume, s, n,
+def _build_one_shard(checkpoint, modality, out, dataset, data_root, part, batch_size, resume, record,
                      progress=False):
     return build_index(checkpoint, modality, out, dataset=dataset, data_root=data_root, part=part,
                        batch_size=batch_size, resume=resume, progress=progress,
-                       log=lambda *a: None, _take=(s, n))
+                       log=lambda *a: None, _shard=record)
 
 
 def _remove_folder(out: Path, rmdir: bool = True):
@@ -740,8 +754,16 @@ def _item_row(ds, item) -> int:
 def index_info(index) -> dict:
     """Size, code length, model, dataset and build state ('complete' or not) of an index folder
     (or a sharded one)."""
-    from hashret.index.sharded import ShardedIndex, is_sharded
+    from hashret.index.sharded import ShardedIndex, interrupted_build, is_sharded, read_manifest, shard_paths
+    from hashret.index.store import is_initialised
 
+    if is_sharded(index):
+        m = read_manifest(index)
+        build = interrupted_build(index, m)
+        if build is not None and not all(is_initialised(p) for p in shard_paths(index, m["shards"])):
+            # shards not created yet: nothing to open, but the build's state and how to finish it
+            return {"bits": m["bits"], "shards": m["shards"], "path": str(index), "complete": False,
+                    "build": build, "created": m.get("created"), "meta": m["info"]}
     with (ShardedIndex if is_sharded(index) else HashIndex).open(index) as ix:
         return ix.info()
 
@@ -750,13 +772,15 @@ def verify_index(index) -> dict:
     """Check every checksum and link of an index folder without loading it into memory:
     {"ok", "problems" (one line each, naming the damaged chunk and rows), "rows", "chunks",
     "items", "ids"}. Damage is reported, not raised; a folder that is no index raises."""
-    from hashret.index.sharded import is_sharded, read_manifest, shard_paths
-    from hashret.index.store import LMDBStore
+    from hashret.index.sharded import check_folder, is_sharded, read_manifest, shard_paths
+    from hashret.index.store import LMDBStore, is_initialised
 
-    if is_sharded(index):  # every shard, its problems named by shard
-        reports = [verify_index(p) for p in shard_paths(index, read_manifest(index)["shards"])]
-        out = {"ok": all(r["ok"] for r in reports), "path": str(index), "shards": len(reports),
-               "problems": [f"{Path(r['path']).name}: {p}" for r in reports for p in r["problems"]]}
+    if is_sharded(index):  # the manifest against every shard, then every shard's own checksums
+        problems = check_folder(index)
+        reports = [verify_index(p) for p in shard_paths(index, read_manifest(index)["shards"]) if is_initialised(p)]
+        out = {"ok": not problems and all(r["ok"] for r in reports), "path": str(index),
+               "shards": read_manifest(index)["shards"],
+               "problems": problems + [f"{Path(r['path']).name}: {p}" for r in reports for p in r["problems"]]}
         for f in ("rows", "chunks", "items", "ids"):
             out[f] = sum(r[f] or 0 for r in reports)
         return out

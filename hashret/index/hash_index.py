@@ -326,7 +326,7 @@ class HashIndex:
             if known.any():
                 raise HashretError(f"id {int(ids[known][0])} is already in the index: ids must be unique")
         if items is not None:
-            items = _json_items(items, n)
+            items = json_items(items, n)
         first = self._n
         if self._store is not None:
             self._store.append(packed, ids, items, mode, build)  # commit first: memory follows disk
@@ -580,7 +580,7 @@ class HashIndex:
                 "memory_bytes": 0 if mapped else code_bytes, "meta": self.info_meta}
 
 
-def _json_items(items, n: int) -> list:
+def json_items(items, n: int) -> list:
     """Payloads as a list, each JSON-serialisable (checked before anything is written)."""
     import json
 

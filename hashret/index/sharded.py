@@ -9,9 +9,17 @@ one writer, resumable builds), so every integrity guarantee carries over.
 
 Ids: with row ids, an item's id is its global row; with explicit ids, the shards store them
 and the one that holds an id owns it (a removal asks every shard, which is one id-map lookup
-each). Adding a batch commits one transaction per shard, in shard order; if a process dies
-between them, the shards no longer split round-robin and opening says so (restore from a
-copy or rebuild) rather than serving a mixed state.
+each). A batch (add or removal) commits one transaction per shard, in shard order, after the
+whole batch is recorded in the batch journal (:mod:`hashret.index.journal`, which says why
+that is correct): a crash leaves it in every shard or in none once the index is next opened
+for writing, and readers never see part of it.
+
+What cannot lie: ``shards.json`` carries a checksum and the id of its set of shards; each
+shard records the set, its position and the shard count in its own (checksummed) meta. On
+every open each shard's record, code length, model fingerprint, modality, part and build
+source are checked against the manifest, and the row counts against the rule: a swapped,
+replaced or foreign shard, or an edited manifest, is one line naming the shard and the field,
+never served.
 
 Two modes: in-process (all shards in this process: tests, small machines) and on Ray (one
 actor per shard holding it open and running the same kernel; ``open(path, ray=True)`` or
@@ -26,16 +34,22 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
-from hashret.errors import HashretError, NotFoundError, check, is_integer
-from hashret.index.hash_index import DEFAULT_CHUNK, HashIndex, check_ids, positive_int
+from hashret.errors import CorruptError, HashretError, NotFoundError, check, is_integer
+from hashret.index import journal
+from hashret.index.hash_index import DEFAULT_CHUNK, HashIndex, check_ids, json_items, positive_int
 
 MANIFEST = "shards.json"
-FORMAT = 1
+FORMAT = 2
 RULE = "round-robin by global row: the r-th item added lives in shard r mod N as its row r // N"
+# what a shard's own record must agree on with the manifest (where the manifest states it)
+CHECKED_INFO = ("model_fingerprint", "modality", "dataset_spec", "part")
+_RESTORE = "restore the shard folders and shards.json from one copy, or rebuild the index"
 
 
 def is_sharded(path) -> bool:
@@ -46,37 +60,137 @@ def shard_paths(path, n: int) -> list:
     return [Path(path) / f"shard-{s:03d}" for s in range(n)]
 
 
+def _manifest_digest(m: dict) -> str:
+    body = json.dumps({k: v for k, v in m.items() if k != "checksum"}, sort_keys=True)
+    return xxhash.xxh3_64_hexdigest(body.encode(), seed=0x53484152)
+
+
 def read_manifest(path) -> dict:
+    """The manifest of the sharded index in ``path``, its checksum and fields checked."""
     f = Path(path) / MANIFEST
     try:
         m = json.loads(f.read_text())
     except (OSError, ValueError) as exc:
         raise HashretError(f"cannot read the manifest {f} ({exc}): restore it, or rebuild the sharded index") from None
-    ok = (isinstance(m, dict) and m.get("format") == FORMAT and is_integer(m.get("shards"))
-          and m["shards"] >= 1 and is_integer(m.get("bits")) and isinstance(m.get("info"), dict))
-    check(ok, f"{f} is not a hashret shard manifest (format {FORMAT}): restore it, or rebuild the sharded index")
+    if isinstance(m, dict) and m.get("format") == 1:
+        raise HashretError(f"{f} was written by an older hashret (manifest format 1: no checksum, no shard "
+                           "records): rebuild the index with 'hashret build-index --shards N'")
+    check(isinstance(m, dict) and m.get("format") == FORMAT,
+          f"{f} is not a hashret shard manifest (format {FORMAT}): restore it, or rebuild the sharded index")
+    if m.get("checksum") != _manifest_digest(m):
+        raise CorruptError(f"{f} fails its checksum (edited or damaged): {_RESTORE}")
+    ok = (is_integer(m.get("shards")) and m["shards"] >= 1 and is_integer(m.get("bits")) and m["bits"] > 0
+          and m["bits"] % 8 == 0 and isinstance(m.get("info"), dict) and isinstance(m.get("set"), str))
+    check(ok, f"{f} has fields of the wrong type or range: {_RESTORE}")
     return m
 
 
-def write_manifest(path, bits: int, n: int, info: dict):
-    """The manifest, written last and atomically: a folder without one is no index."""
-    m = {"format": FORMAT, "bits": int(bits), "shards": int(n), "rule": RULE, "info": info,
-         "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+def write_manifest(path, bits: int, n: int, info: dict, set_id: str | None = None) -> dict:
+    """The manifest, written atomically and fsynced: a folder without one is no index.
+    ``set_id`` names this set of shards; every shard records it with its position."""
+    m = {"format": FORMAT, "bits": int(bits), "shards": int(n), "set": set_id or uuid.uuid4().hex,
+         "rule": RULE, "info": info, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    m["checksum"] = _manifest_digest(m)
     tmp = Path(path) / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(m, indent=2))
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(m, indent=2))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, Path(path) / MANIFEST)
+    return m
 
 
-_STATE = {  # what the merge needs of a shard beyond HashIndex's methods
-    "rows_and_mode": lambda ix: (ix.n_rows, ix.info()["id_mode"]),
-    "build_info": lambda ix: ix.build_state,
-    "payloads_given": lambda ix: ix.has_payloads,
+def shard_record(set_id: str, s: int, n: int) -> dict:
+    """What a shard stores about itself (in its info): which set it belongs to, where."""
+    return {"set": set_id, "position": int(s), "of": int(n)}
+
+
+def shard_problem(path, m: dict, s: int, bits: int, info: dict, build: dict | None) -> str | None:
+    """The first disagreement between shard ``s``'s own record and the manifest ``m``, as
+    one line naming the shard and the field; None if they agree."""
+    name = f"shard {s} ({shard_paths(path, m['shards'])[s]})"
+    rec = info.get("shard") if isinstance(info, dict) else None
+    if not isinstance(rec, dict):
+        return f"{name} carries no shard record: it is not a shard of this index (replaced?); {_RESTORE}"
+    if rec.get("set") != m["set"]:
+        return (f"{name} belongs to another sharded index (its set is {rec.get('set')!r}, the manifest's "
+                f"{m['set']!r}); {_RESTORE}")
+    if rec.get("position") != s:
+        return (f"{name} records position {rec.get('position')!r}: the shard folders were swapped or "
+                f"renamed; {_RESTORE}")
+    if rec.get("of") != m["shards"]:
+        return f"{name} records {rec.get('of')!r} shards, the manifest {m['shards']}; {_RESTORE}"
+    if bits != m["bits"]:
+        return f"{name} holds {bits}-bit codes, the manifest says {m['bits']}; {_RESTORE}"
+    for field in CHECKED_INFO:
+        if field in m["info"] and info.get(field) != m["info"][field]:
+            return (f"{name}'s {field} is {info.get(field)!r}, the manifest's {m['info'][field]!r}: "
+                    f"it is not a shard of this index; {_RESTORE}")
+    source = (build or {}).get("source")
+    if isinstance(source, dict) and "shard" in source:
+        if source["shard"] != [s, m["shards"]]:
+            return f"{name}'s build source is shard {source['shard']!r}, not [{s}, {m['shards']}]; {_RESTORE}"
+        for field in ("modality", "model_fingerprint", "part"):
+            if field in m["info"] and source.get(field) != m["info"][field]:
+                return (f"{name}'s build source {field} is {source.get(field)!r}, the manifest's "
+                        f"{m['info'][field]!r}; {_RESTORE}")
+    return None
+
+
+def split_problem(path, counts: list, batch) -> str | None:
+    """Whether the shards' row counts are those of whole batches (round-robin), given the
+    journal's last record ``batch`` (a pending add is hidden, see :mod:`journal`)."""
+    n = len(counts)
+    visible = list(counts)
+    if batch.pending and batch.op == "add":
+        for s, c in enumerate(counts):
+            if c not in (batch.before[s], batch.after[s]):
+                return (f"shard {s} of {path} holds {c} rows; the pending batch {batch.seq} expects "
+                        f"{batch.before[s]} (before it) or {batch.after[s]} (after it): {_RESTORE}")
+        visible = list(batch.before)
+    total = sum(visible)
+    expect = [(total - s + n - 1) // n for s in range(n)]
+    if visible != expect:
+        return (f"the shards of {path} hold {visible} rows, which do not split round-robin ({expect} for "
+                f"{total}) and no pending batch explains it: {_RESTORE}")
+    return None
+
+
+def interrupted_build(path, m: dict) -> dict | None:
+    """For a sharded index written by ``build_index`` whose build did not finish: which shards
+    are complete and the command that finishes it; None otherwise."""
+    from hashret.index.store import LMDBStore, is_initialised
+
+    info = m["info"]
+    if info.get("sharded_by") is None or (Path(path) / "index.json").exists():
+        return None
+    done = []
+    for s, p in enumerate(shard_paths(path, m["shards"])):
+        if is_initialised(p):
+            store = LMDBStore(p, readonly=True)
+            try:
+                build = store.read_meta()["build"]
+            finally:
+                store.close()
+            if build is not None and build.get("state") == "complete":
+                done.append(s)
+    cmd = (f"hashret build-index --checkpoint {info.get('checkpoint')} --modality {info.get('modality')} "
+           f"--split {info.get('part')} --shards {m['shards']} --resume --out {path}")
+    if info.get("dataset_spec"):
+        cmd += f" --dataset {info['dataset_spec']}"
+    return {"state": "partial", "shards_complete": done, "shards": m["shards"], "resume": cmd}
+
+
+_STATE = {  # what the merge needs of a shard beyond HashIndex's verbs (one round trip on Ray)
+    "state": lambda ix: {"rows": ix.n_rows, "mode": ix.info()["id_mode"], "bits": ix.bits,
+                         "info": ix.info_meta, "build": ix.build_state, "payloads": ix.has_payloads},
+    "n_alive": lambda ix, ids: int(sum(ix.contains(int(i)) for i in ids)),
 }
 
 
 def _call(ix: HashIndex, method: str, *args):
     if method in _STATE:
-        return _STATE[method](ix)
+        return _STATE[method](ix, *args)
     return getattr(ix, method)(*args)
 
 
@@ -158,7 +272,7 @@ class ShardDown(HashretError):
         self.shard = s
 
 
-def _connect(ray_address):
+def connect_ray(ray_address):
     import ray
 
     if not ray.is_initialized():
@@ -171,16 +285,22 @@ def _connect(ray_address):
 class ShardedIndex:
     """N hashret indexes searched as one (see the module's notes). Same verbs as HashIndex:
     ``create`` / ``open``, ``add``, ``search``, ``range_search``, ``remove``, ``items``,
-    ``info``, ``refresh``, ``close``."""
+    ``info``, ``refresh``, ``close``. Writes go through the batch journal
+    (:mod:`hashret.index.journal`): a batch is in every shard or in none, and opening for
+    writing completes a batch that a crash interrupted."""
 
-    def __init__(self, path, manifest: dict, shards: list, ray_mode: bool):
+    def __init__(self, path, manifest: dict, shards: list, ray_mode: bool, readonly: bool, seen):
         self.path, self.manifest, self.shards, self.ray = Path(path), manifest, shards, ray_mode
         self.n = len(shards)
         self.bits = manifest["bits"]
+        self.set_id = manifest["set"]
         self.info_meta = manifest["info"]
+        self.readonly = readonly
         self.last_partial = None
-        self._sync()
-        self._check_split()
+        self.recovered = None
+        self._settle(seen)
+        if not readonly and self._batch.pending:
+            self._recover()
 
     # -- persistence -------------------------------------------------------------------------
     @classmethod
@@ -192,28 +312,45 @@ class ShardedIndex:
         check(not is_sharded(path) and not (path / "data.mdb").exists(),
               f"{path} already holds an index: open it, or choose a new folder")
         path.mkdir(parents=True, exist_ok=True)
-        for p in shard_paths(path, n):
-            HashIndex.create(p, bits, info, chunk_size=chunk_size).close()
-        write_manifest(path, bits, n, dict(info or {}))
+        set_id = uuid.uuid4().hex
+        for s, p in enumerate(shard_paths(path, n)):
+            HashIndex.create(p, bits, {**(info or {}), "shard": shard_record(set_id, s, n)},
+                             chunk_size=chunk_size).close()
+        write_manifest(path, bits, n, dict(info or {}), set_id)
         return cls.open(path, readonly=False, ray=ray)
 
     @classmethod
     def open(cls, path, readonly: bool = True, ray=None, verify: bool = True) -> "ShardedIndex":
         """Open every shard: in this process, or (``ray``: True for a local or the current
-        cluster, an address such as "ray://host:10001") one Ray actor per shard."""
+        cluster, an address such as "ray://host:10001") one Ray actor per shard. Every shard's
+        own record is checked against the manifest; ``readonly=False`` takes every shard's
+        writer lock and completes a batch that a crash interrupted."""
+        from hashret.index.store import is_initialised
+
         path = Path(path)
         check(is_sharded(path), f"{path} holds no sharded index (no {MANIFEST}): pass a folder "
               "written by 'hashret build-index --shards N'")
         m = read_manifest(path)
+        extra = sorted(p.name for p in path.glob("shard-*") if p.is_dir()
+                       and p not in shard_paths(path, m["shards"]))
+        check(not extra, f"{path} holds shard folders the manifest does not list ({', '.join(extra)}; it "
+              f"says {m['shards']} shards): {_RESTORE}")
+        for s, p in enumerate(shard_paths(path, m["shards"])):
+            if not is_initialised(p):
+                build = interrupted_build(path, m)
+                if build is not None:
+                    raise HashretError(f"{path} is an interrupted sharded build (shard {s} was not created "
+                                       f"yet): finish it with '{build['resume']}'")
+                check(p.is_dir(), f"shard {s} of {path} is missing ({p}): {_RESTORE}")
+        seen = journal.read(path, m["set"], header_only=True)  # before the snapshots: see _settle
         if ray:
-            _connect(ray)
+            connect_ray(ray)
         make = _RayShard if ray else _Shard
         shards = []
         try:
             for s, p in enumerate(shard_paths(path, m["shards"])):
-                check(p.is_dir(), f"shard {s} of {path} is missing ({p}): restore it from a copy")
                 shards.append(make(s, p, readonly, verify))
-            return cls(path, m, shards, bool(ray))
+            return cls(path, m, shards, bool(ray), readonly, seen)
         except BaseException:
             for sh in shards:
                 sh.close()
@@ -248,72 +385,168 @@ class ShardedIndex:
             raise HashretError(f"no shard of {self.path} can answer (shards {down} are down): check the Ray cluster")
         return out
 
-    def _sync(self):
-        """Row counts and id mode of every shard (kept here: a search needs them, and on Ray
-        each question is a round trip)."""
-        state = self._all("rows_and_mode")
-        self._counts = [int(r) for r, _ in state]
-        self._mode = "explicit" if any(m == "explicit" for _, m in state) else "rows"
-        self._builds = self._all("build_info")
-        self._payloads = any(self._all("payloads_given"))
+    def _settle(self, seen):
+        """Take every shard's state, and the journal's record that goes with it: ``seen`` was
+        read before the shards' snapshots were taken; if the journal moved since, a writer
+        committed meanwhile, so the snapshots are taken again until it holds still."""
+        for _ in range(200):
+            states = self._all("state")
+            now = journal.read(self.path, self.set_id, header_only=True)
+            if now.key() == seen.key():
+                break
+            seen = now
+            self._all("refresh")
+            time.sleep(0.002)
+        else:
+            raise HashretError(f"{self.path} changed with every read (a writer commits without pause): retry")
+        if seen.pending:
+            seen = journal.read(self.path, self.set_id)  # its data: the ids a removal hides
+            if seen.key() != now.key():
+                return self._settle(seen)
+        self._apply(states, seen)
+
+    def _apply(self, states, batch):
+        """Adopt the shards' states under the journal's record ``batch``, checking every
+        shard's record against the manifest and the row counts against the rule."""
+        for s, st in enumerate(states):
+            problem = shard_problem(self.path, self.manifest, s, st["bits"], st["info"], st["build"])
+            if problem:
+                raise CorruptError(problem)
+        self._counts = [int(st["rows"]) for st in states]
+        self._builds = [st["build"] for st in states]
+        self._mode = "explicit" if any(st["mode"] == "explicit" for st in states) else "rows"
+        self._payloads = any(st["payloads"] for st in states)
+        self._batch = batch
+        if not any(b is not None and b.get("state") == "partial" for b in self._builds):
+            problem = split_problem(self.path, self._counts, batch)
+            if problem:
+                raise CorruptError(problem)
+        self._visible = list(batch.before) if batch.pending and batch.op == "add" else list(self._counts)
+        self._hidden = np.zeros(0, np.int64)
+        self._hidden_alive = 0
+        if batch.pending and batch.op == "remove":  # readers see the removal whole
+            self._hidden = np.unique(batch.ids)
+            ids, owner = self._owners(self._hidden)
+            self._hidden_alive = sum(sh.result(sh.submit("n_alive", self._local_ids(s, ids[owner == s])))
+                                     for s, sh in enumerate(self.shards) if (owner == s).any())
 
     def _rows(self):
-        return list(self._counts)
+        return list(self._visible)
 
-    def _check_split(self):
-        counts = self._rows()
-        total = sum(counts)
-        expect = [(total - s + self.n - 1) // self.n for s in range(self.n)]
-        builds = [b for b in self._builds if b is not None]
-        if counts != expect and not any(b.get("state") == "partial" for b in builds):
-            raise HashretError(f"the shards of {self.path} hold {counts} rows, which do not split "
-                               f"round-robin ({expect} for {total}): an add was interrupted between "
-                               "shards; restore the folder from a copy or rebuild it")
+    def _recover(self):
+        """Complete the journal's pending batch in every shard that lacks it (a writer only)."""
+        batch = journal.read(self.path, self.set_id)
+        if not batch.pending:
+            return
+        if batch.op == "add":
+            self._visible = list(self._counts)
+            self._write_shares(batch)
+        else:
+            self._hidden = np.zeros(0, np.int64)
+            self._remove_shares(batch.ids)
+        journal.write(self.path, self.set_id, journal.Batch(batch.seq, "done"), durable=False)
+        self.recovered = {"batch": batch.seq, "op": batch.op,
+                          "items": int(len(batch.codes) if batch.op == "add" else len(batch.ids))}
+        self._settle(journal.read(self.path, self.set_id, header_only=True))
+
+    def _write_shares(self, batch):
+        """Each shard's share of an add, in shard order, skipping shards that hold it."""
+        n = len(batch.codes)
+        shard_of = (sum(batch.before) + np.arange(n)) % self.n
+        for s, sh in enumerate(self.shards):
+            at = np.flatnonzero(shard_of == s)
+            if len(at) and self._counts[s] == batch.before[s]:
+                sh.result(sh.submit("add", batch.codes[at], None if batch.ids is None else batch.ids[at],
+                                    None if batch.items is None else [batch.items[i] for i in at]))
+                self._counts[s] = batch.after[s]
+
+    def _remove_shares(self, ids) -> int:
+        ids, owner = self._owners(ids)
+        removed = 0
+        for s, sh in enumerate(self.shards):
+            mine = ids[owner == s]
+            if len(mine):
+                removed += sh.result(sh.submit("remove", self._local_ids(s, mine)))
+        return removed
+
+    def _journaled(self, batch, apply):
+        """Record ``batch`` durably, apply it to the shards, mark it done: the batch is
+        acknowledged (this returns) only once every shard holds it."""
+        check(not self.readonly, f"{self.path} is open read-only: open it with readonly=False to write")
+        if self._batch.pending:  # an earlier batch of this writer stopped between shards
+            self._recover()
+        journal.write(self.path, self.set_id, batch)
+        self._batch = batch
+        try:
+            result = apply()
+        except BaseException as exc:
+            # not acknowledged; the journal keeps it and the next write or open completes it.
+            # Until then this writer shows what readers show: none of the batch.
+            if batch.op == "add":
+                self._visible = list(batch.before)
+            if isinstance(exc, HashretError):
+                raise HashretError(f"{exc} -- this {batch.op} was not acknowledged; the shards that "
+                                   "committed it keep it and it is completed in the others when the "
+                                   "index is next written or opened for writing") from None
+            raise
+        journal.write(self.path, self.set_id, journal.Batch(batch.seq, "done"), durable=False)
+        self._batch = journal.Batch(batch.seq, "done")
+        return result
 
     # -- adding ----------------------------------------------------------------------------------
     def add(self, codes, ids=None, items=None) -> np.ndarray:
         """Append codes (as ``HashIndex.add``); item r of the batch gets global row T + r and
-        goes to shard (T + r) mod N. Explicit ids are checked against every shard first."""
+        goes to shard (T + r) mod N. Explicit ids are checked against every shard first. The
+        whole batch is journaled first, so a crash leaves it in every shard or in none."""
         from hashret.index.bits import as_packed
 
         packed = as_packed(codes, self.bits, "codes")
         n = len(packed)
         check(n > 0, "nothing to add: the code array is empty")
+        if self._batch.pending and not self.readonly:
+            self._recover()
         if ids is not None:
             ids = check_ids(ids, n)
             for known in self._all("lookup_rows", ids):
                 if (known >= 0).any():
                     raise HashretError(f"id {int(ids[known >= 0][0])} is already in the index: ids must be unique")
         if items is not None:
-            from hashret.index.hash_index import _json_items
-
-            items = _json_items(items, n)
+            items = json_items(items, n)
         total = sum(self._rows())
         if total:
             check((ids is not None) == (self._mode == "explicit"),
                   "this index uses explicit ids: pass ids to add" if self._mode == "explicit"
                   else "this index uses row numbers as ids: add without ids")
-        shard_of = (total + np.arange(n)) % self.n
-        for s, sh in enumerate(self.shards):
-            at = np.flatnonzero(shard_of == s)
-            if len(at):
-                sh.result(sh.submit("add", packed[at], None if ids is None else ids[at],
-                                    None if items is None else [items[i] for i in at]))
-                self._counts[s] += len(at)
+        before = list(self._counts)
+        after = [c + int(((total + np.arange(n)) % self.n == s).sum()) for s, c in enumerate(before)]
+        batch = journal.Batch(self._batch.seq + 1, "pending", "add", before, after, packed, ids, items)
+        self._journaled(batch, lambda: self._write_shares(batch))
+        self._visible = list(self._counts)
         self._mode = "explicit" if ids is not None else "rows"
         self._payloads = self._payloads or (items is not None and any(it is not None for it in items))
         return ids if ids is not None else np.arange(total, total + n, dtype=np.int64)
 
     # -- searching -------------------------------------------------------------------------------
     def _global(self, s, rows, ids, explicit):
-        seq = np.where(rows >= 0, rows * self.n + s, -1)
-        return seq, (ids if explicit else seq)
+        """Global rows and ids of shard ``s``'s results; rows a pending batch hides are -1."""
+        rows = np.asarray(rows)
+        keep = (rows >= 0) & (rows < self._visible[s])
+        seq = np.where(keep, rows * self.n + s, -1)
+        gid = ids if explicit else seq
+        if len(self._hidden):
+            gone = np.isin(gid, self._hidden) & keep
+            seq, gid = np.where(gone, -1, seq), np.where(gone, -1, gid)
+        return seq, gid
+
+    def _slack(self) -> int:
+        """Results a shard may have to drop for a pending batch (see :mod:`journal`)."""
+        return max(c - v for c, v in zip(self._counts, self._visible)) + len(self._hidden)
 
     def search(self, queries, k: int, threads: int | None = None, allow_partial: bool = False):
         """As ``HashIndex.search``: (distances, ids) of shape (Q, min(k, rows)), merged from
         every shard's top-k by (distance, global row)."""
         k = positive_int(k, "k")
-        parts = self._all("search_rows", queries, k, threads, allow_partial=allow_partial)
+        parts = self._all("search_rows", queries, k + self._slack(), threads, allow_partial=allow_partial)
         explicit = self._mode == "explicit"
         width = min(k, sum(self._rows()))
         dists, seqs, gids = [], [], []
@@ -360,9 +593,10 @@ class ShardedIndex:
                 lm, dd, rows, ids = part
                 a, b = lm[q], lm[q + 1]
                 sq, g = self._global(s, rows[a:b], ids[a:b], explicit)
-                d.append(dd[a:b])
-                seq.append(sq)
-                gid.append(g)
+                keep = sq >= 0
+                d.append(dd[a:b][keep])
+                seq.append(sq[keep])
+                gid.append(g[keep])
             d, seq, gid = np.concatenate(d), np.concatenate(seq), np.concatenate(gid)
             o = np.lexsort((seq, d))
             dist_out.append(d[o])
@@ -379,28 +613,28 @@ class ShardedIndex:
         ids = ids.astype(np.int64)
         owner = np.full(len(ids), -1)
         row = np.full(len(ids), -1, dtype=np.int64)
+        visible = np.array(self._rows())
         if self._mode == "explicit":
             for s, rows in enumerate(self._all("lookup_rows", ids)):
-                hit = rows >= 0
+                hit = (rows >= 0) & (rows < visible[s])
                 owner[hit], row[hit] = s, rows[hit]
         else:
-            counts = self._rows()
             s, r = ids % self.n, ids // self.n
-            ok = (ids >= 0) & (r < np.array(counts)[s])
+            ok = (ids >= 0) & (r < visible[s])
             owner[ok], row[ok] = s[ok], r[ok]
         if (owner < 0).any():
             raise NotFoundError(f"unknown id {int(ids[owner < 0][0])}: it is not in the index")
         return ids, owner
 
     def remove(self, ids) -> int:
-        """Remove items by id: each from the shard that holds it (all must be known first)."""
-        ids, owner = self._owners(ids)
-        removed = 0
-        for s, sh in enumerate(self.shards):
-            mine = ids[owner == s]
-            if len(mine):
-                removed += sh.result(sh.submit("remove", self._local_ids(s, mine)))
-        return removed
+        """Remove items by id: each from the shard that holds it (all must be known first).
+        Journaled like ``add``: after a crash the removal is in every shard or in none."""
+        if self._batch.pending and not self.readonly:
+            self._recover()
+        ids, _ = self._owners(ids)
+        c = list(self._counts)
+        batch = journal.Batch(self._batch.seq + 1, "pending", "remove", c, c, ids=ids)
+        return self._journaled(batch, lambda: self._remove_shares(ids))
 
     def _local_ids(self, s, ids):
         """Ids as shard s knows them (row-id shards number their own rows)."""
@@ -423,14 +657,20 @@ class ShardedIndex:
             ids, owner = self._owners([ext_id])
         except HashretError:
             return False
+        if len(self._hidden) and np.isin(ids, self._hidden).any():
+            return False
         sh = self.shards[owner[0]]
         return bool(sh.result(sh.submit("contains", int(self._local_ids(owner[0], ids)[0]))))
 
     def refresh(self) -> bool:
+        """Pick up what the writer committed since; a batch it is still writing stays hidden
+        until it is whole."""
+        seen = journal.read(self.path, self.set_id, header_only=True)
         changed = any(self._all("refresh"))
-        if changed:
-            self._sync()
-        return changed
+        if not changed and seen.key() == self._batch.key():
+            return False
+        self._settle(seen)
+        return True
 
     # -- sizes and state -----------------------------------------------------------------------
     @property
@@ -442,7 +682,8 @@ class ShardedIndex:
         return sum(self._rows())
 
     def __len__(self) -> int:
-        return sum(int(i["items"]) for i in self._all("info"))
+        pending_rows = sum(c - v for c, v in zip(self._counts, self._visible))
+        return sum(int(i["items"]) for i in self._all("info")) - pending_rows - self._hidden_alive
 
     @property
     def has_payloads(self) -> bool:
@@ -455,16 +696,71 @@ class ShardedIndex:
             return None
         if all(b is not None and b.get("state") == "complete" for b in builds):
             return {"state": "complete"}
-        return {"state": "partial", "first_row": sum((b or {}).get("first_row", 0) for b in builds),
-                "source": {"rows": sum(((b or {}).get("source") or {}).get("rows", 0) for b in builds)}}
+        out = {"state": "partial", "first_row": sum((b or {}).get("first_row", 0) for b in builds),
+               "source": {"rows": sum(((b or {}).get("source") or {}).get("rows", 0) for b in builds)}}
+        resume = interrupted_build(self.path, self.manifest)
+        if resume is not None:
+            out["resume"] = resume["resume"]
+        return out
 
     def info(self) -> dict:
         per = self._all("info")
         build = self.build_state
-        return {"bits": self.bits, "items": sum(i["items"] for i in per), "rows": sum(i["rows"] for i in per),
-                "removed": sum(i["removed"] for i in per), "id_mode": self.id_mode, "path": str(self.path),
-                "persistent": True, "readonly": all(i["readonly"] for i in per),
+        pending_rows = sum(c - v for c, v in zip(self._counts, self._visible))
+        b = self._batch
+        return {"bits": self.bits, "items": len(self), "rows": self.n_rows,
+                "removed": sum(i["removed"] for i in per) + self._hidden_alive, "id_mode": self.id_mode,
+                "path": str(self.path), "persistent": True, "readonly": all(i["readonly"] for i in per),
                 "complete": build is None or build.get("state") == "complete", "build": build,
                 "created": self.manifest.get("created"), "shards": self.n, "rule": RULE,
                 "ray": self.ray, "shard_items": [i["items"] for i in per],
+                "journal": {"batch": b.seq, "pending": b.op if b.pending else None,
+                            "hidden_rows": pending_rows, "hidden_removals": self._hidden_alive},
+                "recovered": self.recovered,
                 "code_bytes": sum(i["code_bytes"] for i in per), "meta": self.info_meta}
+
+
+def check_folder(path) -> list:
+    """Every disagreement between the manifest, the shards' own records, their row counts
+    and the batch journal of the sharded index in ``path``, one line each, without opening
+    the shards' codes (``hashret verify`` adds each shard's own checksums)."""
+    from hashret.index.store import LMDBStore, is_initialised
+
+    path = Path(path)
+    m = read_manifest(path)
+    problems = []
+    extra = sorted(p.name for p in path.glob("shard-*") if p.is_dir() and p not in shard_paths(path, m["shards"]))
+    if extra:
+        problems.append(f"{path} holds shard folders the manifest does not list ({', '.join(extra)}; it says "
+                        f"{m['shards']} shards): {_RESTORE}")
+    counts, builds = [], []
+    for s, p in enumerate(shard_paths(path, m["shards"])):
+        if not is_initialised(p):
+            build = interrupted_build(path, m)
+            problems.append(f"shard {s} ({p}) was not created yet: the build was interrupted; finish it with "
+                            f"'{build['resume']}'" if build else f"shard {s} of {path} is missing ({p}): {_RESTORE}")
+            continue
+        store = LMDBStore(p, readonly=True)
+        try:
+            meta = store.read_meta()
+        except HashretError as exc:
+            problems.append(f"shard {s}: {exc}")
+            continue
+        finally:
+            store.close()
+        problem = shard_problem(path, m, s, meta["bits"], meta["info"], meta["build"])
+        if problem:
+            problems.append(problem)
+        counts.append(meta["count"])
+        builds.append(meta["build"])
+    try:
+        batch = journal.read(path, m["set"])
+    except HashretError as exc:
+        problems.append(str(exc))
+        batch = None
+    partial = any(b is not None and b.get("state") == "partial" for b in builds)
+    if batch is not None and len(counts) == m["shards"] and not partial:
+        problem = split_problem(path, counts, batch)
+        if problem:
+            problems.append(problem)
+    return problems
