@@ -91,7 +91,7 @@ def main():
                        "q100_ms": median_ms(lambda: sh.search(q100, 10), max(3, args.repeats // 3))}
                 rec["overhead_1q_ms"] = rec["q1_ms"] - report["one_1q_ms"]
                 if mode == "ray":
-                    rec["round_trip_ms"] = median_ms(lambda: sh._all("rows_and_mode"), args.repeats)
+                    rec["round_trip_ms"] = median_ms(lambda: sh._all("state"), args.repeats)
                 d = np.random.default_rng(1).integers(0, 64, (100, 10 * s)).astype(np.int64)
                 seq = np.random.default_rng(2).integers(0, n, (100, 10 * s))
                 rec["merge_100q_ms"] = median_ms(lambda: np.argsort(d * (1 << 40) + seq, axis=1, kind="stable"), 11)
