@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import click  # noqa: E402
 
 from hashret.cli import _parse_options, run_main  # noqa: E402
-from hashret.eval.cascade import DEFAULT_DATASET  # noqa: E402
+from hashret.experiments.cascade import DEFAULT_DATASET  # noqa: E402
 
 
 @click.command()
@@ -33,7 +33,7 @@ from hashret.eval.cascade import DEFAULT_DATASET  # noqa: E402
 @click.option("--out", default="results/cascade", show_default=True, type=click.Path(file_okay=False))
 def cascade(dataset, matchers, bits, n_queries, seed, settings, out):
     """Recall@1/5/10, rSum, time per query and fraction scored for every mode."""
-    from hashret.eval.cascade import run_cascade_benchmark
+    from hashret.experiments.cascade import run_cascade_benchmark
 
     from hashret.errors import check
     from hashret.models.distill import head_config

@@ -55,7 +55,7 @@ def _load(dataset, model_dir, data_root):
 
 
 def label_map(query_codes, db_codes, query_labels, db_labels):
-    from hashret.eval.metrics import map_all
+    from hashret.metrics import map_all
 
     return round(float(map_all(query_codes, db_codes, query_labels, db_labels)), 4)
 
@@ -161,7 +161,7 @@ def t2i(dataset, model_dir, data_root, seed):
     import torch
 
     from hashret.errors import check
-    from hashret.eval.metrics import hamming_distances
+    from hashret.metrics import hamming_distances
 
     ds, m, _ = _load(dataset, model_dir, data_root)
     check((ds.labels.sum(1) == 1).all(), f"{ds.name} is not single-label: the t2i bound needs one class per item")

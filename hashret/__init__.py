@@ -1,7 +1,7 @@
 """hashret: cross-modal (image <-> text) hashing search.
 
 Sub-packages: ``hashret.data`` (datasets, splits, featurizers), ``hashret.models``
-(hash models built by name), ``hashret.eval`` (mAP and friends, the benchmark).
+(hash models built by name), ``hashret.metrics`` (mAP and friends), ``hashret.experiments`` (the benchmark).
 """
 
 __version__ = "0.1.0"

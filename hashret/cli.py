@@ -143,7 +143,7 @@ def describe(dataset, data_root, as_json):
 def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, settings, validation, tune,
               refit, validation_only, data_root):
     """mAP table of every method (the same as python benchmarks/mAP.py)."""
-    from hashret.eval.benchmark import run_benchmark
+    from hashret.experiments.benchmark import run_benchmark
 
     run_benchmark(dataset=dataset, methods=methods, bits=bits, seeds=seeds, out=out, topk=topk,
                   radius=radius, split=split, reuse=reuse, settings=_parse_options(settings),

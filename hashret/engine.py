@@ -70,7 +70,6 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
                               resume, progress, log, positive_int(shards, "--shards"), ray)
     from tqdm.auto import tqdm
 
-    from hashret.index.store import LMDBStore, is_initialised
 
     check(modality in OTHER, f"unknown modality {modality!r}: use 'image' or 'text'")
     batch_size = positive_int(batch_size, "--batch-size")
@@ -96,14 +95,10 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
               "part": part, "rows": int(len(rows))}
     if _shard is not None:
         source["shard"] = [_shard["position"], _shard["of"]]
-    existing = is_initialised(out)
+    existing = HashIndex.exists(out)
     done = 0
     if existing:
-        store = LMDBStore(out, readonly=True)  # its meta only: nothing is written before every check passes
-        try:
-            meta = store.read_meta()
-        finally:
-            store.close()
+        meta = HashIndex.peek(out)  # nothing is written before every check passes
         have, build, n_before = meta["info"], meta["build"], meta["count"]
         if meta["bits"] != model.bits or have.get("model_fingerprint") != fp or have.get("modality") != modality:
             raise HashretError(f"{out} holds {meta['bits']}-bit {have.get('modality')} codes of model "
@@ -145,8 +140,8 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
         if existing:
             index = HashIndex.open(out, readonly=False)
         else:
-            if out.exists() and (out / "data.mdb").exists():
-                _remove_folder(out, rmdir=False)  # data.mdb with no meta: a create that died first
+            if out.exists():
+                _remove_folder(out, rmdir=False)  # files with no meta: a create that died first
             index = HashIndex.create(out, model.bits, info=info, build={
                 "state": "partial", "source": source, "first_row": 0})
         start_state = {"state": "partial", "source": source, "first_row": index.n_rows - done}
@@ -205,7 +200,6 @@ def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_si
     checkpoint, modality, part or dataset than the build's."""
     from hashret.index.sharded import (MANIFEST, interrupted_build, is_sharded, read_manifest, shard_paths,
                                        shard_record, write_manifest)
-    from hashret.index.store import is_initialised
 
     out = Path(out)
     check(not append, "--append to a sharded index: add through ShardedIndex.add or POST /items")
@@ -234,7 +228,7 @@ def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_si
                                                 "sharded_by": "row"})
     t0 = time.perf_counter()
     paths = shard_paths(out, n)
-    started = [is_initialised(p) for p in paths]
+    started = [HashIndex.exists(p) for p in paths]
     todo = [s for s, p in enumerate(paths) if not (started[s] and index_info(p)["complete"])]
     args = [(checkpoint, modality, str(paths[s]), dataset, data_root, part, batch_size,
              resume and started[s], shard_record(m["set"], s, n)) for s in todo]
@@ -272,16 +266,7 @@ def _build_one_shard(checkpoint, modality, out, dataset, data_root, part, batch_
 
 def _remove_folder(out: Path, rmdir: bool = True):
     """Undo a fresh build that committed nothing: only files hashret itself writes there."""
-    for name in ("data.mdb", "lock.mdb", "writer.lock", "index.json", "index.json.tmp"):
-        try:
-            (out / name).unlink(missing_ok=True)
-        except OSError:
-            pass
-    if rmdir:
-        try:
-            out.rmdir()
-        except OSError:
-            pass
+    HashIndex.discard(out, also=("index.json", "index.json.tmp"), rmdir=rmdir)
 
 
 def _is_matcher(model) -> bool:
@@ -292,9 +277,7 @@ def _source(model, ds, modality, part, batch_size):
     """(rows, encode(rows) -> codes, payloads(rows)) of a dataset part for one modality. For
     a matcher's scene data, image rows are images and text rows are captions of the part."""
     if _is_matcher(model):
-        from hashret.training.matching import check_same_data
-
-        check_same_data(model, ds)
+        model.check_data(ds)
         check(part != "all", "scene data is indexed one part at a time: pass --split database "
               "(the test part), train or query")
         p = ds.part(part)
@@ -755,12 +738,11 @@ def index_info(index) -> dict:
     """Size, code length, model, dataset and build state ('complete' or not) of an index folder
     (or a sharded one)."""
     from hashret.index.sharded import ShardedIndex, interrupted_build, is_sharded, read_manifest, shard_paths
-    from hashret.index.store import is_initialised
 
     if is_sharded(index):
         m = read_manifest(index)
         build = interrupted_build(index, m)
-        if build is not None and not all(is_initialised(p) for p in shard_paths(index, m["shards"])):
+        if build is not None and not all(HashIndex.exists(p) for p in shard_paths(index, m["shards"])):
             # shards not created yet: nothing to open, but the build's state and how to finish it
             return {"bits": m["bits"], "shards": m["shards"], "path": str(index), "complete": False,
                     "build": build, "created": m.get("created"), "meta": m["info"]}
@@ -773,21 +755,14 @@ def verify_index(index) -> dict:
     {"ok", "problems" (one line each, naming the damaged chunk and rows), "rows", "chunks",
     "items", "ids"}. Damage is reported, not raised; a folder that is no index raises."""
     from hashret.index.sharded import check_folder, is_sharded, read_manifest, shard_paths
-    from hashret.index.store import LMDBStore, is_initialised
 
     if is_sharded(index):  # the manifest against every shard, then every shard's own checksums
         problems = check_folder(index)
-        reports = [verify_index(p) for p in shard_paths(index, read_manifest(index)["shards"]) if is_initialised(p)]
+        reports = [verify_index(p) for p in shard_paths(index, read_manifest(index)["shards"]) if HashIndex.exists(p)]
         out = {"ok": not problems and all(r["ok"] for r in reports), "path": str(index),
                "shards": read_manifest(index)["shards"],
                "problems": problems + [f"{Path(r['path']).name}: {p}" for r in reports for p in r["problems"]]}
         for f in ("rows", "chunks", "items", "ids"):
             out[f] = sum(r[f] or 0 for r in reports)
         return out
-    store = LMDBStore(index, readonly=True)
-    try:
-        report = store.verify()
-    finally:
-        store.close()
-    report["path"] = str(index)
-    return report
+    return HashIndex.verify_folder(index)

@@ -18,7 +18,7 @@ from bitarray import bitarray
 from hashret.errors import HashretError, NotFoundError, check, is_integer, os_problem
 from hashret.index import kernels
 from hashret.index.bits import as_packed
-from hashret.index.store import LMDBStore
+from hashret.index.store import FILES, LMDBStore, all_unique, ascending, is_initialised
 
 DEFAULT_CHUNK = 65536
 _MAX_ID = np.iinfo(np.int64).max
@@ -70,20 +70,6 @@ def check_ids(ids, n: int) -> np.ndarray:
     return arr
 
 
-def _ascending(ids: np.ndarray) -> bool:
-    """Strictly ascending: unique and already sorted (a build from dataset rows)."""
-    return len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
-
-
-def all_unique(ids: np.ndarray) -> bool:
-    """No id twice; ascending ids need no sort. (np.unique hashes and is ~4x slower than a
-    sort here.)"""
-    if _ascending(ids):
-        return True
-    s = np.sort(ids)
-    return not (s[1:] == s[:-1]).any()
-
-
 class _IdMap:
     """id -> row, in memory: sorted runs merged log-structured, so adding a batch costs
     O(batch log n) amortised and a lookup O(log^2 n), never a sort of every id. A batch that
@@ -108,7 +94,7 @@ class _IdMap:
         if len(ids) == 0:
             return
         rows = np.arange(first_row, first_row + len(ids), dtype=np.int64)
-        if _ascending(ids) and (self.max is None or ids[0] > self.max):
+        if ascending(ids) and (self.max is None or ids[0] > self.max):
             need = self._tail_n + len(ids)
             if need > len(self._tail_ids):
                 cap = max(need, 2 * len(self._tail_ids), 1024)
@@ -192,8 +178,6 @@ class HashIndex:
         """A new, empty index in the folder ``path`` (created), open for writing. ``info``:
         JSON metadata kept with the index (modality, model fingerprint, ...); ``build``: the
         progress record of a long build (see :func:`hashret.engine.build_index`)."""
-        from hashret.index.store import is_initialised
-
         path = Path(path)
         index = cls(bits, info)
         chunk_size = positive_int(chunk_size, "chunk_size")
@@ -235,6 +219,50 @@ class HashIndex:
         return index
 
     read = open  # faiss' read_index
+
+    # -- a folder, without opening it ------------------------------------------------------
+    @staticmethod
+    def exists(path) -> bool:
+        """Whether ``path`` holds a committed index (False for a create that died first)."""
+        return is_initialised(path)
+
+    @staticmethod
+    def peek(path) -> dict:
+        """The stored record of the index in ``path`` (bits, info, build, count, ...), read
+        without opening it for writing or checking its chunks."""
+        store = LMDBStore(path, readonly=True)
+        try:
+            return store.read_meta()
+        finally:
+            store.close()
+
+    @staticmethod
+    def verify_folder(path) -> dict:
+        """Check every checksum and link of the index in ``path`` without loading it: the
+        report of :meth:`verify`, with its ``path``."""
+        store = LMDBStore(path, readonly=True)
+        try:
+            report = store.verify()
+        finally:
+            store.close()
+        report["path"] = str(path)
+        return report
+
+    @staticmethod
+    def discard(path, also=(), rmdir: bool = True):
+        """Delete the files an index writes in ``path`` (and the names in ``also``), then the
+        folder if it is empty: how a build that committed nothing is undone."""
+        path = Path(path)
+        for name in (*FILES, *also):
+            try:
+                (path / name).unlink(missing_ok=True)
+            except OSError:
+                pass
+        if rmdir:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
 
     def _adopt(self, snap):
         """Scan ``snap`` from now on; the previous snapshot ends when its last scan does."""

@@ -112,7 +112,7 @@ class HashModel:
 
     def _validation_map(self) -> dict:
         """mAP@all of the model as it stands on the validation rows (standardised inputs)."""
-        from hashret.eval.metrics import map_all
+        from hashret.metrics import map_all
 
         v = self._validation
         codes = {(m, part): sign_codes(np.asarray(self._project(v[part][m], m), dtype=np.float32))

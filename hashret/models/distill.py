@@ -186,6 +186,15 @@ class MatcherModel:
         return self
 
     # -- inputs --------------------------------------------------------------------------
+    def check_data(self, dataset):
+        """Refuse scene data other than this model's: another region size or vocabulary."""
+        check(self.config["region_dim"] == dataset.region_dim,
+              f"the {self.name} model takes {self.config['region_dim']}-d regions, the dataset has "
+              f"{dataset.region_dim}: use the dataset it was trained on")
+        check(self.vocab_words == dataset.vocab.words,
+              f"the {self.name} model's vocabulary differs from the dataset's: use the dataset it was "
+              "trained on")
+
     def check_images(self, regions, mask=None):
         regions = np.asarray(regions, dtype=np.float32)
         if regions.ndim == 2:

@@ -11,7 +11,7 @@ import torch
 
 from hashret.data import load_dataset
 from hashret.errors import check
-from hashret.eval.benchmark import evaluate_model
+from hashret.metrics import evaluate_model
 from hashret.models import build_for_dataset, save_checkpoint
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from hashret.errors import check
-from hashret.eval.metrics import recall_at_k
+from hashret.metrics import recall_at_k
 from hashret.models.distill import (DISTILL_MODES, MatcherModel, check_distill, distill_loss,
                                     exhaustive_ranking, pairs_only_loss, select)
 from hashret.models.matchers import score_chunks
@@ -207,15 +207,6 @@ def matcher_recall(model: MatcherModel, dataset, part_name="test", n_queries=200
     return out
 
 
-def check_same_data(model: MatcherModel, dataset):
-    check(model.config["region_dim"] == dataset.region_dim,
-          f"the {model.name} model takes {model.config['region_dim']}-d regions, the dataset has "
-          f"{dataset.region_dim}: use the dataset it was trained on")
-    check(model.vocab_words == dataset.vocab.words,
-          f"the {model.name} model's vocabulary differs from the dataset's: use the dataset it was "
-          "trained on")
-
-
 def part_codes(model: MatcherModel, part) -> dict:
     """Packed hash codes of every image and every caption of a part, by modality."""
     from hashret.index.bits import pack_codes
@@ -271,7 +262,7 @@ def train_scene_model(model: str = "sgraf", dataset: str = "scenes", bits: int =
               "written by 'hashret train --model sgraf|cgam|han|shan'")
         check(model in (None, teacher.name), f"{distill_from} holds a {teacher.name} matcher, not "
               f"{model}: drop --model or pass the matching RUN_DIR")
-        check_same_data(teacher, ds)
+        teacher.check_data(ds)
         keep = {k: v for k, v in teacher.config.items()
                 if k not in ("model", "kind", "bits", "region_dim", "vocab_size", "seed")}
         net = MatcherModel(teacher.name, bits, ds.region_dim, ds.vocab.words, seed, **{**keep, **options})

@@ -3,7 +3,7 @@ import pytest
 
 from hashret.data import make_synthetic
 from hashret.errors import HashretError
-from hashret.eval import evaluate_codes
+from hashret.metrics import evaluate_codes
 from hashret.models import (build_for_dataset, build_model, load_checkpoint, model_names,
                             parse_model_name, save_checkpoint)
 from hashret.models.baselines import itq_rotation, label_codewords

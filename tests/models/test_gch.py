@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from hashret.cli import main
 from hashret.data import make_synthetic
 from hashret.errors import HashretError
-from hashret.eval import evaluate_codes
+from hashret.metrics import evaluate_codes
 from hashret.models import build_for_dataset, build_model, load_checkpoint, save_checkpoint
 from hashret.models.gch import _GCN, _HashNet, normalized_adjacency, semantic_fusion
 from hashret.models.losses import pairwise_nll

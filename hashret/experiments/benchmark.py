@@ -17,8 +17,8 @@ import torch
 
 from hashret.data import load_dataset
 from hashret.errors import HashretError, check
-from hashret.eval.metrics import evaluate_codes
-from hashret.eval.report import format_table, plot_curves, write_curves, write_records
+from hashret.metrics import DIRECTIONS, evaluate_model
+from hashret.experiments.report import format_table, plot_curves, write_curves, write_records
 from hashret.models import (REGISTRY, build_for_dataset, load_checkpoint, model_names,
                             parse_model_name, save_checkpoint)
 from hashret.models.checkpoint import read_checkpoint_info
@@ -79,7 +79,6 @@ def _job_matches(run_dir: Path, config: dict, fingerprint: str) -> bool:
     return saved == config and info.get("dataset", {}).get("fingerprint") == fingerprint
 
 
-DIRECTIONS = (("i2t", "image", "text"), ("t2i", "text", "image"))  # (name, query side, database side)
 
 # The tuning budget: the same number of settings for every method, each trained on the
 # training rows and scored on the validation rows (methods trained by epochs also choose their
@@ -131,21 +130,6 @@ def _fit_or_load(method, ds, bits, seed, config, data, run_dir, reuse, fingerpri
     save_checkpoint(run_dir, model, dataset=ds,
                     extra={"selection": model.selection, "trained_on": int(len(data[2]))})
     return model, True
-
-
-def evaluate_model(model, dataset, query_rows=None, db_rows=None, **metric_args):
-    """Encode the query and database parts with ``model`` (the database by the same hash
-    functions as the queries) and evaluate both directions. Returns ({"i2t": metrics,
-    "t2i": metrics}, seconds spent encoding); ``metric_args`` go to :func:`evaluate_codes`."""
-    q = dataset.part("query") if query_rows is None else query_rows
-    db = dataset.part("database") if db_rows is None else db_rows
-    t0 = time.perf_counter()
-    codes = {(mod, part): model.encode_rows(dataset, mod, rows)
-             for mod in ("image", "text") for part, rows in (("query", q), ("database", db))}
-    enc_s = time.perf_counter() - t0
-    return {name: evaluate_codes(codes[(qmod, "query")], codes[(dmod, "database")],
-                                 dataset.labels[q], dataset.labels[db], **metric_args)
-            for name, qmod, dmod in DIRECTIONS}, enc_s
 
 
 def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), seeds=(0,),

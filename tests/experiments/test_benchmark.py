@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from hashret.cli import main
 from hashret.errors import HashretError
-from hashret.eval.benchmark import run_benchmark
+from hashret.experiments.benchmark import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "synthetic:n_items=400,n_labels=8,image_dim=24,text_dim=60,n_query=60,n_train=200"
@@ -88,7 +88,7 @@ def test_every_method_gets_the_same_budget_and_the_choice_is_made_on_validation(
     import numpy as np
 
     from hashret.data import Split
-    from hashret.eval.benchmark import TUNING
+    from hashret.experiments.benchmark import TUNING
 
     assert len({len(grid) for grid in TUNING.values()}) == 1  # the same budget for every method
     out = tmp_path / "bench"
@@ -114,7 +114,7 @@ def test_every_method_gets_the_same_budget_and_the_choice_is_made_on_validation(
 
 def test_the_chosen_setting_is_trained_again_on_every_training_row_before_the_queries(tmp_path):
     from hashret.data import Split, load_dataset
-    from hashret.eval.benchmark import evaluate_model
+    from hashret.metrics import evaluate_model
     from hashret.models import build_for_dataset, load_checkpoint
 
     out = tmp_path / "bench"

@@ -20,6 +20,8 @@ Metrics (all means over queries unless said otherwise):
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from hashret.errors import check
@@ -200,3 +202,21 @@ def recall_at_k(ranked, relevant, ks=(1, 5, 10)) -> dict:
         if len(hits):
             first[q] = hits[0]
     return {k: float(100.0 * np.mean(first < k)) for k in ks}
+
+
+DIRECTIONS = (("i2t", "image", "text"), ("t2i", "text", "image"))  # (name, query side, database side)
+
+
+def evaluate_model(model, dataset, query_rows=None, db_rows=None, **metric_args):
+    """Encode the query and database parts with ``model`` (the database by the same hash
+    functions as the queries) and evaluate both directions. Returns ({"i2t": metrics,
+    "t2i": metrics}, seconds spent encoding); ``metric_args`` go to :func:`evaluate_codes`."""
+    q = dataset.part("query") if query_rows is None else query_rows
+    db = dataset.part("database") if db_rows is None else db_rows
+    t0 = time.perf_counter()
+    codes = {(mod, part): model.encode_rows(dataset, mod, rows)
+             for mod in ("image", "text") for part, rows in (("query", q), ("database", db))}
+    enc_s = time.perf_counter() - t0
+    return {name: evaluate_codes(codes[(qmod, "query")], codes[(dmod, "database")],
+                                 dataset.labels[q], dataset.labels[db], **metric_args)
+            for name, qmod, dmod in DIRECTIONS}, enc_s

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hashret.errors import HashretError
-from hashret.eval.metrics import evaluate_codes, hamming_distances, map_all, map_at_k
+from hashret.metrics import evaluate_codes, hamming_distances, map_all, map_at_k
 
 
 # -- obviously-correct references: one query at a time, plain Python -------------------------

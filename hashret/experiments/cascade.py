@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hashret.errors import check
-from hashret.eval.metrics import recall_at_k
+from hashret.metrics import recall_at_k
 from hashret.index import HashIndex
 from hashret.index.bits import pack_codes
 from hashret.models.distill import MatcherModel, exhaustive_ranking, rerank

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from hashret.eval.cascade import MODES, run_cascade_benchmark
+from hashret.experiments.cascade import MODES, run_cascade_benchmark
 
 FAST = {"epochs": 1, "head_epochs": 2, "embed": 16, "word_dim": 8, "head_hidden": 16}
 

@@ -1,6 +1,7 @@
 """The fault-injection suite at CI size (benchmarks/faults.py runs the long version)."""
 
-from hashret.eval.faults import BAD, run_faults
+from faults import BAD, run_faults
+from shard_faults import run_shard_kills
 
 
 def test_no_traceback_signal_silent_answer_changed_index_or_lost_commit(tmp_path):
@@ -13,3 +14,11 @@ def test_no_traceback_signal_silent_answer_changed_index_or_lost_commit(tmp_path
                           ("writers", 7), ("kill", 12)):
         assert counts[family].get("detected", 0) >= least, (family, counts[family])
     assert res["total"] >= 230 and not set().union(*counts.values()) & set(BAD)
+
+
+def test_the_sharded_kill_families_keep_every_acknowledged_batch(tmp_path):
+    """A few trials of benchmarks/shard_faults.py (faults.py runs 30 of each family)."""
+    runs = run_shard_kills(tmp_path, seed=1, python=3, served=1, log=lambda *a: None)
+    assert [r["family"] for r in runs] == ["shard-kill-python"] * 3 + ["shard-kill-served"]
+    assert all(r["outcome"] == "kept" for r in runs), [r["why"] for r in runs]
+    assert runs[-1]["acked"] > 0  # the clients wrote before the kill
