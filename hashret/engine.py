@@ -70,7 +70,6 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
                               resume, progress, log, positive_int(shards, "--shards"), ray)
     from tqdm.auto import tqdm
 
-
     check(modality in OTHER, f"unknown modality {modality!r}: use 'image' or 'text'")
     batch_size = positive_int(batch_size, "--batch-size")
     check(not (append and resume), "--append starts a new build on an index, --resume finishes "
@@ -140,8 +139,8 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
         if existing:
             index = HashIndex.open(out, readonly=False)
         else:
-            if out.exists():
-                _remove_folder(out, rmdir=False)  # files with no meta: a create that died first
+            if (out / "data.mdb").exists():
+                _remove_folder(out, rmdir=False)  # data.mdb with no meta: a create that died first
             index = HashIndex.create(out, model.bits, info=info, build={
                 "state": "partial", "source": source, "first_row": 0})
         start_state = {"state": "partial", "source": source, "first_row": index.n_rows - done}
