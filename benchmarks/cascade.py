@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import click  # noqa: E402
 
-from hashret.cli import _parse_options, run_main  # noqa: E402
+from hashret.cli import parse_options, run_main  # noqa: E402
 from hashret.experiments.cascade import DEFAULT_DATASET  # noqa: E402
 
 
@@ -42,14 +42,13 @@ def cascade(dataset, matchers, bits, n_queries, seed, settings, out):
     names = [m.strip() for m in matchers.split(",") if m.strip()]
     bad = [m for m in names if m not in MATCHERS or m == "global"]
     check(not bad, f"unknown matcher {', '.join(bad)}: use sgraf, cgam, han, shan")
-    opts = _parse_options(settings)
+    opts = parse_options(settings)
     fields = {m: {**matcher_config(m, opts.get("preset", "cpu")), **head_config(m)} for m in names + ["global"]}
     unknown = [k for k in opts if not any(k in f for f in fields.values())]
     check(not unknown, f"no matcher has the field {', '.join(unknown)}: see 'hashret models'")
     run_cascade_benchmark(dataset=dataset, matchers=names, bits=bits, n_queries=n_queries, seed=seed,
                           out=out, options={m: {k: v for k, v in opts.items() if k in f}
-                                            for m, f in fields.items()},
-                          log=click.echo)
+                                            for m, f in fields.items()})
 
 
 if __name__ == "__main__":

@@ -72,9 +72,9 @@ def make_fixture(root) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "idx" / "index.json").exists():
-        train("label-ridge", SPEC, 32, seed=0, out=root / "run", progress=False, evaluate=False, log=_quiet)
-        train("label-ridge", SPEC, 64, seed=0, out=root / "run64", progress=False, evaluate=False, log=_quiet)
-        build_index(root / "run", "text", root / "idx", batch_size=100, progress=False, log=_quiet)
+        train("label-ridge", SPEC, 32, seed=0, out=root / "run", progress=False, evaluate=False)
+        train("label-ridge", SPEC, 64, seed=0, out=root / "run64", progress=False, evaluate=False)
+        build_index(root / "run", "text", root / "idx", batch_size=100, progress=False)
         np.save(root / "feats_ok.npy", np.random.default_rng(0).standard_normal((2, 20)).astype(np.float32))
         np.save(root / "feats_dim.npy", np.zeros((2, 7), np.float32))
         np.save(root / "feats_nan.npy", np.full((1, 20), np.nan, np.float32))
@@ -609,7 +609,7 @@ BUILD_SCRIPT = r"""
 import sys
 from hashret.engine import build_index
 print("ready", flush=True)
-build_index(sys.argv[1], "text", sys.argv[2], batch_size=int(sys.argv[3]), progress=False, log=lambda *a: None)
+build_index(sys.argv[1], "text", sys.argv[2], batch_size=int(sys.argv[3]), progress=False)
 print("done", flush=True)
 """
 
@@ -640,7 +640,7 @@ def kill_build_trial(root, k: int, rng: random.Random) -> dict:
                 state_seen = r.info()["complete"]
                 assert state_seen != partial
         if not (is_initialised(out) and not partial):
-            build_index(root / "run", "text", out, batch_size=25, resume=partial, progress=False, log=_quiet)
+            build_index(root / "run", "text", out, batch_size=25, resume=partial, progress=False)
         with HashIndex.open(out) as a, HashIndex.open(root / "idx") as b:
             same = (np.array_equal(a.packed_codes(), b.packed_codes())
                     and np.array_equal(a._ids_of_rows(np.arange(a.n_rows)), b._ids_of_rows(np.arange(b.n_rows)))

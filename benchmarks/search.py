@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from hashret.index import HashIndex  # noqa: E402
-from hashret.index import kernels  # noqa: E402
+from hashret.index import probes  # noqa: E402
 
 
 def median_ms(*fns, repeats):
@@ -76,8 +76,8 @@ def limit_probe(floors, roof_rate, words, n_word_distances, threads):
     longer; for a read, ``plain`` is a plain read of the codes (no lines asked for ahead),
     the floor as it was defined before the scan asked for its lines ahead, else None."""
     if floors[threads] >= n_word_distances / roof_rate[threads]:
-        return "read", kernels.read_probe(words, threads), kernels.read_probe(words, threads, False)
-    return "roof", kernels.roof_probe(n_word_distances, threads, words.dtype), None
+        return "read", probes.read_probe(words, threads), probes.read_probe(words, threads, False)
+    return "roof", probes.roof_probe(n_word_distances, threads, words.dtype), None
 
 
 def numpy_topk(db, q, k):
@@ -164,8 +164,8 @@ def main():
         # alternately with hashret
         floors, roof_rate = {}, {}
         for t in thread_counts:
-            read_ms, roof_ms = median_ms(kernels.read_probe(words, t),
-                                         kernels.roof_probe(2e8, t, words.dtype), repeats=5)
+            read_ms, roof_ms = median_ms(probes.read_probe(words, t),
+                                         probes.roof_probe(2e8, t, words.dtype), repeats=5)
             floors[t], roof_rate[t] = read_ms / 1e3, 2e8 / (roof_ms / 1e3)
         for nq in nqs:
             q = queries[:nq]

@@ -98,7 +98,7 @@ def as_one(path: Path):
     """One in-memory HashIndex holding the sharded index's rows in global order (row r of the
     whole is row r // N of shard r mod N), removed rows removed: what the merge must equal."""
     from hashret.index import HashIndex
-    from hashret.index.sharded import read_manifest, shard_paths
+    from hashret.index.manifest import read_manifest, shard_paths
 
     m = read_manifest(path)
     shards = [HashIndex.open(p) for p in shard_paths(path, m["shards"])]

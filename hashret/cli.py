@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
@@ -39,20 +40,56 @@ def _fail(exc: BaseException) -> int:
     return 3
 
 
+class _Echo(logging.Handler):
+    """The library's progress messages (logger ``hashret``), one plain line each on stdout --
+    on stderr for ``hashret serve``, whose stdout is left to the user."""
+
+    err = False
+
+    def emit(self, record):
+        click.echo(self.format(record), err=self.err)
+
+
+_ECHO = _Echo(logging.INFO)
+
+
+def _log_to(err: bool = False):
+    """Print the library's messages while a command runs (undone by :func:`_unlog`, so that a
+    Python caller of the CLI keeps its own logging)."""
+    logger = logging.getLogger("hashret")
+    _ECHO.err = err
+    if _ECHO not in logger.handlers:
+        _ECHO.saved = (logger.level, logger.propagate)
+        logger.addHandler(_ECHO)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _unlog():
+    logger = logging.getLogger("hashret")
+    if _ECHO in logger.handlers:
+        logger.removeHandler(_ECHO)
+        logger.level, logger.propagate = _ECHO.saved
+
+
 class _Group(click.Group):
     """Turns any failure inside a command into one 'error: ...' line and a non-zero exit."""
 
     def invoke(self, ctx):
+        _log_to()
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException):
             raise
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 -- see _fail
             ctx.exit(_fail(exc))
+        finally:
+            _unlog()
 
 
 def run_main(command, args=None):
     """Run a click command (for scripts such as benchmarks/mAP.py) with the same error handling."""
+    _log_to()
     try:
         command.main(args=args, standalone_mode=False)
     except click.ClickException as exc:
@@ -62,6 +99,8 @@ def run_main(command, args=None):
         sys.exit(exc.exit_code)
     except (Exception, KeyboardInterrupt, click.exceptions.Abort) as exc:  # noqa: BLE001
         sys.exit(_fail(exc))
+    finally:
+        _unlog()
 
 
 @click.group(cls=_Group)
@@ -146,12 +185,13 @@ def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, se
     from hashret.experiments.benchmark import run_benchmark
 
     run_benchmark(dataset=dataset, methods=methods, bits=bits, seeds=seeds, out=out, topk=topk,
-                  radius=radius, split=split, reuse=reuse, settings=_parse_options(settings),
-                  validation=validation, tune=tune, refit=refit, data_root=data_root, log=click.echo,
+                  radius=radius, split=split, reuse=reuse, settings=parse_options(settings),
+                  validation=validation, tune=tune, refit=refit, data_root=data_root,
                   test=not validation_only)
 
 
-def _parse_options(pairs) -> dict:
+def parse_options(pairs) -> dict:
+    """``--set key=value`` pairs as a dict; each value parsed as JSON where it is JSON."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -189,7 +229,7 @@ def train(model, bits, dataset, epochs, seed, device, settings, distill_from, va
     from hashret.training import train as train_model
 
     train_model(model=model, dataset=dataset, bits=bits, seed=seed, out=out, data_root=data_root,
-                epochs=epochs, device=device, options=_parse_options(settings), log=click.echo,
+                epochs=epochs, device=device, options=parse_options(settings),
                 distill_from=distill_from, validation=validation, refit=refit)
 
 
@@ -225,18 +265,18 @@ def encode(checkpoint, modality, part, features, dataset, out, data_root):
     """Encode features into packed codes (np.packbits order, +1 -> bit 1) with a student."""
     import numpy as np
 
-    from hashret.engine import _read_features
+    from hashret.engine import read_features
     from hashret.models.checkpoint import encode as encode_codes, read_checkpoint_info
 
     feats = None
     if features is not None:
         cfg = read_checkpoint_info(checkpoint)["config"]
         if cfg.get("kind") == "matcher":
-            from hashret.engine import _read_array
+            from hashret.engine import read_array
 
-            feats = _read_array(features, "region")
+            feats = read_array(features, "region")
         else:
-            feats = _read_features(features, cfg[f"{modality}_dim"], modality)
+            feats = read_features(features, cfg[f"{modality}_dim"], modality)
     codes, rows = encode_codes(checkpoint, modality, features=feats, part=part, dataset=dataset,
                                data_root=data_root)
     np.save(out, codes)
@@ -266,7 +306,7 @@ def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_s
 
     check(ray is None or shards is not None, "--ray builds the shards of a sharded index: add --shards N")
     build_index(checkpoint, modality, out, dataset=dataset, data_root=data_root, part=part,
-                batch_size=batch_size, append=append, resume=resume, log=click.echo,
+                batch_size=batch_size, append=append, resume=resume,
                 shards=shards, ray=_ray(ray))
 
 
@@ -358,16 +398,17 @@ def serve(indexes, checkpoint, rerank, host, port, readonly, batch_window_ms, ma
     """Serve indexes over HTTP: POST /search, POST|DELETE /items, GET /health /info /metrics /."""
     from hashret.serve import serve as run
 
+    _log_to(err=True)
     run(indexes, checkpoint, rerank=rerank, host=host, port=port, readonly=readonly,
         window_ms=batch_window_ms, max_batch=max_batch, refresh_s=refresh_s, max_body_mb=max_body_mb,
-        dataset=dataset, data_root=data_root, ray=_ray(ray), log=lambda m: click.echo(m, err=True))
+        dataset=dataset, data_root=data_root, ray=_ray(ray))
 
 
 @main.command()
 @click.option("--index", "index_dir", required=True, type=click.Path(), help="IDX_DIR.")
 def info(index_dir):
     """Size, code length, model, dataset and build state of an index."""
-    from hashret.engine import index_info
+    from hashret.index import index_info
 
     click.echo(json.dumps(index_info(index_dir), indent=2, default=str))
 
@@ -377,7 +418,7 @@ def info(index_dir):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(index_dir, as_json):
     """Check every checksum of an index; exit 1 naming the damaged chunks and rows."""
-    from hashret.engine import verify_index
+    from hashret.index import verify_index
 
     report = verify_index(index_dir)
     if as_json:

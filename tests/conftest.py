@@ -8,7 +8,7 @@ os.environ.pop("HASHRET_DATA", None)
 def pytest_configure(config):
     # numba's pedantic SSA notice on the scan's inlined overloads (see hashret/index/kernels.py,
     # which hides it outside pytest too); pytest resets a module's own warning filters per test
-    from hashret.index.kernels import INLINED_NOTICE
+    from hashret.index.scans import INLINED_NOTICE
 
     config.addinivalue_line(
         "filterwarnings", f"ignore:{INLINED_NOTICE}:numba.core.errors.NumbaIRAssumptionWarning")

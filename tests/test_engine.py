@@ -14,7 +14,7 @@ from hashret.engine import build_index, query_index
 from hashret.training import train
 
 SPEC = "synthetic:n_items=600,n_labels=6,image_dim=20,text_dim=50,n_query=60,n_train=300"
-QUIET = dict(log=lambda *a: None)
+QUIET = dict()
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_append_with_the_same_model(runs, tmp_path):
 # -- builds that finish or say so ----------------------------------------------------------------
 def _failing_after(monkeypatch, n_calls):
     """Make the model's encoder fail on its (n_calls + 1)-th batch."""
-    from hashret import engine
+    from hashret.engine import build as engine
 
     real = engine._source
     calls = {"n": 0}
@@ -207,3 +207,33 @@ def test_damaged_checkpoints_name_the_file_and_field(runs, tmp_path):
     res = CliRunner().invoke(main, ["encode", "--checkpoint", str(run), "--modality", "text", "--out",
                                     str(tmp_path / "c.npy")])
     assert res.exit_code == 2 and "weights.pt does not fit" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_a_build_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    """config.json and weights.pt are read once per build, a sharded one included (each
+    shard built in this process shares the one Checkpoint)."""
+    from collections import Counter
+
+    from hashret.models import checkpoint
+
+    train("label-ridge", SPEC, 32, seed=0, out=tmp_path / "run", progress=False, evaluate=False)
+    reads = Counter()
+    real = checkpoint._read
+    monkeypatch.setattr(checkpoint, "_read", lambda path: reads.update([path.name]) or real(path))
+    build_index(tmp_path / "run", "image", tmp_path / "one", progress=False)
+    assert reads == {"config.json": 1, "weights.pt": 1}
+    reads.clear()
+    build_index(tmp_path / "run", "image", tmp_path / "sharded", progress=False, shards=3)
+    assert reads == {"config.json": 1, "weights.pt": 1}
+
+
+def test_the_cli_prints_the_librarys_messages_and_leaves_logging_as_it_was(tmp_path):
+    import logging
+
+    logger = logging.getLogger("hashret")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    res = CliRunner().invoke(main, ["train", "--model", "label-ridge", "--bits", "32", "--dataset", SPEC,
+                                    "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "wrote " + str(tmp_path / "run") in res.stdout  # logged by hashret.training, printed by the CLI
+    assert (list(logger.handlers), logger.level, logger.propagate) == before

@@ -27,7 +27,7 @@ from hashret.index import HashIndex
 from hashret.training import train
 
 SPEC = "synthetic:n_items=600,n_labels=6,image_dim=20,text_dim=50,n_query=60,n_train=300"
-QUIET = dict(log=lambda *a: None)
+QUIET = dict()
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +273,29 @@ def test_the_page_searches_in_a_real_browser(built, server):
     expect = s.post("/search", {"text": "w1 w7", "k": 5})[1]["results"][0]
     assert shown == [r["id"] for r in expect], out.stdout[-2000:]
     assert 'data-done="1"' in out.stdout
+
+
+def test_the_cli_and_the_server_search_through_engine_search(built, monkeypatch):
+    """One search path: a CLI query and a served one both call Engine.search, the server
+    with its micro-batcher as the scan step, and answer alike."""
+    import asyncio
+
+    from hashret.serve import Service
+
+    calls = []
+    real = Engine.search
+
+    def spy(self, *args, **kw):
+        calls.append(kw.get("scan"))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Engine, "search", spy)
+    cli = cli_json("--index", built / "ix_image", "--checkpoint", built / "a", "--text", "w1 w7 w30", "-k", "5")
+    assert calls == [None]
+    service = Service([built / "ix_image"], built / "a")
+    try:
+        served = asyncio.run(service.search({"text": "w1 w7 w30", "k": 5}))
+        assert len(calls) == 2 and calls[1] == service.batchers["ix_image"].scan
+    finally:
+        service.close()
+    assert [(h["id"], h["distance"]) for h in served["results"][0]] == [(h["id"], h["distance"]) for h in cli]

@@ -7,6 +7,7 @@ same learned hash functions, and report the protocol's metrics for I→T and T�
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from collections import defaultdict
@@ -22,6 +23,8 @@ from hashret.experiments.report import format_table, plot_curves, write_curves, 
 from hashret.models import (REGISTRY, build_for_dataset, load_checkpoint, model_names,
                             parse_model_name, save_checkpoint)
 from hashret.models.checkpoint import read_checkpoint_info
+
+log = logging.getLogger(__name__)
 
 
 def parse_list(value, cast=str, what="value") -> list:
@@ -135,8 +138,7 @@ def _fit_or_load(method, ds, bits, seed, config, data, run_dir, reuse, fingerpri
 def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), seeds=(0,),
                   out="results/mAP", topk=(100, 1000), radius: int = 2, n_max: int = 1000,
                   data_root=None, split=None, reuse: bool = False, settings=None,
-                  validation: float = 0.1, tune: bool = True, refit: bool = True, progress: bool = True,
-                  log=print, test: bool = True) -> list:
+                  validation: float = 0.1, tune: bool = True, refit: bool = True, progress: bool = True, test: bool = True) -> list:
     """Run every (method, bits, seed) on ``dataset`` and write the results to ``out``.
 
     ``validation``: the share of the training part held out (seeded, saved in ``split.npz``;
@@ -206,7 +208,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (out / "run.json").write_text(json.dumps(run_info, indent=2))
     tag = "SYNTHETIC " if ds.synthetic else ""
-    log(f"{tag}dataset {ds.name}: {ds.split.sizes()} (query/train/database), "
+    log.info(f"{tag}dataset {ds.name}: {ds.split.sizes()} (query/train/database), "
         f"image {ds.dim('image')}-d, text {ds.dim('text')}-d, {ds.n_labels} labels")
 
     records, curve_sums = [], defaultdict(lambda: defaultdict(list))
@@ -276,8 +278,8 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                              f"{','.join(map(str, seeds))} (mean ± std)." + _settings_note(per_method),
                              metric="map_val")
         (out / "table.md").write_text(table)
-        log(table)
-        log(f"wrote {out}/table.md, results.csv, results.json (validation only)")
+        log.info(table)
+        log.info(f"wrote {out}/table.md, results.csv, results.json (validation only)")
         return records
     curves = {k: {name: np.mean(v, axis=0) for name, v in c.items()} for k, c in curve_sums.items()}
     write_curves(out, curves)
@@ -305,6 +307,6 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                              "rows as queries, training rows as database)", metric="map_val") + "\n" + extra
     (out / "table.md").write_text(table + "\n" + extra)
     plot_curves(out, curves, f"{tag}{ds.name}")
-    log(table)
-    log(f"wrote {out}/table.md, results.csv, results.json, curves and plots")
+    log.info(table)
+    log.info(f"wrote {out}/table.md, results.csv, results.json, curves and plots")
     return records

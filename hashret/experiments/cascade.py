@@ -10,6 +10,7 @@ query encoding included)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from hashret.index.bits import pack_codes
 from hashret.models.distill import MatcherModel, exhaustive_ranking, rerank
 from hashret.training.matching import (codes_recall, ground_truth, part_codes, train_head,
                                       train_matcher)
+
+log = logging.getLogger(__name__)
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}
 MODES = ("exhaustive", "codes", "cascade-1%", "cascade-5%", "undistilled", "uniform-teacher", "global")
@@ -106,7 +109,7 @@ def _code_index(model, codes):
 
 def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cgam", "han", "shan"),
                           bits: int = 512, n_queries: int = 300, seed: int = 0, out="results/cascade",
-                          options: dict | None = None, log=print) -> list:
+                          options: dict | None = None) -> list:
     """Train each matcher and its heads on ``dataset``'s train part, evaluate on its test part
     (the gallery), write table.md, results.json, the per-query timings and plots to ``out``.
     Returns the records."""
@@ -125,7 +128,7 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
                for d, (qm, _) in DIRECTIONS.items()}
     np.savez(out / "queries.npz", **queries)
     n_gallery = {m: len(part.rows(m)) for m in ("image", "text")}
-    log(f"{'SYNTHETIC ' if ds.synthetic else ''}{ds.name}: {ds.part('train').n_images} training "
+    log.info(f"{'SYNTHETIC ' if ds.synthetic else ''}{ds.name}: {ds.part('train').n_images} training "
         f"images, gallery {part.n_images} images / {part.n_captions} captions, {n_queries} queries "
         f"per direction, {bits} bits")
     options = dict(options or {})
@@ -133,7 +136,7 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
 
     def add(rec):
         records.append(rec)
-        log(f"  {rec['matcher']:7s} {rec['mode']:12s} rSum {rec['rsum']:6.1f}  R@10 I→T "
+        log.info(f"  {rec['matcher']:7s} {rec['mode']:12s} rSum {rec['rsum']:6.1f}  R@10 I→T "
             f"{rec['r10_i2t']:5.1f} T→I {rec['r10_t2i']:5.1f}  {rec['ms_per_query']:8.3f} ms/query  "
             f"scores {rec['fraction_scored']:.3f} of the gallery")
         (out / "results.json").write_text(json.dumps(records, indent=1))
@@ -190,7 +193,7 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
                          **_every_query(plain, ds, codes)}))
     total = time.perf_counter() - t_start
     _write_report(records, out, dataset, ds, total)
-    log(f"wrote {out}/table.md, results.json and plots in {total / 60:.1f} min")
+    log.info(f"wrote {out}/table.md, results.json and plots in {total / 60:.1f} min")
     return records
 
 

@@ -139,12 +139,35 @@ class HashIndex:
 
     ``HashIndex(bits)`` lives in memory (one growing array of words). ``HashIndex.create(path,
     bits)`` and ``HashIndex.open(path, readonly=True)`` keep it in an LMDB folder and scan the
-    codes where LMDB's memory map has them (a :class:`~hashret.index.store.Snapshot`): opening
+    codes where LMDB's memory map has them (a :class:`~hashret.index.snapshot.Snapshot`): opening
     costs one lookup and one checksum per chunk, not a copy, and processes that open the same
     index share one page cache. A writer moves to a new snapshot after each commit; a reader
     calls :meth:`refresh` to pick up what another writer committed. One writer per folder:
     opening for writing takes ``writer.lock`` and a second writer, in this process or another,
     is refused until the first is closed.
+
+    Parameters
+    ----------
+    bits : int
+        Code length, a positive multiple of 8. Codes are packed uint8 rows of ``bits/8``
+        bytes (``np.packbits`` order; see :func:`hashret.index.pack_codes`).
+    info : dict, optional
+        JSON metadata kept with the index (modality, model fingerprint, ...).
+
+    Raises
+    ------
+    HashretError
+        A code length that is not a positive multiple of 8.
+
+    Examples
+    --------
+    >>> import hashret, numpy as np
+    >>> codes = np.random.default_rng(0).integers(0, 256, (1000, 8), dtype=np.uint8)
+    >>> index = hashret.HashIndex(64)
+    >>> ids = index.add(codes)
+    >>> dist, found = index.search(codes[:2], k=3)
+    >>> dist.shape, found[:, 0].tolist()
+    ((2, 3), [0, 1])
     """
 
     def __init__(self, bits: int, info: dict | None = None):

@@ -14,12 +14,8 @@ whole batch is recorded in the batch journal (:mod:`hashret.index.journal`, whic
 that is correct): a crash leaves it in every shard or in none once the index is next opened
 for writing, and readers never see part of it.
 
-What cannot lie: ``shards.json`` carries a checksum and the id of its set of shards; each
-shard records the set, its position and the shard count in its own (checksummed) meta. On
-every open each shard's record, code length, model fingerprint, modality, part and build
-source are checked against the manifest, and the row counts against the rule: a swapped,
-replaced or foreign shard, or an edited manifest, is one line naming the shard and the field,
-never served.
+What cannot lie: see :mod:`hashret.index.manifest`: ``shards.json`` and every shard's own
+record are checked against each other on every open.
 
 Two modes: in-process (all shards in this process: tests, small machines) and on Ray (one
 actor per shard holding it open and running the same kernel; ``open(path, ray=True)`` or
@@ -31,154 +27,17 @@ which did not.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
-from hashret.errors import CorruptError, HashretError, NotFoundError, check, is_integer
+from hashret.errors import CorruptError, HashretError, NotFoundError, check
 from hashret.index import journal
 from hashret.index.hash_index import DEFAULT_CHUNK, HashIndex, check_ids, json_items, positive_int
-
-MANIFEST = "shards.json"
-FORMAT = 2
-RULE = "round-robin by global row: the r-th item added lives in shard r mod N as its row r // N"
-# what a shard's own record must agree on with the manifest (where the manifest states it)
-CHECKED_INFO = ("model_fingerprint", "modality", "dataset_spec", "part")
-_RESTORE = "restore the shard folders and shards.json from one copy, or rebuild the index"
-
-
-def is_sharded(path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def shard_paths(path, n: int) -> list:
-    return [Path(path) / f"shard-{s:03d}" for s in range(n)]
-
-
-def _manifest_digest(m: dict) -> str:
-    body = json.dumps({k: v for k, v in m.items() if k != "checksum"}, sort_keys=True)
-    return xxhash.xxh3_64_hexdigest(body.encode(), seed=0x53484152)
-
-
-def read_manifest(path) -> dict:
-    """The manifest of the sharded index in ``path``, its checksum and fields checked."""
-    f = Path(path) / MANIFEST
-    try:
-        m = json.loads(f.read_text())
-    except (OSError, ValueError) as exc:
-        raise HashretError(f"cannot read the manifest {f} ({exc}): restore it, or rebuild the sharded index") from None
-    if isinstance(m, dict) and m.get("format") == 1:
-        raise HashretError(f"{f} was written by an older hashret (manifest format 1: no checksum, no shard "
-                           "records): rebuild the index with 'hashret build-index --shards N'")
-    check(isinstance(m, dict) and m.get("format") == FORMAT,
-          f"{f} is not a hashret shard manifest (format {FORMAT}): restore it, or rebuild the sharded index")
-    if m.get("checksum") != _manifest_digest(m):
-        raise CorruptError(f"{f} fails its checksum (edited or damaged): {_RESTORE}")
-    ok = (is_integer(m.get("shards")) and m["shards"] >= 1 and is_integer(m.get("bits")) and m["bits"] > 0
-          and m["bits"] % 8 == 0 and isinstance(m.get("info"), dict) and isinstance(m.get("set"), str))
-    check(ok, f"{f} has fields of the wrong type or range: {_RESTORE}")
-    return m
-
-
-def write_manifest(path, bits: int, n: int, info: dict, set_id: str | None = None) -> dict:
-    """The manifest, written atomically and fsynced: a folder without one is no index.
-    ``set_id`` names this set of shards; every shard records it with its position."""
-    m = {"format": FORMAT, "bits": int(bits), "shards": int(n), "set": set_id or uuid.uuid4().hex,
-         "rule": RULE, "info": info, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    m["checksum"] = _manifest_digest(m)
-    tmp = Path(path) / (MANIFEST + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(m, indent=2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, Path(path) / MANIFEST)
-    return m
-
-
-def shard_record(set_id: str, s: int, n: int) -> dict:
-    """What a shard stores about itself (in its info): which set it belongs to, where."""
-    return {"set": set_id, "position": int(s), "of": int(n)}
-
-
-def shard_problem(path, m: dict, s: int, bits: int, info: dict, build: dict | None) -> str | None:
-    """The first disagreement between shard ``s``'s own record and the manifest ``m``, as
-    one line naming the shard and the field; None if they agree."""
-    name = f"shard {s} ({shard_paths(path, m['shards'])[s]})"
-    rec = info.get("shard") if isinstance(info, dict) else None
-    if not isinstance(rec, dict):
-        return f"{name} carries no shard record: it is not a shard of this index (replaced?); {_RESTORE}"
-    if rec.get("set") != m["set"]:
-        return (f"{name} belongs to another sharded index (its set is {rec.get('set')!r}, the manifest's "
-                f"{m['set']!r}); {_RESTORE}")
-    if rec.get("position") != s:
-        return (f"{name} records position {rec.get('position')!r}: the shard folders were swapped or "
-                f"renamed; {_RESTORE}")
-    if rec.get("of") != m["shards"]:
-        return f"{name} records {rec.get('of')!r} shards, the manifest {m['shards']}; {_RESTORE}"
-    if bits != m["bits"]:
-        return f"{name} holds {bits}-bit codes, the manifest says {m['bits']}; {_RESTORE}"
-    for field in CHECKED_INFO:
-        if field in m["info"] and info.get(field) != m["info"][field]:
-            return (f"{name}'s {field} is {info.get(field)!r}, the manifest's {m['info'][field]!r}: "
-                    f"it is not a shard of this index; {_RESTORE}")
-    source = (build or {}).get("source")
-    if isinstance(source, dict) and "shard" in source:
-        if source["shard"] != [s, m["shards"]]:
-            return f"{name}'s build source is shard {source['shard']!r}, not [{s}, {m['shards']}]; {_RESTORE}"
-        for field in ("modality", "model_fingerprint", "part"):
-            if field in m["info"] and source.get(field) != m["info"][field]:
-                return (f"{name}'s build source {field} is {source.get(field)!r}, the manifest's "
-                        f"{m['info'][field]!r}; {_RESTORE}")
-    return None
-
-
-def split_problem(path, counts: list, batch) -> str | None:
-    """Whether the shards' row counts are those of whole batches (round-robin), given the
-    journal's last record ``batch`` (a pending add is hidden, see :mod:`journal`)."""
-    n = len(counts)
-    visible = list(counts)
-    if batch.pending and batch.op == "add":
-        for s, c in enumerate(counts):
-            if c not in (batch.before[s], batch.after[s]):
-                return (f"shard {s} of {path} holds {c} rows; the pending batch {batch.seq} expects "
-                        f"{batch.before[s]} (before it) or {batch.after[s]} (after it): {_RESTORE}")
-        visible = list(batch.before)
-    total = sum(visible)
-    expect = [(total - s + n - 1) // n for s in range(n)]
-    if visible != expect:
-        return (f"the shards of {path} hold {visible} rows, which do not split round-robin ({expect} for "
-                f"{total}) and no pending batch explains it: {_RESTORE}")
-    return None
-
-
-def interrupted_build(path, m: dict) -> dict | None:
-    """For a sharded index written by ``build_index`` whose build did not finish: which shards
-    are complete and the command that finishes it; None otherwise."""
-    from hashret.index.store import LMDBStore, is_initialised
-
-    info = m["info"]
-    if info.get("sharded_by") is None or (Path(path) / "index.json").exists():
-        return None
-    done = []
-    for s, p in enumerate(shard_paths(path, m["shards"])):
-        if is_initialised(p):
-            store = LMDBStore(p, readonly=True)
-            try:
-                build = store.read_meta()["build"]
-            finally:
-                store.close()
-            if build is not None and build.get("state") == "complete":
-                done.append(s)
-    cmd = (f"hashret build-index --checkpoint {info.get('checkpoint')} --modality {info.get('modality')} "
-           f"--split {info.get('part')} --shards {m['shards']} --resume --out {path}")
-    if info.get("dataset_spec"):
-        cmd += f" --dataset {info['dataset_spec']}"
-    return {"state": "partial", "shards_complete": done, "shards": m["shards"], "resume": cmd}
+from hashret.index.manifest import (MANIFEST, RESTORE, RULE, interrupted_build, is_sharded, read_manifest, shard_paths, shard_problem, shard_record, split_problem, write_manifest)
 
 
 _STATE = {  # what the merge needs of a shard beyond HashIndex's verbs (one round trip on Ray)
@@ -283,11 +142,42 @@ def connect_ray(ray_address):
 
 
 class ShardedIndex:
-    """N hashret indexes searched as one (see the module's notes). Same verbs as HashIndex:
-    ``create`` / ``open``, ``add``, ``search``, ``range_search``, ``remove``, ``items``,
-    ``info``, ``refresh``, ``close``. Writes go through the batch journal
-    (:mod:`hashret.index.journal`): a batch is in every shard or in none, and opening for
-    writing completes a batch that a crash interrupted."""
+    """N hashret indexes searched as one, in this process or as Ray actors.
+
+    The r-th item added lives in shard r mod N, so a search merges the shards' answers into
+    exactly what one :class:`HashIndex` holding the same codes gives (ids, distances, order,
+    ties). Same verbs as HashIndex: ``create`` / ``open``, ``add``, ``search``,
+    ``range_search``, ``remove``, ``items``, ``info``, ``refresh``, ``close``. Writes go
+    through the batch journal (:mod:`hashret.index.journal`): a batch is in every shard or in
+    none, and opening for writing completes a batch that a crash interrupted.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The folder: ``shards.json`` and one index folder per shard.
+    bits : int
+        Code length (to :meth:`create`), a multiple of 8.
+    shards : int
+        Shard count (to :meth:`create`).
+    ray : bool or str, optional
+        Hold the shards in Ray actors (True: a local Ray; or ``ray://host:10001``).
+
+    Raises
+    ------
+    HashretError
+        A folder that holds no sharded index, a second writer. CorruptError: the manifest
+        and a shard disagree (the shard and the field are named), or a shard is damaged.
+
+    Examples
+    --------
+    >>> import hashret, numpy as np
+    >>> codes = np.random.default_rng(0).integers(0, 256, (10, 8), dtype=np.uint8)
+    >>> with hashret.ShardedIndex.create(tmp / "sharded", bits=64, shards=3) as index:
+    ...     ids = index.add(codes)
+    ...     dist, found = index.search(codes[:2], k=1)
+    >>> dist.tolist(), found.tolist()
+    ([[0], [0]], [[0], [1]])
+    """
 
     def __init__(self, path, manifest: dict, shards: list, ray_mode: bool, readonly: bool, seen):
         self.path, self.manifest, self.shards, self.ray = Path(path), manifest, shards, ray_mode
@@ -334,14 +224,14 @@ class ShardedIndex:
         extra = sorted(p.name for p in path.glob("shard-*") if p.is_dir()
                        and p not in shard_paths(path, m["shards"]))
         check(not extra, f"{path} holds shard folders the manifest does not list ({', '.join(extra)}; it "
-              f"says {m['shards']} shards): {_RESTORE}")
+              f"says {m['shards']} shards): {RESTORE}")
         for s, p in enumerate(shard_paths(path, m["shards"])):
             if not is_initialised(p):
                 build = interrupted_build(path, m)
                 if build is not None:
                     raise HashretError(f"{path} is an interrupted sharded build (shard {s} was not created "
                                        f"yet): finish it with '{build['resume']}'")
-                check(p.is_dir(), f"shard {s} of {path} is missing ({p}): {_RESTORE}")
+                check(p.is_dir(), f"shard {s} of {path} is missing ({p}): {RESTORE}")
         seen = journal.read(path, m["set"], header_only=True)  # before the snapshots: see _settle
         if ray:
             connect_ray(ray)
@@ -718,49 +608,3 @@ class ShardedIndex:
                             "hidden_rows": pending_rows, "hidden_removals": self._hidden_alive},
                 "recovered": self.recovered,
                 "code_bytes": sum(i["code_bytes"] for i in per), "meta": self.info_meta}
-
-
-def check_folder(path) -> list:
-    """Every disagreement between the manifest, the shards' own records, their row counts
-    and the batch journal of the sharded index in ``path``, one line each, without opening
-    the shards' codes (``hashret verify`` adds each shard's own checksums)."""
-    from hashret.index.store import LMDBStore, is_initialised
-
-    path = Path(path)
-    m = read_manifest(path)
-    problems = []
-    extra = sorted(p.name for p in path.glob("shard-*") if p.is_dir() and p not in shard_paths(path, m["shards"]))
-    if extra:
-        problems.append(f"{path} holds shard folders the manifest does not list ({', '.join(extra)}; it says "
-                        f"{m['shards']} shards): {_RESTORE}")
-    counts, builds = [], []
-    for s, p in enumerate(shard_paths(path, m["shards"])):
-        if not is_initialised(p):
-            build = interrupted_build(path, m)
-            problems.append(f"shard {s} ({p}) was not created yet: the build was interrupted; finish it with "
-                            f"'{build['resume']}'" if build else f"shard {s} of {path} is missing ({p}): {_RESTORE}")
-            continue
-        store = LMDBStore(p, readonly=True)
-        try:
-            meta = store.read_meta()
-        except HashretError as exc:
-            problems.append(f"shard {s}: {exc}")
-            continue
-        finally:
-            store.close()
-        problem = shard_problem(path, m, s, meta["bits"], meta["info"], meta["build"])
-        if problem:
-            problems.append(problem)
-        counts.append(meta["count"])
-        builds.append(meta["build"])
-    try:
-        batch = journal.read(path, m["set"])
-    except HashretError as exc:
-        problems.append(str(exc))
-        batch = None
-    partial = any(b is not None and b.get("state") == "partial" for b in builds)
-    if batch is not None and len(counts) == m["shards"] and not partial:
-        problem = split_problem(path, counts, batch)
-        if problem:
-            problems.append(problem)
-    return problems

@@ -42,202 +42,30 @@ same, unchanged value and is not checked again.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import socket
 import struct
-import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lmdb
 import numpy as np
-import xxhash
 from bitarray import bitarray
 
 from hashret.errors import CorruptError, HashretError, check, is_integer, os_problem
 
+from hashret.index.locking import LOCK_NAME, OPEN_ENVS, WriterLock, close_env, has_db, open_env
+from hashret.index.pages import CRC, DBS, SEAL, check_lmdb_file, chunk_key, digest, fresh_problem, seal, walk_tables
+from hashret.index.snapshot import Snapshot
+
 FORMAT_VERSION = 3
-# virtual address space only (the file grows with the data); large, because LMDB cannot grow
-# the map while a snapshot's read transaction is open in this process
-MAP_SIZE = 1 << 40
-# every open HashIndex holds one read transaction (its snapshot), i.e. one of LMDB's reader
-# slots, for as long as it is open; LMDB's default of 126 is few for a process serving shards
-MAX_READERS = 1024
 MAX_BITS = 1 << 16
 MAX_CHUNK = 1 << 24
-LOCK_NAME = "writer.lock"
 # every file the store writes in an index folder (what undoing a fresh build may delete)
 FILES = ("data.mdb", "lock.mdb", LOCK_NAME)
-_DBS = (b"meta", b"codes", b"ids", b"items", b"present")
-_SEAL = struct.Struct("<Q")
-_CRC = struct.Struct("<I")  # format 2, recognised only to say it must be rebuilt
-_LMDB_MAGIC = 0xBEEFC0DE
 
 
-def _key(n: int) -> bytes:
-    return struct.pack(">Q", n)
-
-
-def _id_key(i: int) -> bytes:
-    return struct.pack(">q", i)
-
-
-def _digest(space: str, key: bytes, payload) -> int:
-    seed = xxhash.xxh3_64_intdigest(space.encode() + b"/" + bytes(key))
-    return xxhash.xxh3_64_intdigest(payload, seed=seed)
-
-
-def _seal(space: str, key: bytes, payload) -> bytes:
-    return bytes(payload) + _SEAL.pack(_digest(space, key, payload))
-
-
-def _fresh_problem(path: Path, what: str) -> CorruptError:
-    return CorruptError(f"the index at {path} is corrupt: {what}; run 'hashret verify --index "
-                        f"{path}' for the whole damage, then restore the folder from a copy or "
-                        "rebuild it with 'hashret build-index'")
-
-
-# -- the file before LMDB sees it -------------------------------------------------------------
-def check_lmdb_file(path: Path):
-    """Refuse a data.mdb that is not LMDB's or is shorter than its last commit needs."""
-    f = path / "data.mdb"
-    try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(2 * 65536)
-    except OSError as exc:
-        raise HashretError(f"cannot read {f}: {os_problem(exc)}") from None
-    if len(head) < 160:
-        raise _fresh_problem(path, f"data.mdb has {size} bytes, too few for an LMDB header "
-                                   "(truncated, or not an index)")
-    psize = struct.unpack_from("<I", head, 40)[0]
-    metas = []
-    for p in (0, 1):
-        off = p * psize
-        if psize < 512 or psize > 65536 or psize & (psize - 1) or off + 160 > len(head):
-            raise _fresh_problem(path, "data.mdb does not start with an LMDB header (a foreign "
-                                       "or damaged file)")
-        magic, version = struct.unpack_from("<II", head, off + 16)
-        last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
-        if magic != _LMDB_MAGIC or version != 1:
-            raise _fresh_problem(path, f"LMDB header page {p} of data.mdb is damaged or foreign")
-        metas.append((txnid, last_pg))
-    _, last_pg = max(metas)
-    need = (last_pg + 1) * psize
-    if size < need:
-        raise _fresh_problem(path, f"data.mdb is truncated: {size} bytes where its last commit "
-                                   f"needs {need}")
-
-
-# -- LMDB's own pages, before a cursor walks them ----------------------------------------------
-_P_BRANCH, _P_LEAF, _P_OVERFLOW = 0x01, 0x02, 0x04
-_F_BIGDATA, _F_SUBDATA = 0x01, 0x02
-_P_INVALID = (1 << 64) - 1
-
-
-def walk_tables(path: Path, txn_id: int, names) -> dict:
-    """Check the B-tree pages of the named tables in data.mdb as of transaction ``txn_id``
-    (hold a read transaction of that id, so none of its pages is reused meanwhile): every
-    page names itself, is of the type its place needs, keeps its nodes inside it, and points
-    only at pages of the file and overflow runs that say they are. LMDB asserts (abort())
-    on some such damage while a cursor steps through a table; gets return errors. Returns
-    {table: first problem} for the damaged ones."""
-    f = path / "data.mdb"
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        head = os.pread(fd, 2 * 65536, 0)
-        psize = struct.unpack_from("<I", head, 40)[0]
-        metas = [(struct.unpack_from("<Q", head, p * psize + 144)[0], p * psize) for p in (0, 1)]
-        off = next((o for t, o in metas if t == txn_id), max(metas)[1])
-        last_pg = struct.unpack_from("<Q", head, off + 136)[0]
-        main_root = struct.unpack_from("<Q", head, off + 88 + 40)[0]
-
-        def page(pg):
-            if not 2 <= pg <= last_pg:
-                raise ValueError(f"a link to page {pg}, outside pages 2..{last_pg}")
-            buf = os.pread(fd, psize, pg * psize)
-            if len(buf) != psize:
-                raise ValueError(f"page {pg} lies past the end of the file")
-            if struct.unpack_from("<Q", buf, 0)[0] != pg:
-                raise ValueError(f"page {pg} does not name itself (zeroed or overwritten)")
-            return buf
-
-        def nodes(buf, pg):
-            lower, upper = struct.unpack_from("<HH", buf, 12)
-            if not (16 <= lower <= upper <= psize) or (lower - 16) % 2:
-                raise ValueError(f"page {pg} has impossible bounds")
-            for i in range((lower - 16) // 2):
-                at = struct.unpack_from("<H", buf, 16 + 2 * i)[0]
-                if not upper <= at <= psize - 8:
-                    raise ValueError(f"page {pg} has a node outside it")
-                lo, hi, flags, ksize = struct.unpack_from("<HHHH", buf, at)
-                if at + 8 + ksize > psize:
-                    raise ValueError(f"page {pg} has a key running past it")
-                yield at, lo, hi, flags, ksize
-
-        def walk(root, depth, on_leaf):
-            stack = [(root, 1)]
-            while stack:
-                pg, level = stack.pop()
-                buf = page(pg)
-                flags = struct.unpack_from("<H", buf, 10)[0]
-                if level < depth:
-                    if not flags & _P_BRANCH:
-                        raise ValueError(f"page {pg} should be a branch page")
-                    for at, lo, hi, fl, _ in nodes(buf, pg):
-                        stack.append((lo | hi << 16 | fl << 32, level + 1))
-                else:
-                    if not flags & _P_LEAF:
-                        raise ValueError(f"page {pg} should be a leaf page")
-                    for at, lo, hi, fl, ksize in nodes(buf, pg):
-                        on_leaf(buf, pg, at, lo | hi << 16, fl, ksize)
-
-        tables = {}
-
-        def named(buf, pg, at, size, fl, ksize):
-            if fl & _F_SUBDATA and size == 48 and at + 8 + ksize + 48 <= psize:
-                rec = buf[at + 8 + ksize:at + 8 + ksize + 48]
-                tables[bytes(buf[at + 8:at + 8 + ksize])] = (struct.unpack_from("<H", rec, 6)[0],
-                                                             struct.unpack_from("<Q", rec, 40)[0])
-
-        problems = {}
-        main_depth = struct.unpack_from("<H", head, off + 88 + 6)[0]
-        try:
-            if main_root != _P_INVALID:
-                walk(main_root, main_depth, named)
-        except ValueError as exc:
-            return {"LMDB's table of tables": str(exc)}
-
-        def overflow(buf, pg, at, size, fl, ksize):
-            if fl & _F_BIGDATA:
-                start = at + 8 + ksize
-                if start + 8 > psize:
-                    raise ValueError(f"page {pg} has a node running past it")
-                ov = struct.unpack_from("<Q", buf, start)[0]
-                obuf = page(ov)
-                oflags, npages = struct.unpack_from("<HI", obuf, 10)
-                if not oflags & _P_OVERFLOW or npages * psize < size or ov + npages - 1 > last_pg:
-                    raise ValueError(f"the value on page {ov} is not a whole overflow run")
-            elif at + 8 + ksize + size > psize:
-                raise ValueError(f"page {pg} has a value running past it")
-
-        for name in names:
-            depth, root = tables.get(name.encode(), (0, _P_INVALID))
-            try:
-                if root != _P_INVALID:
-                    walk(root, depth, overflow)
-            except ValueError as exc:
-                problems[name] = str(exc)
-        return problems
-    finally:
-        os.close(fd)
-
-
-# -- ids ----------------------------------------------------------------------------------------
 def ascending(ids: np.ndarray) -> bool:
     """Strictly ascending: unique and already sorted (a build from dataset rows)."""
     return len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
@@ -253,117 +81,6 @@ def all_unique(ids: np.ndarray) -> bool:
 
 
 # -- the writer lock ---------------------------------------------------------------------------
-class WriterLock:
-    """``writer.lock`` in the index folder, held with flock for as long as a writer is open.
-
-    flock locks belong to an open file description, so a second open in this process is
-    refused like one in another process; the kernel frees the lock when its holder dies."""
-
-    def __init__(self, path: Path):
-        self.file = path / LOCK_NAME
-        try:
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise HashretError(f"cannot open the index at {path} for writing: {os_problem(exc)}; "
-                               "open it read-only to search it") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            try:
-                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            except ValueError:
-                holder = {}
-            os.close(fd)
-            raise HashretError(f"the index at {path} already has a writer ({_describe_holder(holder)}): "
-                               "one writer at a time; wait for it to finish or stop it, or open the "
-                               "index read-only to search it meanwhile") from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "command": " ".join(os.path.basename(a) if i == 0 else a
-                                      for i, a in enumerate(sys.argv))[:200]}
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode(), 0)
-        except OSError:
-            pass  # the lock is what counts; the note only names the holder
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-def _describe_holder(h: dict) -> str:
-    if not h:
-        return "holder unknown"
-    who = "this process" if h.get("pid") == os.getpid() and h.get("host") == socket.gethostname() \
-        else f"pid {h.get('pid')} on {h.get('host')}"
-    cmd = f", '{h['command']}'" if h.get("command") else ""
-    return f"{who}{cmd}, since {h.get('since')}"
-
-
-# -- environments: LMDB allows one open of an environment per process ------------------------
-_OPEN: dict = {}  # real path -> [env, dbs, refcount, opened_readonly]
-
-
-def _acquire(path: Path, readonly: bool, create: bool):
-    key = str(path.resolve())
-    if key in _OPEN:
-        entry = _OPEN[key]
-        check(readonly or not entry[3], f"the index at {path} is open read-only in this process: "
-              "close that HashIndex before opening it for writing")
-        entry[2] += 1
-        return entry[0], entry[1]
-    if (path / "data.mdb").exists():
-        check_lmdb_file(path)
-    env = None
-    try:
-        try:
-            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(_DBS), readonly=readonly,
-                            create=create, lock=True, readahead=True, max_readers=MAX_READERS)
-        except lmdb.Error as exc:
-            # a reader on a read-only medium cannot write LMDB's reader table; with no writer
-            # possible there, reading without it is safe
-            if not readonly or os_problem(exc) not in ("read-only file system", "permission denied"):
-                raise
-            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(_DBS), readonly=True,
-                            create=False, lock=False, readahead=True)
-        if readonly:
-            dbs = {n.decode(): env.open_db(n, create=False) for n in _DBS if _has_db(env, n)}
-        else:  # every table in one transaction: a kill leaves all of them or none
-            with env.begin(write=True) as txn:
-                dbs = {n.decode(): env.open_db(n, txn=txn, create=True) for n in _DBS}
-    except lmdb.Error as exc:
-        if env is not None:
-            env.close()
-        problem = os_problem(exc)
-        if problem.startswith(("no space", "disk quota", "file size", "read-only", "permission")):
-            raise HashretError(f"cannot open the index at {path}: {problem}") from None
-        raise _fresh_problem(path, f"LMDB cannot open it ({problem})") from None
-    if readonly and set(dbs) != {n.decode() for n in _DBS}:
-        env.close()
-        raise HashretError(f"{path} holds no hashret index (its LMDB file lacks hashret's tables): "
-                           "pass the folder written by build-index")
-    _OPEN[key] = [env, dbs, 1, readonly]
-    return env, dbs
-
-
-def _has_db(env, name: bytes) -> bool:
-    with env.begin() as txn:
-        return txn.get(name) is not None
-
-
-def _release(path: Path):
-    key = str(path.resolve())
-    entry = _OPEN.get(key)
-    if entry is None:
-        return
-    entry[2] -= 1
-    if entry[2] == 0:
-        entry[0].close()
-        del _OPEN[key]
 
 
 def is_initialised(path) -> bool:
@@ -373,26 +90,26 @@ def is_initialised(path) -> bool:
     path = Path(path)
     if not (path / "data.mdb").is_file():
         return False
-    entry = _OPEN.get(str(path.resolve()))
+    entry = OPEN_ENVS.get(str(path.resolve()))
     if entry is not None:  # open in this process: ask that environment
         with entry[0].begin() as txn:
             return txn.get(b"meta", db=entry[1]["meta"]) is not None
     check_lmdb_file(path)
     try:
-        env = lmdb.open(str(path), max_dbs=len(_DBS), readonly=True, lock=False, create=False)
+        env = lmdb.open(str(path), max_dbs=len(DBS), readonly=True, lock=False, create=False)
     except lmdb.Error as exc:
-        raise _fresh_problem(path, f"LMDB cannot open it ({os_problem(exc)})") from None
+        raise fresh_problem(path, f"LMDB cannot open it ({os_problem(exc)})") from None
     try:
-        present = [n for n in _DBS if _has_db(env, n)]
+        present = [n for n in DBS if has_db(env, n)]
         if not present and env.stat()["entries"] == 0:
             return False  # an empty LMDB file: the create died before its tables were made
-        if len(present) != len(_DBS):
+        if len(present) != len(DBS):
             raise HashretError(f"{path}/data.mdb is an LMDB file without hashret's tables: it is not "
                                "a hashret index; choose another folder")
         with env.begin() as txn:
             return txn.get(b"meta", db=env.open_db(b"meta", txn=txn, create=False)) is not None
     except lmdb.Error as exc:
-        raise _fresh_problem(path, f"LMDB cannot read it ({os_problem(exc)})") from None
+        raise fresh_problem(path, f"LMDB cannot read it ({os_problem(exc)})") from None
     finally:
         env.close()
 
@@ -400,7 +117,7 @@ def is_initialised(path) -> bool:
 def _validate_meta(meta, path: Path) -> dict:
     """Type and range of every field; a CorruptError naming the first bad one."""
     def bad(field, why):
-        return _fresh_problem(path, f"its meta field '{field}' {why}")
+        return fresh_problem(path, f"its meta field '{field}' {why}")
 
     if not isinstance(meta, dict):
         raise bad("meta", "is not a JSON object")
@@ -440,7 +157,7 @@ def _validate_meta(meta, path: Path) -> dict:
 def _refuse_format_2(raw, path: Path):
     """A meta record sealed the format-2 way (CRC32) gets the rebuild message, not 'corrupt'."""
     raw = bytes(raw)
-    if len(raw) > 4 and zlib.crc32(raw[:-4], zlib.crc32(b"meta", zlib.crc32(b"meta"))) == _CRC.unpack(raw[-4:])[0]:
+    if len(raw) > 4 and zlib.crc32(raw[:-4], zlib.crc32(b"meta", zlib.crc32(b"meta"))) == CRC.unpack(raw[-4:])[0]:
         raise HashretError(f"the index at {path} has format 2; this hashret reads format "
                            f"{FORMAT_VERSION}: rebuild it with 'hashret build-index'")
 
@@ -463,7 +180,7 @@ class LMDBStore:
         if not readonly:
             self.lock = WriterLock(self.path)
         try:
-            self.env, self.db = _acquire(self.path, readonly, create)
+            self.env, self.db = open_env(self.path, readonly, create)
         except BaseException:
             self._unlock()
             raise
@@ -475,36 +192,36 @@ class LMDBStore:
 
     def close(self):
         if self.env is not None:
-            _release(self.path)
+            close_env(self.path)
             self.env = None
         self._unlock()
 
     def corrupt(self, what: str) -> CorruptError:
-        return _fresh_problem(self.path, what)
+        return fresh_problem(self.path, what)
 
     # -- sealed values -------------------------------------------------------------------------
-    def _unseal(self, space: str, key: bytes, buf, what: str, expect: int | None = None):
+    def unseal(self, space: str, key: bytes, buf, what: str, expect: int | None = None):
         """The payload of a sealed value (a view valid inside its transaction)."""
         if buf is None:
             raise self.corrupt(f"{what} is missing")
         n = len(buf)
-        if expect is not None and n != expect + _SEAL.size:
-            raise self.corrupt(f"{what} holds {n - _SEAL.size} bytes where {expect} are expected")
-        if n < _SEAL.size:
+        if expect is not None and n != expect + SEAL.size:
+            raise self.corrupt(f"{what} holds {n - SEAL.size} bytes where {expect} are expected")
+        if n < SEAL.size:
             raise self.corrupt(f"{what} is truncated")
         view = memoryview(buf)
-        payload = view[:n - _SEAL.size]
-        if _digest(space, key, payload) != _SEAL.unpack(view[n - _SEAL.size:])[0]:
+        payload = view[:n - SEAL.size]
+        if digest(space, key, payload) != SEAL.unpack(view[n - SEAL.size:])[0]:
             raise self.corrupt(f"{what} fails its checksum")
         return payload
 
-    def _read_meta(self, txn) -> dict:
+    def meta_in(self, txn) -> dict:
         raw = txn.get(b"meta", db=self.db["meta"])
         if raw is None:
             raise HashretError(f"{self.path} holds no committed index (its creation did not finish): "
                                "delete the folder, or build into it again")
         try:
-            payload = self._unseal("meta", b"meta", raw, "its meta record")
+            payload = self.unseal("meta", b"meta", raw, "its meta record")
         except CorruptError:
             _refuse_format_2(raw, self.path)
             raise
@@ -515,9 +232,9 @@ class LMDBStore:
         return _validate_meta(meta, self.path)
 
     def _put_meta(self, txn, meta):
-        txn.put(b"meta", _seal("meta", b"meta", json.dumps(meta).encode()), db=self.db["meta"])
+        txn.put(b"meta", seal("meta", b"meta", json.dumps(meta).encode()), db=self.db["meta"])
 
-    def _read_tombstones(self, txn, meta: dict) -> bitarray:
+    def tombstones_in(self, txn, meta: dict) -> bitarray:
         """Removed rows. The record covers the rows that existed when it was written (an
         8-byte row count, then the bits); rows appended since are alive."""
         count, removed = meta["count"], meta["removed"]
@@ -528,7 +245,7 @@ class LMDBStore:
             raise self.corrupt(f"the tombstones of its {removed} removed rows are missing")
         if raw is not None:
             what = "the tombstones (removed rows)"
-            payload = self._unseal("meta", b"tombstones", raw, what)
+            payload = self.unseal("meta", b"tombstones", raw, what)
             if len(payload) < 8:
                 raise self.corrupt(f"{what} are truncated")
             covered = struct.unpack("<Q", payload[:8])[0]
@@ -565,7 +282,7 @@ class LMDBStore:
 
     def read_meta(self) -> dict:
         with self._reading() as txn:
-            self.meta = self._read_meta(txn)
+            self.meta = self.meta_in(txn)
         return self.meta
 
     def _reading(self):
@@ -603,7 +320,7 @@ class LMDBStore:
         for _ in range(12):
             try:
                 with self.env.begin(write=True, buffers=True) as txn:
-                    meta = self._read_meta(txn)
+                    meta = self.meta_in(txn)
                     if meta["generation"] != self.generation:
                         raise HashretError(
                             f"the index at {self.path} was changed by another writer since this one "
@@ -667,37 +384,37 @@ class LMDBStore:
             lo = c * cs
             head = b""
             if off:  # re-sealing a chunk: check it first, so damage is never sealed anew
-                head = bytes(self._unseal("codes", _key(c), txn.get(_key(c), db=self.db["codes"]),
+                head = bytes(self.unseal("codes", chunk_key(c), txn.get(chunk_key(c), db=self.db["codes"]),
                                           f"code chunk {c} (rows {lo}..{lo + off - 1})", expect=off * nbytes))
-            txn.put(_key(c), _seal("codes", _key(c), head + packed[pos:pos + take].tobytes()),
+            txn.put(chunk_key(c), seal("codes", chunk_key(c), head + packed[pos:pos + take].tobytes()),
                     db=self.db["codes"])
             if ids is not None:
                 ihead = b""
                 if off:
-                    ihead = bytes(self._unseal("ids", _key(c), txn.get(_key(c), db=self.db["ids"]),
+                    ihead = bytes(self.unseal("ids", chunk_key(c), txn.get(chunk_key(c), db=self.db["ids"]),
                                                f"id chunk {c} (rows {lo}..{lo + off - 1})", expect=off * 8))
-                txn.put(_key(c), _seal("ids", _key(c), ihead + ids[pos:pos + take].astype("<i8").tobytes()),
+                txn.put(chunk_key(c), seal("ids", chunk_key(c), ihead + ids[pos:pos + take].astype("<i8").tobytes()),
                         db=self.db["ids"])
             pos += take
         if items is not None:
             with txn.cursor(db=self.db["items"]) as cur:
-                cur.putmulti([(_key(first_row + j), _seal("items", _key(first_row + j), json.dumps(it).encode()))
+                cur.putmulti([(chunk_key(first_row + j), seal("items", chunk_key(first_row + j), json.dumps(it).encode()))
                               for j, it in enumerate(items) if it is not None])
             given = first_row + np.flatnonzero([it is not None for it in items])
             for c in np.unique(given // cs).tolist():
                 bm = self._presence(txn, c, cs)
                 for r in given[given // cs == c].tolist():
                     bm[r - c * cs] = True
-                txn.put(_key(c), _seal("present", _key(c), bm.tobytes()), db=self.db["present"])
+                txn.put(chunk_key(c), seal("present", chunk_key(c), bm.tobytes()), db=self.db["present"])
 
     def _presence(self, txn, c: int, cs: int) -> bitarray:
         """Which rows of chunk ``c`` have a payload (verified; all False when none has)."""
         bm = bitarray(cs)
         bm.setall(False)
-        raw = txn.get(_key(c), db=self.db["present"])
+        raw = txn.get(chunk_key(c), db=self.db["present"])
         if raw is not None:
             bm = bitarray()
-            bm.frombytes(bytes(self._unseal("present", _key(c), raw, f"the payload map of chunk {c}",
+            bm.frombytes(bytes(self.unseal("present", chunk_key(c), raw, f"the payload map of chunk {c}",
                                             expect=(cs + 7) // 8)))
             bm = bm[:cs]
         return bm
@@ -706,7 +423,7 @@ class LMDBStore:
         def fn(txn, meta):
             check(len(tomb) == meta["count"], "internal: tombstones do not cover every row")
             meta["removed"] = tomb.count()
-            txn.put(b"tombstones", _seal("meta", b"tombstones", self._tombstone_payload(tomb)),
+            txn.put(b"tombstones", seal("meta", b"tombstones", self._tombstone_payload(tomb)),
                     db=self.db["meta"])
 
         self._transact("remove", fn)
@@ -714,7 +431,7 @@ class LMDBStore:
     def rewrite(self, packed, ids, keep_rows):
         """Compaction: the kept rows, renumbered from 0, in one transaction."""
         def fn(txn, meta):
-            broken = walk_tables(self.path, txn.id() - 1, [n.decode() for n in _DBS])
+            broken = walk_tables(self.path, txn.id() - 1, [n.decode() for n in DBS])
             if broken:
                 table, why = next(iter(broken.items()))
                 raise self.corrupt(f"LMDB's pages of the '{table}' table are damaged: {why}")
@@ -722,7 +439,7 @@ class LMDBStore:
             with txn.cursor(db=self.db["items"]) as cur:
                 for k, v in cur:
                     row = struct.unpack(">Q", k)[0]
-                    old_items[row] = json.loads(bytes(self._unseal("items", bytes(k), v, f"the payload of row {row}")))
+                    old_items[row] = json.loads(bytes(self.unseal("items", bytes(k), v, f"the payload of row {row}")))
             for name in ("codes", "ids", "items", "present"):
                 txn.drop(self.db[name], delete=False)
             items = [old_items.get(int(r)) for r in keep_rows] if old_items else None
@@ -744,7 +461,7 @@ class LMDBStore:
         if txn is not None:
             return self._items_in(txn, rows, self.meta["chunk_size"])
         with self._reading() as txn:
-            return self._items_in(txn, rows, self._read_meta(txn)["chunk_size"])
+            return self._items_in(txn, rows, self.meta_in(txn)["chunk_size"])
 
     def _items_in(self, txn, rows, cs) -> list:
         out = []
@@ -754,12 +471,12 @@ class LMDBStore:
             c = r // cs
             if c not in maps:
                 maps[c] = self._presence(txn, c, cs)
-            k = _key(r)
+            k = chunk_key(r)
             raw = txn.get(k, db=self.db["items"])
             if (raw is None) == maps[c][r - c * cs]:
                 raise self.corrupt(f"the payload of row {r} is {'missing' if raw is None else 'not listed in its chunk map'}")
             out.append(None if raw is None else
-                       json.loads(bytes(self._unseal("items", k, raw, f"the payload of row {r}"))))
+                       json.loads(bytes(self.unseal("items", k, raw, f"the payload of row {r}"))))
         return out
 
     def _writable(self):
@@ -774,13 +491,13 @@ class LMDBStore:
         report = {"ok": False, "problems": problems, "rows": None, "chunks": 0, "items": 0, "ids": 0}
         try:
             with self.env.begin(buffers=True) as txn:
-                broken = walk_tables(self.path, txn.id(), [n.decode() for n in _DBS])
+                broken = walk_tables(self.path, txn.id(), [n.decode() for n in DBS])
                 for table, why in broken.items():
                     problems.append(f"LMDB's pages of the '{table}' table are damaged: {why}")
                 if broken:
                     return report  # a cursor over damaged pages may abort the process
                 try:
-                    meta = self._read_meta(txn)
+                    meta = self.meta_in(txn)
                 except HashretError as exc:
                     problems.append(_strip(exc))
                     return report
@@ -803,7 +520,7 @@ class LMDBStore:
                             rows = min(cs, count - lo)
                             what = f"{'code' if space == 'codes' else 'id'} chunk {c} (rows {lo}..{lo + rows - 1})"
                             try:
-                                payload = self._unseal(space, bytes(k), v, what, expect=rows * size)
+                                payload = self.unseal(space, bytes(k), v, what, expect=rows * size)
                                 report["chunks"] += space == "codes"
                                 if space == "ids":
                                     ids[lo:lo + rows] = np.frombuffer(payload, "<i8")
@@ -813,7 +530,7 @@ class LMDBStore:
                         lo = c * cs
                         problems.append(f"{space} chunk {c} (rows {lo}..{min(count, lo + cs) - 1}) is missing")
                 try:
-                    self._read_tombstones(txn, meta)
+                    self.tombstones_in(txn, meta)
                 except CorruptError as exc:
                     problems.append(_strip(exc))
                 report["ids"] = count if explicit else 0
@@ -829,7 +546,7 @@ class LMDBStore:
                             continue
                         try:
                             bm = bitarray()
-                            bm.frombytes(bytes(self._unseal("present", bytes(k), v, f"the payload map of chunk {c}",
+                            bm.frombytes(bytes(self.unseal("present", bytes(k), v, f"the payload map of chunk {c}",
                                                             expect=(cs + 7) // 8)))
                             listed[c * cs:(c + 1) * cs] = bm[:cs]
                         except CorruptError as exc:
@@ -845,7 +562,7 @@ class LMDBStore:
                             problems.append(f"items holds a payload for row {row}, beyond the {count} rows")
                             continue
                         try:
-                            json.loads(bytes(self._unseal("items", bytes(k), v, f"the payload of row {row}")))
+                            json.loads(bytes(self.unseal("items", bytes(k), v, f"the payload of row {row}")))
                             report["items"] += 1
                         except CorruptError as exc:
                             problems.append(_strip(exc))
@@ -862,188 +579,6 @@ class LMDBStore:
             problems.append(f"LMDB's own structure is damaged ({os_problem(exc)})")
         report["ok"] = not problems
         return report
-
-
-class Snapshot:
-    """One consistent state of an index, read in place.
-
-    Holds a read transaction open and views every code and id chunk where LMDB's memory map
-    has it: ``codes`` is a list of (rows, n_words) word arrays (``layout(bytes per code)``
-    gives the word type and count; a chunk is copied only where a code needs padding to
-    whole words), ``ids`` a list of int64 arrays (explicit ids) or None. Every chunk's
-    checksum is checked (in parallel; XXH3 runs at memory speed) unless ``verify`` is False,
-    except chunks that ``previous`` had checked at the same address and length: LMDB does not
-    reuse a page a live reader can see, so such a chunk is the same value.
-
-    Scans ``acquire()`` it and ``release()`` it; ``retire()`` ends the transaction once the
-    last user has released it (a newer snapshot takes over)."""
-
-    def __init__(self, store: "LMDBStore", layout, previous: "Snapshot | None", verify: bool):
-        import threading
-
-        self.path = store.path
-        self._lock = threading.Lock()
-        self._users = 0
-        self._retired = False
-        self._deleted = None
-        self.txn = store.env.begin(buffers=True)
-        try:
-            self._read(store, layout, previous, verify)
-        except BaseException:
-            self.txn.abort()
-            raise
-
-    def _read(self, store, layout, previous, verify):
-        txn = self.txn
-        meta = store._read_meta(txn)
-        count, cs, nbytes = meta["count"], meta["chunk_size"], meta["bits"] // 8
-        word_dtype, n_words = layout(nbytes)
-        word_dtype = np.dtype(word_dtype).newbyteorder("<")
-        width = n_words * word_dtype.itemsize
-        check(nbytes <= width, "internal: word count too small for the code length")
-        n_chunks = (count + cs - 1) // cs
-        have = txn.stat(store.db["codes"])["entries"]
-        if have != n_chunks:
-            raise store.corrupt(f"it holds {have} code chunks where its meta (count {count}, "
-                                f"chunk size {cs}) needs {n_chunks}")
-        explicit = meta["id_mode"] == "explicit"
-        if explicit and txn.stat(store.db["ids"])["entries"] != n_chunks:
-            raise store.corrupt(f"it holds {txn.stat(store.db['ids'])['entries']} id chunks where "
-                                f"{n_chunks} are needed")
-        known = previous.checked if previous is not None else {}
-        # Appends only write from the last, partial chunk on, so while no compaction has
-        # renumbered rows (same epoch) the previous snapshot's full chunks are still these
-        # values; those in overflow pages (which start 16 bytes into a page: LMDB's page
-        # header) also stay at their address, so their views are reused without a lookup.
-        # Smaller values sit inside B-tree pages, which move when a neighbour changes.
-        keep = 0
-        if (previous is not None and previous.meta["epoch"] == meta["epoch"]
-                and count >= previous.count and previous.chunk_size == cs):
-            keep = previous.count // cs
-        psize = store.env.stat()["psize"]
-        self.checked = {}
-        todo = []
-        self.codes, self.ids = [], [] if explicit else None
-        for c in range(n_chunks):
-            lo = c * cs
-            rows = min(cs, count - lo)
-            if c < keep and all(known.get((sp, c), (1, 0))[0] % psize == 16 for sp in ("codes", "ids")
-                                if sp == "codes" or explicit):
-                self.codes.append(previous.codes[c])
-                self.checked[("codes", c)] = known[("codes", c)]
-                if explicit:
-                    self.ids.append(previous.ids[c])
-                    self.checked[("ids", c)] = known[("ids", c)]
-                continue
-            for space, size in (("codes", nbytes), ("ids", 8)) if explicit else (("codes", nbytes),):
-                what = f"{'code' if space == 'codes' else 'id'} chunk {c} (rows {lo}..{lo + rows - 1})"
-                raw = txn.get(_key(c), db=store.db[space])
-                if raw is None:
-                    raise store.corrupt(f"{what} is missing")
-                if len(raw) != rows * size + _SEAL.size:
-                    raise store.corrupt(f"{what} holds {len(raw) - _SEAL.size} bytes where "
-                                        f"{rows * size} are expected")
-                whole = np.frombuffer(raw, np.uint8)
-                place = (whole.ctypes.data, len(whole))
-                if verify and known.get((space, c)) != place:
-                    todo.append((space, c, raw, what))
-                self.checked[(space, c)] = place  # checked now, before, or trusted (verify=False)
-                payload = whole[:rows * size]
-                if space == "ids":
-                    self.ids.append(payload.view("<i8"))
-                elif width == nbytes:
-                    self.codes.append(payload.view(word_dtype).reshape(rows, n_words))
-                else:  # padding to whole words: this chunk is copied
-                    buf = np.zeros((rows, width), dtype=np.uint8)
-                    buf[:, :nbytes] = payload.reshape(rows, nbytes)
-                    self.codes.append(buf.view(word_dtype).reshape(rows, n_words))
-        self._check(store, todo)
-        self.has_items = txn.stat(store.db["present"])["entries"] > 0
-        self.tomb = store._read_tombstones(txn, meta)
-        self._any_removed = self.tomb.any()  # once: any() walks the bits (~75 us per 10^7 rows)
-        self.meta, self.count, self.chunk_size = meta, count, cs
-        self.word_dtype, self.n_words = word_dtype, n_words
-        self.generation = meta["generation"]
-
-    @staticmethod
-    def _check(store, todo):
-        def one(job):
-            space, c, raw, what = job
-            try:
-                store._unseal(space, _key(c), raw, what)
-            except CorruptError as exc:
-                return exc
-            return None
-
-        big = sum(len(j[2]) for j in todo) > (8 << 20)
-        if big and len(todo) > 1:
-            with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1, 8)) as pool:
-                problems = list(pool.map(one, todo))
-        else:
-            problems = [one(j) for j in todo]
-        first = next((p for p in problems if p is not None), None)
-        if first is not None:
-            raise first
-
-    # -- rows -------------------------------------------------------------------------------
-    def deleted_mask(self):
-        """uint8 per row (1 = removed), or None when nothing is removed."""
-        if not self._any_removed:
-            return None
-        if self._deleted is None:
-            self._deleted = np.frombuffer(self.tomb.unpack(), dtype=np.uint8)[: self.count].copy()
-        return self._deleted
-
-    def ids_of_rows(self, rows) -> np.ndarray:
-        """External ids of rows (-1 stays -1)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if self.ids is None:
-            return rows.copy()
-        out = np.full(rows.shape, -1, dtype=np.int64)
-        ok = rows >= 0
-        c = rows // self.chunk_size
-        for chunk in np.unique(c[ok]).tolist():
-            at = ok & (c == chunk)
-            out[at] = self.ids[chunk][rows[at] - chunk * self.chunk_size]
-        return out
-
-    def items_of_rows(self, store: "LMDBStore", rows) -> list:
-        """Payloads of rows as of this snapshot (a transaction serves one thread at a time)."""
-        if not self.has_items:
-            return [None] * len(rows)
-        with self._lock:
-            return store.items_of_rows(rows, txn=self.txn)
-
-    def all_ids(self) -> np.ndarray:
-        """Every row's id (a copy; explicit ids only)."""
-        return np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
-
-    # -- lifetime -----------------------------------------------------------------------------
-    def acquire(self) -> "Snapshot":
-        with self._lock:
-            check(not self._retired, "internal: a retired snapshot was used")
-            self._users += 1
-        return self
-
-    def release(self):
-        with self._lock:
-            self._users -= 1
-            end = self._retired and self._users == 0
-        if end:
-            self._end()
-
-    def retire(self):
-        with self._lock:
-            self._retired = True
-            end = self._users == 0
-        if end:
-            self._end()
-
-    def _end(self):
-        if self.txn is not None:
-            self.codes, self.ids = [], None
-            self.txn.abort()
-            self.txn = None
 
 
 def _strip(exc: HashretError) -> str:

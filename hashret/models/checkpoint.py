@@ -18,6 +18,12 @@ from hashret.errors import CorruptError, HashretError, check, os_problem
 FORMAT_VERSION = 1
 
 
+def _read(path: Path) -> bytes:
+    """Every checkpoint file is read here, once per :class:`Checkpoint`."""
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 def _atomic_write(path: Path, write):
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -59,7 +65,7 @@ def read_checkpoint_info(run_dir) -> dict:
     cfg = run_dir / "config.json"
     check(cfg.is_file(), f"{run_dir} has no config.json: the checkpoint is incomplete; train again")
     try:
-        info = json.loads(cfg.read_text(encoding="utf-8"))
+        info = json.loads(_read(cfg).decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise CorruptError(f"{cfg} is corrupt ({type(exc).__name__}: {exc}): train again") from None
     check(isinstance(info, dict) and isinstance(info.get("config"), dict),
@@ -94,12 +100,122 @@ def _check_config(path: Path, info: dict):
             need(field, int, 0)
 
 
+class Checkpoint:
+    """A trained model's folder, each file read once.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A RUN_DIR written by ``hashret train`` (``config.json``, ``weights.pt``, ``split.npz``).
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    info : dict
+        ``config.json``, checked: the model's resolved config under ``"config"``, the
+        dataset's name and fingerprint under ``"dataset"``.
+    fingerprint : str
+        16 hex digits identifying the weights and config (what an index records).
+    model : HashModel or MatcherModel
+        The trained model, built on first use.
+
+    Raises
+    ------
+    HashretError
+        The folder, ``config.json`` or a config field is missing or of another format.
+    CorruptError
+        ``config.json`` or ``weights.pt`` cannot be read.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.info = read_checkpoint_info(self.path)
+        self.config = self.info["config"]
+        self._weights: bytes | None = None
+        self._fingerprint: str | None = None
+        self._model = None
+        self._datasets: dict = {}
+
+    @classmethod
+    def of(cls, checkpoint) -> "Checkpoint":
+        """``checkpoint`` itself if it is a :class:`Checkpoint`, else the one in that folder."""
+        return checkpoint if isinstance(checkpoint, cls) else cls(checkpoint)
+
+    def _weight_bytes(self) -> bytes:
+        if self._weights is None:
+            weights = self.path / "weights.pt"
+            check(weights.is_file(), f"{self.path} has no weights.pt: the checkpoint is incomplete; train again")
+            try:
+                self._weights = _read(weights)
+            except OSError as exc:
+                raise HashretError(f"cannot read {weights}: {os_problem(exc)}") from None
+        return self._weights
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            # the data an index's items come from is part of what it was built with
+            h.update(json.dumps({"config": self.config, "dataset_spec": self.info.get("dataset_spec"),
+                                 "data_root": self.info.get("data_root")}, sort_keys=True).encode())
+            h.update(self._weight_bytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    @property
+    def model(self):
+        if self._model is None:
+            _ = self.fingerprint  # from the same bytes the weights load from
+            self._model = _build(self.path, self.info, self._weight_bytes())
+            self._weights = None
+        return self._model
+
+    def dataset(self, dataset=None, data_root=None):
+        """The dataset the model was trained on (with its saved split), or ``dataset`` if
+        given; loaded once per (dataset, data_root)."""
+        key = (dataset, None if data_root is None else str(data_root))
+        if key not in self._datasets:
+            self._datasets[key] = _dataset(self.path, self.info, dataset, data_root)
+        return self._datasets[key]
+
+
 def load_checkpoint(run_dir):
-    """The trained model in ``run_dir``; every file and field is checked first."""
+    """The trained model in ``run_dir``.
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        A RUN_DIR written by ``hashret train`` (or :func:`hashret.train`).
+
+    Returns
+    -------
+    HashModel or MatcherModel
+        The model, its weights loaded; ``model.encode(features, modality)`` gives +-1 codes.
+
+    Raises
+    ------
+    HashretError
+        A file or config field is missing, or the weights do not fit the config.
+    CorruptError
+        A file cannot be read.
+
+    Examples
+    --------
+    >>> import hashret
+    >>> SPEC = "synthetic:n_items=500,n_query=50,n_train=250,n_labels=5,image_dim=16,text_dim=40"
+    >>> _ = hashret.train("label-ridge", SPEC, bits=32, out=tmp / "run", progress=False, evaluate=False)
+    >>> model = hashret.load_checkpoint(tmp / "run")
+    >>> model.bits, model.config["model"]
+    (32, 'label-ridge')
+    """
+    return Checkpoint.of(run_dir).model
+
+
+def _build(run_dir: Path, info: dict, weights: bytes):
     from hashret.models import build_model
 
-    run_dir = Path(run_dir)
-    info = read_checkpoint_info(run_dir)
     cfg = dict(info["config"])
     name = cfg.pop("model")
     try:
@@ -117,17 +233,18 @@ def load_checkpoint(run_dir):
     except (TypeError, ValueError, KeyError) as exc:
         raise HashretError(f"{run_dir}/config.json does not describe a model this hashret builds "
                            f"({type(exc).__name__}: {exc}): train again") from None
-    model = _load_weights(run_dir, model, info)
+    model = _load_weights(run_dir, model, info, weights)
     if "selection" in info and hasattr(model, "selection"):
         model.selection = info["selection"]
     return model
 
 
-def _load_weights(run_dir, model, info):
+def _load_weights(run_dir, model, info, data: bytes):
+    import io
+
     weights = run_dir / "weights.pt"
-    check(weights.is_file(), f"{run_dir} has no weights.pt: the checkpoint is incomplete; train again")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise CorruptError(f"{weights} is unreadable ({type(exc).__name__}): the checkpoint is "
                            "corrupt; train again") from None
@@ -149,11 +266,13 @@ def _load_weights(run_dir, model, info):
 
 def checkpoint_dataset(run_dir, dataset=None, data_root=None):
     """The dataset a checkpoint was trained on (with its saved split), or ``dataset`` if given."""
+    return Checkpoint.of(run_dir).dataset(dataset, data_root)
+
+
+def _dataset(run_dir: Path, info: dict, dataset, data_root):
     from hashret.data import load_dataset
     from hashret.data.scenes import is_scene_spec, load_scenes
 
-    run_dir = Path(run_dir)
-    info = read_checkpoint_info(run_dir)
     spec = info.get("dataset_spec")
     if dataset is None:
         check(spec is not None, f"{run_dir} does not record its dataset: pass --dataset")
@@ -174,23 +293,7 @@ def checkpoint_dataset(run_dir, dataset=None, data_root=None):
 
 def fingerprint(run_dir) -> str:
     """Identifies a trained model: a hash of its weights file and its config."""
-    import hashlib
-
-    run_dir = Path(run_dir)
-    info = read_checkpoint_info(run_dir)
-    h = hashlib.sha256()
-    # the data an index's items come from is part of what it was built with
-    h.update(json.dumps({"config": info["config"], "dataset_spec": info.get("dataset_spec"),
-                         "data_root": info.get("data_root")}, sort_keys=True).encode())
-    weights = run_dir / "weights.pt"
-    check(weights.is_file(), f"{run_dir} has no weights.pt: the checkpoint is incomplete; train again")
-    try:
-        with open(weights, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    except OSError as exc:
-        raise HashretError(f"cannot read {weights}: {os_problem(exc)}") from None
-    return h.hexdigest()[:16]
+    return Checkpoint.of(run_dir).fingerprint
 
 
 def encode(run_dir, modality: str, features=None, part: str = "database", dataset=None,
@@ -200,7 +303,8 @@ def encode(run_dir, modality: str, features=None, part: str = "database", datase
     (np.packbits order, +1 -> 1) by default, else int8 +-1. Returns (codes, row indices)."""
     from hashret.index.bits import pack_codes
 
-    model = load_checkpoint(run_dir)
+    ck = Checkpoint.of(run_dir)
+    model = ck.model
     if getattr(model, "kind", None) == "matcher":
         if features is not None:
             check(modality == "image", "a matcher's text side takes captions, not a feature file: "
@@ -209,7 +313,7 @@ def encode(run_dir, modality: str, features=None, part: str = "database", datase
             rows = np.arange(len(codes))
         else:
             check(part != "all", "scene data is encoded one part at a time: pass --split")
-            p = checkpoint_dataset(run_dir, dataset, data_root).part(part)
+            p = ck.dataset(dataset, data_root).part(part)
             rows = p.rows(modality)
             codes = model.encode_rows(p, modality, rows)
         return (pack_codes(codes) if packed else codes), rows
@@ -217,7 +321,7 @@ def encode(run_dir, modality: str, features=None, part: str = "database", datase
         rows = np.arange(len(np.atleast_2d(features)))
         codes = model.encode(np.atleast_2d(np.asarray(features, dtype=np.float32)), modality)
     else:
-        ds = checkpoint_dataset(run_dir, dataset, data_root)
+        ds = ck.dataset(dataset, data_root)
         rows = np.arange(ds.n_items) if part == "all" else ds.part(part)
         codes = model.encode_rows(ds, modality, rows)
     return (pack_codes(codes) if packed else codes), rows

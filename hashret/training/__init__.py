@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from hashret.errors import check
 from hashret.metrics import evaluate_model
 from hashret.models import build_for_dataset, save_checkpoint
 
+log = logging.getLogger(__name__)
+
 
 def seed_everything(seed: int):
     random.seed(seed)
@@ -24,22 +27,57 @@ def seed_everything(seed: int):
 def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int | None = 64,
           seed: int = 0, out="runs/model", data_root=None, epochs: int | None = None,
           device: str = "cpu", options: dict | None = None, evaluate: bool = True,
-          progress: bool = True, log=print, distill_from=None, validation: float = 0.1,
+          progress: bool = True, distill_from=None, validation: float = 0.1,
           refit: bool = True):
-    """Train ``model`` on the training part of ``dataset`` and write a checkpoint to ``out``
-    (weights.pt, config.json with the resolved config, split.npz). With ``evaluate``, mAP@all
-    of both directions on the dataset's query/database parts is logged and saved in the
-    checkpoint's config.json. ``validation``: the share of the training part held out
-    (seeded, saved in split.npz; 0 = none) on which models trained by epochs choose their
-    epoch count; the choice and its validation mAP go to config.json. With ``refit`` (and
-    validation rows) the model is then trained once more, with what validation chose, on the
-    whole training part, validation rows included -- as ``benchmarks/mAP.py`` does, so the
-    checkpoint has seen every training row (a tenth of the database otherwise never trained
-    on); ``refit=False`` keeps the model validation scored. Returns the trained model.
+    """Train a hash model on the training part of a dataset and write a checkpoint.
 
-    Matchers (sgraf, cgam, han, shan, global) train on a scene dataset (``scenes`` or
-    ``precomp:FOLDER``) through :func:`hashret.training.matching.train_scene_model`, with
-    their distilled hash head; ``distill_from`` trains only the head of a trained matcher."""
+    Parameters
+    ----------
+    model : str
+        A model name (``hashret models``): ``gch``, ``dcmh-mlp``, ``cca-itq``, ``label-ridge``,
+        ... or a matcher (``sgraf``, ``cgam``, ``han``, ``shan``, ``global``), which trains on
+        scene data with its distilled hash head.
+    dataset : str, optional
+        A dataset name or spec (default ``wikipedia``; ``scenes`` for a matcher).
+    bits : int, default 64
+        Code length.
+    seed : int, default 0
+    out : str or os.PathLike
+        The RUN_DIR written: ``weights.pt``, ``config.json`` (the resolved config, the data's
+        fingerprint, the epoch choice), ``split.npz``.
+    epochs : int, optional
+        Epochs of a model trained by epochs; by default the config's, cut to the best on
+        validation.
+    device : str, default "cpu"
+        ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+    options : dict, optional
+        Config fields (``--set key=value``).
+    evaluate : bool, default True
+        Score mAP@all of both directions on the query/database parts, saved in config.json.
+    validation : float, default 0.1
+        Share of the training part held out (seeded, saved) to choose the epoch count on;
+        0 = none. ``refit`` (default) trains again with that choice on the whole training part.
+    distill_from : str or os.PathLike, optional
+        A trained matcher's RUN_DIR: train only its hash head.
+
+    Returns
+    -------
+    HashModel or MatcherModel
+        The trained model (also written to ``out``).
+
+    Raises
+    ------
+    HashretError
+        An unknown model or dataset, or a setting the model does not take.
+
+    Examples
+    --------
+    >>> import hashret, numpy as np
+    >>> SPEC = "synthetic:n_items=500,n_query=50,n_train=250,n_labels=5,image_dim=16,text_dim=40"
+    >>> model = hashret.train("label-ridge", SPEC, bits=32, out=tmp / "run", progress=False, evaluate=False)
+    >>> model.encode(np.zeros((2, 16), np.float32), "image").shape
+    (2, 32)
+    """
     from hashret.models.matchers import MATCHERS
 
     if model in MATCHERS or distill_from is not None:
@@ -48,7 +86,7 @@ def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int 
         return train_scene_model(model=model, dataset=dataset or "scenes",
                                  bits=bits or 64, seed=seed, out=out, epochs=epochs, device=device,
                                  options=options, distill_from=distill_from, evaluate=evaluate,
-                                 progress=progress, log=log)
+                                 progress=progress)
     check(model is not None, "no model given: pass --model (see 'hashret models')")
     dataset = dataset or "wikipedia"
     options = dict(options or {})
@@ -63,21 +101,21 @@ def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int 
     net = build_for_dataset(model, ds, bits, seed=seed, **options)
     tr = ds.part("train")
     tag = "SYNTHETIC " if ds.synthetic else ""
-    log(f"training {net.name} ({net.bits} bits, seed {seed}) on {tag}{ds.name}: {len(tr)} items"
+    log.info(f"training {net.name} ({net.bits} bits, seed {seed}) on {tag}{ds.name}: {len(tr)} items"
         + (f", {len(val[2])} held out for validation" if val is not None else ""))
     t0 = time.perf_counter()
     net.fit(ds.features("image", tr), ds.features("text", tr), ds.labels[tr], progress=progress,
             device=device, validation=val)
     selection = net.selection
     if "epochs" in selection:
-        log(f"kept epoch {selection['epochs']} of {net.config['epochs']} (best validation mAP "
+        log.info(f"kept epoch {selection['epochs']} of {net.config['epochs']} (best validation mAP "
             f"{selection['map_val']['mean']:.4f})")
     refit = bool(refit and val is not None)
     if refit:
         tr = ds.refit_rows()
         seed_everything(seed)
         net = build_for_dataset(model, ds, bits, seed=seed, **{**options, **net.stopped_config()})
-        log(f"training again on all {len(tr)} training rows (validation included)"
+        log.info(f"training again on all {len(tr)} training rows (validation included)"
             + (f" for {net.config['epochs']} epochs" if "epochs" in selection else ""))
         net.fit(ds.features("image", tr), ds.features("text", tr), ds.labels[tr], progress=progress,
                 device=device)
@@ -88,13 +126,13 @@ def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int 
              "selection": selection}
     q, db = ds.part("query"), ds.part("database")
     if evaluate and len(q) * len(db) > 2e8:
-        log(f"skipping the mAP of {len(q)} x {len(db)} pairs (minutes): run benchmarks/mAP.py for it")
+        log.info(f"skipping the mAP of {len(q)} x {len(db)} pairs (minutes): run benchmarks/mAP.py for it")
         evaluate = False
     if evaluate:
         results, _ = evaluate_model(net, ds, topk=(100,), n_max=1)
         res = {name: r["map_all"] for name, r in results.items()}
         extra["eval"] = {"map_all": res, "queries": int(len(q)), "database": int(len(db))}
-        log(f"mAP@all: I→T {res['i2t']:.4f}, T→I {res['t2i']:.4f} ({fit_s:.1f} s training)")
+        log.info(f"mAP@all: I→T {res['i2t']:.4f}, T→I {res['t2i']:.4f} ({fit_s:.1f} s training)")
     save_checkpoint(out, net, dataset=ds, extra=extra)
-    log(f"wrote {Path(out)}")
+    log.info(f"wrote {Path(out)}")
     return net

@@ -3,6 +3,7 @@ exhaustively, by codes alone, or as a cascade (Hamming top-K, then the matcher).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -13,6 +14,8 @@ from hashret.metrics import recall_at_k
 from hashret.models.distill import (DISTILL_MODES, MatcherModel, check_distill, distill_loss,
                                     exhaustive_ranking, pairs_only_loss, select)
 from hashret.models.matchers import score_chunks
+
+log = logging.getLogger(__name__)
 
 
 def _epoch_pairs(part, rng):
@@ -103,7 +106,7 @@ def _epochs(dataset, seed, epochs, batch_size, desc, progress, device, step, reo
     return history
 
 
-def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu", log=print) -> list:
+def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu") -> list:
     """Train the matcher with its paper's loss on the dataset's training part (seeded)."""
     cfg = model.config
     net = model.matcher.to(device).train()
@@ -238,7 +241,7 @@ def codes_recall(model: MatcherModel, dataset, part_name="test", n_queries=1000,
 def train_scene_model(model: str = "sgraf", dataset: str = "scenes", bits: int = 64, seed: int = 0,
                       out="runs/matcher", epochs: int | None = None, device: str = "cpu",
                       options: dict | None = None, distill_from=None, evaluate: bool = True,
-                      progress: bool = True, log=print) -> MatcherModel:
+                      progress: bool = True) -> MatcherModel:
     """Train a matcher (sgraf, cgam, han, shan or the global baseline) on a scene dataset
     (``scenes[:k=v,...]`` or ``precomp:FOLDER``), then its hash head, and write a checkpoint.
     With ``distill_from`` (a RUN_DIR holding a trained matcher), only the head is trained.
@@ -267,11 +270,11 @@ def train_scene_model(model: str = "sgraf", dataset: str = "scenes", bits: int =
                 if k not in ("model", "kind", "bits", "region_dim", "vocab_size", "seed")}
         net = MatcherModel(teacher.name, bits, ds.region_dim, ds.vocab.words, seed, **{**keep, **options})
         net.matcher = teacher.matcher
-        log(f"distilling the {net.name} matcher of {distill_from} into {bits}-bit codes")
+        log.info(f"distilling the {net.name} matcher of {distill_from} into {bits}-bit codes")
     else:
         net = MatcherModel(model, bits, ds.region_dim, ds.vocab.words, seed, **options)
         n = ds.part("train").n_images
-        log(f"training the {net.name} matcher (seed {seed}) on {tag}{ds.name}: {n} images")
+        log.info(f"training the {net.name} matcher (seed {seed}) on {tag}{ds.name}: {n} images")
         train_matcher(net, ds, progress=progress, device=device)
     matcher_s = time.perf_counter() - t0
     train_head(net, ds, distill=net.config["distill"], progress=progress, device=device)
@@ -283,8 +286,8 @@ def train_scene_model(model: str = "sgraf", dataset: str = "scenes", bits: int =
         ev = {"matcher": matcher_recall(net, ds, n_queries=200), "codes": codes_recall(net, ds)}
         extra["eval"] = ev
         for what, r in ev.items():
-            log(f"{what}: R@1/5/10 I→T {r['i2t']['r1']:.1f}/{r['i2t']['r5']:.1f}/{r['i2t']['r10']:.1f}, "
+            log.info(f"{what}: R@1/5/10 I→T {r['i2t']['r1']:.1f}/{r['i2t']['r5']:.1f}/{r['i2t']['r10']:.1f}, "
                 f"T→I {r['t2i']['r1']:.1f}/{r['t2i']['r5']:.1f}/{r['t2i']['r10']:.1f}")
     save_checkpoint(out, net, dataset=ds, extra=extra)
-    log(f"wrote {out}")
+    log.info(f"wrote {out}")
     return net

@@ -18,7 +18,7 @@ TINY = "synthetic:n_items=400,n_labels=8,image_dim=24,text_dim=60,n_query=60,n_t
 def test_benchmark_writes_table_and_records(tmp_path):
     out = tmp_path / "bench"
     recs = run_benchmark(TINY, methods="cca-itq,label-ridge", bits="8,16", seeds="0,1", out=out,
-                         topk="10", progress=False, log=lambda *a: None)
+                         topk="10", progress=False)
     assert len(recs) == 2 * 2 * 2 * 2  # methods x bits x directions x seeds
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(recs))
@@ -33,14 +33,14 @@ def test_benchmark_writes_table_and_records(tmp_path):
     assert "Every choice was made on a validation part" in table and "validation mAP@all" in table
     # a second run with --reuse loads the models and gives the same numbers
     again = run_benchmark(TINY, methods="cca-itq", bits="8", seeds="0", out=out, topk="10",
-                          reuse=True, progress=False, log=lambda *a: None)
+                          reuse=True, progress=False)
     assert not again[0]["trained"]
     assert again[0]["map_all"] == recs[0]["map_all"]
 
 
 def test_validation_only_makes_the_same_choices_and_never_encodes_a_test_query(tmp_path, monkeypatch):
     full = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=tmp_path / "a",
-                         topk="10", settings={"epochs": 6}, progress=False, log=lambda *a: None)
+                         topk="10", settings={"epochs": 6}, progress=False)
     from hashret.data import load_dataset
     from hashret.models.base import HashModel
 
@@ -55,7 +55,7 @@ def test_validation_only_makes_the_same_choices_and_never_encodes_a_test_query(t
     monkeypatch.setattr(HashModel, "encode_rows", spy)
     out = tmp_path / "b"
     recs = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
-                         settings={"epochs": 6}, test=False, progress=False, log=lambda *a: None)
+                         settings={"epochs": 6}, test=False, progress=False)
     assert not query & set(seen)
     assert all("map_all" not in r for r in recs) and len(recs) == len(full)
     for a, b in zip(full, recs):  # the same candidates, the same choice, the same validation mAP
@@ -75,7 +75,7 @@ def test_validation_only_makes_the_same_choices_and_never_encodes_a_test_query(t
 def test_benchmark_settings_reach_only_the_methods_that_have_the_field(tmp_path):
     out = tmp_path / "bench"
     run_benchmark(TINY, methods="cca-itq,label-ridge", bits="8", seeds="0", out=out, topk="10",
-                  settings={"ridge": 5.0}, progress=False, log=lambda *a: None)
+                  settings={"ridge": 5.0}, progress=False)
     info = json.loads((out / "run.json").read_text())
     assert info["settings"] == {"cca-itq": {}, "label-ridge": {"ridge": 5.0}}
     assert info["tuning"]["label-ridge"] == [{"anchors": 500}, {"anchors": 1000}]  # ridge fixed by the user
@@ -93,7 +93,7 @@ def test_every_method_gets_the_same_budget_and_the_choice_is_made_on_validation(
     assert len({len(grid) for grid in TUNING.values()}) == 1  # the same budget for every method
     out = tmp_path / "bench"
     recs = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
-                         settings={"epochs": 6}, progress=False, log=lambda *a: None)
+                         settings={"epochs": 6}, progress=False)
     split = Split.load(out / "split.npz")
     assert len(split.validation) > 0 and np.intersect1d(split.validation, split.query).size == 0
     assert np.intersect1d(split.validation, split.train).size == 0
@@ -119,7 +119,7 @@ def test_the_chosen_setting_is_trained_again_on_every_training_row_before_the_qu
 
     out = tmp_path / "bench"
     recs = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
-                         settings={"epochs": 6}, progress=False, log=lambda *a: None)
+                         settings={"epochs": 6}, progress=False)
     split = Split.load(out / "split.npz")
     rows = np.sort(np.concatenate([split.train, split.validation]))
     info = json.loads((out / "run.json").read_text())
@@ -142,7 +142,7 @@ def test_the_chosen_setting_is_trained_again_on_every_training_row_before_the_qu
                                   final.encode_rows(ds, "image", ds.part("query")))
     # --no-refit scores the chosen candidate itself, trained on the training rows alone
     plain = run_benchmark(TINY, methods="label-ridge", bits="16", seeds="0", out=tmp_path / "plain",
-                          topk="10", refit=False, progress=False, log=lambda *a: None)
+                          topk="10", refit=False, progress=False)
     assert plain[0]["trained_on"] == len(split.train)
     assert json.loads((tmp_path / "plain" / "run.json").read_text())["refit"] is None
     assert plain[0]["map_all"] != [r for r in recs if r["method"] == "label-ridge"][0]["map_all"]
@@ -153,7 +153,7 @@ def test_a_refit_stopped_early_keeps_the_candidates_learning_rate_schedule(tmp_p
 
     out = tmp_path / "bench"
     rec = run_benchmark(TINY, methods="gch", bits="16", seeds="0", out=out, topk="10", tune=False,
-                        settings={"epochs": 10}, progress=False, log=lambda *a: None)[0]
+                        settings={"epochs": 10}, progress=False)[0]
     cand = load_checkpoint(out / "models" / "gch-16-seed0-c0")
     final = load_checkpoint(out / "models" / "gch-16-seed0")
     assert cand.config["lr_schedule"] == "cosine" and cand.config["lr_horizon"] is None
@@ -164,7 +164,7 @@ def test_a_refit_stopped_early_keeps_the_candidates_learning_rate_schedule(tmp_p
 def test_a_lone_candidate_and_its_refit_keep_separate_checkpoints(tmp_path):
     out = tmp_path / "bench"
     args = dict(methods="dcmh-mlp", bits="16", seeds="0", out=out, topk="10", tune=False,
-                settings={"epochs": 6}, progress=False, log=lambda *a: None)
+                settings={"epochs": 6}, progress=False)
     first = run_benchmark(TINY, **args)
     cand = json.loads((out / "models" / "dcmh-mlp-16-seed0-c0" / "config.json").read_text())
     final = json.loads((out / "models" / "dcmh-mlp-16-seed0" / "config.json").read_text())
@@ -188,7 +188,7 @@ def test_benchmark_rejects_bad_arguments(kwargs, match, tmp_path):
     args = dict(dataset=TINY, methods="cca-itq", bits="8", seeds="0", out=tmp_path / "o")
     args.update(kwargs)
     with pytest.raises(HashretError, match=match):
-        run_benchmark(**args, progress=False, log=lambda *a: None)
+        run_benchmark(**args, progress=False)
 
 
 def _script(*args, cwd):

@@ -11,7 +11,7 @@ def _tiny(tmp_path_factory, captions_per_image):
     out = tmp_path_factory.mktemp("cascade")
     spec = f"scenes:n_train=160,n_dev=0,n_test=40,region_dim=16,test_captions_per_image={captions_per_image}"
     records = run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=40, out=out,
-                                    options={"han": FAST, "global": {"epochs": 1}}, log=lambda *a: None)
+                                    options={"han": FAST, "global": {"epochs": 1}})
     return out, records
 
 

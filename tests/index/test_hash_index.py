@@ -190,8 +190,8 @@ def test_a_long_lived_reader_refreshes_without_rereading_old_chunks(tmp_path, mo
     from hashret.index import store
 
     checked = []
-    digest = store._digest
-    monkeypatch.setattr(store, "_digest", lambda space, key, payload: checked.append((space, len(payload)))
+    digest = store.digest
+    monkeypatch.setattr(store, "digest", lambda space, key, payload: checked.append((space, len(payload)))
                         or digest(space, key, payload))
     db = codes(1400)
     ids = np.random.default_rng(1).permutation(10**6)[:1400]

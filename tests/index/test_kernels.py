@@ -304,20 +304,21 @@ def test_one_word_vector_tests_equal_their_scalar_definition(dtype):
     # one-lane rows (_one_lane) are written by hand: each against its plain definition
     from numba import njit
 
-    from hashret.index import kernels as kn
+    from hashret.index import intrinsics as kn
+    from hashret.index import scans
 
     @njit
     def masks(arr, pos, q, t, dead):
-        return kn._below64(arr, pos, q, t), kn._set64(dead, pos)
+        return kn.below64(arr, pos, q, t), kn.set64(dead, pos)
 
     @njit
     def one_lane(arr, lo, hi, lane, q, t):
-        return kn._one_lane(arr, lo, hi, lane, q, t)
+        return scans._one_lane(arr, lo, hi, lane, q, t)
 
     @njit
     def passes(arr, pos, n, qs, ts):
-        one = kn._pass1(arr, pos, n, qs[0], ts[0])
-        return one, kn._pass4(arr, pos, n, qs[0], qs[1], qs[2], qs[3], ts[0], ts[1], ts[2], ts[3])
+        one = kn.pass1(arr, pos, n, qs[0], ts[0])
+        return one, kn.pass4(arr, pos, n, qs[0], qs[1], qs[2], qs[3], ts[0], ts[1], ts[2], ts[3])
 
     bits = np.dtype(dtype).itemsize * 8
     rng = np.random.default_rng(bits)
@@ -357,7 +358,7 @@ def test_multi_word_vector_tests_equal_their_scalar_definition(n_words):
     # written IR like the one-word tests, each against distances from np.unpackbits
     from numba import njit
 
-    from hashret.index import kernels as kn
+    from hashret.index import intrinsics as kn
 
     first1, first4, below64 = kn._multiword(n_words)
 
@@ -397,7 +398,7 @@ def test_best_k_lists_keep_ties_by_row_through_compaction(k):
     # list fill up while its threshold sits at the final k-th distance (9) with rows there
     # still needed: j levels of k rows each, falling to 9, then k - 1 rows at 5; compaction
     # must keep the first rows at 9 and may drop the rest. Thread 1: random distances.
-    from hashret.index import kernels
+    from hashret.index import scans as kernels
 
     bits, cap = 64, 2 * k + 16
     j = cap // k

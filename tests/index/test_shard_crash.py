@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from hashret.cli import main
 from hashret.errors import HashretError
 from hashret.index import HashIndex
-from hashret.index.sharded import MANIFEST, ShardedIndex, read_manifest, shard_paths
+from hashret.index.manifest import MANIFEST, read_manifest, shard_paths
+from hashret.index.sharded import ShardedIndex
 
 BITS = 32
 
@@ -258,7 +259,7 @@ def test_shards_built_from_the_same_model_still_need_the_same_set(tmp_path):
     from hashret.training import train
 
     spec = "synthetic:n_items=200,n_labels=4,image_dim=10,text_dim=20,n_query=20,n_train=100"
-    quiet = dict(log=lambda *a: None, progress=False)
+    quiet = dict(progress=False)
     train("label-ridge", spec, 16, seed=0, out=tmp_path / "m", evaluate=False, **quiet)
     build_index(tmp_path / "m", "text", tmp_path / "a", shards=2, **quiet)
     build_index(tmp_path / "m", "text", tmp_path / "b", shards=2, **quiet)
@@ -282,7 +283,7 @@ def test_resume_refuses_another_build_and_a_shard_killed_while_created_resumes(t
     from hashret.training import train
 
     spec = "synthetic:n_items=200,n_labels=4,image_dim=10,text_dim=20,n_query=20,n_train=100"
-    quiet = dict(log=lambda *a: None, progress=False)
+    quiet = dict(progress=False)
     train("label-ridge", spec, 16, seed=0, out=tmp_path / "m", evaluate=False, **quiet)
     train("label-ridge", spec, 16, seed=1, out=tmp_path / "m2", evaluate=False, **quiet)
     build_index(tmp_path / "m", "text", tmp_path / "whole", shards=3, **quiet)
@@ -319,7 +320,7 @@ def test_a_build_killed_before_its_manifest_starts_over(tmp_path):
     from hashret.training import train
 
     spec = "synthetic:n_items=200,n_labels=4,image_dim=10,text_dim=20,n_query=20,n_train=100"
-    quiet = dict(log=lambda *a: None, progress=False)
+    quiet = dict(progress=False)
     train("label-ridge", spec, 16, seed=0, out=tmp_path / "m", evaluate=False, **quiet)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / (MANIFEST + ".tmp")).write_text("{")

@@ -10,7 +10,8 @@ import pytest
 
 from hashret.errors import HashretError, NotFoundError
 from hashret.index import HashIndex
-from hashret.index.sharded import ShardedIndex, shard_paths
+from hashret.index.manifest import shard_paths
+from hashret.index.sharded import ShardedIndex
 
 
 def tied_codes(n, bits=32, seed=0, distinct=40):
@@ -143,7 +144,7 @@ def test_query_json_over_three_shards_equals_the_unsharded_index(tmp_path, ray_l
     from hashret.training import train
 
     spec = "synthetic:n_items=400,n_labels=5,image_dim=12,text_dim=30,n_query=40,n_train=200"
-    quiet = dict(log=lambda *a: None)
+    quiet = dict()
     train("label-ridge", spec, 16, seed=0, out=tmp_path / "m", progress=False, evaluate=False, **quiet)
     build_index(tmp_path / "m", "text", tmp_path / "one", progress=False, **quiet)
     build_index(tmp_path / "m", "text", tmp_path / "three", progress=False, shards=3, **quiet)
@@ -165,12 +166,12 @@ def test_query_json_over_three_shards_equals_the_unsharded_index(tmp_path, ray_l
 
 
 def test_an_interrupted_sharded_build_resumes_to_the_same_index(tmp_path, monkeypatch):
-    from hashret import engine
+    from hashret.engine import build as engine
     from hashret.engine import build_index, query_index
     from hashret.training import train
 
     spec = "synthetic:n_items=300,n_labels=4,image_dim=10,text_dim=20,n_query=30,n_train=150"
-    quiet = dict(log=lambda *a: None)
+    quiet = dict()
     train("label-ridge", spec, 16, seed=0, out=tmp_path / "m", progress=False, evaluate=False, **quiet)
     build_index(tmp_path / "m", "image", tmp_path / "whole", progress=False, shards=3, **quiet)
     real = engine._build_one_shard

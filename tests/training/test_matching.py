@@ -15,7 +15,7 @@ from hashret.training import train
 
 SPEC = ("scenes:n_train=120,n_dev=0,n_test=40,region_dim=16,n_objects=6,n_attributes=4,"
         "min_objects=2,max_objects=3,background=1")
-QUIET = dict(log=lambda *a: None, progress=False)
+QUIET = dict(progress=False)
 SMALL = {"embed": 16, "word_dim": 8, "epochs": 1, "batch_size": 32, "head_epochs": 1,
          "head_hidden": 16, "head_word_dim": 8, "head_batch_size": 32}
 

@@ -1,0 +1,89 @@
+"""The micro-batcher: the queries that wait together are scanned in one kernel call."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+from hashret.engine import Engine
+
+
+class MicroBatcher:
+    """Scans the queries that wait together in one kernel call.
+
+    ``submit(codes, width)`` returns a Future of (distances, ids) for those queries. The
+    batcher thread takes the first waiting request, then every request already queued or
+    arriving within ``window_s`` -- under load, until the batch is as large as the last one
+    or half a scan's time has passed -- up to ``max_batch`` queries, scans them at the
+    widest width asked (the first w columns of a top-W answer are the top-w answer: ties
+    are broken by row), and hands each request its rows. ``max_batch=1``: one scan per
+    request."""
+
+    def __init__(self, engine: Engine, window_s: float = 0.0, max_batch: int = 256, observe=None):
+        self.engine, self.window_s, self.max_batch = engine, window_s, max_batch
+        self.observe = observe or (lambda n: None)
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{engine.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, codes: np.ndarray, width: int) -> Future:
+        fut: Future = Future()
+        self._q.put((codes, width, fut))
+        return fut
+
+    def scan(self, codes: np.ndarray, width: int):
+        """(distances, ids) of ``codes``, scanned with whatever else waits: the scan step
+        :meth:`Engine.search` takes (it blocks the calling thread, not the batcher)."""
+        return self.submit(codes, width).result()
+
+    def close(self):
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self):
+        last_n, last_scan = 1, 0.0
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            batch, n = [first], len(first[0])
+            # Under load (the last batch held several queries) the clients it answered are
+            # about to send their next queries: wait for about as many, but no longer than half
+            # a scan, rather than scanning the first arrival alone -- one small scan costs
+            # nearly as much as a full one. A lone client's batches hold one query: no wait.
+            want = min(self.max_batch, max(1, last_n))
+            wait = self.window_s if want <= 1 else max(self.window_s, min(0.5 * last_scan, 0.05))
+            deadline = time.monotonic() + wait
+            while n < self.max_batch:
+                try:
+                    left = deadline - time.monotonic()
+                    item = self._q.get_nowait() if n >= want or left <= 0 else self._q.get(timeout=left)
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._q.put(None)
+                    break
+                batch.append(item)
+                n += len(item[0])
+            t = time.perf_counter()
+            self._scan(batch, n)
+            last_n, last_scan = n, time.perf_counter() - t
+
+    def _scan(self, batch, n):
+        self.observe(n)
+        try:
+            codes = batch[0][0] if len(batch) == 1 else np.vstack([b[0] for b in batch])
+            dist, ids = self.engine.scan(codes, max(b[1] for b in batch))
+        except BaseException as exc:  # noqa: BLE001 -- every waiting request gets the error
+            for _, _, fut in batch:
+                fut.set_exception(exc)
+            return
+        at = 0
+        for codes, width, fut in batch:
+            m = len(codes)
+            fut.set_result((dist[at:at + m, :width], ids[at:at + m, :width]))
+            at += m

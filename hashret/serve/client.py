@@ -1,0 +1,55 @@
+"""A client of ``hashret serve``: what ``hashret query --server URL`` asks with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hashret.engine import read_array
+from hashret.errors import HashretError, check
+
+
+def query_server(url: str, index=None, text=None, text_file=None, image_features=None, item=None,
+                 k: int = 10, rerank: bool = False, candidates=None, codes=None, timeout: float = 60) -> dict:
+    """What :func:`hashret.engine.query_index` returns, asked of a running server."""
+    import urllib.error
+    import urllib.request
+
+    given = [x is not None for x in (text, text_file, image_features, item, codes)]
+    check(sum(given) == 1, "give exactly one query: --text, --text-file, --image-features, --item or --codes")
+    body: dict = {"k": k}
+    if text_file is not None:
+        path = Path(text_file)
+        check(path.is_file(), f"text file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+    if text is not None:
+        body["text"] = text
+    elif image_features is not None:
+        x = read_array(image_features, "image") if isinstance(image_features, (str, Path)) else image_features
+        body["image_features"] = np.asarray(x, dtype=np.float32).tolist()
+    elif codes is not None:
+        body["codes"] = list(codes)
+    else:
+        body["item"] = item
+    if index is not None:
+        body["index"] = Path(index).name
+    if rerank:
+        body["rerank"] = True
+        if candidates is not None:
+            body["candidates"] = candidates
+    req = urllib.request.Request(url.rstrip("/") + "/search", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = json.loads(exc.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            msg = f"HTTP {exc.code}"
+        raise HashretError(f"the server at {url} refused the query: {msg}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise HashretError(f"cannot reach a hashret server at {url} ({getattr(exc, 'reason', exc)}): "
+                           "start one with 'hashret serve', or check the URL") from None
