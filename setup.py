@@ -39,7 +39,7 @@ setup(
         # ray: actors that hold state, pure Python, pip-installable, one laptop to a cluster --
         # the sharded index's engine across machines, instead of a home-made RPC layer
         "distributed": ["ray>=2.9"],
-        "dev": ["pytest>=7", "matplotlib>=3.7", "faiss-cpu>=1.8", *SERVE, "ray>=2.9"],
+        "dev": ["pytest>=7", "import-linter>=2.1", "matplotlib>=3.7", "faiss-cpu>=1.8", *SERVE, "ray>=2.9"],
     },
     entry_points={"console_scripts": ["hashret=hashret.cli:main"]},
 )
