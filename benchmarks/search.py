@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 from hashret.index import HashIndex  # noqa: E402
 from hashret.index import probes  # noqa: E402
+from hashret.index.rows import to_words, word_layout  # noqa: E402
 
 
 def median_ms(*fns, repeats):
@@ -159,7 +160,7 @@ def main():
         if faiss is not None:
             fidx = faiss.IndexBinaryFlat(bits)
             fidx.add(db)
-        words = index._words[:n]
+        words = to_words(db, *word_layout(bits // 8))  # the layout the scan reads, same size
         # which limit binds a cell: estimates decide, then each cell times its binding limit
         # alternately with hashret
         floors, roof_rate = {}, {}

@@ -18,32 +18,11 @@ from bitarray import bitarray
 from hashret.errors import HashretError, NotFoundError, check, is_integer, os_problem
 from hashret.index import kernels
 from hashret.index.bits import as_packed
+from hashret.index.rows import Memory, Stored, to_words, word_layout
 from hashret.index.store import FILES, LMDBStore, all_unique, ascending, is_initialised
 
 DEFAULT_CHUNK = 65536
 _MAX_ID = np.iinfo(np.int64).max
-
-
-def word_layout(n_bytes: int):
-    """(dtype, words per code) the scan reads a code as: the smallest unsigned word that holds
-    a code of up to 4 bytes (so 16- and 32-bit codes take 2 and 4 bytes in memory, not 8),
-    else 64-bit words."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if n_bytes <= np.dtype(dtype).itemsize:
-            return np.dtype(dtype), 1
-    return np.dtype(np.uint64), (n_bytes + 7) // 8
-
-
-def _to_words(packed: np.ndarray, dtype, n_words: int) -> np.ndarray:
-    """(n, bytes) uint8 -> (n, n_words) words, zero padding (the same in every code, so it
-    never changes a distance)."""
-    n, nb = packed.shape
-    width = n_words * dtype.itemsize
-    if nb == width:
-        return np.ascontiguousarray(packed).view(dtype.newbyteorder("<")).reshape(n, n_words)
-    buf = np.zeros((n, width), dtype=np.uint8)
-    buf[:, :nb] = packed
-    return buf.view(dtype.newbyteorder("<")).reshape(n, n_words)
 
 
 def positive_int(value, name: str) -> int:
@@ -171,28 +150,32 @@ class HashIndex:
     """
 
     def __init__(self, bits: int, info: dict | None = None):
-        import threading
-
         check(is_integer(bits) and bits > 0 and bits % 8 == 0,
               f"code length {bits!r} is not a positive multiple of 8: use 16, 32, 64, 128, ...")
         self.bits = int(bits)
         self.n_bytes = self.bits // 8
         self.word_dtype, self.n_words = word_layout(self.n_bytes)
         self.info_meta = dict(info or {})
-        self._words = np.zeros((1024, self.n_words), dtype=self.word_dtype)
-        self._n = 0
-        self._ids = None  # in memory, explicit ids: id of each row
-        self._id_mode = None
+        self._rows: Memory | Stored = Memory(self.word_dtype, self.n_words)
         self._idmap = _IdMap()  # explicit id -> row; after open, built on first use
-        self._tomb = bitarray()
-        self._deleted_mask = None
-        self._segs = None  # in memory: the scan's view of _words, until rows change
-        self._items: dict = {}
-        self._store: LMDBStore | None = None
-        self._snap = None  # on disk: the snapshot scans read
-        self._swap = threading.Lock()
         self.path = None
-        self.created = None
+
+    # the backend's state, read where it is kept (memory, or the current snapshot)
+    @property
+    def _n(self) -> int:
+        return self._rows.n
+
+    @property
+    def _tomb(self):
+        return self._rows.tomb
+
+    @property
+    def _id_mode(self):
+        return self._rows.id_mode
+
+    @property
+    def created(self):
+        return self._rows.created
 
     # -- persistence ---------------------------------------------------------------------
     @classmethod
@@ -214,12 +197,10 @@ class HashIndex:
         store = LMDBStore(path, readonly=False, create=True)
         try:
             store.initialise(index.bits, chunk_size, index.info_meta, build)
-            index._store, index.path = store, path
-            index._adopt(store.snapshot(word_layout))
+            index._rows, index.path = Stored(store, store.snapshot(word_layout)), path
         except BaseException:
             store.close()
             raise
-        index.created = store.meta["created"]
         return index
 
     @classmethod
@@ -232,13 +213,11 @@ class HashIndex:
         try:
             snap = store.snapshot(word_layout, verify=verify)
             index = cls(snap.meta["bits"], snap.meta["info"])
-            index._store, index.path = store, Path(path)
-            index._adopt(snap)
+            index._rows, index.path = Stored(store, snap), Path(path)
         except BaseException:
             store.close()
             raise
         index._idmap = None  # built from the verified id chunks when first needed
-        index.created = snap.meta["created"]
         return index
 
     read = open  # faiss' read_index
@@ -287,66 +266,44 @@ class HashIndex:
             except OSError:
                 pass
 
-    def _adopt(self, snap):
-        """Scan ``snap`` from now on; the previous snapshot ends when its last scan does."""
-        snap.segments = kernels.Segments(snap.codes, snap.chunk_size, snap.count)
-        with self._swap:
-            old, self._snap = self._snap, snap
-            self._n, self._tomb = snap.count, snap.tomb
-            self._id_mode = snap.meta["id_mode"]
-        if old is not None:
-            old.retire()
-
-    def _next_snapshot(self):
-        self._adopt(self._store.snapshot(word_layout, previous=self._snap))
-
     def refresh(self) -> bool:
         """Pick up what another writer committed since this index's snapshot (new batches,
         removals, a compaction); chunks already checked are not read again. True if the index
         changed. A writer's own changes need no refresh."""
-        check(self._store is not None, "an in-memory index has nothing on disk to refresh from")
-        old = self._snap
-        if self._store.read_meta()["generation"] == old.generation:
+        change = self._rows.refresh()
+        if change is None:
             return False
-        self._next_snapshot()
-        new = self._snap
         if self._idmap is not None:
-            same_rows = new.meta["epoch"] == old.meta["epoch"] and new.count >= old.count
-            if same_rows and new.ids is not None and new.count > old.count:
-                self._idmap.add(new.all_ids()[old.count:], old.count)
-            elif not same_rows:
+            if change["same_rows"] and self._id_mode == "explicit" and self._n > change["old_count"]:
+                self._idmap.add(self._rows.all_ids()[change["old_count"]:], change["old_count"])
+            elif not change["same_rows"]:
                 self._idmap = None
         return True
 
     @property
     def generation(self) -> int | None:
         """The committed state this index reads (bumped by every write); None in memory."""
-        return self._snap.generation if self._snap is not None else None
+        return self._rows.generation
 
     @property
     def build_state(self) -> dict | None:
         """The build record of an index written by ``build_index`` (state 'partial' until its
         last batch commits, then 'complete'); None for indexes written through the API."""
-        return self._store.meta.get("build") if self._store is not None else None
+        return self._rows.build
 
     def write(self, path, chunk_size: int = DEFAULT_CHUNK) -> "HashIndex":
         """Persist an index to a new LMDB folder (removed rows dropped); returns it open."""
         out = HashIndex.create(path, self.bits, self.info_meta, chunk_size=chunk_size)
         alive = self._alive_rows()
         if len(alive):
-            items = [self._item_row(int(r)) for r in alive]
+            items = self._rows.items_of_rows(alive)
             out.add(self.packed_codes(alive), ids=self._ids_of_rows(alive),
                     items=items if any(it is not None for it in items) else None)
         return out
 
     def close(self):
         """Close the index; scans must have finished (as for any file)."""
-        if self._snap is not None:
-            self._snap.retire()
-            self._snap = None
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        self._rows.close()
 
     def __enter__(self):
         return self
@@ -379,72 +336,20 @@ class HashIndex:
         if items is not None:
             items = json_items(items, n)
         first = self._n
-        if self._store is not None:
-            self._store.append(packed, ids, items, mode, build)  # commit first: memory follows disk
-            self._next_snapshot()
-            if ids is not None and self._idmap is not None:
-                self._idmap.add(ids, first)
-        else:
-            self._append_arrays(packed, ids, mode)
-            if items is not None:
-                self._items.update({first + j: it for j, it in enumerate(items) if it is not None})
+        self._rows.append(packed, ids, items, mode, build)
+        if ids is not None and self._idmap is not None:
+            self._idmap.add(ids, first)
         return ids if ids is not None else np.arange(first, first + n, dtype=np.int64)
-
-    def _append_arrays(self, packed, ids, mode):
-        n = len(packed)
-        need = self._n + n
-        if need > len(self._words):
-            grown = np.zeros((max(need, 2 * len(self._words)), self.n_words), dtype=self.word_dtype)
-            grown[: self._n] = self._words[: self._n]
-            self._words = grown
-        self._words[self._n:need] = _to_words(packed, self.word_dtype, self.n_words)
-        if mode == "explicit":
-            if self._ids is None:
-                self._ids = np.zeros(max(need, 1024), dtype=np.int64)
-            if need > len(self._ids):
-                grown_ids = np.zeros(len(self._words), dtype=np.int64)
-                grown_ids[: self._n] = self._ids[: self._n]
-                self._ids = grown_ids
-            self._ids[self._n:need] = ids
-            self._idmap.add(ids, self._n)
-        self._id_mode = mode
-        self._n = need
-        alive = bitarray(n)
-        alive.setall(False)
-        self._tomb.extend(alive)
-        self._deleted_mask = None
 
     # -- searching -----------------------------------------------------------------------
     def _query_words(self, queries):
         packed = self._as_packed(queries, "queries")
         check(len(packed) > 0, "the query is empty: give at least one query code")
-        return _to_words(packed, self.word_dtype, self.n_words)
-
-    def _deleted(self):
-        # cached until the rows or tombstones change: _tomb.any() walks every bit
-        if self._deleted_mask is None:
-            self._deleted_mask = (np.frombuffer(self._tomb.unpack(), dtype=np.uint8)[: self._n].copy()
-                                  if self._tomb.any() else False)
-        return None if self._deleted_mask is False else self._deleted_mask
-
-    def _with_snapshot(self, fn):
-        """fn(snapshot), holding it so that no newer snapshot ends it meanwhile."""
-        with self._swap:
-            check(self._snap is not None, "the index is closed")
-            snap = self._snap.acquire()
-        try:
-            return fn(snap)
-        finally:
-            snap.release()
+        return to_words(packed, self.word_dtype, self.n_words)
 
     def _scan(self, fn):
         """fn(segments, deleted mask, ids_of_rows) over one consistent state of the index."""
-        if self._store is None:
-            segs = self._segs
-            if segs is None or segs.n_rows != self._n or segs.arrays[0] is not self._words:
-                segs = self._segs = kernels.Segments.of(self._words, self._n)
-            return fn(segs, self._deleted(), self._ids_of_rows)
-        return self._with_snapshot(lambda snap: fn(snap.segments, snap.deleted_mask(), snap.ids_of_rows))
+        return self._rows.scan(fn)
 
     def search(self, queries, k: int, threads: int | None = None):
         """(distances, ids), int arrays of shape (Q, min(k, rows)), nearest first, ties by
@@ -491,13 +396,7 @@ class HashIndex:
 
     # -- ids, items, removal -------------------------------------------------------------
     def _ids_of_rows(self, rows):
-        rows = np.asarray(rows)
-        if self._store is not None:
-            return self._snap.ids_of_rows(rows)
-        if self._ids is None:
-            return rows.astype(np.int64)
-        out = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
-        return out.astype(np.int64)
+        return self._rows.ids_of_rows(rows)
 
     def rows_of(self, ids) -> np.ndarray:
         """Rows of external ids (alive or removed); HashretError naming an unknown id."""
@@ -521,10 +420,7 @@ class HashIndex:
 
     def _id_map(self) -> _IdMap:
         if self._idmap is None:
-            if self._store is not None and self._id_mode == "explicit":
-                self._idmap = _IdMap.of(self._snap.all_ids())
-            else:
-                self._idmap = _IdMap()
+            self._idmap = _IdMap.of(self._rows.all_ids()) if self._id_mode == "explicit" else _IdMap()
         return self._idmap
 
     def contains(self, ext_id) -> bool:
@@ -548,12 +444,8 @@ class HashIndex:
         for r in rows:
             new[int(r)] = True
         removed = new.count() - before
-        if removed and self._store is not None:
-            self._store.write_tombstones(new)
-            self._next_snapshot()
-        elif removed:
-            self._tomb = new
-            self._deleted_mask = None
+        if removed:
+            self._rows.write_tombstones(new)
         return removed
 
     def compact(self):
@@ -561,21 +453,8 @@ class HashIndex:
         alive = self._alive_rows()
         packed = self.packed_codes(alive)
         ids = self._ids_of_rows(alive)
-        if self._store is not None:
-            self._store.rewrite(packed, ids, alive)
-            self._idmap = None
-            self._next_snapshot()
-            return
-        items = {j: self._items[int(r)] for j, r in enumerate(alive) if int(r) in self._items}
-        self._words = np.zeros((1024, self.n_words), dtype=self.word_dtype)
-        self._n = 0
-        self._ids, self._id_mode = None, None
-        self._idmap = _IdMap()
-        self._tomb = bitarray()
-        self._deleted_mask = None
-        self._items = items
-        if len(packed):
-            self._append_arrays(packed, ids, "explicit")
+        self._rows.rewrite(packed, ids, alive)
+        self._idmap = None
 
     def packed_codes(self, rows=None) -> np.ndarray:
         """Packed codes (N, bits/8) of ``rows`` (all rows when None), a copy."""
@@ -584,29 +463,18 @@ class HashIndex:
         raw = words.view(np.uint8).reshape(len(rows), self.n_words * self.word_dtype.itemsize)
         return np.ascontiguousarray(raw[:, : self.n_bytes])
 
-    def _item_row(self, row: int):
-        if self._store is not None:
-            return self._store.items_of_rows([row])[0]
-        return self._items.get(row)
-
     def items(self, ids) -> list:
         """The payloads stored with ``ids`` (None where none was given)."""
-        rows = self.rows_of(ids)
-        if self._store is not None:
-            return self._with_snapshot(lambda snap: snap.items_of_rows(self._store, rows))
-        return [self._items.get(int(r)) for r in rows]
+        return self._rows.items_of_rows(self.rows_of(ids))
 
     @property
     def has_payloads(self) -> bool:
         """Whether any item was given a payload (if not, ``items`` is all None)."""
-        if self._store is not None:
-            return self._snap.has_items
-        return bool(self._items)
+        return self._rows.has_items
 
     def verify(self) -> dict:
         """Check every checksum and link of the index on disk (see ``hashret verify``)."""
-        check(self._store is not None, "an in-memory index has nothing on disk to verify")
-        return self._store.verify()
+        return self._rows.verify()
 
     # -- sizes ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -619,12 +487,12 @@ class HashIndex:
     def info(self) -> dict:
         build = self.build_state
         code_bytes = int(self._n * self.n_words * self.word_dtype.itemsize)
-        mapped = self._snap is not None and self.n_words * self.word_dtype.itemsize == self.n_bytes
+        mapped = self._rows.in_place and self.n_words * self.word_dtype.itemsize == self.n_bytes
         return {"bits": self.bits, "items": len(self), "rows": self._n,
                 "removed": self._tomb.count(), "id_mode": self._id_mode or "rows",
                 "path": str(self.path) if self.path else None,
-                "persistent": self._store is not None,
-                "readonly": bool(self._store and self._store.readonly),
+                "persistent": self._rows.persistent,
+                "readonly": self._rows.readonly,
                 "complete": build is None or build.get("state") == "complete",
                 "build": build, "created": self.created, "generation": self.generation,
                 "code_bytes": code_bytes, "mapped": mapped,

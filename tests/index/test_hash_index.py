@@ -223,7 +223,7 @@ def test_a_long_lived_reader_refreshes_without_rereading_old_chunks(tmp_path, mo
         np.testing.assert_array_equal(a, b)
     assert r.rows_of(ids[1:2]).tolist() == [0]  # compaction renumbered rows: the map was rebuilt
     # a scan that holds the old snapshot keeps it until it is done
-    held = r._snap.acquire()
+    held = r._rows.snap.acquire()
     w.add(codes(3, seed=9), ids=[10**7, 10**7 + 1, 10**7 + 2])
     assert r.refresh() and held.txn is not None
     held.release()
@@ -238,7 +238,7 @@ def test_codes_are_scanned_in_place_not_copied(tmp_path):
         w.add(db)
     with HashIndex.open(tmp_path / "ix") as r:
         assert r.info()["mapped"] and r.info()["memory_bytes"] == 0
-        for chunk in r._snap.codes:  # views of LMDB's map, not arrays of their own
+        for chunk in r._rows.snap.codes:  # views of LMDB's map, not arrays of their own
             assert not chunk.flags.owndata and not chunk.base.flags.owndata
         np.testing.assert_array_equal(r.packed_codes(), db)
 

@@ -181,7 +181,7 @@ def test_scan_in_lmdb_chunks_equals_brute_force(bits, tmp_path):
     removed = [5, 1000, 1001, 4321]
     threads = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
     with HashIndex.open(tmp_path / "ix") as back:
-        assert len(back._snap.codes) == 6
+        assert len(back._rows.snap.codes) == 6
         for t in threads:
             for k in (1, 10, 2500):
                 for qq in (q, q[3:4]):  # the grouped path and a lone query's
