@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from hashret.errors import HashretError
+from hashret.errors import HashretError, as_flags
 
 
 def _fail(exc: BaseException) -> int:
@@ -19,8 +19,8 @@ def _fail(exc: BaseException) -> int:
 
     from hashret.errors import os_problem
 
-    if isinstance(exc, HashretError):
-        click.echo(f"error: {exc}", err=True)
+    if isinstance(exc, HashretError):  # the library names parameters; say them as flags
+        click.echo(f"error: {as_flags(str(exc))}", err=True)
         return 2
     if isinstance(exc, (KeyboardInterrupt, click.exceptions.Abort)):
         click.echo("error: interrupted; an index being built keeps its committed batches "
@@ -138,7 +138,7 @@ def datasets(data_root):
             click.echo(f"  {name:32s} {s['items']:>7d} items  {mods:10s} "
                        f"{'SYNTHETIC' if ds.synthetic else 'real'}")
         except HashretError as exc:
-            click.echo(f"  {name:32s} unavailable: {exc}")
+            click.echo(f"  {name:32s} unavailable: {as_flags(str(exc))}")
 
 
 @main.command()

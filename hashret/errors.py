@@ -3,7 +3,13 @@
 Library code raises :class:`HashretError` with a one-line message that names the
 problem and the fix; the CLI and the benchmark scripts turn it into ``error: ...``
 on stderr and a non-zero exit instead of a traceback.
+
+A message names a parameter as Python spells it, in backticks -- `append=True`, `out`,
+`rerank=RUN_DIR` -- and the command line and the service, whose users set flags, say the
+same through :func:`as_flags`: --append, --out, --rerank RUN_DIR.
 """
+
+import re
 
 
 class HashretError(ValueError):
@@ -21,6 +27,21 @@ class NotFoundError(HashretError):
 class ConflictError(HashretError):
     """A request that contradicts the artefacts, e.g. a query for an index built by another
     model (the service answers 409)."""
+
+
+# parameters whose command-line flag has another name
+_FLAG_NAMES = {"part": "split"}
+_PARAM = re.compile(r"`([a-z_]+)(?:=([^`]+))?`")
+
+
+def as_flags(message: str) -> str:
+    """``message`` as the command line says it: `name=True` -> --name, `name=VALUE` ->
+    --name VALUE, `name` -> --name (underscores as hyphens; `part` is --split)."""
+    def flag(m):
+        opt = "--" + _FLAG_NAMES.get(m.group(1), m.group(1)).replace("_", "-")
+        return opt if m.group(2) in (None, "True") else f"{opt} {m.group(2)}"
+
+    return _PARAM.sub(flag, message)
 
 
 def is_integer(value) -> bool:

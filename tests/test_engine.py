@@ -164,7 +164,7 @@ def _same_index(a, b):
 def test_failed_build_is_partial_and_resumes_to_the_uninterrupted_index(runs, tmp_path, monkeypatch):
     root, _ = runs
     _failing_after(monkeypatch, 3)
-    with pytest.raises(HashretError, match="holds 150 rows, marked partial.*--resume"):
+    with pytest.raises(HashretError, match="holds 150 rows, marked partial.*`resume=True`"):
         build_index(root / "a", "text", tmp_path / "ix", batch_size=50, progress=False, **QUIET)
     monkeypatch.undo()
     info = CliRunner().invoke(main, ["info", "--index", str(tmp_path / "ix")])
@@ -237,3 +237,17 @@ def test_the_cli_prints_the_librarys_messages_and_leaves_logging_as_it_was(tmp_p
     assert res.exit_code == 0, res.output
     assert "wrote " + str(tmp_path / "run") in res.stdout  # logged by hashret.training, printed by the CLI
     assert (list(logger.handlers), logger.level, logger.propagate) == before
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path):
+    from hashret.errors import as_flags
+
+    assert as_flags("pass `append=True`, a new `out`, `rerank=RUN_DIR`, the same `part` and "
+                    "`batch_size`") == "pass --append, a new --out, --rerank RUN_DIR, the same --split and --batch-size"
+    train("label-ridge", SPEC, 32, seed=0, out=tmp_path / "run", progress=False, evaluate=False)
+    build_index(tmp_path / "run", "image", tmp_path / "idx", progress=False)
+    with pytest.raises(HashretError, match="pass `append=True` to add to it, or choose a new `out`"):
+        build_index(tmp_path / "run", "image", tmp_path / "idx", progress=False)
+    res = CliRunner().invoke(main, ["build-index", "--checkpoint", str(tmp_path / "run"), "--modality", "image",
+                                    "--out", str(tmp_path / "idx")])
+    assert res.exit_code == 2 and "pass --append to add to it, or choose a new --out" in res.stderr

@@ -276,26 +276,35 @@ def test_the_page_searches_in_a_real_browser(built, server):
 
 
 def test_the_cli_and_the_server_search_through_engine_search(built, monkeypatch):
-    """One search path: a CLI query and a served one both call Engine.search, the server
-    with its micro-batcher as the scan step, and answer alike."""
+    """One search path: a CLI query (Engine.search) and a served one both run
+    Engine.search_steps -- checks, encoding, re-ranking, payloads -- the server with its
+    micro-batcher as the scan step, and they answer alike."""
     import asyncio
 
     from hashret.serve import Service
 
-    calls = []
-    real = Engine.search
+    calls, scans = [], []
+    real = Engine.search_steps
 
     def spy(self, *args, **kw):
-        calls.append(kw.get("scan"))
+        calls.append(self.name)
         return real(self, *args, **kw)
 
-    monkeypatch.setattr(Engine, "search", spy)
+    monkeypatch.setattr(Engine, "search_steps", spy)
     cli = cli_json("--index", built / "ix_image", "--checkpoint", built / "a", "--text", "w1 w7 w30", "-k", "5")
-    assert calls == [None]
+    assert calls == ["ix_image"]
     service = Service([built / "ix_image"], built / "a")
     try:
+        batcher = service.batchers["ix_image"]
+        real_scan = batcher.scan
+
+        async def scan(codes, width):
+            scans.append(width)
+            return await real_scan(codes, width)
+
+        batcher.scan = scan
         served = asyncio.run(service.search({"text": "w1 w7 w30", "k": 5}))
-        assert len(calls) == 2 and calls[1] == service.batchers["ix_image"].scan
     finally:
         service.close()
+    assert calls == ["ix_image", "ix_image"] and scans == [5]
     assert [(h["id"], h["distance"]) for h in served["results"][0]] == [(h["id"], h["distance"]) for h in cli]

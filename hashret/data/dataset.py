@@ -294,7 +294,7 @@ class CrossModalDataset:
         """Carve ``share`` of the training part as the validation part (unless the split has
         one already; 0 = none) and return the validation rows' (image, text, labels) for
         ``HashModel.fit``, or None when there are none."""
-        check(0 <= share < 1, f"--validation must be a share in [0, 1), got {share}")
+        check(0 <= share < 1, f"`validation` must be a share in [0, 1), got {share}")
         if share > 0 and len(self.split.validation) == 0:
             self.split = self.split.carve_validation(share, seed=seed).validate(self.n_items)
         if len(self.split.validation) == 0:

@@ -58,7 +58,7 @@ def _find(folder: str, data_root=None) -> Path:
             return root / folder
     searched = ", ".join(str(r) for r in roots)
     raise HashretError(f"dataset folder '{folder}' not found (searched {searched}): "
-                       "pass --data-root or set HASHRET_DATA to the folder holding it")
+                       "pass `data_root` or set HASHRET_DATA to the folder holding it")
 
 
 def _read_lines(path: Path) -> list:

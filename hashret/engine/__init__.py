@@ -12,9 +12,9 @@ so a query gives the same ids, distances and order wherever it is asked. ``hashr
 below keeps storage and the scan kernels only; training code is never imported here."""
 
 from hashret.engine.build import build_index
-from hashret.engine.core import Engine, query_index
+from hashret.engine.core import Engine, finish, query_index
 from hashret.engine.inputs import OTHER, read_array, read_features
 from hashret.index import index_info, verify_index
 
-__all__ = ["Engine", "OTHER", "build_index", "index_info", "query_index", "read_array", "read_features",
+__all__ = ["Engine", "OTHER", "build_index", "finish", "index_info", "query_index", "read_array", "read_features",
            "verify_index"]

@@ -76,12 +76,12 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     """
     if shards is not None:
         return _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_size, append,
-                              resume, progress, positive_int(shards, "--shards"), ray)
+                              resume, progress, positive_int(shards, "`shards`"), ray)
     from tqdm.auto import tqdm
 
     check(modality in OTHER, f"unknown modality {modality!r}: use 'image' or 'text'")
-    batch_size = positive_int(batch_size, "--batch-size")
-    check(not (append and resume), "--append starts a new build on an index, --resume finishes "
+    batch_size = positive_int(batch_size, "`batch_size`")
+    check(not (append and resume), "`append=True` starts a new build on an index, `resume=True` finishes "
           "an interrupted one: pass one of them")
     ck = Checkpoint.of(checkpoint)
     model, fp = ck.model, ck.fingerprint
@@ -91,7 +91,7 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     if _shard is not None:  # one shard's share: items s, s + N, s + 2N, ... of the part
         rows = rows[_shard["position"]::_shard["of"]]
     out = Path(out)
-    check(not out.exists() or out.is_dir(), f"--out {out} is a file: pass a folder for the index")
+    check(not out.exists() or out.is_dir(), f"`out` {out} is a file: pass a folder for the index")
     info = {"modality": modality, "model_fingerprint": fp, "model": model.config,
             "checkpoint": str(ck.path.resolve()), "dataset": ds.name,
             "dataset_spec": dataset or model.checkpoint_info.get("dataset_spec"),
@@ -122,19 +122,19 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
             check(partial, f"the build of {out} is complete: nothing to resume")
             check(build.get("source") == source,
                   f"{out} holds an interrupted build of {build.get('source')}; this command builds "
-                  f"{source}: resume with the same checkpoint, --dataset, --split and --modality")
+                  f"{source}: resume with the same checkpoint, `dataset`, `part` and `modality`")
             done = n_before - build["first_row"]
             check(0 <= done <= len(rows), f"{out} holds {done} rows of a {len(rows)}-row build: "
                   "it is not the build this command resumes; rebuild it")
         elif partial:
             raise HashretError(f"{out} holds an interrupted build ({n_before - build['first_row']} of "
-                               f"{build['source']['rows']} items committed): pass --resume to finish it, "
-                               "or choose a new --out")
+                               f"{build['source']['rows']} items committed): pass `resume=True` to finish it, "
+                               "or choose a new `out`")
         else:
-            check(append, f"{out} already holds an index: pass --append to add to it, or choose a new --out")
+            check(append, f"{out} already holds an index: pass `append=True` to add to it, or choose a new `out`")
     if not existing:
-        check(not resume, f"{out} holds no index to resume: run the build without --resume")
-        check(not append, f"{out} holds no index to append to: build it without --append (or "
+        check(not resume, f"{out} holds no index to resume: run the build without `resume=True`")
+        check(not append, f"{out} holds no index to append to: build it without `append=True` (or "
               "restore the index folder if it was lost)")
     t0 = time.perf_counter()
     first_batch = None
@@ -181,7 +181,7 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
                 why = exc if isinstance(exc, HashretError) else os_problem(exc)
                 if committed or resume:
                     raise HashretError(f"{why} -- the build stopped; {out} holds {held} rows, marked "
-                                       "partial: fix the cause and rerun with --resume") from None
+                                       "partial: fix the cause and rerun with `resume=True`") from None
                 raise HashretError(f"{why} -- nothing of this build was committed; {out} is as it "
                                    f"was ({held} rows)") from None
         raise
@@ -210,27 +210,27 @@ def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_si
                                        shard_record, write_manifest)
 
     out = Path(out)
-    check(not append, "--append to a sharded index: add through ShardedIndex.add or POST /items")
+    check(not append, "`append=True` to a sharded index: add through ShardedIndex.add or POST /items")
     ck = checkpoint = Checkpoint.of(checkpoint)
     model = ck.model
     want = {"modality": modality, "model_fingerprint": ck.fingerprint, "part": part,
             "dataset_spec": dataset or model.checkpoint_info.get("dataset_spec")}
     if is_sharded(out):
         m = read_manifest(out)
-        check(resume, f"{out} already holds a sharded index: pass --resume to finish its build, or "
-              "choose a new --out")
-        check(m["shards"] == n, f"{out} has {m['shards']} shards, not {n}: resume with the same --shards")
+        check(resume, f"{out} already holds a sharded index: pass `resume=True` to finish its build, or "
+              "choose a new `out`")
+        check(m["shards"] == n, f"{out} has {m['shards']} shards, not {n}: resume with the same `shards`")
         for field, value in want.items():
             if field in m["info"] and m["info"][field] != value:
                 raise HashretError(f"{out} is a build of {field} {m['info'][field]!r}; this command builds "
-                                   f"{value!r}: resume with the same checkpoint, --modality, --split and "
-                                   "--dataset as the build")
+                                   f"{value!r}: resume with the same checkpoint, `modality`, `part` and "
+                                   "`dataset` as the build")
         check(interrupted_build(out, m) is not None, f"the build of {out} is complete: nothing to resume")
     else:
-        check(not resume, f"{out} holds no sharded index to resume: build without --resume")
+        check(not resume, f"{out} holds no sharded index to resume: build without `resume=True`")
         # a build killed before its manifest was renamed in place left only the temporary file
         check(not out.exists() or all(p.name == MANIFEST + ".tmp" for p in out.iterdir()),
-              f"--out {out} is not empty: choose a new folder")
+              f"`out` {out} is not empty: choose a new folder")
         out.mkdir(parents=True, exist_ok=True)
         m = write_manifest(out, model.bits, n, {**want, "model": model.config,
                                                 "checkpoint": str(ck.path.resolve()),
@@ -284,7 +284,7 @@ def _source(model, ds, modality, part, batch_size):
     a matcher's scene data, image rows are images and text rows are captions of the part."""
     if is_matcher(model):
         model.check_data(ds)
-        check(part != "all", "scene data is indexed one part at a time: pass --split database "
+        check(part != "all", "scene data is indexed one part at a time: pass `part=database` "
               "(the test part), train or query")
         p = ds.part(part)
         return (p.rows(modality), lambda b: model.encode_rows(p, modality, b),

@@ -164,7 +164,7 @@ class Engine:
         """The checkpoint's dataset (for item and tag queries), loaded once."""
         if self._data is None:
             check(self.checkpoint is not None, "item and text queries need the checkpoint's dataset: "
-                  "start with --checkpoint")
+                  "start with `checkpoint`")
             self._data = self.checkpoint.dataset(self.dataset_spec, self.data_root)
         return self._data
 
@@ -282,7 +282,7 @@ class Engine:
             return self.index.search(codes, width, threads=threads)
 
     def rerank(self, feats, ids, dist, k):
-        check(self.reranker is not None, "re-ranking needs a matcher: start with --rerank RUN_DIR")
+        check(self.reranker is not None, "re-ranking needs a matcher: start with `rerank=RUN_DIR`")
         check(feats is not None, "code queries cannot be re-ranked (the matcher needs the query's "
               "features): send a text, image features or an item")
         return _rerank(self.reranker, self.data(), self.meta, feats, self.query_modality, ids, dist, k)
@@ -307,10 +307,10 @@ class Engine:
         """(k, scan width): the cascade scans ``candidates`` (default 10 x k) to keep k."""
         k = positive_int(k, "k")
         if not rerank:
-            check(candidates is None, "candidates needs a re-ranker (--rerank RUN_DIR, and rerank: true)")
+            check(candidates is None, "candidates needs a re-ranker (`rerank=RUN_DIR`, and rerank: true)")
             width = k
         else:
-            check(self.reranker is not None, "re-ranking needs a matcher: start with --rerank RUN_DIR")
+            check(self.reranker is not None, "re-ranking needs a matcher: start with `rerank=RUN_DIR`")
             width = 10 * k if candidates is None else positive_int(candidates, "candidates")
             check(width >= k, f"candidates must be an integer >= k ({k}), got {width}")
         check(self.max_k is None or k <= self.max_k, f"k must be at most {self.max_k}, got {k}")
@@ -337,8 +337,8 @@ class Engine:
         rerank : bool, default False
             Re-rank ``candidates`` Hamming neighbours (default 10 x k) with the engine's matcher.
         scan : callable, optional
-            ``scan(codes, width) -> (distances, ids)``; default :meth:`scan`. The server passes
-            its micro-batcher here, so every search takes this one path.
+            ``scan(codes, width) -> (distances, ids)``; default :meth:`scan`. (The server, whose
+            scan is awaited, drives the same steps, :meth:`search_steps`, with its micro-batcher.)
 
         Returns
         -------
@@ -353,11 +353,20 @@ class Engine:
             A malformed query (one line naming it); NotFoundError for an unknown item;
             ConflictError for a query this index's model cannot answer.
         """
+        steps = self.search_steps(text, image_features, item, codes, k, rerank, candidates)
+        return finish(steps, (scan or self.scan)(*next(steps)))
+
+    def search_steps(self, text=None, image_features=None, item=None, codes=None, k: int = 10,
+                     rerank: bool = False, candidates=None):
+        """:meth:`search` as steps around its scan, for a caller that scans its own way (the
+        server awaits its micro-batcher): a generator that checks and encodes the query, yields
+        ``(codes, width)``, is sent the scan's ``(distances, ids)``, then re-ranks and attaches
+        payloads; :func:`finish` sends the scan and returns what :meth:`search` returns."""
         k, width = self.search_widths(k, rerank, candidates)
         t0 = time.perf_counter()
         q = self.encode_query(text=text, image_features=image_features, item=item, codes=codes)
         t1 = time.perf_counter()
-        dist, ids = (scan or self.scan)(q["codes"], width)
+        dist, ids = yield q["codes"], width
         t2 = time.perf_counter()
         return self.finish(q, dist, ids, k, rerank, t1 - t0, t2 - t1)
 
@@ -415,6 +424,15 @@ class Engine:
         out.update(name=self.name, query_modality=self.query_modality,
                    model_ok=self.model_problem is None, rerank=self.reranker is not None)
         return out
+
+
+def finish(steps, scanned) -> dict:
+    """Send a scan's ``(distances, ids)`` to :meth:`Engine.search_steps` and return its result."""
+    try:
+        steps.send(scanned)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("internal: a search took a second scan")
 
 
 def query_index(index, checkpoint=None, text: str | None = None, text_file=None, image_features=None,

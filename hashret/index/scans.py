@@ -12,13 +12,10 @@ vector lanes and ends a span with one vector compare, not a horizontal reduction
 spans can be half as long; the second level takes a 64-bit mask of the rows below the k-th
 per 64 rows and visits only its set bits. The first level's compare also says which lanes
 (row offsets mod 16) hold a row below the k-th; where only one does -- the usual case once
-the k-th is tight -- the second level tests that lane's rows alone. Measured against the
-loops numba compiles (10^7 64-bit codes, 2 threads, alternated): 100 queries at k=1000 86.7 -> 68.9 ms, one query at
-k=1000 2.2-2.4 -> 2.0 ms; k=10 and 100 2-3% faster. Codes of 2-4 uint64 words take the same
-two levels (``_multiword``: 8 rows a load, split into their words by shuffles): 10^6 codes, 100
-queries, 128 bits 1.4-1.7x and 256 bits 1.8-1.9x faster than the loops, which codes of 5 or
-more words keep. The running
-best-k set of a (thread, query) is a list its rows are appended to -- rows arrive in
+the k-th is tight -- the second level tests that lane's rows alone. Codes of 2-4 uint64 words
+take the same two levels (``_multiword``: 8 rows a load, split into their words by shuffles);
+codes of 5 or more words keep the loops numba compiles. (What each of these gained, measured
+alternately against the loops, is in docs/performance.md.) The running best-k set of a (thread, query) is a list its rows are appended to -- rows arrive in
 increasing order, so it stays in row order -- with a count per distance: a row enters only
 below the query's threshold, which drops to the k-th's distance once k rows lie below it (a
 later row at that distance loses its tie). The per-thread lists are merged at the end by a
@@ -39,8 +36,9 @@ from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
 from hashret.index.intrinsics import (ALL_LANES, GROUP, LANES, SAMPLE_EVERY, SMALL_BLOCK, SPAN, TILE,
-    VECTOR_SPAN, below64, below64_w2, below64_w3, below64_w4, first1_w2, first1_w3, first1_w4, first4_w2,
-    first4_w3, first4_w4, load_at, lowest, pass1, pass4, popcount, prefetch, set64, wide)
+                                      VECTOR_SPAN, below64, below64_w2, below64_w3, below64_w4, first1_w2,
+                                      first1_w3, first1_w4, first4_w2, first4_w3, first4_w4, load_at, lowest,
+                                      pass1, pass4, popcount, prefetch, set64, wide)
 
 # numba's SSA pass runs a check it calls pedantic on the variables of an ``@overload`` inlined
 # into a prange body (ours: ``_first``, ``_second``, ``_gather``) and asks for a bug report

@@ -23,7 +23,7 @@ def resolve_device(device) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         check(torch.cuda.is_available(), f"device {device!r} asked for, but torch sees no GPU "
-              "here: use --device cpu")
+              "here: use `device=cpu`")
         return device
     check(device == "cpu", f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
     return device

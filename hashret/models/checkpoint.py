@@ -275,7 +275,7 @@ def _dataset(run_dir: Path, info: dict, dataset, data_root):
 
     spec = info.get("dataset_spec")
     if dataset is None:
-        check(spec is not None, f"{run_dir} does not record its dataset: pass --dataset")
+        check(spec is not None, f"{run_dir} does not record its dataset: pass `dataset`")
         dataset = spec
         data_root = data_root or info.get("data_root")
     if is_scene_spec(dataset):
@@ -287,7 +287,7 @@ def _dataset(run_dir: Path, info: dict, dataset, data_root):
     if own and want is not None and ds.fingerprint() != want:
         raise HashretError(f"the data {run_dir} was trained on ({spec}) no longer matches it: its "
                            f"split.npz is {'missing' if split is None else 'another one'} or the data "
-                           "files changed; restore them, or pass --dataset to use other data on purpose")
+                           "files changed; restore them, or pass `dataset` to use other data on purpose")
     return ds
 
 
@@ -308,11 +308,11 @@ def encode(run_dir, modality: str, features=None, part: str = "database", datase
     if getattr(model, "kind", None) == "matcher":
         if features is not None:
             check(modality == "image", "a matcher's text side takes captions, not a feature file: "
-                  "encode a dataset part (--split) instead")
+                  "encode a dataset part (`part`) instead")
             codes = model.encode(np.asarray(features, dtype=np.float32), "image")
             rows = np.arange(len(codes))
         else:
-            check(part != "all", "scene data is encoded one part at a time: pass --split")
+            check(part != "all", "scene data is encoded one part at a time: pass `part`")
             p = ck.dataset(dataset, data_root).part(part)
             rows = p.rows(modality)
             codes = model.encode_rows(p, modality, rows)

@@ -8,15 +8,13 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from hashret.engine import Engine
-from hashret.errors import ConflictError, HashretError, NotFoundError, check
+from hashret.engine import Engine, finish
+from hashret.errors import ConflictError, HashretError, NotFoundError, as_flags, check
 from hashret.serve.batcher import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -64,9 +62,7 @@ class Service:
         self.batchers = {name: MicroBatcher(eng, window_ms / 1e3, max_batch,
                                             self.batch_sizes.labels(name).observe)
                          for name, eng in self.engines.items()}
-        # a search waits on its batch in one of these: as many as a batch holds, so that
-        # concurrent requests can fill it
-        self.searchers = ThreadPoolExecutor(max(32, max_batch), thread_name_prefix="search")
+
         self.refresh_problem = None
         self._stop = threading.Event()
         self._refresher = None
@@ -87,7 +83,6 @@ class Service:
         self._stop.set()
         if self._refresher is not None:
             self._refresher.join(timeout=10)
-        self.searchers.shutdown(wait=True)
         for b in self.batchers.values():
             b.close()
         for eng in self.engines.values():
@@ -115,12 +110,14 @@ class Service:
         eng = self.engine_for(body)
         rerank = body.get("rerank", False)
         check(isinstance(rerank, bool), "rerank must be true or false")
-        # the one search path: Engine.search, scanning through this index's batcher; on a
-        # thread of its own (torch, the scan's wait), since the event loop must keep serving
-        run = partial(eng.search, text=body.get("text"), image_features=body.get("image_features"),
-                      item=body.get("item"), codes=body.get("codes"), k=body.get("k", 10), rerank=rerank,
-                      candidates=body.get("candidates"), scan=self.batchers[eng.name].scan)
-        out = await asyncio.get_running_loop().run_in_executor(self.searchers, run)
+        # the one search path, Engine.search_steps, with this index's micro-batcher as its scan
+        # step; torch (encoding, re-ranking) runs off the event loop, a code query stays on it
+        steps = eng.search_steps(text=body.get("text"), image_features=body.get("image_features"),
+                                 item=body.get("item"), codes=body.get("codes"), k=body.get("k", 10),
+                                 rerank=rerank, candidates=body.get("candidates"))
+        codes, width = next(steps) if body.get("codes") is not None else await asyncio.to_thread(next, steps)
+        scanned = await self.batchers[eng.name].scan(codes, width)
+        out = await asyncio.to_thread(finish, steps, scanned) if rerank else finish(steps, scanned)
         out["index"] = eng.name
         return out
 
@@ -229,7 +226,8 @@ def create_app(service: Service):
                 return reply(route, 200, out, started)
             except Exception as exc:  # noqa: BLE001 -- one JSON line, the server keeps serving
                 status = status_of(exc)
-                msg = str(exc) if status < 500 else f"internal error ({type(exc).__name__}: {exc})"
+                # a server's settings are its command line's flags: name them so
+                msg = as_flags(str(exc)) if status < 500 else f"internal error ({type(exc).__name__}: {exc})"
                 return reply(route, status, {"error": msg.splitlines()[0] if msg else type(exc).__name__},
                              started)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -35,10 +36,13 @@ class MicroBatcher:
         self._q.put((codes, width, fut))
         return fut
 
-    def scan(self, codes: np.ndarray, width: int):
-        """(distances, ids) of ``codes``, scanned with whatever else waits: the scan step
-        :meth:`Engine.search` takes (it blocks the calling thread, not the batcher)."""
-        return self.submit(codes, width).result()
+    async def scan(self, codes: np.ndarray, width: int):
+        """``submit`` for a coroutine: resolved on its own event loop, with no thread-safe
+        Future in between."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._q.put((codes, width, _LoopFuture(loop, fut)))
+        return await fut
 
     def close(self):
         self._q.put(None)
@@ -87,3 +91,23 @@ class MicroBatcher:
             m = len(codes)
             fut.set_result((dist[at:at + m, :width], ids[at:at + m, :width]))
             at += m
+
+
+class _LoopFuture:
+    """An asyncio future set from the batcher thread."""
+
+    def __init__(self, loop, fut):
+        self.loop, self.fut = loop, fut
+
+    def _set(self, value, error):
+        if not self.fut.done():
+            if error is not None:
+                self.fut.set_exception(error)
+            else:
+                self.fut.set_result(value)
+
+    def set_result(self, value):
+        self.loop.call_soon_threadsafe(self._set, value, None)
+
+    def set_exception(self, exc):
+        self.loop.call_soon_threadsafe(self._set, None, exc)

@@ -87,7 +87,7 @@ def train(model: str | None = "dcmh-mlp", dataset: str | None = None, bits: int 
                                  bits=bits or 64, seed=seed, out=out, epochs=epochs, device=device,
                                  options=options, distill_from=distill_from, evaluate=evaluate,
                                  progress=progress)
-    check(model is not None, "no model given: pass --model (see 'hashret models')")
+    check(model is not None, "no model given: pass `model` (see 'hashret models')")
     dataset = dataset or "wikipedia"
     options = dict(options or {})
     if epochs is not None:

@@ -264,7 +264,7 @@ def train_scene_model(model: str = "sgraf", dataset: str = "scenes", bits: int =
               f"{distill_from} holds a {teacher.config['model']} model, not a matcher: pass a RUN_DIR "
               "written by 'hashret train --model sgraf|cgam|han|shan'")
         check(model in (None, teacher.name), f"{distill_from} holds a {teacher.name} matcher, not "
-              f"{model}: drop --model or pass the matching RUN_DIR")
+              f"{model}: drop `model` or pass the matching RUN_DIR")
         teacher.check_data(ds)
         keep = {k: v for k, v in teacher.config.items()
                 if k not in ("model", "kind", "bits", "region_dim", "vocab_size", "seed")}

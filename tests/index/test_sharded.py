@@ -185,7 +185,7 @@ def test_an_interrupted_sharded_build_resumes_to_the_same_index(tmp_path, monkey
     with pytest.raises(HashretError, match="disk on fire"):
         build_index(tmp_path / "m", "image", tmp_path / "cut", progress=False, shards=3, **quiet)
     monkeypatch.setattr(engine, "_build_one_shard", real)
-    with pytest.raises(HashretError, match="--resume"):
+    with pytest.raises(HashretError, match="`resume=True`"):
         build_index(tmp_path / "m", "image", tmp_path / "cut", progress=False, shards=3, **quiet)
     build_index(tmp_path / "m", "image", tmp_path / "cut", progress=False, shards=3, resume=True, **quiet)
     a = query_index(tmp_path / "whole", tmp_path / "m", text="w1 w2", k=50)["results"]
