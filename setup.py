@@ -6,7 +6,9 @@ from setuptools import find_packages, setup
 # files (DCMH's IAll, GCH's FLICKR-25K.mat); tqdm: progress bars; xxhash: the index's checksums
 # (XXH3 checks a chunk at memory speed, zlib's CRC32 at ~3 GB/s). torch is pinned to the
 # release whose CPU wheel the project's machines carry (an unpinned torch pulls CUDA).
-SERVE = ["fastapi>=0.110", "uvicorn[standard]>=0.29", "prometheus_client>=0.20"]
+# swagger-ui-bundle-v2: Swagger UI's files as a package (kept by the connexion maintainers), so
+# /docs works without internet. jsonschema (dev): the tests check real replies against /openapi.json.
+SERVE = ["fastapi>=0.110", "uvicorn[standard]>=0.29", "prometheus_client>=0.20", "swagger-ui-bundle-v2>=5.17"]
 
 setup(
     name="hashret",
@@ -39,7 +41,7 @@ setup(
         # ray: actors that hold state, pure Python, pip-installable, one laptop to a cluster --
         # the sharded index's engine across machines, instead of a home-made RPC layer
         "distributed": ["ray>=2.9"],
-        "dev": ["pytest>=7", "import-linter>=2.1", "matplotlib>=3.7", "faiss-cpu>=1.8", *SERVE, "ray>=2.9"],
+        "dev": ["pytest>=7", "import-linter>=2.1", "jsonschema>=4.18", "matplotlib>=3.7", "faiss-cpu>=1.8", *SERVE, "ray>=2.9"],
     },
     entry_points={"console_scripts": ["hashret=hashret.cli:main"]},
 )

@@ -327,10 +327,12 @@ def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_s
 @click.option("--rerank", type=click.Path(), default=None,
               help="RUN_DIR of a matcher: re-score the Hamming candidates with it (cascade).")
 @click.option("--candidates", type=int, default=None, help="Hamming candidates to re-rank [default: 10 x k].")
+@click.option("--api-key", default=None, envvar="HASHRET_API_KEY",
+              help="With --server: the key to send (or set HASHRET_API_KEY).")
 @ray_option
 @data_root_option
 def query(index_dir, checkpoint, server, text, text_file, image_features, item, codes, k, as_json, dataset,
-          rerank, candidates, ray, data_root):
+          rerank, candidates, api_key, ray, data_root):
     """Search an index with a text, image-feature or item query (locally, or on a server)."""
     if server is not None:
         from hashret.serve import query_server
@@ -338,7 +340,7 @@ def query(index_dir, checkpoint, server, text, text_file, image_features, item, 
         res = query_server(server, index=index_dir, text=text, text_file=text_file,
                            image_features=image_features, item=item, k=k,
                            codes=codes.split(",") if codes else None,
-                           rerank=rerank is not None, candidates=candidates)
+                           rerank=rerank is not None, candidates=candidates, api_key=api_key)
     else:
         from hashret.engine import query_index
         from hashret.errors import check
@@ -391,17 +393,31 @@ def query(index_dir, checkpoint, server, text, text_file, image_features, item, 
 @click.option("--refresh-s", type=float, default=0.5, show_default=True)
 @click.option("--max-body-mb", type=float, default=16.0, show_default=True)
 @click.option("--dataset", default=None, help="Dataset for item and text queries (default: the checkpoint's).")
+@click.option("--api-keys", type=click.Path(dir_okay=False), default=None,
+              help="File of '<scope> <key>' lines (scope read or write): callers must send "
+                   "'Authorization: Bearer <key>'. Without it, anyone who reaches the port may search and write.")
+@click.option("--allowed-hosts", default=None, metavar="NAMES",
+              help="Comma-separated Host names to answer [default: the --host address and localhost; '*': any].")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="A web origin (https://app.example) whose pages may call this server (repeatable; '*': any).")
+@click.option("--max-results", type=int, default=10_000, show_default=True,
+              help="Results one request may ask for (queries x k).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Access log lines on stderr: text, or one JSON object per request.")
 @ray_option
 @data_root_option
 def serve(indexes, checkpoint, rerank, host, port, readonly, batch_window_ms, max_batch, refresh_s,
-          max_body_mb, dataset, ray, data_root):
-    """Serve indexes over HTTP: POST /search, POST|DELETE /items, GET /health /info /metrics /."""
+          max_body_mb, dataset, api_keys, allowed_hosts, allow_origins, max_results, log_format, ray, data_root):
+    """Serve indexes over HTTP: POST /search, POST|DELETE /items, GET /health /info /metrics
+    /openapi.json /docs /."""
     from hashret.serve import serve as run
 
     _log_to(err=True)
     run(indexes, checkpoint, rerank=rerank, host=host, port=port, readonly=readonly,
         window_ms=batch_window_ms, max_batch=max_batch, refresh_s=refresh_s, max_body_mb=max_body_mb,
-        dataset=dataset, data_root=data_root, ray=_ray(ray))
+        dataset=dataset, data_root=data_root, ray=_ray(ray), api_keys=api_keys,
+        allowed_hosts=allowed_hosts.split(",") if allowed_hosts else None, allow_origins=allow_origins,
+        max_results=max_results, log_format=log_format)
 
 
 @main.command()

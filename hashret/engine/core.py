@@ -121,6 +121,7 @@ class Engine:
         self.model = self.reranker = None
         self.model_problem = "this engine has no checkpoint: only code queries can be answered"
         self.max_k = self.max_candidates = None  # a server's limits per request
+        self.reads_files = True  # a server sets False: image_features must then be numbers, not paths
         if checkpoint is not None:
             fp = self.checkpoint.fingerprint
             if self.meta.get("model_fingerprint") == fp:
@@ -204,6 +205,9 @@ class Engine:
         """Model inputs of one modality: ``text`` (a string or a list of them) or
         ``image_features`` (a .npy path or an array; region sets for a matcher)."""
         model = self._need_model()
+        if isinstance(image_features, (str, os.PathLike)) and not self.reads_files:
+            raise HashretError("image_features must be rows of numbers: this server opens no file a "
+                               "request names")
         extra = {"known_words": None, "unknown_words": None}
         if modality == "text":
             texts = [text] if isinstance(text, str) else text
@@ -226,8 +230,14 @@ class Engine:
             extra.update(known_words=known, unknown_words=unknown)
             return feats, extra
         if is_matcher(model):
-            x = (read_array(image_features, "region")
-                 if isinstance(image_features, (str, os.PathLike)) else np.asarray(image_features))
+            if isinstance(image_features, (str, os.PathLike)):
+                x = read_array(image_features, "region")
+            else:
+                try:
+                    x = np.asarray(image_features, dtype=np.float32)
+                except (TypeError, ValueError):
+                    raise HashretError("image_features must be region sets: rows of numbers, all rows of a "
+                                       "set as long") from None
             return model.check_images(x), extra
         dim = model.config["image_dim"]
         if isinstance(image_features, (str, os.PathLike)):

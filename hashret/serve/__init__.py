@@ -10,9 +10,14 @@ LMDB before the reply; with ``readonly`` the server writes nothing and picks up 
 writer commits (``Engine.refresh``, every ``refresh_s``).
 
 Routes: ``POST /search``, ``POST /items``, ``DELETE /items``, ``GET /health``, ``GET /info``,
-``GET /metrics`` (Prometheus), ``GET /`` (a search page). Every failure is one JSON line
-``{"error": ...}`` with a 4xx status for a bad request (404 unknown id or item, 409 a query
-the index's model cannot answer, 413 a body over the limit); the server keeps serving.
+``GET /metrics`` (Prometheus), ``GET /openapi.json`` and ``GET /docs`` (the contract),
+``GET /`` (a search page). Every request body is checked against a typed contract
+(:mod:`~hashret.serve.contract`) before any work; who may ask what -- API keys with a scope,
+Host and Origin, JSON-only bodies -- and the access log are :mod:`~hashret.serve.access`'s.
+Every failure is one JSON line ``{"error": ...}`` with a 4xx status (401/403 keys and
+origins, 404 an unknown id or item, 409 a query the index's model cannot answer, 413 a body
+over the limit, 415 a body not sent as JSON); no input gets a 500, and the server keeps
+serving.
 """
 
 from __future__ import annotations

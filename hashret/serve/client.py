@@ -12,8 +12,11 @@ from hashret.errors import HashretError, check
 
 
 def query_server(url: str, index=None, text=None, text_file=None, image_features=None, item=None,
-                 k: int = 10, rerank: bool = False, candidates=None, codes=None, timeout: float = 60) -> dict:
-    """What :func:`hashret.engine.query_index` returns, asked of a running server."""
+                 k: int = 10, rerank: bool = False, candidates=None, codes=None, timeout: float = 60,
+                 api_key: str | None = None) -> dict:
+    """What :func:`hashret.engine.query_index` returns, asked of a running server (``api_key``:
+    sent as ``Authorization: Bearer``). A ``.npy`` path is read here and sent as numbers: the
+    server opens no file a request names."""
     import urllib.error
     import urllib.request
 
@@ -39,8 +42,11 @@ def query_server(url: str, index=None, text=None, text_file=None, image_features
         body["rerank"] = True
         if candidates is not None:
             body["candidates"] = candidates
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url.rstrip("/") + "/search", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"}, method="POST")
+                                 headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())

@@ -192,7 +192,7 @@ def test_head_group_must_be_positive():
 
 def test_the_server_answers_the_cascade_as_the_cli_does(runs):
     # a matcher's codes, scene payloads and the re-ranker, through hashret serve
-    from tests.test_serve import Server, free_port
+    from tests.serve.conftest import Server, free_port
 
     s = Server(["--index", str(runs / "ix_image"), "--index", str(runs / "ix_text"), "--checkpoint",
                 str(runs / "han"), "--rerank", str(runs / "han")], free_port())
@@ -208,5 +208,12 @@ def test_the_server_answers_the_cascade_as_the_cli_does(runs):
         assert status == 200 and out["query_item"]["id"] == 3 and len(out["results"][0]) == 4
         status, out = s.post("/search", {"codes": ["00000000"], "k": 2, "rerank": True, "index": "ix_text"})
         assert status == 400 and "features" in out["error"]
+        # region sets as numbers: one set (2-D) or several (3-D); a ragged set is one 400 line
+        status, out = s.post("/search", {"image_features": [[0.5] * 16] * 3, "k": 2, "index": "ix_text"})
+        assert status == 200 and len(out["results"]) == 1
+        status, out = s.post("/search", {"image_features": [[[0.5] * 16] * 3] * 2, "k": 2, "index": "ix_text"})
+        assert status == 200 and len(out["results"]) == 2
+        status, out = s.post("/search", {"image_features": [[[0.5] * 16] * 3, [[0.5] * 9]], "index": "ix_text"})
+        assert status == 400 and "region" in out["error"]
     finally:
         s.stop()
