@@ -46,8 +46,8 @@ class _Echo(logging.Handler):
 
     err = False
 
-    def emit(self, record):
-        click.echo(self.format(record), err=self.err)
+    def emit(self, record):  # a warning (e.g. a one-time compile notice) never mixes into --json output
+        click.echo(self.format(record), err=self.err or record.levelno >= logging.WARNING)
 
 
 _ECHO = _Echo(logging.INFO)
@@ -418,6 +418,24 @@ def serve(indexes, checkpoint, rerank, host, port, readonly, batch_window_ms, ma
         dataset=dataset, data_root=data_root, ray=_ray(ray), api_keys=api_keys,
         allowed_hosts=allowed_hosts.split(",") if allowed_hosts else None, allow_origins=allow_origins,
         max_results=max_results, log_format=log_format)
+
+
+@main.command()
+@click.option("--bits", default=None, help="Code lengths, comma-separated (e.g. 64,128) [default: 64].")
+@click.option("--index", "indexes", multiple=True, type=click.Path(), help="Warm up for this index's code length.")
+def warmup(bits, indexes):
+    """Compile the scan for these code lengths now (kept per user: every later process loads it)."""
+    from hashret.errors import check
+    from hashret.index import HashIndex, index_info
+
+    lengths = [index_info(i)["bits"] for i in indexes]
+    if bits:
+        try:
+            lengths += [int(b) for b in bits.split(",")]
+        except ValueError:
+            check(False, f"--bits {bits!r} is not a comma-separated list of code lengths")
+    for b in dict.fromkeys(lengths or [64]):
+        click.echo(f"{b}-bit codes: ready in {HashIndex.warmup(b):.1f} s")
 
 
 @main.command()

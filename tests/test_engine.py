@@ -251,3 +251,26 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path):
     res = CliRunner().invoke(main, ["build-index", "--checkpoint", str(tmp_path / "run"), "--modality", "image",
                                     "--out", str(tmp_path / "idx")])
     assert res.exit_code == 2 and "pass --append to add to it, or choose a new --out" in res.stderr
+
+
+def test_commands_that_need_no_model_import_no_model(tmp_path):
+    """info, verify and code queries load neither torch nor the datasets' modules."""
+    import subprocess
+    import sys
+
+    from hashret.index import HashIndex
+
+    with HashIndex.create(tmp_path / "idx", 32) as ix:
+        ix.add(np.random.default_rng(0).integers(0, 256, (100, 4), dtype=np.uint8))
+    for args in (["info"], ["verify"], ["query", "--codes", "0a0b0c0d"]):
+        code = (f"import sys\nsys.argv = ['hashret', {args[0]!r}, '--index', {str(tmp_path / 'idx')!r}, *{args[1:]!r}]\n"
+                "from hashret.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+                "print('torch' in sys.modules, 'hashret.models' in sys.modules, file=sys.stderr)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert out.stderr.strip().splitlines()[-1] == "False False", (args, out.stderr[-500:])
+
+
+def test_warmup_readies_the_scan_for_a_code_length(tmp_path):
+    res = CliRunner().invoke(main, ["warmup", "--bits", "32"])
+    assert res.exit_code == 0 and res.stdout.startswith("32-bit codes: ready in")
+    assert CliRunner().invoke(main, ["warmup", "--bits", "x"]).exit_code == 2

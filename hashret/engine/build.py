@@ -16,7 +16,6 @@ from hashret.errors import HashretError, check, os_problem
 from hashret.index import index_info
 from hashret.index.bits import pack_codes
 from hashret.index.hash_index import HashIndex, positive_int
-from hashret.models.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     batch_size = positive_int(batch_size, "`batch_size`")
     check(not (append and resume), "`append=True` starts a new build on an index, `resume=True` finishes "
           "an interrupted one: pass one of them")
+    from hashret.models.checkpoint import Checkpoint  # torch: only for what encodes
+
     ck = Checkpoint.of(checkpoint)
     model, fp = ck.model, ck.fingerprint
     ds = ck.dataset(dataset, data_root)
@@ -194,6 +195,8 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
     tmp = out / "index.json.tmp"
     tmp.write_text(json.dumps(resolved, indent=2))
     os.replace(tmp, out / "index.json")  # the resolved config, beside the index
+    if _shard is None:  # the first query against this index should not wait for a compile
+        HashIndex.warmup(model.bits)
     verb = "resumed and finished" if resume else "indexed"
     (log.debug if _shard is not None else log.info)(f"{verb} {len(rows) - done} {modality} items of {'SYNTHETIC ' if ds.synthetic else ''}{ds.name} "
         f"({model.bits} bits) into {out} in {seconds:.2f} s; the index holds {result['items']}")
@@ -211,6 +214,8 @@ def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_si
 
     out = Path(out)
     check(not append, "`append=True` to a sharded index: add through ShardedIndex.add or POST /items")
+    from hashret.models.checkpoint import Checkpoint
+
     ck = checkpoint = Checkpoint.of(checkpoint)
     model = ck.model
     want = {"modality": modality, "model_fingerprint": ck.fingerprint, "part": part,
@@ -253,6 +258,7 @@ def _build_sharded(checkpoint, modality, out, dataset, data_root, part, batch_si
     else:
         for a in args:
             _build_one_shard(*a, progress=progress)
+    HashIndex.warmup(model.bits)  # here too, so the first query on the shards does not compile
     items = sum(index_info(p)["items"] for p in paths)
     meta = {**m["info"], "items": items, "shards": n,
             "build_seconds": round(time.perf_counter() - t0, 3), "complete": True}

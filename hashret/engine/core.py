@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hashret.data import BagOfWords
 from hashret.engine.inputs import OTHER, is_matcher, item_row, item_row_in, payloads, read_array, read_features
 from hashret.errors import ConflictError, HashretError, check
 from hashret.index import open_index
 from hashret.index.bits import as_packed, pack_codes
 from hashret.index.hash_index import HashIndex, positive_int
-from hashret.models.checkpoint import Checkpoint
 
 
 class _RWLock:
@@ -62,7 +60,7 @@ class _Held:
 _MODELS: dict = {}
 
 
-def _model(ck: Checkpoint):
+def _model(ck):
     """A checkpoint's model, loaded once per process (several indexes share it)."""
     key = (str(ck.path.resolve()), ck.fingerprint)
     if key not in _MODELS:
@@ -116,7 +114,11 @@ class Engine:
         self.meta = index.info_meta
         self.modality = self.meta.get("modality")
         self.query_modality = OTHER.get(self.modality)
-        self.checkpoint = None if checkpoint is None else Checkpoint.of(checkpoint)
+        self.checkpoint = None
+        if checkpoint is not None:  # the model's modules (torch) load only for an engine that encodes
+            from hashret.models.checkpoint import Checkpoint
+
+            self.checkpoint = Checkpoint.of(checkpoint)
         self.dataset_spec, self.data_root = dataset, data_root
         self.model = self.reranker = None
         self.model_problem = "this engine has no checkpoint: only code queries can be answered"
@@ -222,6 +224,8 @@ class Engine:
                 ds = self.data()
                 check(ds.vocab is not None, f"dataset {ds.name} has no word vocabulary (its text side "
                       f"is {ds.dim('text')}-d features): query with an item instead")
+                from hashret.data import BagOfWords
+
                 bow = BagOfWords(ds.vocab)
                 parts = [bow.encode_query(t) for t in texts]
                 feats = np.vstack([p[0] for p in parts])
@@ -479,6 +483,8 @@ def query_index(index, checkpoint=None, text: str | None = None, text_file=None,
 
 
 def _load_reranker(rerank, meta):
+    from hashret.models.checkpoint import Checkpoint
+
     reranker = Checkpoint.of(rerank).model
     check(is_matcher(reranker), f"{rerank} holds a {reranker.config['model']} model, which cannot "
           "re-rank: pass the RUN_DIR of a matcher (sgraf, cgam, han, shan)")

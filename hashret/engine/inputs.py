@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from hashret.errors import HashretError, NotFoundError, check
 
@@ -27,6 +26,8 @@ def payloads(ds, rows) -> list:
         lab = ds.labels[rows].astype(bool)
         for p, m in zip(out, lab):
             p["labels"] = names[m].tolist()
+    import scipy.sparse as sp  # only where a dataset is open, which loaded it already
+
     if ds.vocab is not None and ds.has("text") and sp.issparse(ds.text):
         sub = ds.text[rows]
         vocab = np.asarray(ds.vocab, dtype=object)

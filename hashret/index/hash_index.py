@@ -222,6 +222,23 @@ class HashIndex:
 
     read = open  # faiss' read_index
 
+    @staticmethod
+    def warmup(bits: int) -> float:
+        """Compile -- or load, where an earlier process compiled them -- the scan kernels for
+        ``bits``-bit codes (a lone query, a batch, a radius search), so that the first real
+        search answers at once. The kernels are kept per user (:mod:`hashret.index.cache`).
+        Returns the seconds it took (a fraction of one where they were cached)."""
+        import time
+
+        t0 = time.perf_counter()
+        index = HashIndex(bits)
+        codes = np.random.default_rng(0).integers(0, 256, size=(4096, index.n_bytes), dtype=np.uint8)
+        index.add(codes)
+        index.search(codes[:1], 10)
+        index.search(codes[:8], 10)
+        index.range_search(codes[:2], 1)
+        return time.perf_counter() - t0
+
     # -- a folder, without opening it ------------------------------------------------------
     @staticmethod
     def exists(path) -> bool:
@@ -455,6 +472,12 @@ class HashIndex:
         ids = self._ids_of_rows(alive)
         self._rows.rewrite(packed, ids, alive)
         self._idmap = None
+
+    def segments(self):
+        """The codes as the scan reads them (:class:`~hashret.index.kernels.Segments`): for
+        probes that time the machine on the very memory a search reads. On disk, valid while
+        the index is open and unchanged."""
+        return self._scan(lambda segs, _d, _i: segs)
 
     def packed_codes(self, rows=None) -> np.ndarray:
         """Packed codes (N, bits/8) of ``rows`` (all rows when None), a copy."""

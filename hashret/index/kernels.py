@@ -10,6 +10,8 @@ segment). Tiles never cross a segment's end.
 
 from __future__ import annotations
 
+import hashret.index.cache  # noqa: F401 -- before any cached kernel is defined
+import logging
 import threading
 
 import numba
@@ -104,6 +106,39 @@ def _scan_args(segs: Segments, queries, deleted):
     return queries, dmask, has_del
 
 
+log = logging.getLogger(__name__)
+
+# what a first call compiles (when no process has cached it yet), and about how long it took
+# on a 2-core VM: said once per process, on stderr, before the wait
+_ENTRIES = {"lone_kernel": ("one query at a time", 15), "batch_kernel": ("batches of queries", 10),
+            "range_kernel": ("radius search", 10)}
+_said: set = set()
+_scan = threading.local()  # the code length of the scan being run, for the message
+
+
+def _notice_compiles():
+    from numba.core import event
+
+    class Notice(event.Listener):
+        def on_start(self, ev):
+            name = getattr(getattr(ev.data.get("dispatcher"), "py_func", None), "__name__", None)
+            bits = getattr(_scan, "bits", None)
+            if name in _ENTRIES and (name, bits) not in _said:
+                _said.add((name, bits))
+                what, secs = _ENTRIES[name]
+                from hashret.index.cache import cache_dir
+
+                log.warning(f"compiling the Hamming scan for {bits}-bit codes ({what}), once: ~{secs} s "
+                            f"on 2 cores; later processes load it from {cache_dir()} ('hashret warmup' "
+                            "does this ahead)")
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Notice())
+
+
+_notice_compiles()
 _kept = threading.local()
 POOLS_KEPT = 32 << 20  # bytes of best-k scratch a thread keeps between scans
 
@@ -140,6 +175,7 @@ def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
     matter when the merged k-th lies below it; a query where that fails is scanned again
     with its seed one higher, and, should that fail too, unseeded."""
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
+    _scan.bits = bits
     with threads_used(threads, segs.n_rows) as parts:
         unseeded = np.full(len(queries), bits + 1, dtype=np.int32)
         seed = _seeds(segs, queries, k, bits, dmask, has_del, parts)
@@ -206,6 +242,7 @@ def range_search(segs: Segments, queries, radius, bits, deleted=None, threads: i
     """All rows within ``radius`` of each query: (lims, distances, rows), faiss' layout
     (query i's results are [lims[i], lims[i+1])), each query's results by (distance, row)."""
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
+    _scan.bits = bits
     with threads_used(threads, segs.n_rows) as parts:
         return _range_search(segs, queries, radius, bits, dmask, has_del, parts)
 

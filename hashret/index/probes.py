@@ -3,6 +3,7 @@ popcount roof that ``benchmarks/search.py`` quotes the scan's speed against."""
 
 from __future__ import annotations
 
+import hashret.index.cache  # noqa: F401 -- before any cached kernel is defined
 import time
 
 import numba

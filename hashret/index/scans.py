@@ -15,11 +15,8 @@ per 64 rows and visits only its set bits. The first level's compare also says wh
 the k-th is tight -- the second level tests that lane's rows alone. Codes of 2-4 uint64 words
 take the same two levels (``_multiword``: 8 rows a load, split into their words by shuffles);
 codes of 5 or more words keep the loops numba compiles. (What each of these gained, measured
-alternately against the loops, is in docs/performance.md.) The running best-k set of a (thread, query) is a list its rows are appended to -- rows arrive in
-increasing order, so it stays in row order -- with a count per distance: a row enters only
-below the query's threshold, which drops to the k-th's distance once k rows lie below it (a
-later row at that distance loses its tie). The per-thread lists are merged at the end by a
-counting sort on the distance.
+alternately against the loops, is in docs/performance.md.) Each (thread, query) keeps its
+running best k in a list of :mod:`hashret.index.bestk`, merged at the end.
 
 Distances are integers in [0, bits]; a removed row gets a distance above ``bits`` and never
 enters. ``cache=True`` keeps compilation out of every process after the first.
@@ -27,6 +24,7 @@ enters. ``cache=True`` keeps compilation out of every process after the first.
 
 from __future__ import annotations
 
+import hashret.index.cache  # noqa: F401 -- before any cached kernel is defined
 import warnings
 
 import numba
@@ -35,6 +33,7 @@ from numba import njit, prange
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
+from hashret.index.bestk import finish_topk, offer
 from hashret.index.intrinsics import (ALL_LANES, GROUP, LANES, SAMPLE_EVERY, SMALL_BLOCK, SPAN, TILE,
                                       VECTOR_SPAN, below64, below64_w2, below64_w3, below64_w4, first1_w2,
                                       first1_w3, first1_w4, first4_w2, first4_w3, first4_w4, load_at, lowest,
@@ -144,53 +143,6 @@ def _span_min(blk, n_words, q, dblk, has_deleted, penalty):
                 x += np.uint64(dblk[i]) * pen
             m = min(m, x)
     return np.int32(m)
-
-
-DIST_BITS = 16  # a list entry: row << DIST_BITS | distance
-DIST_MASK = (1 << DIST_BITS) - 1
-
-
-@njit(cache=True)
-def _compact(pool, t, qi, f, thr, keep):
-    """(t, qi)'s full list without the rows that can no longer be among its k nearest: those
-    above thr, and at thr all but the first ``keep`` (k less the rows below thr: the later
-    ones lose their ties). Order is kept; the new length is at most k."""
-    n = 0
-    for j in range(f):
-        e = pool[t, qi, j]
-        d = np.int32(e & DIST_MASK)
-        if d < thr or (d == thr and keep > 0):
-            keep -= d == thr
-            pool[t, qi, n] = e
-            n += 1
-    return n
-
-
-@njit(inline="always", cache=True)
-def _offer(i, d, t, qi, k, thr, size, below, cnt, pool, fill):
-    """Row i at distance d (< thr[qi]) onto the best-k list of (thread t, query qi): appended
-    (rows arrive in increasing order, so a list is in row order), counted per distance, and
-    once k rows lie below thr, thr drops to the k-th's distance -- a later row there loses
-    its tie. ``below[qi]``: the list's rows below thr; ``size``: rows ever appended. A full
-    list (2k + 16 places) sheds the rows that lost (``_compact``), leaving at most k.
-    (It replaced per-distance chains with eviction, where every append read and wrote a
-    chain head: 100 queries, k=1000, 10^7 codes, 0-0.9 ms of ~22 faster.)"""
-    f = fill[t, qi]
-    if f == pool.shape[2]:
-        f = _compact(pool, t, qi, f, thr[qi], k - below[qi])
-    pool[t, qi, f] = (i << DIST_BITS) | d
-    fill[t, qi] = f + 1
-    size[t, qi] += 1
-    cnt[qi, d] += 1
-    b = below[qi] + 1
-    if b >= k:  # the k-th is at w: the largest w with fewer than k rows below it
-        w = thr[qi] - 1
-        while b - cnt[qi, w] >= k:
-            b -= cnt[qi, w]
-            w -= 1
-        b -= cnt[qi, w]
-        thr[qi] = w
-    below[qi] = b
 
 
 # -- one walk, two kinds of codes --------------------------------------------------------------
@@ -377,7 +329,7 @@ def _second_one_word(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, delet
                 continue
             d = np.int32(popcount(np.uint64(tile[j] ^ q0)))
             if d < thr[qi]:
-                _offer(start + j, d, t, qi, k, thr, size, below, cnt, pool, fill)
+                offer(start + j, d, t, qi, k, thr, size, below, cnt, pool, fill)
         return
     for s0 in range(s_lo, s_hi, 64):
         m = _below_mask(tile, s0, s_hi, q0, thr[qi], start, deleted, has_deleted)
@@ -386,7 +338,7 @@ def _second_one_word(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, delet
             m &= m - np.uint64(1)
             d = np.int32(popcount(np.uint64(tile[j] ^ q0)))
             if d < thr[qi]:  # the k-th may have tightened since the mask was taken
-                _offer(start + j, d, t, qi, k, thr, size, below, cnt, pool, fill)
+                offer(start + j, d, t, qi, k, thr, size, below, cnt, pool, fill)
 
 
 def _second_words(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted,
@@ -400,7 +352,7 @@ def _second_words(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted,
                 m &= m - np.uint64(1)
                 d = _row_distance(tile, n_words, j, queries[qi])
                 if d < thr[qi]:
-                    _offer(start + j, d, t, qi, k, thr, size, below, cnt, pool, fill)
+                    offer(start + j, d, t, qi, k, thr, size, below, cnt, pool, fill)
         return
     # each SMALL_BLOCK rows get their own minimum, and only blocks that beat the k-th too are
     # walked row by row
@@ -418,7 +370,7 @@ def _second_words(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted,
         for jj in range(nr):
             d = dbuf[jj]
             if d < thr[qi] and not (has_deleted and deleted[start + s0 + jj] != 0):
-                _offer(start + s0 + jj, d, t, qi, k, thr, size, below, cnt, pool, fill)
+                offer(start + s0 + jj, d, t, qi, k, thr, size, below, cnt, pool, fill)
 
 
 @overload(_second, inline="always")
@@ -556,41 +508,31 @@ def _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
             start = end
 
 
-@njit(inline="always", cache=True)
-def _merge_one(qi, bits, pool, fill, at, out_d, out_r):
-    """Query qi's per-thread lists into out_d/out_r[qi], its k nearest by (distance, row):
-    a counting sort on the distance, stable, and thread t's rows all precede thread
-    t + 1's, so each distance's rows come out in row order. (Sorting the keys took ~140 us
-    a query at k=1000.) ``at``: scratch of bits + 2. Places past the rows found get -1."""
-    k = out_d.shape[1]
-    n_parts = pool.shape[0]
-    at[:] = 0
-    for t in range(n_parts):
-        for j in range(fill[t, qi]):
-            at[(pool[t, qi, j] & DIST_MASK) + 1] += 1
-    for d in range(1, bits + 2):
-        at[d] += at[d - 1]
-    for t in range(n_parts):
-        for j in range(fill[t, qi]):
-            e = pool[t, qi, j]
-            d = e & DIST_MASK
-            p = at[d]
-            if p < k:
-                out_d[qi, p] = d
-                out_r[qi, p] = e >> DIST_BITS
-            at[d] = p + 1
-    for j in range(min(at[bits], k), k):
-        out_d[qi, j] = -1
-        out_r[qi, j] = -1
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _merge_parallel(bits, pool, fill, out_d, out_r):
-    for qi in prange(out_d.shape[0]):
-        _merge_one(qi, bits, pool, fill, np.empty(bits + 2, dtype=np.int64), out_d, out_r)
+@njit(nogil=True, cache=True)
+def lone_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
+                seed, lone_need, pool):
+    """:func:`topk_kernel` for one query: the lone walk."""
+    size = np.zeros((n_parts, 1), dtype=np.int64)
+    used = np.empty((n_parts, 1), dtype=np.int32)
+    fill = np.zeros((n_parts, 1), dtype=np.int64)
+    _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
+                n_parts, seed, lone_need, used, pool, fill, size)
+    return finish_topk(pool, fill, size, used, k, bits, n_parts)
 
 
 @njit(nogil=True, cache=True)
+def batch_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
+                 seed, pool):
+    """:func:`topk_kernel` for a batch: tiles that every query of the batch scans."""
+    n_q = queries.shape[0]
+    size = np.zeros((n_parts, n_q), dtype=np.int64)
+    used = np.empty((n_parts, n_q), dtype=np.int32)
+    fill = np.zeros((n_parts, n_q), dtype=np.int64)
+    _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
+                n_parts, seed, used, pool, fill, size)
+    return finish_topk(pool, fill, size, used, k, bits, n_parts)
+
+
 def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted, n_parts,
                 seed, lone_need, pool):
     """Top-k for each query. addrs: the segments' addresses (``seg_rows`` rows of n_words
@@ -600,34 +542,15 @@ def topk_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has
     0: no); pool: (n_parts, Q, 2k + 16) scratch for the best-k lists (``_pools``).
     Returns (distances, rows,
     exact): (Q, k) nearest first, ties by row, -1 where fewer than k rows qualify; exact[q]
-    is False where a seed may have cut off one of query q's k nearest (see ``topk``)."""
-    n_q = queries.shape[0]
-    size = np.zeros((n_parts, n_q), dtype=np.int64)
-    used = np.empty((n_parts, n_q), dtype=np.int32)
-    fill = np.zeros((n_parts, n_q), dtype=np.int64)
-    if n_q == 1:
-        _lone_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
-                    n_parts, seed, lone_need, used, pool, fill, size)
-    else:
-        _topk_parts(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
-                    n_parts, seed, used, pool, fill, size)
-    out_d = np.empty((n_q, k), dtype=np.int32)  # the merge writes every entry
-    out_r = np.empty((n_q, k), dtype=np.int64)
-    if n_q * k * n_parts < 65536:  # a second parallel region costs more than this merge
-        at = np.empty(bits + 2, dtype=np.int64)
-        for qi in range(n_q):
-            _merge_one(qi, bits, pool, fill, at, out_d, out_r)
-    else:
-        _merge_parallel(bits, pool, fill, out_d, out_r)
-    # a thread whose set is not full lacks only rows at or above its seed: harmless exactly
-    # when the answer's k-th lies below that seed (an unseeded thread lacks nothing)
-    exact = np.ones(n_q, dtype=np.bool_)
-    for qi in range(n_q):
-        for t in range(n_parts):
-            if size[t, qi] < k and used[t, qi] <= bits and not (
-                    out_r[qi, k - 1] >= 0 and out_d[qi, k - 1] < used[t, qi]):
-                exact[qi] = False
-    return out_d, out_r, exact
+    is False where a seed may have cut off one of query q's k nearest (see ``topk``).
+
+    The lone walk and the batch walk are two compiled functions chosen here, in Python, so a
+    process compiles (or loads) only the one its queries take."""
+    if queries.shape[0] == 1:
+        return lone_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
+                           n_parts, seed, lone_need, pool)
+    return batch_kernel(addrs, seg_rows, n_rows, n_words, queries, k, bits, deleted, has_deleted,
+                        n_parts, seed, pool)
 
 
 def _gather(tile, n_words, queries, qi, s_lo, s_hi, lanes, start, deleted, has_deleted, penalty,

@@ -398,7 +398,7 @@ def test_best_k_lists_keep_ties_by_row_through_compaction(k):
     # list fill up while its threshold sits at the final k-th distance (9) with rows there
     # still needed: j levels of k rows each, falling to 9, then k - 1 rows at 5; compaction
     # must keep the first rows at 9 and may drop the rest. Thread 1: random distances.
-    from hashret.index import scans as kernels
+    from hashret.index import bestk
 
     bits, cap = 64, 2 * k + 16
     j = cap // k
@@ -416,13 +416,13 @@ def test_best_k_lists_keep_ties_by_row_through_compaction(k):
         cnt = np.zeros((1, bits + 2), dtype=np.int32)
         for i in rows:
             if dist[i] < thr[0]:
-                kernels._offer(i, dist[i], t, 0, k, thr, size, below, cnt, pool, fill)
+                bestk.offer(i, dist[i], t, 0, k, thr, size, below, cnt, pool, fill)
         # the threshold is the thread's own k-th distance: nothing it turned away was needed
         assert thr[0] == np.sort(dist[rows])[k - 1]
     assert size[0, 0] > cap and fill[0, 0] < cap  # thread 0's list compacted
     out_d = np.empty((1, k), dtype=np.int32)
     out_r = np.empty((1, k), dtype=np.int64)
-    kernels._merge_one(0, bits, pool, fill, np.empty(bits + 2, dtype=np.int64), out_d, out_r)
+    bestk.merge_one(0, bits, pool, fill, np.empty(bits + 2, dtype=np.int64), out_d, out_r)
     order = np.lexsort((np.arange(n), dist))[:k]
     np.testing.assert_array_equal(out_r[0], order)
     np.testing.assert_array_equal(out_d[0], dist[order])
