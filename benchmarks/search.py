@@ -48,7 +48,6 @@ import numpy as np  # noqa: E402
 
 from hashret.index import HashIndex  # noqa: E402
 from hashret.index import probes  # noqa: E402
-from hashret.index.rows import to_words, word_layout  # noqa: E402
 
 
 def median_ms(*fns, repeats):
@@ -160,7 +159,7 @@ def main():
         if faiss is not None:
             fidx = faiss.IndexBinaryFlat(bits)
             fidx.add(db)
-        words = to_words(db, *word_layout(bits // 8))  # the layout the scan reads, same size
+        words = index.segments().arrays[0][:n]  # the very memory the scan reads
         # which limit binds a cell: estimates decide, then each cell times its binding limit
         # alternately with hashret
         floors, roof_rate = {}, {}
