@@ -233,7 +233,7 @@ class DCMHMLP(TorchHashModel):
         codes = torch.sign(buf["image"] + buf["text"])
         codes[codes == 0] = 1
         opts = {m: torch.optim.Adam(self.nets[m].parameters(), lr=cfg["lr"],
-                                    weight_decay=cfg["weight_decay"]) for m in feats}
+                                    weight_decay=cfg["weight_decay"], foreach=True) for m in feats}
         bar = tqdm(range(cfg["epochs"]), desc="dcmh-mlp", disable=not progress, leave=False)
         for epoch in bar:
             for mod, other in (("image", "text"), ("text", "image")):

@@ -112,7 +112,7 @@ def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu") ->
     net = model.matcher.to(device).train()
     groups = ([list(b.parameters()) for b in net.branches.values()] if hasattr(net, "branches")
               else [list(net.parameters())])
-    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], foreach=True)
 
     def step(epoch, x, m, t, ln):
         img, txt = net.encode_image(x, m), net.encode_text(t, ln)
@@ -144,7 +144,7 @@ def train_head(model: MatcherModel, dataset, distill=True, progress=False, devic
     cfg = model.config
     matcher = model.matcher.to(device).eval()
     head = model.head.to(device).train()
-    opt = torch.optim.Adam(head.parameters(), lr=cfg["head_lr"])
+    opt = torch.optim.Adam(head.parameters(), lr=cfg["head_lr"], foreach=True)
 
     def step(epoch, x, m, t, ln):
         hi, ht = head.image(x, m), head.text(t, ln)
