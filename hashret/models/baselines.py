@@ -234,6 +234,7 @@ class DCMHMLP(TorchHashModel):
         codes[codes == 0] = 1
         opts = {m: torch.optim.Adam(self.nets[m].parameters(), lr=cfg["lr"],
                                     weight_decay=cfg["weight_decay"], foreach=True) for m in feats}
+        self.updates = {m: 0 for m in feats}  # optimiser steps per net (benchmarks/train_speed.py)
         bar = tqdm(range(cfg["epochs"]), desc="dcmh-mlp", disable=not progress, leave=False)
         for epoch in bar:
             for mod, other in (("image", "text"), ("text", "image")):
@@ -251,6 +252,7 @@ class DCMHMLP(TorchHashModel):
                     opts[mod].zero_grad()
                     loss.backward()
                     opts[mod].step()
+                    self.updates[mod] += 1
                     buf[mod][idx] = out.detach()
             codes = torch.sign(buf["image"] + buf["text"])
             codes[codes == 0] = 1
