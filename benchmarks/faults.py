@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # a checkout
-from shard_faults import run_shard_kills  # noqa: E402
+from shard_faults import kill_midway, run_shard_kills  # noqa: E402
 
 BAD = ("traceback", "signal", "silent", "changed", "unclear", "lost")
 SPEC = "synthetic:n_items=600,n_labels=6,image_dim=20,text_dim=50,n_query=60,n_train=300"
@@ -580,15 +580,7 @@ def kill_ops_trial(root, seed: int, rng: random.Random) -> dict:
     path = Path(root) / "kill" / f"ops{seed}"
     shutil.rmtree(path, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", OPS_SCRIPT, str(path), str(seed), str(Path(__file__).parent)],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().startswith("ready")
-    time.sleep(rng.uniform(0, 0.5))
-    proc.send_signal(signal.SIGKILL)
-    rest = proc.stdout.read()
-    proc.wait()
-    # only whole lines count: a kill can land between a line's bytes (PYTHONUNBUFFERED)
-    whole = rest.split("\n")[:-1]
+    whole = kill_midway(OPS_SCRIPT, [str(path), str(seed)], rng.uniform(0, 0.5))  # only whole lines count
     reported = max([int(ln.split()[1]) for ln in whole if ln.startswith("committed ")], default=-1)
     states = _states(seed)
     try:

@@ -136,6 +136,20 @@ def alive_ids(ix, ids) -> set:
     return {int(i) for i in ids if ix.contains(int(i))}
 
 
+def kill_midway(script: str, args: list, after_s: float) -> list:
+    """Run ``script`` (its argv: ``args`` and this folder), wait for its 'ready' line, SIGKILL
+    it ``after_s`` later; the whole lines it printed meanwhile (a kill can land between a
+    line's bytes)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args, str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("ready")
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGKILL)
+    rest = proc.stdout.read()
+    proc.wait()
+    return rest.split("\n")[:-1]
+
+
 def python_trial(root, seed: int, rng: random.Random) -> dict:
     """SIGKILL a process writing a ShardedIndex from Python at a random moment."""
     from hashret.engine import verify_index
@@ -143,14 +157,7 @@ def python_trial(root, seed: int, rng: random.Random) -> dict:
 
     path = Path(root) / "shard-kill" / f"py{seed}"
     new_index(path)
-    proc = subprocess.Popen([sys.executable, "-c", OPS_SCRIPT, str(path), str(seed), str(Path(__file__).parent)],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().startswith("ready")
-    time.sleep(rng.uniform(0.0, 0.6))
-    proc.send_signal(signal.SIGKILL)
-    rest = proc.stdout.read()
-    proc.wait()
-    whole = rest.split("\n")[:-1]  # a kill can land between a line's bytes
+    whole = kill_midway(OPS_SCRIPT, [str(path), str(seed)], rng.uniform(0.0, 0.6))
     acked = max([int(ln.split()[1]) for ln in whole if ln.startswith("acknowledged ")], default=-1)
     ops = op_sequence(seed)
     every = np.concatenate([a[1] for op, a in ops if op == "add"])

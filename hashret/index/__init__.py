@@ -82,7 +82,6 @@ def index_info(index) -> dict:
     (or a sharded one)."""
     from hashret.index.hash_index import HashIndex
     from hashret.index.manifest import interrupted_build, is_sharded, read_manifest, shard_paths
-    from hashret.index.sharded import ShardedIndex
 
     if is_sharded(index):
         m = read_manifest(index)
@@ -91,7 +90,7 @@ def index_info(index) -> dict:
             # shards not created yet: nothing to open, but the build's state and how to finish it
             return {"bits": m["bits"], "shards": m["shards"], "path": str(index), "complete": False,
                     "build": build, "created": m.get("created"), "meta": m["info"]}
-    with (ShardedIndex if is_sharded(index) else HashIndex).open(index) as ix:
+    with open_index(index) as ix:
         return ix.info()
 
 
@@ -104,9 +103,9 @@ def verify_index(index) -> dict:
 
     if is_sharded(index):  # the manifest against every shard, then every shard's own checksums
         problems = check_folder(index)
-        reports = [verify_index(p) for p in shard_paths(index, read_manifest(index)["shards"]) if HashIndex.exists(p)]
-        out = {"ok": not problems and all(r["ok"] for r in reports), "path": str(index),
-               "shards": read_manifest(index)["shards"],
+        n = read_manifest(index)["shards"]
+        reports = [verify_index(p) for p in shard_paths(index, n) if HashIndex.exists(p)]
+        out = {"ok": not problems and all(r["ok"] for r in reports), "path": str(index), "shards": n,
                "problems": problems + [f"{Path(r['path']).name}: {p}" for r in reports for p in r["problems"]]}
         for f in ("rows", "chunks", "items", "ids"):
             out[f] = sum(r[f] or 0 for r in reports)
