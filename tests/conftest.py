@@ -12,3 +12,7 @@ def pytest_configure(config):
 
     config.addinivalue_line(
         "filterwarnings", f"ignore:{INLINED_NOTICE}:numba.core.errors.NumbaIRAssumptionWarning")
+
+# the suite tests the kernels: a search compiles them in the call (and a subprocess the suite
+# starts inherits this), where a user's first search would run on numpy while they compile behind
+os.environ["HASHRET_COMPILE"] = "foreground"

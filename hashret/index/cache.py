@@ -11,7 +11,9 @@ It must be imported before any ``@njit(cache=True)`` of hashret runs."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from hashret import __version__
@@ -25,6 +27,27 @@ def cache_dir() -> Path:
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hashret"
     return Path(root) / f"numba-{__version__}"
+
+
+@contextmanager
+def compiling(bits: int):
+    """Held while a process compiles the kernels for ``bits``-bit codes into the cache (an
+    advisory lock on a file there): a second process warming the same width up waits, then
+    loads what the first compiled instead of compiling it too. Nothing is held where the
+    folder cannot be written."""
+    handle = None
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / f"compiling-{int(bits)}.lock", "a+b")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # closing releases the lock
 
 
 def _register():

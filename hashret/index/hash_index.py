@@ -228,15 +228,27 @@ class HashIndex:
         ``bits``-bit codes (a lone query, a batch, a radius search), so that the first real
         search answers at once. The kernels are kept per user (:mod:`hashret.index.cache`).
         Returns the seconds it took (a fraction of one where they were cached)."""
+        import os
         import time
+
+        from hashret.index.cache import compiling
 
         t0 = time.perf_counter()
         index = HashIndex(bits)
         codes = np.random.default_rng(0).integers(0, 256, size=(4096, index.n_bytes), dtype=np.uint8)
         index.add(codes)
-        index.search(codes[:1], 10)
-        index.search(codes[:8], 10)
-        index.range_search(codes[:2], 1)
+        mode = os.environ.get("HASHRET_COMPILE")
+        os.environ["HASHRET_COMPILE"] = "foreground"  # the kernels, not numpy's stand-in
+        try:
+            with compiling(bits):  # another process on it: wait, then load its work
+                index.search(codes[:1], 10)
+                index.search(codes[:8], 10)
+                index.range_search(codes[:2], 1)
+        finally:
+            if mode is None:
+                os.environ.pop("HASHRET_COMPILE")
+            else:
+                os.environ["HASHRET_COMPILE"] = mode
         return time.perf_counter() - t0
 
     # -- a folder, without opening it ------------------------------------------------------

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import hashret.index.cache  # noqa: F401 -- before any cached kernel is defined
 import logging
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numba
 import numpy as np
 from numba import njit
 
 from hashret.index.intrinsics import GROUP, LONE_SEED_K, SAMPLE_EVERY, SEED_MARGIN, SMALL_BLOCK, TILE
-from hashret.index.scans import range_kernel, topk_kernel
+from hashret.index.scans import batch_kernel, lone_kernel, range_kernel, topk_kernel
 
 
 def _parts(n_rows: int, threads: int) -> int:
@@ -158,6 +162,135 @@ def _pools(n_parts: int, n_q: int, k: int):
     return pool[:n].reshape(shape)
 
 
+# -- before the kernels are compiled ----------------------------------------------------------
+# A process that finds no compiled scan for its code width in the kernel cache would wait
+# ~20 s on 2 cores for numba before its first answer. Where the search is small enough for
+# numpy to answer in well under a second (NUMPY_WORK row-query pairs: ~13 ms a query over 10^6
+# 64-bit codes), it answers with numpy -- exact, the same ids, distances and order -- while a
+# detached ``hashret warmup`` compiles the kernels into the cache; each later search looks
+# there again (at most once a second) and takes the kernel as soon as it is there.
+# HASHRET_COMPILE=foreground compiles in the call instead (the tests, and a user who wants it).
+NUMPY_WORK = 1 << 25
+RECHECK_S = 1.0
+_behind: dict = {}  # (kernel, signature) -> when it was last looked for, in this process
+
+
+def _compile_mode() -> str:
+    mode = os.environ.get("HASHRET_COMPILE", "background")
+    return mode if mode in ("background", "foreground") else "background"
+
+
+def _ready(disp, args) -> bool:
+    """Whether ``disp`` has code for ``args`` in this process, or in the kernel cache (then
+    loaded, as its first call would). True where numba's internals differ from what this
+    expects: the call then compiles as it always did."""
+    try:
+        sig = tuple(disp.typeof_pyval(a) for a in args)
+        if sig in disp.overloads:
+            return True
+        key = (disp.py_func.__name__, sig)
+        now = time.monotonic()
+        if now - _behind.get(key, -RECHECK_S) < RECHECK_S:
+            return False
+        _behind[key] = now
+        from numba.core.compiler_lock import global_compiler_lock
+
+        with global_compiler_lock:
+            cres = disp._cache.load_overload(sig, disp.targetctx)
+            if cres is None:
+                return False
+            disp.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
+            disp.add_overload(cres)
+        return True
+    except Exception:  # noqa: BLE001 -- another numba: compile in the call, as before
+        return True
+
+
+def _numpy_first(disp, args, work: int, bits: int) -> bool:
+    """Whether this search should run on numpy (the kernel it needs is not compiled, and the
+    search is small); the first time for a width, starts its compilation behind."""
+    if _compile_mode() != "background" or work > NUMPY_WORK or _ready(disp, args):
+        return False
+    if bits not in _said_behind:
+        _said_behind.add(bits)
+        from hashret.index.cache import cache_dir
+
+        log.warning(f"the Hamming scan for {bits}-bit codes is not compiled yet: numpy answers (exact, "
+                    f"slower) while it compiles in the background, once (~30 s on 2 cores), into "
+                    f"{cache_dir()}; 'hashret warmup --bits {bits}' does it ahead")
+        _compile_behind(bits)
+    return True
+
+
+_said_behind: set = set()
+
+
+def _compile_behind(bits: int):
+    """``hashret warmup --bits bits`` in a detached process of its own (it outlives a CLI
+    search; its output is of no use to the caller)."""
+    try:
+        subprocess.Popen([sys.executable, "-m", "hashret.cli", "warmup", "--bits", str(bits)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    except OSError as e:  # no process to spare: the next search that needs it compiles it
+        log.warning(f"could not start the background compile ({e}); a later search compiles it")
+
+
+if hasattr(np, "bitwise_count"):
+    def _popcount(x):
+        return np.bitwise_count(x)
+else:  # numpy < 2: a byte table
+    _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+    def _popcount(x):
+        return _POP8[x.view(np.uint8)].reshape(*x.shape, x.itemsize)
+
+
+def numpy_distances(segs: Segments, query: np.ndarray, bits: int, deleted=None) -> np.ndarray:
+    """Distances of one query (n_words words) to every row of ``segs``, int32; a removed row
+    (``deleted[row] != 0``) gets ``bits + 1``. The obviously-correct scan: numpy, row by row."""
+    out = np.empty(segs.n_rows, dtype=np.int32)
+    for s, a in enumerate(segs.arrays):
+        lo = s * segs.seg_rows
+        n = min(len(a), segs.n_rows - lo)
+        if n > 0:
+            pc = _popcount(a[:n] ^ query)
+            out[lo:lo + n] = pc.reshape(n, -1).sum(axis=1, dtype=np.int32)
+    if deleted is not None:
+        out[np.asarray(deleted[:segs.n_rows]) != 0] = bits + 1
+    return out
+
+
+def numpy_topk(segs: Segments, queries: np.ndarray, k: int, bits: int, deleted=None):
+    """:func:`topk` by numpy: every distance, then the k smallest (distance, row) keys."""
+    queries = np.asarray(queries).reshape(len(queries), -1)
+    dist = np.full((len(queries), k), -1, dtype=np.int32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for i, q in enumerate(queries):
+        key = numpy_distances(segs, q, bits, deleted).astype(np.int64) * max(segs.n_rows, 1)
+        key += np.arange(segs.n_rows)
+        top = np.sort(np.partition(key, k - 1)[:k] if k < len(key) else key)
+        top = top[top < (bits + 1) * max(segs.n_rows, 1)]  # removed rows never enter
+        dist[i, :len(top)] = top // max(segs.n_rows, 1)
+        rows[i, :len(top)] = top % max(segs.n_rows, 1)
+    return dist, rows
+
+
+def numpy_range(segs: Segments, queries: np.ndarray, radius: int, bits: int, deleted=None):
+    """:func:`range_search` by numpy: (lims, distances, rows), by (distance, row)."""
+    queries = np.asarray(queries).reshape(len(queries), -1)
+    lims, dists, rows = [0], [], []
+    for q in queries:
+        d = numpy_distances(segs, q, bits, deleted)
+        r = np.flatnonzero(d <= radius)
+        r = r[np.argsort(d[r], kind="stable")]
+        dists.append(d[r])
+        rows.append(r)
+        lims.append(lims[-1] + len(r))
+    return (np.array(lims, dtype=np.int64), np.concatenate(dists).astype(np.int32),
+            np.concatenate(rows).astype(np.int64))
+
+
 def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
          deleted: np.ndarray | None = None, threads: int | None = None):
     """Exact top-k of ``queries`` ((Q, n_words), the segments' word type: uint8/16/32 for
@@ -177,6 +310,11 @@ def topk(segs: Segments, queries: np.ndarray, k: int, bits: int,
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
     _scan.bits = bits
     with threads_used(threads, segs.n_rows) as parts:
+        lone = len(queries) == 1
+        probe = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, k, bits, dmask, has_del,
+                 parts, np.zeros(len(queries), np.int32)) + ((0,) if lone else ()) + (np.zeros((1, 1, 1), np.int64),)
+        if _numpy_first(lone_kernel if lone else batch_kernel, probe, segs.n_rows * len(queries), bits):
+            return numpy_topk(segs, queries, k, bits, deleted)
         unseeded = np.full(len(queries), bits + 1, dtype=np.int32)
         seed = _seeds(segs, queries, k, bits, dmask, has_del, parts)
         # a lone query's own sample, walked with span minima, costs ~1/64 of its reads: it pays
@@ -244,6 +382,11 @@ def range_search(segs: Segments, queries, radius, bits, deleted=None, threads: i
     queries, dmask, has_del = _scan_args(segs, queries, deleted)
     _scan.bits = bits
     with threads_used(threads, segs.n_rows) as parts:
+        z = np.zeros((1, 1), np.int64)
+        probe = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, radius, bits, dmask,
+                 has_del, parts, z, z[0], np.zeros(1, np.int32), True, 0, z)
+        if _numpy_first(range_kernel, probe, segs.n_rows * len(queries), bits):
+            return numpy_range(segs, queries, radius, bits, deleted)
         return _range_search(segs, queries, radius, bits, dmask, has_del, parts)
 
 
