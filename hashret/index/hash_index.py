@@ -10,6 +10,7 @@ distance -1 where fewer alive items exist.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from bitarray import bitarray
 
 from hashret.errors import HashretError, NotFoundError, check, is_integer, os_problem
 from hashret.index import kernels
+from hashret.index.attributes import encode, evaluate, key, new_schema, parse_filter, value_of
 from hashret.index.bits import as_packed
 from hashret.index.rows import Memory, Stored, to_words, word_layout
 from hashret.index.store import FILES, LMDBStore, all_unique, ascending, is_initialised
@@ -159,6 +161,7 @@ class HashIndex:
         self._rows: Memory | Stored = Memory(self.word_dtype, self.n_words)
         self._idmap = _IdMap()  # explicit id -> row; after open, built on first use
         self.path = None
+        self._filters = OrderedDict()  # (state, filter text) -> rows matching, the last few
 
     # the backend's state, read where it is kept (memory, or the current snapshot)
     @property
@@ -344,12 +347,15 @@ class HashIndex:
     def _as_packed(self, codes, what="codes") -> np.ndarray:
         return as_packed(codes, self.bits, what)
 
-    def add(self, codes, ids=None, items=None, build: dict | None = None) -> np.ndarray:
+    def add(self, codes, ids=None, items=None, build: dict | None = None, attributes=None) -> np.ndarray:
         """Append codes (packed uint8 (N, bits/8); or (N, bits) 0/1 bits, +-1 signs or real
         outputs). ``ids``: external ids, unique integers in [0, 2**63) (default: row numbers);
         ``items``: one JSON-able payload per code; ``build``: fields for the build record,
-        committed with the batch. On LMDB the batch is one transaction: all of it or nothing.
-        Returns the ids given to the new items."""
+        committed with the batch; ``attributes``: {column: one value per code} -- the first
+        add sets the index's columns (label lists or :class:`~hashret.index.attributes.Labels`,
+        integers, floats, datetime64, strings; see :mod:`hashret.index.attributes`), every
+        later add gives the same columns. On LMDB the batch is one transaction: all of it or
+        nothing. Returns the ids given to the new items."""
         packed = self._as_packed(codes)
         n = len(packed)
         check(n > 0, "nothing to add: the code array is empty")
@@ -364,8 +370,14 @@ class HashIndex:
                 raise HashretError(f"id {int(ids[known][0])} is already in the index: ids must be unique")
         if items is not None:
             items = json_items(items, n)
+        schema = self._rows.schema
+        if attributes is not None and not schema:
+            check(self._n == 0, f"this index has {self._n} rows without attributes: attribute columns are "
+                  "set by an index's first add")
+            schema = new_schema(attributes)
+        columns, schema = encode(schema, attributes, n)
         first = self._n
-        self._rows.append(packed, ids, items, mode, build)
+        self._rows.append(packed, ids, items, mode, build, columns, schema if columns is not None else None)
         if ids is not None and self._idmap is not None:
             self._idmap.add(ids, first)
         return ids if ids is not None else np.arange(first, first + n, dtype=np.int64)
@@ -377,51 +389,95 @@ class HashIndex:
         return to_words(packed, self.word_dtype, self.n_words)
 
     def _scan(self, fn):
-        """fn(segments, deleted mask, ids_of_rows) over one consistent state of the index."""
+        """fn(segments, deleted mask, ids_of_rows, columns) over one consistent state."""
         return self._rows.scan(fn)
 
-    def search(self, queries, k: int, threads: int | None = None):
+    def search(self, queries, k: int, threads: int | None = None, filter=None):
         """(distances, ids), int arrays of shape (Q, min(k, rows)), nearest first, ties by
-        row; -1 where fewer alive items exist. Memory is O(Q x min(k, rows)) for any k.
-        ``threads``: scan threads (default: NUMBA_NUM_THREADS)."""
-        dist, _, ids = self.search_rows(queries, k, threads)
+        row; -1 where fewer alive items exist (or match ``filter``). Memory is O(Q x min(k,
+        rows)) for any k. ``threads``: scan threads (default: NUMBA_NUM_THREADS); ``filter``:
+        only rows it selects -- a boolean array over the rows, or an expression over the
+        stored attributes (see :mod:`hashret.index.attributes`)."""
+        dist, _, ids = self.search_rows(queries, k, threads, filter)
         return dist, ids
 
-    def search_rows(self, queries, k: int, threads: int | None = None):
+    def search_rows(self, queries, k: int, threads: int | None = None, filter=None):
         """``search`` with the rows too: (distances, rows, ids) from one snapshot (a sharded
         index merges shards by row)."""
         k = positive_int(k, "k")
         q = self._query_words(queries)
 
-        def scan(segs, deleted, ids_of_rows):
+        def scan(segs, deleted, ids_of_rows, columns):
             kk = min(k, segs.n_rows)
+            allowed = self._allowed(filter, segs.n_rows, deleted, columns)
             if kk == 0:
                 none = np.zeros((len(q), 0), dtype=np.int64)
                 return none.astype(np.int32), none, none
-            dist, rows = kernels.topk(segs, q, kk, self.bits, deleted, threads)
+            if allowed is None:
+                dist, rows = kernels.topk(segs, q, kk, self.bits, deleted, threads)
+            else:
+                dist, rows = _filtered_topk(segs, q, kk, self.bits, allowed, threads)
             return dist, rows, ids_of_rows(rows)
 
         return self._scan(scan)
 
-    def range_search(self, queries, radius: int, threads: int | None = None):
+    def range_search(self, queries, radius: int, threads: int | None = None, filter=None):
         """All items within Hamming distance ``radius``: (lims, distances, ids) as in faiss;
-        query i's results are ``[lims[i], lims[i+1])``, by distance then row."""
-        lims, dist, _, ids = self.range_search_rows(queries, radius, threads)
+        query i's results are ``[lims[i], lims[i+1])``, by distance then row. ``filter`` as
+        in :meth:`search`."""
+        lims, dist, _, ids = self.range_search_rows(queries, radius, threads, filter)
         return lims, dist, ids
 
-    def range_search_rows(self, queries, radius: int, threads: int | None = None):
+    def range_search_rows(self, queries, radius: int, threads: int | None = None, filter=None):
         """``range_search`` with the rows too: (lims, distances, rows, ids)."""
         check(is_integer(radius) and radius >= 0, f"radius must be a non-negative integer, got {radius!r}")
         q = self._query_words(queries)
 
-        def scan(segs, deleted, ids_of_rows):
+        def scan(segs, deleted, ids_of_rows, columns):
+            allowed = self._allowed(filter, segs.n_rows, deleted, columns)
             if segs.n_rows == 0:
                 return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-            lims, dist, rows = kernels.range_search(segs, q, int(min(radius, self.bits)), self.bits,
-                                                    deleted, threads)
+            r = int(min(radius, self.bits))
+            if allowed is None:
+                lims, dist, rows = kernels.range_search(segs, q, r, self.bits, deleted, threads)
+            else:
+                lims, dist, rows = _filtered_range(segs, q, r, self.bits, allowed, threads)
             return lims, dist, rows, ids_of_rows(rows)
 
         return self._scan(scan)
+
+    def _allowed(self, filter, n_rows: int, deleted, columns):
+        """None (no filter), else a boolean array: the rows alive that ``filter`` selects.
+        The filter is checked before anything is scanned; the rows an expression selects are
+        kept for the last few expressions (until the rows change)."""
+        if filter is None:
+            return None
+        tree = parse_filter(filter, columns.schema, n_rows)
+        text = key(filter)
+        token = (self._rows.state, n_rows, text)
+        match = self._filters.get(token) if text is not None else None
+        if match is None:
+            match = evaluate(tree, columns.chunks, n_rows, self.lookup_rows)
+            if text is not None:
+                self._filters[token] = match
+                while len(self._filters) > FILTERS_KEPT:
+                    self._filters.popitem(last=False)
+        else:
+            self._filters.move_to_end(token)
+        return match if deleted is None else match & (deleted == 0)
+
+    @property
+    def attribute_columns(self) -> list:
+        """The index's attribute columns: [{"name", "kind", ...}] (labels' names, categories)."""
+        return [dict(c) for c in self._rows.schema]
+
+    def attributes(self, ids) -> list:
+        """Each item's attributes as JSON values ({} where the index stores none)."""
+        rows = self.rows_of(ids)
+        values = self._scan(lambda _s, _d, _i, columns: columns.rows(rows))
+        schema = self._rows.schema
+        return [{c["name"]: value_of(c, _stored(c, values[j][i])) for j, c in enumerate(schema)}
+                for i in range(len(rows))]
 
     # -- ids, items, removal -------------------------------------------------------------
     def _ids_of_rows(self, rows):
@@ -482,19 +538,21 @@ class HashIndex:
         alive = self._alive_rows()
         packed = self.packed_codes(alive)
         ids = self._ids_of_rows(alive)
-        self._rows.rewrite(packed, ids, alive)
+        columns = self._scan(lambda _s, _d, _i, cols: cols.rows(alive)) if self._rows.schema else None
+        self._rows.rewrite(packed, ids, alive, columns)
+        self._filters.clear()
         self._idmap = None
 
     def segments(self):
         """The codes as the scan reads them (:class:`~hashret.index.kernels.Segments`): for
         probes that time the machine on the very memory a search reads. On disk, valid while
         the index is open and unchanged."""
-        return self._scan(lambda segs, _d, _i: segs)
+        return self._scan(lambda segs, _d, _i, _c: segs)
 
     def packed_codes(self, rows=None) -> np.ndarray:
         """Packed codes (N, bits/8) of ``rows`` (all rows when None), a copy."""
         rows = np.arange(self._n) if rows is None else np.asarray(rows)
-        words = self._scan(lambda segs, _d, _i: segs.rows(rows))
+        words = self._scan(lambda segs, _d, _i, _c: segs.rows(rows))
         raw = words.view(np.uint8).reshape(len(rows), self.n_words * self.word_dtype.itemsize)
         return np.ascontiguousarray(raw[:, : self.n_bytes])
 
@@ -531,7 +589,59 @@ class HashIndex:
                 "complete": build is None or build.get("state") == "complete",
                 "build": build, "created": self.created, "generation": self.generation,
                 "code_bytes": code_bytes, "mapped": mapped,
-                "memory_bytes": 0 if mapped else code_bytes, "meta": self.info_meta}
+                "memory_bytes": 0 if mapped else code_bytes, "meta": self.info_meta,
+                "attributes": [{"name": c["name"], "kind": c["kind"],
+                                **({"labels": len(c["names"])} if c["kind"] == "labels" else {}),
+                                **({"categories": len(c["categories"])} if c["kind"] == "category" else {})}
+                               for c in self._rows.schema]}
+
+
+FILTERS_KEPT = 8  # evaluated filter expressions a HashIndex keeps (a server's repeated filters)
+SPARSE = 32  # a filter that keeps at most 1/SPARSE of the rows: scan a gathered copy of them
+
+
+def _stored(col, raw):
+    from hashret.index.attributes import view
+
+    v = view(col, raw.reshape(-1))
+    return v[0] if col["kind"] != "labels" else raw
+
+
+def _gathered(segs, allowed):
+    """(rows, Segments of their codes): the rows ``allowed`` selects, copied together, for a
+    filter selective enough that reading them costs less than the mask's scan of all rows."""
+    rows = np.flatnonzero(allowed)
+    return rows, kernels.Segments.of(segs.rows(rows))
+
+
+def _filtered_topk(segs, q, k, bits, allowed, threads):
+    """Top-k over the ``allowed`` rows only: exact, ties by row. Few rows: the scan of a
+    gathered copy (its rows ascending, so ties keep their order); many: the full scan, the
+    others masked out as removed rows are (never a distance computed for them past the
+    first level's span test)."""
+    n_ok = int(np.count_nonzero(allowed))
+    if n_ok * SPARSE > segs.n_rows:
+        return kernels.topk(segs, q, k, bits, (~allowed).view(np.uint8), threads)
+    dist = np.full((len(q), k), -1, dtype=np.int32)
+    rows = np.full((len(q), k), -1, dtype=np.int64)
+    if n_ok:
+        chosen, sub = _gathered(segs, allowed)
+        d, r = kernels.topk(sub, q, min(k, n_ok), bits, None, threads)
+        dist[:, :d.shape[1]] = d
+        rows[:, :r.shape[1]] = np.where(r >= 0, chosen[np.maximum(r, 0)], -1)
+    return dist, rows
+
+
+def _filtered_range(segs, q, radius, bits, allowed, threads):
+    """``range_search`` over the ``allowed`` rows only (see ``_filtered_topk``)."""
+    n_ok = int(np.count_nonzero(allowed))
+    if n_ok * SPARSE > segs.n_rows:
+        return kernels.range_search(segs, q, radius, bits, (~allowed).view(np.uint8), threads)
+    if n_ok == 0:
+        return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+    chosen, sub = _gathered(segs, allowed)
+    lims, dist, r = kernels.range_search(sub, q, radius, bits, None, threads)
+    return lims, dist, chosen[r]
 
 
 def json_items(items, n: int) -> list:

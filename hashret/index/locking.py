@@ -16,7 +16,7 @@ import lmdb
 
 from hashret.errors import HashretError, check, os_problem
 
-from hashret.index.pages import DBS, check_lmdb_file, fresh_problem
+from hashret.index.pages import ALL_DBS, DBS, check_lmdb_file, fresh_problem
 
 # virtual address space only (the file grows with the data); large, because LMDB cannot grow
 # the map while a snapshot's read transaction is open in this process
@@ -95,20 +95,20 @@ def open_env(path: Path, readonly: bool, create: bool):
     env = None
     try:
         try:
-            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(DBS), readonly=readonly,
+            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(ALL_DBS), readonly=readonly,
                             create=create, lock=True, readahead=True, max_readers=MAX_READERS)
         except lmdb.Error as exc:
             # a reader on a read-only medium cannot write LMDB's reader table; with no writer
             # possible there, reading without it is safe
             if not readonly or os_problem(exc) not in ("read-only file system", "permission denied"):
                 raise
-            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(DBS), readonly=True,
+            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=len(ALL_DBS), readonly=True,
                             create=False, lock=False, readahead=True)
         if readonly:
-            dbs = {n.decode(): env.open_db(n, create=False) for n in DBS if has_db(env, n)}
+            dbs = {n.decode(): env.open_db(n, create=False) for n in ALL_DBS if has_db(env, n)}
         else:  # every table in one transaction: a kill leaves all of them or none
             with env.begin(write=True) as txn:
-                dbs = {n.decode(): env.open_db(n, txn=txn, create=True) for n in DBS}
+                dbs = {n.decode(): env.open_db(n, txn=txn, create=True) for n in ALL_DBS}
     except lmdb.Error as exc:
         if env is not None:
             env.close()
@@ -116,7 +116,7 @@ def open_env(path: Path, readonly: bool, create: bool):
         if problem.startswith(("no space", "disk quota", "file size", "read-only", "permission")):
             raise HashretError(f"cannot open the index at {path}: {problem}") from None
         raise fresh_problem(path, f"LMDB cannot open it ({problem})") from None
-    if readonly and set(dbs) != {n.decode() for n in DBS}:
+    if readonly and not set(dbs) >= {n.decode() for n in DBS}:
         env.close()
         raise HashretError(f"{path} holds no hashret index (its LMDB file lacks hashret's tables): "
                            "pass the folder written by build-index")

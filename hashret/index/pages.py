@@ -14,6 +14,10 @@ import xxhash
 from hashret.errors import CorruptError, HashretError, os_problem
 
 DBS = (b"meta", b"codes", b"ids", b"items", b"present")
+# tables added since format 3 was first written: an index may lack them (it then holds none of
+# what they keep), a writer adds them
+LATER_DBS = (b"attrs",)
+ALL_DBS = DBS + LATER_DBS
 SEAL = struct.Struct("<Q")
 CRC = struct.Struct("<I")  # format 2, recognised only to say it must be rebuilt
 LMDB_MAGIC = 0xBEEFC0DE
@@ -21,6 +25,11 @@ LMDB_MAGIC = 0xBEEFC0DE
 
 def chunk_key(n: int) -> bytes:
     return struct.pack(">Q", n)
+
+
+def column_key(column: int, n: int) -> bytes:
+    """Key of attribute column ``column``'s chunk ``n`` in the ``attrs`` table."""
+    return struct.pack(">HQ", column, n)
 
 
 def id_key(i: int) -> bytes:

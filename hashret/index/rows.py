@@ -12,7 +12,37 @@ from bitarray import bitarray
 
 from hashret.errors import HashretError, check
 from hashret.index import kernels
+from hashret.index.attributes import row_bytes, view
 from hashret.index.store import LMDBStore
+
+
+class Columns:
+    """The attribute columns of one state of an index, as stored: ``schema`` and, per
+    column, its chunks (first row, values) -- views, not copies."""
+
+    def __init__(self, schema: list, chunked: list, chunk_rows: int):
+        self.schema = schema
+        self._by_name = {c["name"]: j for j, c in enumerate(schema)}
+        self._chunked, self._rows = chunked, chunk_rows
+
+    def chunks(self, name: str):
+        j = self._by_name[name]
+        col = self.schema[j]
+        return col, [(i * self._rows, view(col, raw)) for i, raw in enumerate(self._chunked[j])]
+
+    def rows(self, rows) -> list:
+        """Each column's raw (len(rows), bytes) values of ``rows`` (a copy), schema order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = []
+        for j, col in enumerate(self.schema):
+            w = row_bytes(col)
+            got = np.empty((len(rows), w), dtype=np.uint8)
+            c = rows // self._rows
+            for chunk in np.unique(c).tolist():
+                at = c == chunk
+                got[at] = self._chunked[j][chunk].reshape(-1, w)[rows[at] - chunk * self._rows]
+            out.append(got)
+        return out
 
 
 def word_layout(n_bytes: int):
@@ -54,10 +84,24 @@ class Memory:
         self.items: dict = {}
         self._segs = None  # the scan's view of ``words``, until rows change
         self._deleted_mask = None
+        self.schema: list = []
+        self.columns: list = []  # per column, (capacity, bytes) uint8, grown with ``words``
+        self.state = 0  # bumped whenever rows or attributes change (filter caches key on it)
 
-    def append(self, packed, ids, items, mode, build=None):
+    def append(self, packed, ids, items, mode, build=None, columns=None, schema=None):
         n = len(packed)
         need = self.n + n
+        if schema is not None:
+            if not self.schema:
+                self.columns = [np.zeros((len(self.words), row_bytes(c)), np.uint8) for c in schema]
+            self.schema = schema
+        for j, col in enumerate(columns or ()):
+            if need > len(self.columns[j]):
+                grown = np.zeros((max(need, 2 * len(self.columns[j])), col.shape[1]), np.uint8)
+                grown[: self.n] = self.columns[j][: self.n]
+                self.columns[j] = grown
+            self.columns[j][self.n:need] = col
+        self.state += 1
         if need > len(self.words):
             grown = np.zeros((max(need, 2 * len(self.words)), self.n_words), dtype=self.word_dtype)
             grown[: self.n] = self.words[: self.n]
@@ -84,12 +128,20 @@ class Memory:
         self.tomb = tomb
         self._deleted_mask = None
 
-    def rewrite(self, packed, ids, alive):
+    def rewrite(self, packed, ids, alive, columns=None):
         items = {j: self.items[int(r)] for j, r in enumerate(alive) if int(r) in self.items}
+        schema, state = self.schema, self.state
         self.__init__(self.word_dtype, self.n_words)
+        self.state = state + 1
+        self.schema = schema
+        self.columns = [np.zeros((0, row_bytes(c)), np.uint8) for c in schema]
         if len(packed):
-            self.append(packed, ids, None, "explicit")
+            self.append(packed, ids, None, "explicit", columns=columns)
         self.items = items
+
+    def table(self) -> Columns:
+        n = self.n
+        return Columns(self.schema, [[c[:n].reshape(-1)] for c in self.columns], max(n, 1))
 
     def _deleted(self):
         # cached until the rows or tombstones change: tomb.any() walks every bit
@@ -102,7 +154,7 @@ class Memory:
         segs = self._segs
         if segs is None or segs.n_rows != self.n or segs.arrays[0] is not self.words:
             segs = self._segs = kernels.Segments.of(self.words, self.n)
-        return fn(segs, self._deleted(), self.ids_of_rows)
+        return fn(segs, self._deleted(), self.ids_of_rows, self.table())
 
     def ids_of_rows(self, rows):
         rows = np.asarray(rows)
@@ -183,16 +235,24 @@ class Stored:
     def created(self):
         return self.snap.meta["created"]
 
-    def append(self, packed, ids, items, mode, build=None):
-        self.store.append(packed, ids, items, mode, build)  # commit first: memory follows disk
+    def append(self, packed, ids, items, mode, build=None, columns=None, schema=None):
+        self.store.append(packed, ids, items, mode, build, columns, schema)  # commit first: memory follows disk
         self._next()
+
+    @property
+    def schema(self) -> list:
+        return self.snap.schema
+
+    @property
+    def state(self):
+        return self.snap.generation
 
     def write_tombstones(self, tomb):
         self.store.write_tombstones(tomb)
         self._next()
 
-    def rewrite(self, packed, ids, alive):
-        self.store.rewrite(packed, ids, alive)
+    def rewrite(self, packed, ids, alive, columns=None):
+        self.store.rewrite(packed, ids, alive, columns)
         self._next()
 
     def _with_snapshot(self, fn):
@@ -206,7 +266,8 @@ class Stored:
             snap.release()
 
     def scan(self, fn):
-        return self._with_snapshot(lambda snap: fn(snap.segments, snap.deleted_mask(), snap.ids_of_rows))
+        return self._with_snapshot(lambda snap: fn(snap.segments, snap.deleted_mask(), snap.ids_of_rows,
+                                                   Columns(snap.schema, snap.columns, snap.chunk_size)))
 
     def ids_of_rows(self, rows):
         return self.snap.ids_of_rows(np.asarray(rows))

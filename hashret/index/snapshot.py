@@ -10,7 +10,8 @@ import numpy as np
 
 from hashret.errors import CorruptError, check
 
-from hashret.index.pages import SEAL, chunk_key
+from hashret.index.attributes import row_bytes
+from hashret.index.pages import SEAL, chunk_key, column_key
 
 
 class Snapshot:
@@ -59,6 +60,17 @@ class Snapshot:
         if explicit and txn.stat(store.db["ids"])["entries"] != n_chunks:
             raise store.corrupt(f"it holds {txn.stat(store.db['ids'])['entries']} id chunks where "
                                 f"{n_chunks} are needed")
+        schema = meta.get("attributes", [])
+        if schema and count and "attrs" not in store.db:
+            raise store.corrupt("its attribute table is missing")
+        # (checked-key, table, key of chunk c, bytes a row, what a chunk is called): codes, ids
+        # (explicit ids only), then each attribute column
+        spaces = [("codes", "codes", chunk_key, nbytes, "code chunk")]
+        if explicit:
+            spaces.append(("ids", "ids", chunk_key, 8, "id chunk"))
+        for j, col in enumerate(schema):
+            spaces.append((f"attr{j}", "attrs", lambda c, j=j: column_key(j, c), row_bytes(col),
+                           f"attribute {col['name']!r} chunk"))
         known = previous.checked if previous is not None else {}
         # Appends only write from the last, partial chunk on, so while no compaction has
         # renumbered rows (same epoch) the previous snapshot's full chunks are still these
@@ -67,26 +79,30 @@ class Snapshot:
         # Smaller values sit inside B-tree pages, which move when a neighbour changes.
         keep = 0
         if (previous is not None and previous.meta["epoch"] == meta["epoch"]
-                and count >= previous.count and previous.chunk_size == cs):
+                and count >= previous.count and previous.chunk_size == cs
+                and len(previous.columns) == len(schema)):
             keep = previous.count // cs
         psize = store.env.stat()["psize"]
         self.checked = {}
         todo = []
         self.codes, self.ids = [], [] if explicit else None
+        self.columns = [[] for _ in schema]
+        sinks = {"codes": self.codes, "ids": self.ids}
+        sinks.update({f"attr{j}": self.columns[j] for j in range(len(schema))})
+        prev = {} if previous is None else {"codes": previous.codes, "ids": previous.ids,
+                                            **{f"attr{j}": col for j, col in enumerate(previous.columns)}}
         for c in range(n_chunks):
             lo = c * cs
             rows = min(cs, count - lo)
-            if c < keep and all(known.get((sp, c), (1, 0))[0] % psize == 16 for sp in ("codes", "ids")
-                                if sp == "codes" or explicit):
-                self.codes.append(previous.codes[c])
-                self.checked[("codes", c)] = known[("codes", c)]
-                if explicit:
-                    self.ids.append(previous.ids[c])
-                    self.checked[("ids", c)] = known[("ids", c)]
+            if c < keep and all(known.get((sp[0], c), (1, 0))[0] % psize == 16 for sp in spaces):
+                for sp in spaces:
+                    sinks[sp[0]].append(prev[sp[0]][c])
+                    self.checked[(sp[0], c)] = known[(sp[0], c)]
                 continue
-            for space, size in (("codes", nbytes), ("ids", 8)) if explicit else (("codes", nbytes),):
-                what = f"{'code' if space == 'codes' else 'id'} chunk {c} (rows {lo}..{lo + rows - 1})"
-                raw = txn.get(chunk_key(c), db=store.db[space])
+            for space, table, keyf, size, called in spaces:
+                what = f"{called} {c} (rows {lo}..{lo + rows - 1})"
+                key = keyf(c)
+                raw = txn.get(key, db=store.db[table])
                 if raw is None:
                     raise store.corrupt(f"{what} is missing")
                 if len(raw) != rows * size + SEAL.size:
@@ -95,11 +111,13 @@ class Snapshot:
                 whole = np.frombuffer(raw, np.uint8)
                 place = (whole.ctypes.data, len(whole))
                 if verify and known.get((space, c)) != place:
-                    todo.append((space, c, raw, what))
+                    todo.append((table, key, raw, what))
                 self.checked[(space, c)] = place  # checked now, before, or trusted (verify=False)
                 payload = whole[:rows * size]
                 if space == "ids":
                     self.ids.append(payload.view("<i8"))
+                elif space != "codes":
+                    sinks[space].append(payload)
                 elif width == nbytes:
                     self.codes.append(payload.view(word_dtype).reshape(rows, n_words))
                 else:  # padding to whole words: this chunk is copied
@@ -111,15 +129,16 @@ class Snapshot:
         self.tomb = store.tombstones_in(txn, meta)
         self._any_removed = self.tomb.any()  # once: any() walks the bits (~75 us per 10^7 rows)
         self.meta, self.count, self.chunk_size = meta, count, cs
+        self.schema = schema
         self.word_dtype, self.n_words = word_dtype, n_words
         self.generation = meta["generation"]
 
     @staticmethod
     def _check(store, todo):
         def one(job):
-            space, c, raw, what = job
+            table, key, raw, what = job
             try:
-                store.unseal(space, chunk_key(c), raw, what)
+                store.unseal(table, key, raw, what)
             except CorruptError as exc:
                 return exc
             return None
@@ -190,6 +209,6 @@ class Snapshot:
 
     def _end(self):
         if self.txn is not None:
-            self.codes, self.ids = [], None
+            self.codes, self.ids, self.columns = [], None, []
             self.txn.abort()
             self.txn = None

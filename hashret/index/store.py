@@ -16,6 +16,9 @@ Named databases:
   these verified chunks: a second, unsealed copy on disk would be one more thing to damage.
 - ``items``: row -> JSON payload (optional); ``present``: chunk number -> a bitmap of the
   chunk's rows that have one, so a payload lost to damage is told from one never given.
+- ``attrs`` (optional; added after format 3's first release): (column number, chunk number)
+  -> that attribute column's values for the chunk's rows, fixed-width (see
+  :mod:`hashret.index.attributes`); the columns are the meta's ``attributes`` list.
 
 Every value ends in an 8-byte XXH3-64 of the payload, seeded by the database name and the key,
 checked on every read: a flipped, truncated, moved or edited value is reported as corrupt,
@@ -56,7 +59,9 @@ from bitarray import bitarray
 from hashret.errors import CorruptError, HashretError, check, is_integer, os_problem
 
 from hashret.index.locking import LOCK_NAME, OPEN_ENVS, WriterLock, close_env, has_db, open_env
-from hashret.index.pages import CRC, DBS, SEAL, check_lmdb_file, chunk_key, digest, fresh_problem, seal, walk_tables
+from hashret.index.attributes import check_schema, row_bytes
+from hashret.index.pages import (CRC, DBS, SEAL, check_lmdb_file, chunk_key, column_key, digest, fresh_problem, seal,
+                                 walk_tables)
 from hashret.index.snapshot import Snapshot
 
 FORMAT_VERSION = 3
@@ -96,7 +101,7 @@ def is_initialised(path) -> bool:
             return txn.get(b"meta", db=entry[1]["meta"]) is not None
     check_lmdb_file(path)
     try:
-        env = lmdb.open(str(path), max_dbs=len(DBS), readonly=True, lock=False, create=False)
+        env = lmdb.open(str(path), max_dbs=len(DBS) + 1, readonly=True, lock=False, create=False)
     except lmdb.Error as exc:
         raise fresh_problem(path, f"LMDB cannot open it ({os_problem(exc)})") from None
     try:
@@ -148,6 +153,9 @@ def _validate_meta(meta, path: Path) -> dict:
         raise bad("info", "is not a JSON object")
     if not isinstance(meta["created"], str):
         raise bad("created", "is not a string")
+    schema_problem = check_schema(meta.get("attributes", []))
+    if schema_problem:
+        raise bad("attributes", schema_problem)
     build = meta["build"]
     if build is not None and not (isinstance(build, dict) and build.get("state") in ("partial", "complete")):
         raise bad("build", "is not null or a record with state 'partial' or 'complete'")
@@ -359,12 +367,19 @@ class LMDBStore:
             return f"file size limit reached (ulimit -f: {limit} bytes); raise it"
         return problem
 
-    def append(self, packed: np.ndarray, ids, items, id_mode: str, build: dict | None = None):
+    def append(self, packed: np.ndarray, ids, items, id_mode: str, build: dict | None = None,
+               columns=None, schema=None):
         """Append one batch in one transaction; returns the first new row. ``build``: fields
-        merged into the meta's build record in the same transaction."""
+        merged into the meta's build record in the same transaction; ``columns``: the rows'
+        attribute values, (n, bytes) uint8 per column of ``schema`` (stored as the meta's)."""
         def fn(txn, meta):
             count = meta["count"]
-            self._put_rows(txn, count, meta["chunk_size"], packed, ids, items)
+            if schema is not None:
+                shape = [(c["name"], c["kind"]) for c in schema]
+                check(count == 0 or shape == [(c["name"], c["kind"]) for c in meta.get("attributes", [])],
+                      "internal: new attribute columns for an index that has rows")
+                meta["attributes"] = schema
+            self._put_rows(txn, count, meta["chunk_size"], packed, ids, items, columns)
             meta["count"] = count + len(packed)
             meta["id_mode"] = id_mode
             if build is not None:
@@ -373,9 +388,11 @@ class LMDBStore:
 
         return self._transact("add", fn)
 
-    def _put_rows(self, txn, first_row, cs, packed, ids, items):
+    def _put_rows(self, txn, first_row, cs, packed, ids, items, columns=None):
         nbytes = packed.shape[1]
         n = len(packed)
+        for j, col in enumerate(columns or ()):
+            self._put_column(txn, j, first_row, cs, col)
         pos = 0
         while pos < n:
             row = first_row + pos
@@ -407,6 +424,23 @@ class LMDBStore:
                     bm[r - c * cs] = True
                 txn.put(chunk_key(c), seal("present", chunk_key(c), bm.tobytes()), db=self.db["present"])
 
+    def _put_column(self, txn, j: int, first_row: int, cs: int, values: np.ndarray):
+        """Attribute column j's values (n, bytes) for rows first_row.., chunk by chunk, each
+        chunk re-sealed whole (its earlier rows checked first, as for codes)."""
+        width = values.shape[1]
+        pos, n = 0, len(values)
+        while pos < n:
+            c, off = divmod(first_row + pos, cs)
+            take = min(cs - off, n - pos)
+            k = column_key(j, c)
+            head = b""
+            if off:
+                head = bytes(self.unseal("attrs", k, txn.get(k, db=self.db["attrs"]),
+                                         f"attribute column {j} chunk {c} (rows {c * cs}..{c * cs + off - 1})",
+                                         expect=off * width))
+            txn.put(k, seal("attrs", k, head + values[pos:pos + take].tobytes()), db=self.db["attrs"])
+            pos += take
+
     def _presence(self, txn, c: int, cs: int) -> bitarray:
         """Which rows of chunk ``c`` have a payload (verified; all False when none has)."""
         bm = bitarray(cs)
@@ -428,10 +462,11 @@ class LMDBStore:
 
         self._transact("remove", fn)
 
-    def rewrite(self, packed, ids, keep_rows):
-        """Compaction: the kept rows, renumbered from 0, in one transaction."""
+    def rewrite(self, packed, ids, keep_rows, columns=None):
+        """Compaction: the kept rows (with their attribute ``columns``), renumbered from 0,
+        in one transaction."""
         def fn(txn, meta):
-            broken = walk_tables(self.path, txn.id() - 1, [n.decode() for n in DBS])
+            broken = walk_tables(self.path, txn.id() - 1, list(self.db))
             if broken:
                 table, why = next(iter(broken.items()))
                 raise self.corrupt(f"LMDB's pages of the '{table}' table are damaged: {why}")
@@ -440,11 +475,11 @@ class LMDBStore:
                 for k, v in cur:
                     row = struct.unpack(">Q", k)[0]
                     old_items[row] = json.loads(bytes(self.unseal("items", bytes(k), v, f"the payload of row {row}")))
-            for name in ("codes", "ids", "items", "present"):
+            for name in ("codes", "ids", "items", "present", "attrs"):
                 txn.drop(self.db[name], delete=False)
             items = [old_items.get(int(r)) for r in keep_rows] if old_items else None
             if len(packed):
-                self._put_rows(txn, 0, meta["chunk_size"], packed, ids, items)
+                self._put_rows(txn, 0, meta["chunk_size"], packed, ids, items, columns)
             meta["count"] = len(packed)
             meta["id_mode"] = "explicit"
             meta["removed"] = 0
@@ -491,7 +526,7 @@ class LMDBStore:
         report = {"ok": False, "problems": problems, "rows": None, "chunks": 0, "items": 0, "ids": 0}
         try:
             with self.env.begin(buffers=True) as txn:
-                broken = walk_tables(self.path, txn.id(), [n.decode() for n in DBS])
+                broken = walk_tables(self.path, txn.id(), list(self.db))
                 for table, why in broken.items():
                     problems.append(f"LMDB's pages of the '{table}' table are damaged: {why}")
                 if broken:
@@ -533,6 +568,7 @@ class LMDBStore:
                     self.tombstones_in(txn, meta)
                 except CorruptError as exc:
                     problems.append(_strip(exc))
+                self._verify_columns(txn, meta, n_chunks, problems)
                 report["ids"] = count if explicit else 0
                 if explicit and not problems and not all_unique(ids):
                     problems.append("the id chunks list an id twice")
@@ -579,6 +615,34 @@ class LMDBStore:
             problems.append(f"LMDB's own structure is damaged ({os_problem(exc)})")
         report["ok"] = not problems
         return report
+
+
+    def _verify_columns(self, txn, meta, n_chunks, problems):
+        """Every attribute column's chunks: present, sealed, the right size; nothing else."""
+        schema, count, cs = meta.get("attributes", []), meta["count"], meta["chunk_size"]
+        if "attrs" not in self.db:
+            if schema and count:
+                problems.append("its attribute table is missing")
+            return
+        seen = set()
+        with txn.cursor(db=self.db["attrs"]) as cur:
+            for k, v in cur:
+                j, c = struct.unpack(">HQ", k) if len(k) == 10 else (-1, -1)
+                if not (0 <= j < len(schema) and 0 <= c < n_chunks):
+                    problems.append(f"attrs holds an unexpected key {bytes(k).hex()}")
+                    continue
+                seen.add((j, c))
+                rows = min(cs, count - c * cs)
+                try:
+                    self.unseal("attrs", bytes(k), v, f"attribute {schema[j]['name']!r} chunk {c} (rows "
+                                f"{c * cs}..{c * cs + rows - 1})", expect=rows * row_bytes(schema[j]))
+                except CorruptError as exc:
+                    problems.append(_strip(exc))
+        for j, col in enumerate(schema):
+            for c in range(n_chunks):
+                if (j, c) not in seen:
+                    problems.append(f"attribute {col['name']!r} chunk {c} (rows {c * cs}.."
+                                    f"{min(count, (c + 1) * cs) - 1}) is missing")
 
 
 def _strip(exc: HashretError) -> str:

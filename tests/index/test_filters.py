@@ -1,0 +1,254 @@
+"""Attributes stored with the codes, and filtered search: every filtered result equals ranking
+the matching items by brute force (post-filtering a full ranking), on both the masked scan and
+the gathered one, in memory and on LMDB."""
+
+import numpy as np
+import pytest
+
+from hashret.errors import CorruptError, HashretError
+from hashret.index import HashIndex, kernels
+from hashret.index import hash_index as hash_index_module
+from hashret.index.attributes import Labels
+from tests.index.test_hash_index import _flip_inside
+from tests.index.test_kernels import brute_distances
+
+LABELS = ["sky", "sea", "dog", "cat", "car", "tree", "road", "snow", "sand"]
+
+
+def _data(n, bits, seed):
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 256, size=(max(3, n // 25), bits // 8), dtype=np.uint8)  # ties
+    codes = pool[rng.integers(0, len(pool), size=n)]
+    hot = rng.random((n, len(LABELS))) < 0.25
+    attrs = {"labels": Labels(hot, LABELS), "year": rng.integers(1990, 2030, n),
+             "score": rng.random(n), "genre": rng.choice(["rock", "pop", "jazz", "folk"], n).tolist(),
+             "taken": np.datetime64("2020-01-01T00:00:00") + rng.integers(0, 10**8, n).astype("timedelta64[s]")}
+    plain = {"labels": hot, "year": attrs["year"], "score": attrs["score"],
+             "genre": np.array(attrs["genre"]), "taken": attrs["taken"]}
+    return codes, attrs, plain
+
+
+def _post_filtered(db, q, k, ok):
+    """The brute-force answer: rank every row, keep those ``ok`` selects, first k."""
+    d = brute_distances(db, q)
+    rows = np.flatnonzero(ok)
+    out_d = np.full((len(q), k), -1)
+    out_r = np.full((len(q), k), -1)
+    for i in range(len(q)):
+        order = rows[np.lexsort((rows, d[i][rows]))][:k]
+        out_d[i, :len(order)] = d[i][order]
+        out_r[i, :len(order)] = order
+    return out_d, out_r
+
+
+def _selective(plain, share, rng):
+    """A filter expression and its rows, selecting about ``share`` of the rows."""
+    year = plain["year"]
+    if share >= 0.5:
+        return {"labels": {"none": ["sky", "sea"]}}, ~plain["labels"][:, :2].any(axis=1)
+    if share >= 0.1:
+        return ({"year": {"gte": 2026}}, year >= 2026)
+    if share >= 0.01:
+        return ({"and": [{"year": {"eq": 2001}}, {"genre": {"in": ["rock", "jazz"]}}]},
+                (year == 2001) & np.isin(plain["genre"], ["rock", "jazz"]))
+    return ({"year": {"eq": 2001}, "genre": {"eq": "folk"}, "labels": {"all": ["dog", "cat"]}},
+            (year == 2001) & (plain["genre"] == "folk") & plain["labels"][:, 2] & plain["labels"][:, 3])
+
+
+@pytest.mark.parametrize("bits", [8, 16, 24, 32, 64, 128, 192, 256, 320])
+def test_filtered_search_equals_brute_force_post_filtering(bits, tmp_path):
+    n = 6000
+    db, attrs, plain = _data(n, bits, bits)
+    rng = np.random.default_rng(bits)
+    q = np.vstack([db[:2], rng.integers(0, 256, size=(7, bits // 8), dtype=np.uint8)])
+    removed = np.concatenate([np.arange(100, 400), rng.choice(n, 200, replace=False)])
+    memory = HashIndex(bits)
+    stored = HashIndex.create(tmp_path / "ix", bits, chunk_size=1000)
+    for index in (memory, stored):
+        index.add(db[:2500], attributes={c: (Labels(v.multi_hot[:2500], v.names) if c == "labels" else v[:2500])
+                                         for c, v in attrs.items()})
+        index.add(db[2500:], attributes={c: (Labels(v.multi_hot[2500:], v.names) if c == "labels" else v[2500:])
+                                         for c, v in attrs.items()})
+        index.remove(removed)
+    alive = np.ones(n, bool)
+    alive[removed] = False
+    for share in (0.5, 0.1, 0.01, 0.001):
+        expr, ok = _selective(plain, share, rng)
+        for index in (memory, stored):
+            for k in (1, 10, 300):
+                for qq in (q, q[2:3]):
+                    d, ids = index.search(qq, k, filter=expr)
+                    bd, br = _post_filtered(db, qq, k, ok & alive)
+                    np.testing.assert_array_equal(ids, br, err_msg=f"{share} {k}")
+                    np.testing.assert_array_equal(d, bd)
+            mask = ok.copy()  # a row array filters the same (removed rows stay out)
+            np.testing.assert_array_equal(index.search(q, 10, filter=mask)[1], _post_filtered(db, q, 10, ok & alive)[1])
+            lims, dist, ids = index.range_search(q, bits // 3, filter=expr)
+            full = brute_distances(db, q)
+            for i in range(len(q)):
+                rows = np.flatnonzero(ok & alive & (full[i] <= bits // 3))
+                rows = rows[np.lexsort((rows, full[i][rows]))]
+                np.testing.assert_array_equal(ids[lims[i]:lims[i + 1]], rows)
+                np.testing.assert_array_equal(dist[lims[i]:lims[i + 1]], full[i][rows])
+    stored.close()
+
+
+def test_both_scans_are_taken_and_fewer_matches_than_k_give_fewer_results(monkeypatch):
+    db, attrs, plain = _data(4000, 64, 1)
+    index = HashIndex(64)
+    index.add(db, attributes=attrs)
+    took = []
+    for name in ("_gathered",):
+        real = getattr(hash_index_module, name)
+        monkeypatch.setattr(hash_index_module, name, lambda *a, real=real: took.append("gathered") or real(*a))
+    index.search(db[:1], 5, filter={"year": {"eq": 2001}})  # ~2.5%: gathered
+    assert took == ["gathered"]
+    index.search(db[:1], 5, filter={"year": {"gte": 2000}})  # most rows: the masked scan
+    assert took == ["gathered"]
+    few = np.flatnonzero((plain["year"] == 2001) & (plain["genre"] == "folk"))
+    d, ids = index.search(db[:2], len(few) + 20, filter={"year": {"eq": 2001}, "genre": {"eq": "folk"}})
+    assert sorted(ids[0][ids[0] >= 0].tolist()) == few.tolist()
+    assert (ids[:, len(few):] == -1).all() and (d[:, len(few):] == -1).all()
+    d, ids = index.search(db[:2], 5, filter={"genre": {"in": ["none-such"]}})
+    assert (ids == -1).all()
+
+
+def test_each_operator_selects_what_its_definition_says():
+    db, attrs, p = _data(3000, 32, 3)
+    index = HashIndex(32)
+    ids = index.add(db, attributes=attrs)
+    t0 = np.datetime64("2021-06-01T00:00:00")
+    cases = [
+        ({"labels": {"any": ["dog", "snow"]}}, p["labels"][:, 2] | p["labels"][:, 7]),
+        ({"labels": {"all": ["dog", "snow"]}}, p["labels"][:, 2] & p["labels"][:, 7]),
+        ({"labels": {"none": ["dog", "snow"]}}, ~(p["labels"][:, 2] | p["labels"][:, 7])),
+        ({"year": {"gt": 2010, "lte": 2015}}, (p["year"] > 2010) & (p["year"] <= 2015)),
+        ({"year": {"lt": 1995}}, p["year"] < 1995),
+        ({"year": {"ne": 2000}}, p["year"] != 2000),
+        ({"year": {"in": [1991, 2003]}}, np.isin(p["year"], [1991, 2003])),
+        ({"year": {"not_in": [1991, 2003]}}, ~np.isin(p["year"], [1991, 2003])),
+        ({"score": {"gte": 0.25, "lt": 0.5}}, (p["score"] >= 0.25) & (p["score"] < 0.5)),
+        ({"genre": {"ne": "pop"}}, p["genre"] != "pop"),
+        ({"genre": {"not_in": ["pop", "rock"]}}, ~np.isin(p["genre"], ["pop", "rock"])),
+        ({"taken": {"gte": "2021-06-01T00:00:00"}}, p["taken"] >= t0),
+        ({"taken": {"lt": float((t0 - np.datetime64(0, "s")).astype(int))}}, p["taken"] < t0),
+        ({"id": {"in": [3, 5, 2999]}}, np.isin(np.arange(3000), [3, 5, 2999])),
+        ({"id": {"not_in": [3, 5]}}, ~np.isin(np.arange(3000), [3, 5])),
+        ({"or": [{"year": {"eq": 2000}}, {"not": {"genre": {"eq": "jazz"}}}]},
+         (p["year"] == 2000) | (p["genre"] != "jazz")),
+    ]
+    for expr, ok in cases:
+        _, found = index.search(db[:1], 3000, filter=expr)
+        assert sorted(found[0][found[0] >= 0].tolist()) == ids[ok].tolist(), expr
+    assert index.attributes([7])[0] == {
+        "labels": [n for n, h in zip(LABELS, p["labels"][7]) if h], "year": int(p["year"][7]),
+        "score": float(p["score"][7]), "genre": p["genre"][7], "taken": str(p["taken"][7].astype("datetime64[us]"))}
+
+
+@pytest.mark.parametrize("expr,message", [
+    ({"colour": {"eq": "red"}}, "no attribute 'colour'; this index has id, labels, year"),
+    ({"labels": {"any": ["dragon"]}}, "unknown label 'dragon'"),
+    ({"labels": {"gte": 3}}, "filter.labels must be an object of any, all, none"),
+    ({"year": {"gte": "2001"}}, "is not a number"),
+    ({"score": {"in": 0.5}}, "filter.score.in must be a list"),
+    ({"genre": {"eq": 3}}, "must name categories"),
+    ({"taken": {"gte": "last tuesday"}}, "is not an ISO 8601 time"),
+    ({"and": {}}, "filter.and must be a non-empty list"),
+    ({"or": [{"year": {"eq": 1}}, 7]}, "filter.or[1] must be a non-empty JSON object"),
+    ({"id": {"between": [1, 2]}}, 'filter.id must be {"in": [ids]}'),
+    ([1, 2], "filter must be a non-empty JSON object"),
+    (np.ones(5, bool), "one entry per row (3000)"),
+    (np.ones(3000, np.int8), "must be boolean"),
+])
+def test_bad_filters_are_one_line_and_nothing_is_scanned(expr, message, monkeypatch):
+    db, attrs, _ = _data(3000, 64, 4)
+    index = HashIndex(64)
+    index.add(db, attributes=attrs)
+    scanned = []
+    monkeypatch.setattr(kernels, "topk", lambda *a, **k: scanned.append(1))
+    monkeypatch.setattr(kernels, "range_search", lambda *a, **k: scanned.append(1))
+    for run in (lambda: index.search(db[:1], 5, filter=expr), lambda: index.range_search(db[:1], 5, filter=expr)):
+        with pytest.raises(HashretError) as err:
+            run()
+        assert message in str(err.value) and "\n" not in str(err.value)
+    assert scanned == []
+
+
+def test_bad_attributes_are_refused_and_nothing_is_written(tmp_path):
+    db, attrs, _ = _data(200, 64, 5)
+    index = HashIndex.create(tmp_path / "ix", 64)
+    index.add(db[:100], attributes={c: (Labels(v.multi_hot[:100], v.names) if c == "labels" else v[:100])
+                                    for c, v in attrs.items()})
+    rest = {c: (Labels(v.multi_hot[100:], v.names) if c == "labels" else v[100:]) for c, v in attrs.items()}
+    bad = [
+        (None, "this index stores attributes labels, year, score, genre, taken"),
+        ({**rest, "extra": np.zeros(100, int)}, "exactly these columns"),
+        ({**rest, "year": rest["year"][:10]}, "attribute 'year' has 10 values for 100 codes"),
+        ({**rest, "year": rest["score"]}, "attribute 'year' holds integers"),
+        ({**rest, "genre": list(range(100))}, "attribute 'genre' holds categories"),
+        ({**rest, "labels": [["dragon"]] * 100}, "unknown label 'dragon'"),
+        ({**rest, "taken": ["yesterday"] * 100}, "attribute 'taken' holds times"),
+        ({**rest, "score": np.full(100, np.nan)}, "holds NaN"),
+    ]
+    for given, message in bad:
+        with pytest.raises(HashretError, match=message.replace("(", r"\(")):
+            index.add(db[100:], attributes=given)
+        assert index.n_rows == 100
+    plain = HashIndex(64)
+    plain.add(db[:10])
+    with pytest.raises(HashretError, match="set by an index's first add"):
+        plain.add(db[10:20], attributes={"year": np.arange(10)})
+    with pytest.raises(HashretError, match="use letters, digits"):
+        HashIndex(64).add(db[:2], attributes={"id": np.arange(2)})
+    index.close()
+
+
+def test_attributes_survive_reopen_compaction_and_category_growth(tmp_path):
+    db, attrs, p = _data(3000, 64, 6)
+    with HashIndex.create(tmp_path / "ix", 64, chunk_size=700) as w:
+        w.add(db[:1000], ids=np.arange(1000) * 2, attributes={
+            "year": p["year"][:1000], "genre": p["genre"][:1000].tolist()})
+        w.add(db[1000:], ids=np.arange(1000, 3000) * 2, attributes={
+            "year": p["year"][1000:], "genre": ["new-" + g for g in p["genre"][1000:].tolist()]})
+        w.remove(np.arange(0, 800) * 2)
+        before = w.search(db[:4], 20, filter={"genre": {"in": ["rock", "new-pop"]}})
+        w.compact()
+        after = w.search(db[:4], 20, filter={"genre": {"in": ["rock", "new-pop"]}})
+        np.testing.assert_array_equal(before[1], after[1])
+    with HashIndex.open(tmp_path / "ix") as r:
+        np.testing.assert_array_equal(r.search(db[:4], 20, filter={"genre": {"in": ["rock", "new-pop"]}})[1],
+                                      before[1])
+        assert r.attributes([2000])[0] == {"year": int(p["year"][1000]), "genre": "new-" + p["genre"][1000]}
+        assert len(r.attribute_columns[1]["categories"]) == 8
+        assert r.verify()["ok"]
+
+
+def test_a_flipped_byte_in_an_attribute_column_is_reported_not_served(tmp_path):
+    n = 3000
+    years = np.full(n, 0x1122334455667788, dtype=np.int64)
+    years[1500:1600] = np.arange(100) + 0x0102030405060000
+    with HashIndex.create(tmp_path / "ix", 64, chunk_size=1000) as w:
+        w.add(np.random.default_rng(0).integers(0, 256, (n, 8), dtype=np.uint8), attributes={"year": years})
+    _flip_inside(tmp_path / "ix", years[1500:1600].astype("<i8").tobytes())
+    with pytest.raises(CorruptError, match=r"attribute 'year' chunk 1 \(rows 1000..1999\) fails its checksum"):
+        HashIndex.open(tmp_path / "ix")
+    report = HashIndex.verify_folder(tmp_path / "ix")
+    assert not report["ok"] and report["problems"] == ["attribute 'year' chunk 1 (rows 1000..1999) fails its checksum"]
+
+
+def test_a_repeated_filter_is_evaluated_once_until_the_rows_change(monkeypatch):
+    db, attrs, _ = _data(2000, 64, 7)
+    index = HashIndex(64)
+    index.add(db[:1000], attributes={c: (Labels(v.multi_hot[:1000], v.names) if c == "labels" else v[:1000])
+                                     for c, v in attrs.items()})
+    calls = []
+    real = hash_index_module.evaluate
+    monkeypatch.setattr(hash_index_module, "evaluate", lambda *a: calls.append(1) or real(*a))
+    f = {"year": {"gte": 2000}, "labels": {"any": ["sky"]}}
+    index.search(db[:1], 5, filter=f)
+    index.search(db[:3], 5, filter=dict(reversed(list(f.items()))))  # the same filter, keys in another order
+    assert len(calls) == 1
+    index.add(db[1000:], attributes={c: (Labels(v.multi_hot[1000:], v.names) if c == "labels" else v[1000:])
+                                     for c, v in attrs.items()})
+    _, ids = index.search(db[:1], 2000, filter=f)
+    assert len(calls) == 2 and (ids[0] >= 1000).any()  # the new rows are seen
