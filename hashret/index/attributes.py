@@ -365,3 +365,76 @@ def value_of(col: dict, stored):
     if col["kind"] == "time":
         return str(_EPOCH + np.timedelta64(int(stored), "us"))
     return stored.item() if hasattr(stored, "item") else stored
+
+
+# -- a batch's attributes as JSON (the sharded index's journal) -----------------------------------
+
+
+def to_json(attributes: dict | None, n: int) -> dict | None:
+    """``attributes`` in a JSON form that keeps each column's kind (times as microseconds,
+    label sets as indices into their names), checked for length; None stays None."""
+    if attributes is None:
+        return None
+    check(isinstance(attributes, dict) and attributes, "`attributes` must be a dict of column name -> values")
+    out = {}
+    for name, values in attributes.items():
+        check(len(values) == n, f"attribute {name!r} has {len(values)} values for {n} codes")
+        kind = _kind_of(name, values)
+        if kind == "labels":
+            if isinstance(values, Labels):
+                names, rows = values.names, [np.flatnonzero(r).tolist() for r in values.multi_hot]
+            else:
+                names = sorted({str(v) for row in values for v in row})
+                at = {v: j for j, v in enumerate(names)}
+                rows = [[at[str(v)] for v in row] for row in values]
+            out[name] = {"kind": kind, "names": names, "rows": rows}
+        elif kind == "time":
+            out[name] = {"kind": kind, "values": _times(values, name).tolist()}
+        elif kind == "category":
+            out[name] = {"kind": kind, "values": [str(v) for v in np.asarray(values, dtype=object).ravel()]}
+        else:
+            out[name] = {"kind": kind, "values": np.asarray(values).tolist()}
+    return out
+
+
+def from_json(columns: dict | None, rows=None) -> dict | None:
+    """:func:`to_json`'s form back as values ``add`` takes, for ``rows`` of it (all: None)."""
+    if columns is None:
+        return None
+    out = {}
+    for name, col in columns.items():
+        kind = col["kind"]
+        if kind == "labels":
+            picked = col["rows"] if rows is None else [col["rows"][i] for i in rows]
+            hot = np.zeros((len(picked), len(col["names"])), dtype=bool)
+            for i, js in enumerate(picked):
+                hot[i, js] = True
+            out[name] = Labels(hot, col["names"])
+            continue
+        vals = col["values"] if rows is None else [col["values"][i] for i in rows]
+        if kind == "time":
+            out[name] = np.array(vals, dtype=np.int64).astype("datetime64[us]")
+        elif kind == "int":
+            out[name] = np.array(vals, dtype=np.int64)
+        elif kind == "float":
+            out[name] = np.array(vals, dtype=np.float64)
+        else:
+            out[name] = list(vals)
+    return out
+
+
+def localise(expr, shard: int, shards: int):
+    """A filter expression as shard ``shard`` of ``shards`` sees it, where an item's id is
+    its global row (rows mode): each id list keeps the ids that shard holds, as its rows."""
+    if isinstance(expr, list):
+        return [localise(e, shard, shards) for e in expr]
+    if not isinstance(expr, dict):
+        return expr
+    out = {}
+    for k, v in expr.items():
+        if k == "id" and isinstance(v, dict):
+            out[k] = {op: [int(i) // shards for i in ids if is_integer(i) and i >= 0 and i % shards == shard]
+                      if isinstance(ids, list) else ids for op, ids in v.items()}
+        else:
+            out[k] = localise(v, shard, shards)
+    return out

@@ -466,7 +466,6 @@ class HashIndex:
             self._filters.move_to_end(token)
         return match if deleted is None else match & (deleted == 0)
 
-    @property
     def attribute_columns(self) -> list:
         """The index's attribute columns: [{"name", "kind", ...}] (labels' names, categories)."""
         return [dict(c) for c in self._rows.schema]

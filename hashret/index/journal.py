@@ -27,8 +27,8 @@ reader reads the journal before and after taking its shard snapshots and retries
 sequence moved in between, so the snapshots and the journal describe the same moment.
 
 File layout: ``HRJ1``, a 4-byte header length, the JSON header, its 8-byte XXH3-64, then
-the payload (an add: packed codes, then int64 ids if given, then the payloads as JSON; a
-removal: int64 ids), whose XXH3-64 the header holds. A journal that fails either check is
+the payload (an add: packed codes, then int64 ids if given, then the payloads as JSON, then
+the attributes as JSON; a removal: int64 ids), whose XXH3-64 the header holds. A journal that fails either check is
 reported as damaged, never replayed.
 """
 
@@ -61,13 +61,15 @@ def _damaged(path: Path, why: str) -> CorruptError:
 class Batch:
     """One journal record: ``seq``, ``state`` ('pending' or 'done'), ``op`` ('add' or
     'remove'), ``before`` / ``after`` (each shard's row count), and for a pending batch its
-    data: ``codes`` (n, bytes) uint8, ``ids`` int64 or None, ``items`` list or None."""
+    data: ``codes`` (n, bytes) uint8, ``ids`` int64 or None, ``items`` list or None,
+    ``attributes`` (the JSON form of :func:`hashret.index.attributes.to_json`) or None."""
 
     def __init__(self, seq: int, state: str, op: str | None = None, before=None, after=None,
-                 codes=None, ids=None, items=None, set_id: str | None = None):
+                 codes=None, ids=None, items=None, set_id: str | None = None, attributes=None):
         self.seq, self.state, self.op = int(seq), state, op
         self.before, self.after = before, after
         self.codes, self.ids, self.items, self.set_id = codes, ids, items, set_id
+        self.attributes = attributes
 
     @property
     def pending(self) -> bool:
@@ -120,7 +122,11 @@ def read(folder, set_id: str, header_only: bool = False) -> Batch:
             b.ids = np.frombuffer(payload, "<i8", n, at).astype(np.int64)
             at += 8 * n
         if h["has_items"]:
-            b.items = json.loads(payload[at:])
+            end_items = at + h.get("items_bytes", len(payload) - at)
+            b.items = json.loads(payload[at:end_items])
+            at = end_items
+        if h.get("has_attributes"):
+            b.attributes = json.loads(payload[at:])
     else:
         b.ids = np.frombuffer(payload, "<i8", h["n"], 0).astype(np.int64)
     return b
@@ -149,9 +155,13 @@ def write(folder, set_id: str, batch: Batch, durable: bool = True):
                 parts.append(np.asarray(batch.ids, "<i8").tobytes())
             if batch.items is not None:
                 parts.append(json.dumps(batch.items).encode())
+                h["items_bytes"] = len(parts[-1])
+            if batch.attributes is not None:
+                parts.append(json.dumps(batch.attributes).encode())
             payload = b"".join(parts)
             h.update(n=int(len(batch.codes)), code_bytes=int(batch.codes.shape[1]),
-                     has_ids=batch.ids is not None, has_items=batch.items is not None)
+                     has_ids=batch.ids is not None, has_items=batch.items is not None,
+                     has_attributes=batch.attributes is not None)
         else:
             payload = np.asarray(batch.ids, "<i8").tobytes()
             h.update(n=int(len(batch.ids)))

@@ -37,6 +37,7 @@ import numpy as np
 from hashret.errors import CorruptError, HashretError, NotFoundError, check
 from hashret.index import journal
 from hashret.index.hash_index import DEFAULT_CHUNK, HashIndex, check_ids, json_items, positive_int
+from hashret.index.attributes import encode, from_json, localise, new_schema, to_json
 from hashret.index.manifest import (MANIFEST, RESTORE, RULE, interrupted_build, is_sharded, read_manifest, shard_paths, shard_problem, shard_record, split_problem, write_manifest)
 
 
@@ -258,9 +259,11 @@ class ShardedIndex:
         self.close()
 
     # -- fan-out -------------------------------------------------------------------------------
-    def _all(self, method, *args, allow_partial: bool = False):
-        """method(*args) on every shard at once; [result or None (a shard down, allowed)]."""
-        pending = [(sh, sh.submit(method, *args)) for sh in self.shards]
+    def _all(self, method, *args, allow_partial: bool = False, args_of=None):
+        """method(*args) on every shard at once (``args_of(s)``: shard s's own args);
+        [result or None (a shard down, allowed)]."""
+        pending = [(sh, sh.submit(method, *(args if args_of is None else args_of(s))))
+                   for s, sh in enumerate(self.shards)]
         out, down = [], []
         for sh, p in pending:
             try:
@@ -347,7 +350,8 @@ class ShardedIndex:
             at = np.flatnonzero(shard_of == s)
             if len(at) and self._counts[s] == batch.before[s]:
                 sh.result(sh.submit("add", batch.codes[at], None if batch.ids is None else batch.ids[at],
-                                    None if batch.items is None else [batch.items[i] for i in at]))
+                                    None if batch.items is None else [batch.items[i] for i in at], None,
+                                    from_json(batch.attributes, at.tolist())))
                 self._counts[s] = batch.after[s]
 
     def _remove_shares(self, ids) -> int:
@@ -384,10 +388,11 @@ class ShardedIndex:
         return result
 
     # -- adding ----------------------------------------------------------------------------------
-    def add(self, codes, ids=None, items=None) -> np.ndarray:
-        """Append codes (as ``HashIndex.add``); item r of the batch gets global row T + r and
-        goes to shard (T + r) mod N. Explicit ids are checked against every shard first. The
-        whole batch is journaled first, so a crash leaves it in every shard or in none."""
+    def add(self, codes, ids=None, items=None, attributes=None) -> np.ndarray:
+        """Append codes (as ``HashIndex.add``, ``attributes`` too); item r of the batch gets
+        global row T + r and goes to shard (T + r) mod N. Explicit ids and the attributes are
+        checked first (against every shard, and the columns shard 0 holds). The whole batch
+        is journaled first, so a crash leaves it in every shard or in none."""
         from hashret.index.bits import as_packed
 
         packed = as_packed(codes, self.bits, "codes")
@@ -402,6 +407,8 @@ class ShardedIndex:
                     raise HashretError(f"id {int(ids[known >= 0][0])} is already in the index: ids must be unique")
         if items is not None:
             items = json_items(items, n)
+        columns = to_json(attributes, n)
+        self._check_attributes(columns, n)
         total = sum(self._rows())
         if total:
             check((ids is not None) == (self._mode == "explicit"),
@@ -409,12 +416,39 @@ class ShardedIndex:
                   else "this index uses row numbers as ids: add without ids")
         before = list(self._counts)
         after = [c + int(((total + np.arange(n)) % self.n == s).sum()) for s, c in enumerate(before)]
-        batch = journal.Batch(self._batch.seq + 1, "pending", "add", before, after, packed, ids, items)
+        batch = journal.Batch(self._batch.seq + 1, "pending", "add", before, after, packed, ids, items,
+                              attributes=columns)
         self._journaled(batch, lambda: self._write_shares(batch))
         self._visible = list(self._counts)
         self._mode = "explicit" if ids is not None else "rows"
         self._payloads = self._payloads or (items is not None and any(it is not None for it in items))
         return ids if ids is not None else np.arange(total, total + n, dtype=np.int64)
+
+    def _check_attributes(self, columns, n):
+        """Refuse, before the journal records anything, attributes a shard would refuse: a
+        batch in the journal that no shard can take could never be completed."""
+        schema = self.shards[0].result(self.shards[0].submit("attribute_columns"))
+        if not schema:
+            check(columns is None or sum(self._rows()) == 0,
+                  f"this index has {sum(self._rows())} rows without attributes: attribute columns are "
+                  "set by an index's first add")
+            if columns is not None:
+                encode(new_schema(from_json(columns)), from_json(columns), n)
+            return
+        encode(schema, from_json(columns), n)
+
+    def attribute_columns(self) -> list:
+        """The attribute columns (as ``HashIndex.attribute_columns``; shard 0's, whose
+        categories are those its items hold)."""
+        return self.shards[0].result(self.shards[0].submit("attribute_columns"))
+
+    def _shard_filter(self, filter):
+        """args_of for a filter: every shard gets it, its id lists made shard-local in rows mode."""
+        check(not isinstance(filter, np.ndarray), "a sharded index takes a filter expression, not a row "
+              "array: each shard numbers its own rows")
+        if filter is None or self._mode == "explicit":
+            return lambda s: filter
+        return lambda s: localise(filter, s, self.n)
 
     # -- searching -------------------------------------------------------------------------------
     def _global(self, s, rows, ids, explicit):
@@ -432,11 +466,14 @@ class ShardedIndex:
         """Results a shard may have to drop for a pending batch (see :mod:`journal`)."""
         return max(c - v for c, v in zip(self._counts, self._visible)) + len(self._hidden)
 
-    def search(self, queries, k: int, threads: int | None = None, allow_partial: bool = False):
+    def search(self, queries, k: int, threads: int | None = None, allow_partial: bool = False, filter=None):
         """As ``HashIndex.search``: (distances, ids) of shape (Q, min(k, rows)), merged from
-        every shard's top-k by (distance, global row)."""
+        every shard's top-k by (distance, global row); ``filter`` (an expression) is applied
+        by every shard to its own rows."""
         k = positive_int(k, "k")
-        parts = self._all("search_rows", queries, k + self._slack(), threads, allow_partial=allow_partial)
+        local = self._shard_filter(filter)
+        parts = self._all("search_rows", allow_partial=allow_partial,
+                          args_of=lambda s: (queries, k + self._slack(), threads, local(s)))
         explicit = self._mode == "explicit"
         width = min(k, sum(self._rows()))
         dists, seqs, gids = [], [], []
@@ -467,10 +504,13 @@ class ShardedIndex:
         out_id = np.where(miss, -1, out_id).astype(np.int64)
         return out_d, out_id
 
-    def range_search(self, queries, radius: int, threads: int | None = None, allow_partial: bool = False):
+    def range_search(self, queries, radius: int, threads: int | None = None, allow_partial: bool = False,
+                     filter=None):
         """As ``HashIndex.range_search``: (lims, distances, ids), each query's results by
-        distance, then global row."""
-        parts = self._all("range_search_rows", queries, radius, threads, allow_partial=allow_partial)
+        distance, then global row; ``filter`` as in :meth:`search`."""
+        local = self._shard_filter(filter)
+        parts = self._all("range_search_rows", allow_partial=allow_partial,
+                          args_of=lambda s: (queries, radius, threads, local(s)))
         explicit = self._mode == "explicit"
         nq = next(len(p[0]) - 1 for p in parts if p is not None)
         lims = np.zeros(nq + 1, np.int64)
@@ -533,12 +573,19 @@ class ShardedIndex:
         return ids // self.n
 
     def items(self, ids) -> list:
+        return self._per_item("items", ids)
+
+    def attributes(self, ids) -> list:
+        """Each item's attributes (as ``HashIndex.attributes``), from the shard that holds it."""
+        return self._per_item("attributes", ids)
+
+    def _per_item(self, method, ids) -> list:
         ids, owner = self._owners(ids)
         out = [None] * len(ids)
         for s, sh in enumerate(self.shards):
             at = np.flatnonzero(owner == s)
             if len(at):
-                for i, it in zip(at, sh.result(sh.submit("items", self._local_ids(s, ids[at])))):
+                for i, it in zip(at, sh.result(sh.submit(method, self._local_ids(s, ids[at])))):
                     out[i] = it
         return out
 

@@ -219,7 +219,7 @@ def test_attributes_survive_reopen_compaction_and_category_growth(tmp_path):
         np.testing.assert_array_equal(r.search(db[:4], 20, filter={"genre": {"in": ["rock", "new-pop"]}})[1],
                                       before[1])
         assert r.attributes([2000])[0] == {"year": int(p["year"][1000]), "genre": "new-" + p["genre"][1000]}
-        assert len(r.attribute_columns[1]["categories"]) == 8
+        assert len(r.attribute_columns()[1]["categories"]) == 8
         assert r.verify()["ok"]
 
 
@@ -252,3 +252,44 @@ def test_a_repeated_filter_is_evaluated_once_until_the_rows_change(monkeypatch):
                                      for c, v in attrs.items()})
     _, ids = index.search(db[:1], 2000, filter=f)
     assert len(calls) == 2 and (ids[0] >= 1000).any()  # the new rows are seen
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_sharded_index_pushes_the_filter_to_every_shard_and_equals_one_index(explicit, tmp_path):
+    from hashret.index import ShardedIndex
+
+    db, attrs, p = _data(3000, 64, 8)
+    ids = np.arange(3000) * 7 + 1 if explicit else None
+    one = HashIndex(64)
+    sharded = ShardedIndex.create(tmp_path / "sh", 64, shards=3)
+    for index in (one, sharded):
+        for lo, hi in ((0, 1100), (1100, 3000)):
+            part = {c: (Labels(v.multi_hot[lo:hi], v.names) if c == "labels" else v[lo:hi]) for c, v in attrs.items()}
+            index.add(db[lo:hi], None if ids is None else ids[lo:hi], None, attributes=part) \
+                if index is one else index.add(db[lo:hi], None if ids is None else ids[lo:hi], attributes=part)
+        index.remove((ids if explicit else np.arange(3000))[[4, 50, 2000]])
+    some = (ids if explicit else np.arange(3000))[[1, 2, 3, 5, 1500, 2999]].tolist()
+    for expr in ({"year": {"gte": 2020}}, {"genre": {"eq": "jazz"}, "year": {"eq": 2001}},
+                 {"or": [{"id": {"in": some}}, {"labels": {"all": ["sky", "sea", "dog"]}}]},
+                 {"id": {"not_in": some}}):
+        for k in (1, 10, 500):
+            np.testing.assert_array_equal(sharded.search(db[:5], k, filter=expr)[1], one.search(db[:5], k, filter=expr)[1])
+        a, b = sharded.range_search(db[:3], 20, filter=expr), one.range_search(db[:3], 20, filter=expr)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    first = (ids if explicit else np.arange(3000))[[7]]
+    assert sharded.attributes(first) == one.attributes(first)
+    with pytest.raises(HashretError, match="attribute 'year' has 3 values"):
+        sharded.add(db[:5], None if ids is None else ids[:5] + 10**6,
+                    attributes={**{c: v[:5] for c, v in attrs.items() if c != "labels"},
+                                "labels": Labels(attrs["labels"].multi_hot[:5], LABELS), "year": p["year"][:3]})
+    with pytest.raises(HashretError, match="unknown label 'dragon'"):
+        sharded.add(db[:1], None if ids is None else ids[:1] + 10**6,
+                    attributes={**{c: v[:1] for c, v in attrs.items() if c != "labels"}, "labels": [["dragon"]]})
+    assert sharded.n_rows == 3000  # nothing journaled, nothing written
+    with pytest.raises(HashretError, match="takes a filter expression, not a row array"):
+        sharded.search(db[:1], 5, filter=np.ones(3000, bool))
+    sharded.close()
+    with ShardedIndex.open(tmp_path / "sh") as back:  # the journal carried the attributes whole
+        np.testing.assert_array_equal(back.search(db[:5], 10, filter={"year": {"gte": 2020}})[1],
+                                      one.search(db[:5], 10, filter={"year": {"gte": 2020}})[1])

@@ -39,7 +39,8 @@ def dying(self, *a, **k):
 setattr(HashIndex, op, dying)
 ix = ShardedIndex.open(path, readonly=False)
 if op == "add":
-    ix.add(np.array(arg["codes"], np.uint8), ids=arg["ids"], items=arg["items"])
+    ix.add(np.array(arg["codes"], np.uint8), ids=arg["ids"], items=arg["items"],
+           attributes={"year": np.array(arg["year"]), "tag": arg["tag"]})
 else:
     ix.remove(arg)
 print("acknowledged", flush=True)
@@ -52,6 +53,11 @@ def codes(n, seed):
     return pool[rng.integers(0, 25, size=n)]
 
 
+def attrs(lo, hi):
+    """Attributes of items lo..hi-1: a batch carries them through the journal like its codes."""
+    return {"year": np.arange(lo, hi) % 5 + 2000, "tag": [f"t{i % 3}" for i in range(lo, hi)]}
+
+
 def make(tmp_path, explicit, n=40):
     one = HashIndex(BITS)
     path = tmp_path / "sharded"
@@ -59,8 +65,8 @@ def make(tmp_path, explicit, n=40):
         for lo, hi in ((0, 11), (11, n)):
             ids = np.arange(lo, hi) * 7 + 1 if explicit else None
             items = [{"i": i} for i in range(lo, hi)]
-            sh.add(codes(n, 0)[lo:hi], ids=ids, items=items)
-            one.add(codes(n, 0)[lo:hi], ids=ids, items=items)
+            sh.add(codes(n, 0)[lo:hi], ids=ids, items=items, attributes=attrs(lo, hi))
+            one.add(codes(n, 0)[lo:hi], ids=ids, items=items, attributes=attrs(lo, hi))
     return path, one
 
 
@@ -74,7 +80,8 @@ def crash(path, op, die_at, arg):
 def answers(ix, ids):
     q = np.vstack([codes(40, 0)[:4], codes(3, 9)])
     out = [ix.search(q, k) for k in (1, 7, 200)] + [ix.range_search(q, r) for r in (0, 5)]
-    return out, len(ix), ix.items(ids)
+    out += [ix.search(q, 7, filter={"year": {"gte": 2002}, "tag": {"ne": "t1"}})]
+    return out, len(ix), ix.items(ids) + ix.attributes(ids)
 
 
 def assert_same(a, b):
@@ -90,7 +97,8 @@ def assert_same(a, b):
 def test_an_add_killed_between_shards_is_hidden_then_completed(tmp_path, explicit, die_at):
     path, one = make(tmp_path, explicit)
     new_ids = (np.arange(40, 47) * 7 + 1).tolist() if explicit else None
-    batch = {"codes": codes(7, 3).tolist(), "ids": new_ids, "items": [{"new": j} for j in range(7)]}
+    batch = {"codes": codes(7, 3).tolist(), "ids": new_ids, "items": [{"new": j} for j in range(7)],
+             "year": attrs(40, 47)["year"].tolist(), "tag": attrs(40, 47)["tag"]}
     crash(path, "add", die_at, batch)
     kept = (np.arange(40) * 7 + 1) if explicit else np.arange(40)
     with ShardedIndex.open(path) as r:  # a reader writes nothing: the batch is simply not there
@@ -104,14 +112,14 @@ def test_an_add_killed_between_shards_is_hidden_then_completed(tmp_path, explici
     assert res.exit_code == 0, res.output  # a pending batch is not damage
     with ShardedIndex.open(path, readonly=False) as w:  # the next writer completes it
         assert w.recovered == {"batch": 3, "op": "add", "items": 7}
-    one.add(np.array(batch["codes"], np.uint8), ids=new_ids, items=batch["items"])
+    one.add(np.array(batch["codes"], np.uint8), ids=new_ids, items=batch["items"], attributes=attrs(40, 47))
     all_ids = np.concatenate([kept, new_ids if explicit else np.arange(40, 47)])
     with ShardedIndex.open(path) as r:
         assert_same(answers(r, all_ids), answers(one, all_ids))
         assert r.info()["journal"] == {"batch": 3, "pending": None, "hidden_rows": 0, "hidden_removals": 0}
     with ShardedIndex.open(path, readonly=False) as w:  # and writes on from there
-        w.add(codes(5, 4), ids=(np.arange(47, 52) * 7 + 1) if explicit else None)
-        one.add(codes(5, 4), ids=(np.arange(47, 52) * 7 + 1) if explicit else None)
+        w.add(codes(5, 4), ids=(np.arange(47, 52) * 7 + 1) if explicit else None, attributes=attrs(47, 52))
+        one.add(codes(5, 4), ids=(np.arange(47, 52) * 7 + 1) if explicit else None, attributes=attrs(47, 52))
         assert_same(answers(w, all_ids), answers(one, all_ids))
 
 
@@ -143,12 +151,12 @@ def test_a_failed_shard_write_is_not_acknowledged_and_completed_by_the_next_writ
     monkeypatch.setattr(HashIndex, "add", full_disk)
     with ShardedIndex.open(path, readonly=False) as w:
         with pytest.raises(HashretError, match="not acknowledged"):
-            w.add(codes(6, 3))
+            w.add(codes(6, 3), attributes=attrs(40, 46))
         assert len(w) == 40 and w.search(codes(1, 3), 100)[1].max() < 40  # hidden here too
         fail["on"] = False
-        w.add(codes(2, 4))  # completes the stopped batch first, then adds this one
-    one.add(codes(6, 3))
-    one.add(codes(2, 4))
+        w.add(codes(2, 4), attributes=attrs(46, 48))  # completes the stopped batch first, then adds this one
+    one.add(codes(6, 3), attributes=attrs(40, 46))
+    one.add(codes(2, 4), attributes=attrs(46, 48))
     with ShardedIndex.open(path) as r:
         assert_same(answers(r, np.arange(48)), answers(one, np.arange(48)))
 

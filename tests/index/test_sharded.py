@@ -32,8 +32,9 @@ def build_pair(tmp_path, n_shards, explicit, ray=None, n=1000):
     sharded = ShardedIndex.create(tmp_path / f"sh{n_shards}{explicit}", 32, n_shards, chunk_size=128, ray=ray)
     for lo, hi in ((0, 7), (7, 400), (400, n)):  # batches that do not divide by the shard count
         part = None if ids is None else ids[lo:hi]
-        one.add(db[lo:hi], ids=part, items=[{"i": int(i)} for i in range(lo, hi)])
-        sharded.add(db[lo:hi], ids=part, items=[{"i": int(i)} for i in range(lo, hi)])
+        attrs = {"year": np.arange(lo, hi) % 7 + 2000, "tag": [f"t{i % 4}" for i in range(lo, hi)]}
+        one.add(db[lo:hi], ids=part, items=[{"i": int(i)} for i in range(lo, hi)], attributes=attrs)
+        sharded.add(db[lo:hi], ids=part, items=[{"i": int(i)} for i in range(lo, hi)], attributes=attrs)
     return db, ids, one, sharded
 
 
@@ -44,6 +45,12 @@ def check_equal(db, ids, one, sharded):
     for radius in (0, 3, 32):
         same(sharded.range_search(q, radius), one.range_search(q, radius))
     n = len(db)
+    some = (ids if ids is not None else np.arange(n))[[1, 2, n // 3]].tolist()
+    for f in ({"year": {"lt": 2002}}, {"tag": {"in": ["t1", "t3"]}, "year": {"eq": 2005}},
+              {"or": [{"id": {"in": some}}, {"year": {"eq": 2006}}]}):  # pushed to every shard
+        for k in (1, 10, 5000):
+            same(sharded.search(q, k, filter=f), one.search(q, k, filter=f))
+        same(sharded.range_search(q, 8, filter=f), one.range_search(q, 8, filter=f))
     gone = (ids if ids is not None else np.arange(n))[[0, 3, n // 2, n - 1]]
     assert sharded.remove(gone) == one.remove(gone) == 4
     for k in (10, 999, 5000):
