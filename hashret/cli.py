@@ -329,18 +329,30 @@ def build_index_cmd(checkpoint, modality, dataset, part, append, resume, batch_s
 @click.option("--candidates", type=int, default=None, help="Hamming candidates to re-rank [default: 10 x k].")
 @click.option("--api-key", default=None, envvar="HASHRET_API_KEY",
               help="With --server: the key to send (or set HASHRET_API_KEY).")
+@click.option("--filter", "filter_json", default=None, metavar="JSON",
+              help='Only items that match, e.g. \'{"labels": {"any": ["sky"]}, "year": {"gte": 2000}}\' '
+                   "(see docs/filters.md).")
 @ray_option
 @data_root_option
 def query(index_dir, checkpoint, server, text, text_file, image_features, item, codes, k, as_json, dataset,
-          rerank, candidates, api_key, ray, data_root):
+          rerank, candidates, api_key, filter_json, ray, data_root):
     """Search an index with a text, image-feature or item query (locally, or on a server)."""
+    filter = None
+    if filter_json is not None:
+        from hashret.errors import HashretError
+
+        try:
+            filter = json.loads(filter_json)
+        except ValueError as exc:
+            raise HashretError(f"--filter is not JSON ({exc.msg} at character {exc.pos}): quote it, e.g. "
+                               "--filter '{\"year\": {\"gte\": 2000}}'") from None
     if server is not None:
         from hashret.serve import query_server
 
         res = query_server(server, index=index_dir, text=text, text_file=text_file,
                            image_features=image_features, item=item, k=k,
                            codes=codes.split(",") if codes else None,
-                           rerank=rerank is not None, candidates=candidates, api_key=api_key)
+                           rerank=rerank is not None, candidates=candidates, api_key=api_key, filter=filter)
     else:
         from hashret.engine import query_index
         from hashret.errors import check
@@ -350,7 +362,8 @@ def query(index_dir, checkpoint, server, text, text_file, image_features, item, 
         res = query_index(index_dir, checkpoint, text=text, text_file=text_file,
                           image_features=image_features, item=item, k=k, dataset=dataset,
                           codes=codes.split(",") if codes else None,
-                          data_root=data_root, rerank=rerank, candidates=candidates, ray=_ray(ray))
+                          data_root=data_root, rerank=rerank, candidates=candidates, ray=_ray(ray),
+                          filter=filter)
     for warning in res.get("warnings", ()):
         click.echo(f"warning: {warning}", err=True)
     if res["unknown_words"]:
@@ -369,6 +382,8 @@ def query(index_dir, checkpoint, server, text, text_file, image_features, item, 
         click.echo(f"{'rank':>4}  {'id':>8}  {'dist':>4}  " + ("  score  " if score else "") + "item")
         for r in group:
             item_text = json.dumps(r["item"], ensure_ascii=False) if r["item"] is not None else ""
+            if r.get("attributes") and r["item"] is None:  # an index of one's own arrays: its attributes
+                item_text = json.dumps(r["attributes"], ensure_ascii=False)
             sc = f"{r['score']:7.4f}  " if score else ""
             click.echo(f"{r['rank']:>4}  {r['id']:>8}  {r['distance']:>4}  {sc}{item_text[:100]}")
     rr = f", re-rank {res['rerank_ms']:.2f} ms" if "rerank_ms" in res else ""

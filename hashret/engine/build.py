@@ -14,6 +14,7 @@ import numpy as np
 from hashret.engine.inputs import OTHER, is_matcher, payloads
 from hashret.errors import HashretError, check, os_problem
 from hashret.index import index_info
+from hashret.index.attributes import Labels
 from hashret.index.bits import pack_codes
 from hashret.index.hash_index import HashIndex, positive_int
 
@@ -26,7 +27,8 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
                 ray=None, _shard: dict | None = None) -> dict:
     """Encode one side of a dataset with a checkpoint's student and write it to an index.
 
-    Ids are the dataset's row numbers; payloads hold each item's key, label names and tags.
+    Ids are the dataset's row numbers; payloads hold each item's key, label names and tags;
+    the labels are also stored as the index's ``labels`` attribute, for filtered search.
     Each batch is one transaction that also records the build's progress, so a killed build
     is never taken for a whole one: ``resume`` finishes it from its last committed batch, equal
     to a build never interrupted; a fresh build that fails before its first commit leaves
@@ -154,6 +156,11 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
             index = HashIndex.create(out, model.bits, info=info, build={
                 "state": "partial", "source": source, "first_row": 0})
         start_state = {"state": "partial", "source": source, "first_row": index.n_rows - done}
+        # the dataset's labels, stored as the index's label-set attribute (filters by label);
+        # an index written before attributes existed is appended to as it is
+        names = list(ds.label_names or [f"label{j}" for j in range(ds.labels.shape[1])])
+        with_labels = index.n_rows == 0 or bool(index.attribute_columns())
+        labels_of = (lambda b: {"labels": Labels(ds.labels[b], names)}) if with_labels else (lambda b: None)
         bar = tqdm(total=len(rows), initial=done, desc=f"indexing {modality}", unit="item",
                    disable=not progress, leave=False)
         for s in range(done, len(rows), batch_size):
@@ -163,7 +170,7 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
             else:
                 codes, items = pack_codes(encode_batch(batch)), payloads(batch)
             last = s + batch_size >= len(rows)
-            index.add(codes, ids=batch, items=items,
+            index.add(codes, ids=batch, items=items, attributes=labels_of(batch),
                       build={**start_state, "state": "complete" if last else "partial"})
             committed = True
             bar.update(len(batch))

@@ -289,11 +289,12 @@ class Engine:
         out["feats"] = feats
         return out
 
-    def scan(self, codes: np.ndarray, width: int, threads: int | None = None):
-        """(distances, ids) of the ``width`` nearest codes of each query: one kernel call for
-        all of them (the server's micro-batches come through here)."""
+    def scan(self, codes: np.ndarray, width: int, filter=None, threads: int | None = None):
+        """(distances, ids) of the ``width`` nearest codes of each query among the items
+        ``filter`` selects: one kernel call for all of them (the server's micro-batches, one
+        per filter, come through here)."""
         with self.lock.read():
-            return self.index.search(codes, width, threads=threads)
+            return self.index.search(codes, width, threads=threads, filter=filter)
 
     def rerank(self, feats, ids, dist, k):
         check(self.reranker is not None, "re-ranking needs a matcher: start with `rerank=RUN_DIR`")
@@ -302,15 +303,20 @@ class Engine:
         return _rerank(self.reranker, self.data(), self.meta, feats, self.query_modality, ids, dist, k)
 
     def results(self, dist, ids, scores=None) -> list:
-        """Per query: [{rank, id, distance, item[, score]}, ...] with the stored payloads."""
+        """Per query: [{rank, id, distance, item[, attributes][, score]}, ...] with the stored
+        payloads (and attributes, where the index stores any)."""
         out = []
         with self.lock.read():
+            columns = self.index.attribute_columns()
             for q, (qd, qi) in enumerate(zip(dist, ids)):
                 keep = qi >= 0
                 found = qi[keep].tolist()
                 payloads = self.index.items(found) if found and self.index.has_payloads else [None] * len(found)
                 group = [{"rank": r + 1, "id": i, "distance": d, "item": p}
                          for r, (i, d, p) in enumerate(zip(found, qd[keep].tolist(), payloads))]
+                if found and columns:
+                    for g, a in zip(group, self.index.attributes(found)):
+                        g["attributes"] = a
                 if scores is not None:
                     for g, sc in zip(group, scores[q][keep]):
                         g["score"] = float(sc)
@@ -333,7 +339,7 @@ class Engine:
         return k, width
 
     def search(self, text=None, image_features=None, item=None, codes=None, k: int = 10,
-               rerank: bool = False, candidates=None, scan=None) -> dict:
+               rerank: bool = False, candidates=None, scan=None, filter=None) -> dict:
         """One query, whole: encode, scan, re-rank (cascade), payloads.
 
         Parameters
@@ -351,8 +357,12 @@ class Engine:
         rerank : bool, default False
             Re-rank ``candidates`` Hamming neighbours (default 10 x k) with the engine's matcher.
         scan : callable, optional
-            ``scan(codes, width) -> (distances, ids)``; default :meth:`scan`. (The server, whose
-            scan is awaited, drives the same steps, :meth:`search_steps`, with its micro-batcher.)
+            ``scan(codes, width, filter) -> (distances, ids)``; default :meth:`scan`. (The server,
+            whose scan is awaited, drives the same steps, :meth:`search_steps`, with its
+            micro-batcher.)
+        filter : dict or bool array, optional
+            Only items it selects: an expression over the index's attributes, or (one index,
+            not sharded) a boolean array over its rows; see :mod:`hashret.index.attributes`.
 
         Returns
         -------
@@ -367,20 +377,22 @@ class Engine:
             A malformed query (one line naming it); NotFoundError for an unknown item;
             ConflictError for a query this index's model cannot answer.
         """
-        steps = self.search_steps(text, image_features, item, codes, k, rerank, candidates)
+        steps = self.search_steps(text, image_features, item, codes, k, rerank, candidates, filter)
         return finish(steps, (scan or self.scan)(*next(steps)))
 
     def search_steps(self, text=None, image_features=None, item=None, codes=None, k: int = 10,
-                     rerank: bool = False, candidates=None):
+                     rerank: bool = False, candidates=None, filter=None):
         """:meth:`search` as steps around its scan, for a caller that scans its own way (the
         server awaits its micro-batcher): a generator that checks and encodes the query, yields
-        ``(codes, width)``, is sent the scan's ``(distances, ids)``, then re-ranks and attaches
-        payloads; :func:`finish` sends the scan and returns what :meth:`search` returns."""
+        ``(codes, width, filter)``, is sent the scan's ``(distances, ids)``, then re-ranks and
+        attaches payloads; :func:`finish` sends the scan and returns what :meth:`search` returns."""
         k, width = self.search_widths(k, rerank, candidates)
+        with self.lock.read():
+            self.index.check_filter(filter)  # before any encoding: a bad filter costs nothing
         t0 = time.perf_counter()
         q = self.encode_query(text=text, image_features=image_features, item=item, codes=codes)
         t1 = time.perf_counter()
-        dist, ids = yield q["codes"], width
+        dist, ids = yield q["codes"], width, filter
         t2 = time.perf_counter()
         return self.finish(q, dist, ids, k, rerank, t1 - t0, t2 - t1)
 
@@ -402,10 +414,11 @@ class Engine:
         return out
 
     # -- writes ---------------------------------------------------------------------------
-    def add(self, codes=None, image_features=None, text=None, ids=None, items=None) -> dict:
+    def add(self, codes=None, image_features=None, text=None, ids=None, items=None, attributes=None) -> dict:
         """Add items given as codes (hex or packed), or as features the index's model encodes
-        (image features for an image index, texts for a text index); committed before this
-        returns. Returns {"added", "ids", "items" (alive after)}."""
+        (image features for an image index, texts for a text index), with their ``items``
+        (payloads) and ``attributes``; committed before this returns. Returns {"added",
+        "ids", "items" (alive after)}."""
         given = [x is not None for x in (codes, image_features, text)]
         check(sum(given) == 1, "give exactly one of codes, image_features or text for the new items")
         if codes is not None:
@@ -417,7 +430,7 @@ class Engine:
             feats, _ = self.features(mod, text=text, image_features=image_features)
             packed = pack_codes(self._need_model().encode(feats, mod))
         with self.lock.write():
-            new = self.index.add(packed, ids=ids, items=items)
+            new = self.index.add(packed, ids=ids, items=items, attributes=attributes)
             return {"added": int(len(new)), "ids": [int(i) for i in new], "items": len(self.index)}
 
     def remove(self, ids) -> dict:
@@ -451,7 +464,7 @@ def finish(steps, scanned) -> dict:
 
 def query_index(index, checkpoint=None, text: str | None = None, text_file=None, image_features=None,
                 item=None, k: int = 10, dataset: str | None = None, data_root=None,
-                rerank=None, candidates: int | None = None, codes=None, ray=None) -> dict:
+                rerank=None, candidates: int | None = None, codes=None, ray=None, filter=None) -> dict:
     """Search ``index`` (a folder) for one query: free ``text`` (or a ``text_file``) through the
     dataset's vocabulary, ``image_features`` (.npy path or array; region sets N x n_o x d for
     a matcher's index), or the dataset ``item`` (row number or key) seen through the other
@@ -461,6 +474,9 @@ def query_index(index, checkpoint=None, text: str | None = None, text_file=None,
     Cascade: with ``rerank`` (a matcher's RUN_DIR trained on the index's data), the Hamming
     scan proposes ``candidates`` items (default 10 x k) and the matcher re-scores them; the
     best k by matcher score are returned, each with its ``score``.
+
+    ``filter``: only items it selects (an expression over the index's attributes, see
+    :mod:`hashret.index.attributes`).
 
     Returns what :meth:`Engine.search` returns."""
     k = positive_int(k, "-k")
@@ -479,7 +495,7 @@ def query_index(index, checkpoint=None, text: str | None = None, text_file=None,
         if eng.model_problem is not None and (checkpoint is not None or codes is None):
             raise ConflictError(eng.model_problem)
         return eng.search(text=text, image_features=image_features, item=item, codes=codes, k=k,
-                          rerank=rerank is not None, candidates=candidates)
+                          rerank=rerank is not None, candidates=candidates, filter=filter)
 
 
 def _load_reranker(rerank, meta):

@@ -143,9 +143,15 @@ def encode(schema: list, attributes, n: int):
               "columns are set by its first add")
         return None, schema
     names = [c["name"] for c in schema]
-    check(isinstance(attributes, dict) and set(attributes) == set(names),
-          f"this index stores attributes {', '.join(names)}: pass `attributes` with exactly these "
-          f"columns (got {', '.join(map(str, attributes)) if isinstance(attributes, dict) else None})")
+    # a label set left out is empty (an item without labels); every scalar needs a value
+    given = dict(attributes) if isinstance(attributes, dict) else {}
+    for c in schema:
+        if c["kind"] == "labels" and c["name"] not in given and (attributes is None or isinstance(attributes, dict)):
+            given[c["name"]] = Labels(np.zeros((n, len(c["names"])), bool), c["names"])
+    check(set(given) == set(names),
+          f"this index stores attributes {', '.join(names)}: pass `attributes` with these columns "
+          f"(a label set may be left out) (got {', '.join(map(str, given)) or None})")
+    attributes = given
     out, schema = [], [dict(c) for c in schema]
     for col in schema:
         values = attributes[col["name"]]
@@ -231,16 +237,20 @@ def parse_filter(expr, schema: list, n_rows: int):
     return _parse(expr, columns, "filter")
 
 
-def _parse(expr, columns, where):
-    check(isinstance(expr, dict) and expr, f"{where} must be a non-empty JSON object, got {expr!r:.60}")
+MAX_DEPTH = 32  # nesting of and/or/not: a filter is a caller's input, its depth bounded
+
+
+def _parse(expr, columns, where, depth=0):
+    check(depth <= MAX_DEPTH, f"the filter nests deeper than {MAX_DEPTH} levels")
+    check(isinstance(expr, dict) and expr, f"{where} must be a non-empty JSON object, got {str(expr)[:60]}")
     parts = []
     for key, cond in expr.items():
         at = f"{where}.{key}"
         if key in ("and", "or"):
             check(isinstance(cond, list) and cond, f"{at} must be a non-empty list of filters")
-            parts.append((key, [_parse(c, columns, f"{at}[{i}]") for i, c in enumerate(cond)]))
+            parts.append((key, [_parse(c, columns, f"{at}[{i}]", depth + 1) for i, c in enumerate(cond)]))
         elif key == "not":
-            parts.append(("not", _parse(cond, columns, at)))
+            parts.append(("not", _parse(cond, columns, at, depth + 1)))
         elif key == "id":
             check(isinstance(cond, dict) and len(cond) == 1 and next(iter(cond)) in _SETS,
                   f"{at} must be {{\"in\": [ids]}} or {{\"not_in\": [ids]}}")
@@ -259,7 +269,7 @@ def _condition(col, cond, at):
     kind = col["kind"]
     ops = _LABEL_OPS if kind == "labels" else _SETS + (("eq", "ne") if kind == "category" else _RANGE)
     check(isinstance(cond, dict) and cond and set(cond) <= set(ops),
-          f"{at} must be an object of {', '.join(ops)} (a {kind} attribute), got {cond!r:.60}")
+          f"{at} must be an object of {', '.join(ops)} (a {kind} attribute), got {str(cond)[:60]}")
     out = []
     for op, value in cond.items():
         many = op in _SETS or kind == "labels"

@@ -466,6 +466,11 @@ class HashIndex:
             self._filters.move_to_end(token)
         return match if deleted is None else match & (deleted == 0)
 
+    def check_filter(self, filter):
+        """Raise HashretError (one line) where ``filter`` cannot be applied to this index."""
+        if filter is not None:
+            parse_filter(filter, self._rows.schema, self._n)
+
     def attribute_columns(self) -> list:
         """The index's attribute columns: [{"name", "kind", ...}] (labels' names, categories)."""
         return [dict(c) for c in self._rows.schema]

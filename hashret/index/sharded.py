@@ -442,6 +442,14 @@ class ShardedIndex:
         categories are those its items hold)."""
         return self.shards[0].result(self.shards[0].submit("attribute_columns"))
 
+    def check_filter(self, filter):
+        """Raise HashretError (one line) where ``filter`` cannot be applied to this index."""
+        if filter is not None:
+            self._shard_filter(filter)
+            from hashret.index.attributes import parse_filter
+
+            parse_filter(filter, self.attribute_columns(), self.n_rows)
+
     def _shard_filter(self, filter):
         """args_of for a filter: every shard gets it, its id lists made shard-local in rows mode."""
         check(not isinstance(filter, np.ndarray), "a sharded index takes a filter expression, not a row "

@@ -132,9 +132,10 @@ class Service:
         # the one search path, Engine.search_steps, with this index's micro-batcher as its scan
         # step; torch (encoding, re-ranking) runs off the event loop, a code query stays on it
         steps = eng.search_steps(text=req.text, image_features=req.image_features, item=req.item,
-                                 codes=req.codes, k=req.k, rerank=req.rerank, candidates=req.candidates)
-        codes, width = next(steps) if req.codes is not None else await asyncio.to_thread(next, steps)
-        scanned = await self.batchers[eng.name].scan(codes, width)
+                                 codes=req.codes, k=req.k, rerank=req.rerank, candidates=req.candidates,
+                                 filter=req.filter)
+        codes, width, filter = next(steps) if req.codes is not None else await asyncio.to_thread(next, steps)
+        scanned = await self.batchers[eng.name].scan(codes, width, filter)
         out = await asyncio.to_thread(finish, steps, scanned) if req.rerank else finish(steps, scanned)
         out["index"] = eng.name
         if out["warnings"]:
@@ -146,7 +147,7 @@ class Service:
         self._writable()
         eng = self.engine_for(req.index)
         return {**eng.add(codes=req.codes, image_features=req.image_features, text=req.text, ids=req.ids,
-                          items=req.items), "index": eng.name}
+                          items=req.items, attributes=req.attributes), "index": eng.name}
 
     def remove(self, body: dict) -> dict:
         req = validate(RemoveRequest, body, "DELETE /items")

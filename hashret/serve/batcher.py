@@ -11,12 +11,13 @@ from concurrent.futures import Future
 import numpy as np
 
 from hashret.engine import Engine
+from hashret.index.attributes import key
 
 
 class MicroBatcher:
     """Scans the queries that wait together in one kernel call.
 
-    ``submit(codes, width)`` returns a Future of (distances, ids) for those queries. The
+    ``submit(codes, width, filter)`` returns a Future of (distances, ids) for those queries. The
     batcher thread takes the first waiting request, then every request already queued or
     arriving within ``window_s`` -- under load, until the batch is as large as the last one
     or half a scan's time has passed -- up to ``max_batch`` queries, scans them at the
@@ -31,17 +32,17 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name=f"batcher-{engine.name}", daemon=True)
         self._thread.start()
 
-    def submit(self, codes: np.ndarray, width: int) -> Future:
+    def submit(self, codes: np.ndarray, width: int, filter=None) -> Future:
         fut: Future = Future()
-        self._q.put((codes, width, fut))
+        self._q.put((codes, width, filter, fut))
         return fut
 
-    async def scan(self, codes: np.ndarray, width: int):
+    async def scan(self, codes: np.ndarray, width: int, filter=None):
         """``submit`` for a coroutine: resolved on its own event loop, with no thread-safe
         Future in between."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._q.put((codes, width, _LoopFuture(loop, fut)))
+        self._q.put((codes, width, filter, _LoopFuture(loop, fut)))
         return await fut
 
     def close(self):
@@ -79,15 +80,23 @@ class MicroBatcher:
 
     def _scan(self, batch, n):
         self.observe(n)
+        groups: dict = {}
+        for b in batch:
+            groups.setdefault(key(b[2]) if b[2] is not None else None, []).append(b)
+        for group in groups.values():
+            self._scan_one(group)
+
+    def _scan_one(self, batch):
+        """One kernel call for requests that share a filter."""
         try:
             codes = batch[0][0] if len(batch) == 1 else np.vstack([b[0] for b in batch])
-            dist, ids = self.engine.scan(codes, max(b[1] for b in batch))
+            dist, ids = self.engine.scan(codes, max(b[1] for b in batch), batch[0][2])
         except BaseException as exc:  # noqa: BLE001 -- every waiting request gets the error
-            for _, _, fut in batch:
+            for *_, fut in batch:
                 fut.set_exception(exc)
             return
         at = 0
-        for codes, width, fut in batch:
+        for codes, width, _, fut in batch:
             m = len(codes)
             fut.set_result((dist[at:at + m, :width], ids[at:at + m, :width]))
             at += m

@@ -13,9 +13,9 @@ from hashret.errors import HashretError, check
 
 def query_server(url: str, index=None, text=None, text_file=None, image_features=None, item=None,
                  k: int = 10, rerank: bool = False, candidates=None, codes=None, timeout: float = 60,
-                 api_key: str | None = None) -> dict:
+                 api_key: str | None = None, filter=None) -> dict:
     """What :func:`hashret.engine.query_index` returns, asked of a running server (``api_key``:
-    sent as ``Authorization: Bearer``). A ``.npy`` path is read here and sent as numbers: the
+    sent as ``Authorization: Bearer``; ``filter``: an expression, sent as ``"filter"``). A ``.npy`` path is read here and sent as numbers: the
     server opens no file a request names."""
     import urllib.error
     import urllib.request
@@ -38,6 +38,8 @@ def query_server(url: str, index=None, text=None, text_file=None, image_features
         body["item"] = item
     if index is not None:
         body["index"] = Path(index).name
+    if filter is not None:
+        body["filter"] = filter
     if rerank:
         body["rerank"] = True
         if candidates is not None:

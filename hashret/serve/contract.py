@@ -47,6 +47,11 @@ class SearchRequest(_Strict):
     rerank: bool = Field(False, description="Re-rank with the server's matcher (--rerank).")
     index: Name | None = Field(None, description="The index to search (a folder name); by default the one "
                                                  "that answers this kind of query.")
+    filter: dict[str, Any] | None = Field(
+        None, description='Only items that match: an expression over the index\'s attributes, e.g. '
+                          '{"labels": {"any": ["sky"]}, "year": {"gte": 2000}} (labels any/all/none; '
+                          'gt gte lt lte eq ne in not_in; "id": {"in"|"not_in": [...]}; and/or/not).',
+        json_schema_extra={"example": {"labels": {"any": ["sky"]}}})
 
     @model_validator(mode="after")
     def _one_query(self):
@@ -76,6 +81,9 @@ class AddRequest(_Strict):
         None, description="Ids of the new items (unique integers); by default row numbers.")
     items: Annotated[list[dict[str, Any] | None], Field(min_length=1)] | None = Field(
         None, description="One JSON object (or null) per new item, returned with it by searches.")
+    attributes: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
+        None, description="Per attribute column of the index, one value per new item (label lists, "
+                          "numbers, strings); a label set may be left out (no labels). Filters select on them.")
     index: Name | None = None
 
     @model_validator(mode="after")
@@ -102,6 +110,7 @@ class Hit(_Reply):
     id: int
     distance: int = Field(description="Hamming distance to the query.")
     item: Any = Field(description="The payload stored with the item (null if none).")
+    attributes: dict[str, Any] | None = Field(None, description="The item's attributes (indexes that store any).")
     score: float | None = Field(None, description="The matcher's score (re-ranked searches only).")
 
 

@@ -168,6 +168,10 @@ def test_query_json_over_three_shards_equals_the_unsharded_index(tmp_path, ray_l
     assert query(tmp_path / "three") == expect
     assert query(tmp_path / "three", "--ray") == expect
     assert query(tmp_path / "three_ray") == expect  # its shards built as Ray tasks
+    only = ("--filter", json.dumps({"labels": {"any": ["concept1", "concept3"]}, "id": {"not_in": [0, 1, 2]}}))
+    expect = query(tmp_path / "one", *only)
+    assert expect and all({"concept1", "concept3"} & set(r["attributes"]["labels"]) for r in expect)
+    assert query(tmp_path / "three", *only) == expect == query(tmp_path / "three", "--ray", *only)
     info = json.loads(runner.invoke(main, ["info", "--index", str(tmp_path / "three")]).stdout)
     assert info["shards"] == 3 and info["complete"] and sum(info["shard_items"]) == info["items"]
 

@@ -105,7 +105,8 @@ def test_read_only_server_picks_up_another_writers_batches(built, server, tmp_pa
                 break
             time.sleep(0.05)
         seen = time.time() - t
-    assert out["results"][0][0] == {"rank": 1, "id": 77_777, "distance": 0, "item": None}
+    assert out["results"][0][0] == {"rank": 1, "id": 77_777, "distance": 0, "item": None,
+                                    "attributes": {"labels": []}}  # added without labels: none
     assert seen < 1.0, f"picked up after {seen:.2f} s"
     assert s.get("/health")[1]["indexes"]["ix"] == 541
 
@@ -215,9 +216,9 @@ def test_the_cli_and_the_server_search_through_engine_search(built, monkeypatch)
         batcher = service.batchers["ix_image"]
         real_scan = batcher.scan
 
-        async def scan(codes, width):
+        async def scan(codes, width, filter=None):
             scans.append(width)
-            return await real_scan(codes, width)
+            return await real_scan(codes, width, filter)
 
         batcher.scan = scan
         served = asyncio.run(service.search({"text": "w1 w7 w30", "k": 5}))
@@ -225,3 +226,42 @@ def test_the_cli_and_the_server_search_through_engine_search(built, monkeypatch)
         service.close()
     assert calls == ["ix_image", "ix_image"] and scans == [5]
     assert [(h["id"], h["distance"]) for h in served["results"][0]] == [(h["id"], h["distance"]) for h in cli]
+
+
+def test_filtered_search_through_the_cli_the_server_and_the_batcher_equals_the_index(built, server, tmp_path):
+    from hashret.serve.batcher import MicroBatcher
+
+    ds = load_dataset(SPEC)
+    ix = built / "ix_text"
+    with HashIndex.open(ix) as index:
+        code = index.packed_codes([3])[0].tobytes().hex()
+        names = index.attribute_columns()[0]["names"]
+        assert names == list(ds.label_names)  # build-index stored the dataset's labels
+        q = index.packed_codes([3, 9])
+        filters = [{"labels": {"any": [names[1]]}}, {"labels": {"all": [names[0], names[2]]}},
+                   {"not": {"labels": {"any": names[:3]}}, "id": {"not_in": [3]}}]
+        expect = [index.search(q[:1], 7, filter=f)[1][0].tolist() for f in filters]
+    for f, want in zip(filters, expect):
+        rows = np.asarray(want)[np.asarray(want) >= 0]
+        got = cli_json("--index", ix, "--codes", code, "-k", 7, "--filter", json.dumps(f))
+        assert [r["id"] for r in got] == rows.tolist()
+        for r in got:  # each hit shows what it was selected by
+            assert set(r["attributes"]["labels"]) == {names[j] for j in np.flatnonzero(ds.labels[r["id"]])}
+    s = server("--index", ix)
+    for f, want in zip(filters, expect):
+        status, out = s.post("/search", {"codes": [code], "k": 7, "filter": f})
+        assert status == 200 and [r["id"] for r in out["results"][0]] == [i for i in want if i >= 0]
+    # requests with different filters waiting together: one scan per filter, each its own answer
+    with Engine.open(ix) as eng:
+        batcher = MicroBatcher(eng, window_s=0.2)
+        try:
+            futures = [batcher.submit(q[:1], 7, f) for f in filters] + [batcher.submit(q[1:], 7, filters[0])]
+            got = [f.result(timeout=30)[1][0].tolist() for f in futures]
+        finally:
+            batcher.close()
+        assert got[:3] == expect and got[3] == eng.index.search(q[1:], 7, filter=filters[0])[1][0].tolist()
+    bad = CliRunner().invoke(main, ["query", "--index", str(ix), "--codes", code, "--filter", "{labels: 1}"])
+    assert bad.exit_code != 0 and bad.output.startswith("error: --filter is not JSON") and bad.output.count("\n") == 1
+    bad = CliRunner().invoke(main, ["query", "--index", str(ix), "--codes", code, "--filter",
+                                    '{"labels": {"any": ["dragon"]}}'])
+    assert bad.exit_code != 0 and "error: filter.labels.any: unknown label 'dragon'" in bad.output

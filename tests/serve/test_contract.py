@@ -101,6 +101,21 @@ def test_hostile_and_malformed_requests_get_a_4xx_line_and_leave_the_server_heal
         ("POST", "/search", {"item": 1, "rerank": "yes"}, 400, "rerank must be"),
         # amplification: 200 codes x k = 10,000 in a 2 kB request
         ("POST", "/search", {"codes": ["0a0b0c0d"] * 200, "k": 10_000, "index": "ix"}, 400, "--max-results"),
+        # filters: checked against the index's attributes before anything is scanned
+        ("POST", "/search", {"codes": ["0a0b0c0d"], "filter": {"colour": {"eq": 1}}, "index": "ix"}, 400,
+         "no attribute 'colour'"),
+        ("POST", "/search", {"codes": ["0a0b0c0d"], "filter": {"labels": {"any": ["dragon"]}}, "index": "ix"}, 400,
+         "unknown label 'dragon'"),
+        ("POST", "/search", {"codes": ["0a0b0c0d"], "filter": {"id": {"in": ["a"]}}, "index": "ix"}, 400,
+         "list of integer ids"),
+        ("POST", "/search", {"codes": ["0a0b0c0d"], "filter": 5, "index": "ix"}, 400, "filter must be"),
+        ("POST", "/search", {"codes": ["0a0b0c0d"], "filter": {"labels": {"any": "concept1"}}, "index": "ix"}, 400,
+         "must be a list"),
+        ("POST", "/items", {"codes": ["0a0b0c0d"], "ids": [5001], "attributes": {"labels": [["concept1"], []]},
+                             "index": "ix"}, 400,
+         "attribute 'labels' has 2 values for 1 codes"),
+        ("POST", "/items", {"codes": ["0a0b0c0d"], "ids": [5001], "attributes": {"year": [2000]}, "index": "ix"}, 400,
+         "this index stores attributes labels"),
         # bodies that are not JSON objects
         ("POST", "/search", b"[]", 400, "JSON object"),
         ("POST", "/search", b"", 400, "not JSON"),
