@@ -315,33 +315,41 @@ def key(expr) -> str | None:
     return None if isinstance(expr, np.ndarray) else json.dumps(expr, sort_keys=True, separators=(",", ":"))
 
 
-def evaluate(tree, chunks, n_rows: int, rows_of_ids) -> np.ndarray:
-    """A parsed filter (``parse_filter``) as a boolean array over the rows. ``chunks(name)``:
-    (column record, [(first row, values), ...]) of a column as stored; ``rows_of_ids(ids)``:
-    rows, -1 for an unknown id."""
+def evaluate(tree, columns, n_rows: int, rows_of_ids, rows=None) -> np.ndarray:
+    """A parsed filter (``parse_filter``) as a boolean array over the rows -- or, given
+    ``rows``, over those rows only (what a search that ranks first and filters its
+    candidates needs). ``columns``: the index's :class:`~hashret.index.rows.Columns`;
+    ``rows_of_ids(ids)``: rows, -1 for an unknown id."""
     op = tree[0]
     if op == "mask":
-        return tree[1]
+        return tree[1] if rows is None else tree[1][rows]
     if op in ("and", "or"):
-        out = evaluate(tree[1][0], chunks, n_rows, rows_of_ids).copy()
+        out = evaluate(tree[1][0], columns, n_rows, rows_of_ids, rows).copy()
         for sub in tree[1][1:]:
             if op == "and":
-                out &= evaluate(sub, chunks, n_rows, rows_of_ids)
+                out &= evaluate(sub, columns, n_rows, rows_of_ids, rows)
             else:
-                out |= evaluate(sub, chunks, n_rows, rows_of_ids)
+                out |= evaluate(sub, columns, n_rows, rows_of_ids, rows)
         return out
     if op == "not":
-        return ~evaluate(tree[1], chunks, n_rows, rows_of_ids)
+        return ~evaluate(tree[1], columns, n_rows, rows_of_ids, rows)
     if op == "id":
-        out = np.zeros(n_rows, dtype=bool)
-        rows = rows_of_ids(tree[2]) if len(tree[2]) else np.zeros(0, np.int64)
-        out[rows[rows >= 0]] = True
+        found = rows_of_ids(tree[2]) if len(tree[2]) else np.zeros(0, np.int64)
+        found = found[found >= 0]
+        if rows is None:
+            out = np.zeros(n_rows, dtype=bool)
+            out[found] = True
+        else:
+            out = np.isin(rows, found)
         return ~out if tree[1] == "not_in" else out
-    _, name, cop, vals = tree
-    col, parts = chunks(name)
+    kind, name, cop, vals = tree
+    if rows is not None:
+        col, values = columns.values_at(name, rows)
+        return _test(kind, cop, vals, values, col)
+    col, parts = columns.chunks(name)
     out = np.empty(n_rows, dtype=bool)
     for lo, values in parts:
-        out[lo:lo + len(values)] = _test(op, cop, vals, values, col)
+        out[lo:lo + len(values)] = _test(kind, cop, vals, values, col)
     return out
 
 
@@ -351,12 +359,13 @@ def _test(kind, op, vals, values, col):
         want = np.zeros(values.shape[1], dtype=np.uint8)
         for j in vals:
             want[j // 8] |= np.uint8(0x80 >> (j % 8))  # np.packbits order
-        nz = np.flatnonzero(want)
-        hit = values[:, nz] & want[nz]
-        if op == "all":
-            return (hit == want[nz]).all(axis=1)
-        anyhit = hit.any(axis=1) if len(nz) else np.zeros(len(values), dtype=bool)
-        return ~anyhit if op == "none" else anyhit
+        out = np.full(len(values), op == "all") if op == "all" else np.zeros(len(values), bool)
+        for b in np.flatnonzero(want).tolist():  # a byte of labels at a time: one pass each
+            if op == "all":
+                out &= (values[:, b] & want[b]) == want[b]
+            else:
+                out |= (values[:, b] & want[b]) != 0
+        return ~out if op == "none" else out
     if op in _SETS or (kind == "category" and op in ("eq", "ne")):
         inside = np.isin(values, np.asarray(vals, dtype=values.dtype)) if vals else np.zeros(len(values), bool)
         return ~inside if op in ("not_in", "ne") else inside

@@ -17,7 +17,7 @@ import numpy as np
 from bitarray import bitarray
 
 from hashret.errors import HashretError, NotFoundError, check, is_integer, os_problem
-from hashret.index import kernels
+from hashret.index import filtered, kernels
 from hashret.index.attributes import encode, evaluate, key, new_schema, parse_filter, value_of
 from hashret.index.bits import as_packed
 from hashret.index.rows import Memory, Stored, to_words, word_layout
@@ -161,7 +161,7 @@ class HashIndex:
         self._rows: Memory | Stored = Memory(self.word_dtype, self.n_words)
         self._idmap = _IdMap()  # explicit id -> row; after open, built on first use
         self.path = None
-        self._filters = OrderedDict()  # (state, filter text) -> rows matching, the last few
+        self._filters = OrderedDict()  # (state, rows, filter text) -> Selection, the last few
 
     # the backend's state, read where it is kept (memory, or the current snapshot)
     @property
@@ -409,14 +409,25 @@ class HashIndex:
 
         def scan(segs, deleted, ids_of_rows, columns):
             kk = min(k, segs.n_rows)
-            allowed = self._allowed(filter, segs.n_rows, deleted, columns)
+            tree = None if filter is None else parse_filter(filter, columns.schema, segs.n_rows)
             if kk == 0:
                 none = np.zeros((len(q), 0), dtype=np.int64)
                 return none.astype(np.int32), none, none
-            if allowed is None:
+            if tree is None:
                 dist, rows = kernels.topk(segs, q, kk, self.bits, deleted, threads)
-            else:
-                dist, rows = _filtered_topk(segs, q, kk, self.bits, allowed, threads)
+                return dist, rows, ids_of_rows(rows)
+            found = None
+            kept = self._kept_selection(filter, segs.n_rows)
+            if kept is None and len(q) <= filtered.RANK_FIRST_QUERIES:
+                # a new filter and a few queries: rank first, test only the candidates
+                def test(rows):
+                    return evaluate(tree, columns, segs.n_rows, self.lookup_rows, rows)
+
+                found = filtered.rank_first(segs, q, kk, self.bits, deleted, test, threads)
+            if found is None:
+                selection = kept or self._selection(filter, tree, segs.n_rows, deleted, columns)
+                found = filtered.topk(segs, q, kk, self.bits, selection, threads)
+            dist, rows = found
             return dist, rows, ids_of_rows(rows)
 
         return self._scan(scan)
@@ -434,37 +445,43 @@ class HashIndex:
         q = self._query_words(queries)
 
         def scan(segs, deleted, ids_of_rows, columns):
-            allowed = self._allowed(filter, segs.n_rows, deleted, columns)
+            selection = None
+            if filter is not None:
+                tree = parse_filter(filter, columns.schema, segs.n_rows)
+                selection = (self._kept_selection(filter, segs.n_rows)
+                             or self._selection(filter, tree, segs.n_rows, deleted, columns))
             if segs.n_rows == 0:
                 return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
             r = int(min(radius, self.bits))
-            if allowed is None:
+            if selection is None:
                 lims, dist, rows = kernels.range_search(segs, q, r, self.bits, deleted, threads)
             else:
-                lims, dist, rows = _filtered_range(segs, q, r, self.bits, allowed, threads)
+                lims, dist, rows = filtered.range_search(segs, q, r, self.bits, selection, threads)
             return lims, dist, rows, ids_of_rows(rows)
 
         return self._scan(scan)
 
-    def _allowed(self, filter, n_rows: int, deleted, columns):
-        """None (no filter), else a boolean array: the rows alive that ``filter`` selects.
-        The filter is checked before anything is scanned; the rows an expression selects are
-        kept for the last few expressions (until the rows change)."""
-        if filter is None:
-            return None
-        tree = parse_filter(filter, columns.schema, n_rows)
+    def _kept_selection(self, filter, n_rows: int):
+        """The :class:`~hashret.index.filtered.Selection` a recent search made of ``filter``
+        (an expression) in this state of the rows, if there is one."""
         text = key(filter)
         token = (self._rows.state, n_rows, text)
-        match = self._filters.get(token) if text is not None else None
-        if match is None:
-            match = evaluate(tree, columns.chunks, n_rows, self.lookup_rows)
-            if text is not None:
-                self._filters[token] = match
-                while len(self._filters) > FILTERS_KEPT:
-                    self._filters.popitem(last=False)
-        else:
+        kept = self._filters.get(token) if text is not None else None
+        if kept is not None:
             self._filters.move_to_end(token)
-        return match if deleted is None else match & (deleted == 0)
+        return kept
+
+    def _selection(self, filter, tree, n_rows: int, deleted, columns):
+        """The rows alive that ``filter`` selects, evaluated over every row, kept for the next
+        searches with the same filter (the last FILTERS_KEPT expressions, until rows change)."""
+        match = evaluate(tree, columns, n_rows, self.lookup_rows)
+        selection = filtered.Selection(match if deleted is None else match & (deleted == 0))
+        text = key(filter)
+        if text is not None:
+            self._filters[(self._rows.state, n_rows, text)] = selection
+            while len(self._filters) > FILTERS_KEPT:
+                self._filters.popitem(last=False)
+        return selection
 
     def check_filter(self, filter):
         """Raise HashretError (one line) where ``filter`` cannot be applied to this index."""
@@ -600,8 +617,7 @@ class HashIndex:
                                for c in self._rows.schema]}
 
 
-FILTERS_KEPT = 8  # evaluated filter expressions a HashIndex keeps (a server's repeated filters)
-SPARSE = 32  # a filter that keeps at most 1/SPARSE of the rows: scan a gathered copy of them
+FILTERS_KEPT = 8  # filter expressions whose selected rows a HashIndex keeps (a server's repeated filters)
 
 
 def _stored(col, raw):
@@ -609,43 +625,6 @@ def _stored(col, raw):
 
     v = view(col, raw.reshape(-1))
     return v[0] if col["kind"] != "labels" else raw
-
-
-def _gathered(segs, allowed):
-    """(rows, Segments of their codes): the rows ``allowed`` selects, copied together, for a
-    filter selective enough that reading them costs less than the mask's scan of all rows."""
-    rows = np.flatnonzero(allowed)
-    return rows, kernels.Segments.of(segs.rows(rows))
-
-
-def _filtered_topk(segs, q, k, bits, allowed, threads):
-    """Top-k over the ``allowed`` rows only: exact, ties by row. Few rows: the scan of a
-    gathered copy (its rows ascending, so ties keep their order); many: the full scan, the
-    others masked out as removed rows are (never a distance computed for them past the
-    first level's span test)."""
-    n_ok = int(np.count_nonzero(allowed))
-    if n_ok * SPARSE > segs.n_rows:
-        return kernels.topk(segs, q, k, bits, (~allowed).view(np.uint8), threads)
-    dist = np.full((len(q), k), -1, dtype=np.int32)
-    rows = np.full((len(q), k), -1, dtype=np.int64)
-    if n_ok:
-        chosen, sub = _gathered(segs, allowed)
-        d, r = kernels.topk(sub, q, min(k, n_ok), bits, None, threads)
-        dist[:, :d.shape[1]] = d
-        rows[:, :r.shape[1]] = np.where(r >= 0, chosen[np.maximum(r, 0)], -1)
-    return dist, rows
-
-
-def _filtered_range(segs, q, radius, bits, allowed, threads):
-    """``range_search`` over the ``allowed`` rows only (see ``_filtered_topk``)."""
-    n_ok = int(np.count_nonzero(allowed))
-    if n_ok * SPARSE > segs.n_rows:
-        return kernels.range_search(segs, q, radius, bits, (~allowed).view(np.uint8), threads)
-    if n_ok == 0:
-        return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
-    chosen, sub = _gathered(segs, allowed)
-    lims, dist, r = kernels.range_search(sub, q, radius, bits, None, threads)
-    return lims, dist, chosen[r]
 
 
 def json_items(items, n: int) -> list:

@@ -30,6 +30,22 @@ class Columns:
         col = self.schema[j]
         return col, [(i * self._rows, view(col, raw)) for i, raw in enumerate(self._chunked[j])]
 
+    def values_at(self, name: str, rows) -> tuple:
+        """(column record, the column's values at ``rows``), a copy."""
+        j = self._by_name[name]
+        col = self.schema[j]
+        rows = np.asarray(rows, dtype=np.int64)
+        w = row_bytes(col)
+        got = np.empty((len(rows), w), dtype=np.uint8)
+        c = rows // self._rows
+        if len(self._chunked[j]) == 1:
+            got[:] = self._chunked[j][0].reshape(-1, w)[rows]
+        else:
+            for chunk in np.unique(c).tolist():
+                at = c == chunk
+                got[at] = self._chunked[j][chunk].reshape(-1, w)[rows[at] - chunk * self._rows]
+        return col, view(col, got.reshape(-1))
+
     def rows(self, rows) -> list:
         """Each column's raw (len(rows), bytes) values of ``rows`` (a copy), schema order."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -86,7 +102,7 @@ class Memory:
         self._deleted_mask = None
         self.schema: list = []
         self.columns: list = []  # per column, (capacity, bytes) uint8, grown with ``words``
-        self.state = 0  # bumped whenever rows or attributes change (filter caches key on it)
+        self.state = 0  # bumped whenever rows, tombstones or attributes change (kept filters key on it)
 
     def append(self, packed, ids, items, mode, build=None, columns=None, schema=None):
         n = len(packed)
@@ -127,6 +143,7 @@ class Memory:
     def write_tombstones(self, tomb):
         self.tomb = tomb
         self._deleted_mask = None
+        self.state += 1
 
     def rewrite(self, packed, ids, alive, columns=None):
         items = {j: self.items[int(r)] for j, r in enumerate(alive) if int(r) in self.items}

@@ -7,6 +7,7 @@ import pytest
 
 from hashret.errors import CorruptError, HashretError
 from hashret.index import HashIndex, kernels
+from hashret.index import filtered
 from hashret.index import hash_index as hash_index_module
 from hashret.index.attributes import Labels
 from tests.index.test_hash_index import _flip_inside
@@ -76,7 +77,9 @@ def test_filtered_search_equals_brute_force_post_filtering(bits, tmp_path):
         expr, ok = _selective(plain, share, rng)
         for index in (memory, stored):
             for k in (1, 10, 300):
-                for qq in (q, q[2:3]):
+                for qq in (q, q[2:3], q[:4]):
+                    if len(qq) < len(q):
+                        index._filters.clear()  # a filter seen afresh: a few queries rank first
                     d, ids = index.search(qq, k, filter=expr)
                     bd, br = _post_filtered(db, qq, k, ok & alive)
                     np.testing.assert_array_equal(ids, br, err_msg=f"{share} {k}")
@@ -93,24 +96,58 @@ def test_filtered_search_equals_brute_force_post_filtering(bits, tmp_path):
     stored.close()
 
 
-def test_both_scans_are_taken_and_fewer_matches_than_k_give_fewer_results(monkeypatch):
+def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_results(monkeypatch):
     db, attrs, plain = _data(4000, 64, 1)
     index = HashIndex(64)
     index.add(db, attributes=attrs)
     took = []
-    for name in ("_gathered",):
-        real = getattr(hash_index_module, name)
-        monkeypatch.setattr(hash_index_module, name, lambda *a, real=real: took.append("gathered") or real(*a))
-    index.search(db[:1], 5, filter={"year": {"eq": 2001}})  # ~2.5%: gathered
+    monkeypatch.setattr(filtered, "rank_first", lambda *a, real=filtered.rank_first: took.append("rank first") or real(*a))
+    monkeypatch.setattr(filtered.Selection, "gathered",
+                        lambda self, segs, real=filtered.Selection.gathered: took.append("gathered") or real(self, segs))
+    masked = []
+    real_topk = kernels.topk
+    monkeypatch.setattr(kernels, "topk", lambda segs, q, k, bits, deleted=None, threads=None:
+                        masked.append(deleted is not None) or real_topk(segs, q, k, bits, deleted, threads))
+    index.search(db[:1], 5, filter={"year": {"gte": 2000}})  # new, most rows, one query: rank first
+    assert took == ["rank first"] and masked == [False]
+    index.search(db[:9], 5, filter={"year": {"gte": 2000}})  # a batch: evaluated over all rows, kept
+    index.search(db[:1], 5, filter={"year": {"gte": 2000}})  # now kept: the masked scan, no ranking first
+    assert took == ["rank first"] and masked == [False, True, True]
+    took.clear()
+    index.search(db[:9], 5, filter={"year": {"eq": 2001}})  # ~2.5%, a batch: gathered copy
     assert took == ["gathered"]
-    index.search(db[:1], 5, filter={"year": {"gte": 2000}})  # most rows: the masked scan
-    assert took == ["gathered"]
+    took.clear()
+    index.search(db[:1], 200, filter={"year": {"eq": 2002}, "genre": {"eq": "folk"}})  # too few to rank first
+    assert took == ["rank first", "gathered"]
     few = np.flatnonzero((plain["year"] == 2001) & (plain["genre"] == "folk"))
     d, ids = index.search(db[:2], len(few) + 20, filter={"year": {"eq": 2001}, "genre": {"eq": "folk"}})
     assert sorted(ids[0][ids[0] >= 0].tolist()) == few.tolist()
     assert (ids[:, len(few):] == -1).all() and (d[:, len(few):] == -1).all()
     d, ids = index.search(db[:2], 5, filter={"genre": {"in": ["none-such"]}})
     assert (ids == -1).all()
+
+
+def test_rank_first_grows_its_candidates_until_enough_match_and_stays_exact(monkeypatch):
+    # the matching rows are all far from the query: the first candidates hold none of them
+    rng = np.random.default_rng(2)
+    q = rng.integers(0, 256, (1, 8), dtype=np.uint8)
+    near = np.repeat(q, 3000, axis=0) ^ (rng.random((3000, 8)) < 0.05).astype(np.uint8)
+    far = ~np.repeat(q, 3000, axis=0) ^ (rng.random((3000, 8)) < 0.05).astype(np.uint8)
+    db = np.vstack([near, far])
+    group = np.r_[np.zeros(3000, int), rng.integers(1, 3, 3000)]  # 1 or 2: far rows only
+    index = HashIndex(64)
+    index.add(db, attributes={"group": group})
+    widths = []
+    real_topk = kernels.topk
+    monkeypatch.setattr(kernels, "topk", lambda segs, qq, k, *a: widths.append(k) or real_topk(segs, qq, k, *a))
+    for k in (1, 40):
+        widths.clear()
+        index._filters.clear()
+        d, ids = index.search(q, k, filter={"group": {"eq": 1}})
+        bd, br = _post_filtered(db, q, k, group == 1)
+        np.testing.assert_array_equal(ids, br)
+        np.testing.assert_array_equal(d, bd)
+        assert len(widths) > 1 and widths == sorted(widths)  # grew, and found them
 
 
 def test_each_operator_selects_what_its_definition_says():
@@ -244,14 +281,16 @@ def test_a_repeated_filter_is_evaluated_once_until_the_rows_change(monkeypatch):
                                      for c, v in attrs.items()})
     calls = []
     real = hash_index_module.evaluate
-    monkeypatch.setattr(hash_index_module, "evaluate", lambda *a: calls.append(1) or real(*a))
+    # over every row (not a rank-first search's candidates): what is kept
+    monkeypatch.setattr(hash_index_module, "evaluate", lambda *a: (len(a) < 5 and calls.append(1)) or real(*a))
     f = {"year": {"gte": 2000}, "labels": {"any": ["sky"]}}
+    index.search(db[:8], 5, filter=f)
+    index.search(db[:8], 5, filter=dict(reversed(list(f.items()))))  # the same filter, keys in another order
     index.search(db[:1], 5, filter=f)
-    index.search(db[:3], 5, filter=dict(reversed(list(f.items()))))  # the same filter, keys in another order
     assert len(calls) == 1
     index.add(db[1000:], attributes={c: (Labels(v.multi_hot[1000:], v.names) if c == "labels" else v[1000:])
                                      for c, v in attrs.items()})
-    _, ids = index.search(db[:1], 2000, filter=f)
+    _, ids = index.search(db[:8], 2000, filter=f)
     assert len(calls) == 2 and (ids[0] >= 1000).any()  # the new rows are seen
 
 
@@ -294,3 +333,18 @@ def test_a_sharded_index_pushes_the_filter_to_every_shard_and_equals_one_index(e
     with ShardedIndex.open(tmp_path / "sh") as back:  # the journal carried the attributes whole
         np.testing.assert_array_equal(back.search(db[:5], 10, filter={"year": {"gte": 2020}})[1],
                                       one.search(db[:5], 10, filter={"year": {"gte": 2020}})[1])
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_kept_selection_never_serves_a_removed_item(on_disk, tmp_path):
+    db, attrs, _ = _data(3000, 64, 9)
+    index = HashIndex.create(tmp_path / "ix", 64) if on_disk else HashIndex(64)
+    index.add(db, attributes=attrs)
+    f = {"year": {"gte": 1990}}
+    for qq in (db[:8], db[:1]):
+        _, ids = index.search(qq, 3, filter=f)  # kept by the batch, used by the lone query
+    first = int(ids[0][0])
+    index.remove([first])
+    for qq in (db[:8], db[:1]):
+        assert first not in index.search(qq, 3, filter=f)[1][0].tolist()
+        assert first not in index.range_search(qq, 64, filter=f)[2].tolist()
