@@ -24,11 +24,12 @@ from hashret.index import kernels
 RANK_FIRST_QUERIES = 4  # a new filter with at most this many queries ranks first, then tests
 RANK_FIRST_MAX = 1 << 15  # candidates a rank-first search takes at most before it gives up
 SAMPLE_ROWS = 4096  # rows a filter is tested on to guess its share of the index
-# gathered where share x GATHER_PER_QUERY <= min(queries, GATHER_QUERIES): one query scans
-# a copy of up to 1/32 of the rows, a batch of 10 or more up to a third (10^7 codes, 100
-# queries, k=1000, measured side by side: a third 47 vs 70 ms masked; half 61 vs 55 ms)
+# gathered where share x GATHER_PER_QUERY <= min(queries, GATHER_QUERIES): one query scans a
+# copy of up to 1/32 of the rows, a batch of 16 or more up to half (10^7 codes, 100 queries,
+# k=1000, side by side, the copy made in the call: a third 47 vs 70 ms masked, half 61 vs 55;
+# once made, a kept selection's copy is scanned whatever the batch: half the rows, half the time)
 GATHER_PER_QUERY = 32
-GATHER_QUERIES = 10
+GATHER_QUERIES = 16
 
 
 class Selection:
@@ -54,7 +55,8 @@ class Selection:
         return self._gathered
 
     def gather_pays(self, n_rows: int, n_queries: int) -> bool:
-        return self.n * GATHER_PER_QUERY <= n_rows * min(n_queries, GATHER_QUERIES)
+        """Whether to scan the gathered copy: made already, or worth making for this search."""
+        return self._gathered is not None or self.n * GATHER_PER_QUERY <= n_rows * min(n_queries, GATHER_QUERIES)
 
 
 def rank_first(segs, q, k, bits, deleted, test, threads):

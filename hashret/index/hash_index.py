@@ -162,6 +162,7 @@ class HashIndex:
         self._idmap = _IdMap()  # explicit id -> row; after open, built on first use
         self.path = None
         self._filters = OrderedDict()  # (state, rows, filter text) -> Selection, the last few
+        self._kept_max = FILTERS_KEPT
 
     # the backend's state, read where it is kept (memory, or the current snapshot)
     @property
@@ -461,6 +462,20 @@ class HashIndex:
 
         return self._scan(scan)
 
+    @property
+    def filters_kept(self) -> int:
+        """How many filter expressions' selected rows (with their mask and gathered codes) are
+        kept for the next search with the same filter (default 8; each costs a byte a row and
+        at most half the codes' memory); 0 keeps none."""
+        return self._kept_max
+
+    @filters_kept.setter
+    def filters_kept(self, n: int):
+        check(is_integer(n) and n >= 0, f"filters_kept must be a non-negative integer, got {n!r}")
+        self._kept_max = int(n)
+        while len(self._filters) > self._kept_max:
+            self._filters.popitem(last=False)
+
     def _kept_selection(self, filter, n_rows: int):
         """The :class:`~hashret.index.filtered.Selection` a recent search made of ``filter``
         (an expression) in this state of the rows, if there is one."""
@@ -477,9 +492,9 @@ class HashIndex:
         match = evaluate(tree, columns, n_rows, self.lookup_rows)
         selection = filtered.Selection(match if deleted is None else match & (deleted == 0))
         text = key(filter)
-        if text is not None:
+        if text is not None and self._kept_max:
             self._filters[(self._rows.state, n_rows, text)] = selection
-            while len(self._filters) > FILTERS_KEPT:
+            while len(self._filters) > self._kept_max:
                 self._filters.popitem(last=False)
         return selection
 

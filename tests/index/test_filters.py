@@ -348,3 +348,19 @@ def test_a_kept_selection_never_serves_a_removed_item(on_disk, tmp_path):
     for qq in (db[:8], db[:1]):
         assert first not in index.search(qq, 3, filter=f)[1][0].tolist()
         assert first not in index.range_search(qq, 64, filter=f)[2].tolist()
+
+
+def test_filters_kept_zero_keeps_nothing_and_a_bad_value_is_refused(monkeypatch):
+    db, attrs, _ = _data(2000, 64, 10)
+    index = HashIndex(64)
+    index.add(db, attributes=attrs)
+    index.search(db[:8], 5, filter={"year": {"gte": 2000}})
+    index.filters_kept = 0
+    calls = []
+    real = hash_index_module.evaluate
+    monkeypatch.setattr(hash_index_module, "evaluate", lambda *a: (len(a) < 5 and calls.append(1)) or real(*a))
+    for _ in range(2):
+        index.search(db[:8], 5, filter={"year": {"gte": 2000}})
+    assert len(calls) == 2
+    with pytest.raises(HashretError, match="filters_kept must be a non-negative integer"):
+        index.filters_kept = -1
