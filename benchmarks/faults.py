@@ -21,7 +21,8 @@ fatal to the runner):
 - ``index``: a damaged index folder (truncated, bit-flipped, zeroed, foreign or edited
   files) through ``query``, ``info``, ``verify`` and ``build-index --append``;
 - ``input``: bad arguments through the CLI; ``api``: bad arguments through ``HashIndex``;
-- ``kill``: SIGKILL at a random moment of add / remove / compact, and of build-index followed
+- ``kill``: SIGKILL at a random moment of add / remove / compact (the adds carry attributes,
+  which must come back aligned with their codes, a filtered search equal), and of build-index followed
   by ``--resume``; ``writers``: second writers in this process and in another.
 
 Outcomes: ``detected`` (failed with one clear line, nothing changed), ``harmless`` (damage
@@ -508,14 +509,14 @@ import sys
 import numpy as np
 from hashret.index import HashIndex
 sys.path.insert(0, sys.argv[3])
-from faults import op_sequence
+from faults import op_attributes, op_sequence
 path, seed = sys.argv[1], int(sys.argv[2])
 ix = HashIndex.create(path, 64, chunk_size=96)
 print("ready", flush=True)
 for i, (op, arg) in enumerate(op_sequence(seed)):
     if op == "add":
         codes, ids = arg
-        ix.add(codes, ids=ids, items=[{"id": int(j)} for j in ids])
+        ix.add(codes, ids=ids, items=[{"id": int(j)} for j in ids], attributes=op_attributes(ids))
     elif op == "remove":
         ix.remove(arg)
     else:
@@ -523,6 +524,16 @@ for i, (op, arg) in enumerate(op_sequence(seed)):
     sys.stdout.write(f"committed {i}\n")  # one write: unbuffered, print() writes its parts apart
     sys.stdout.flush()
 """
+
+
+def op_attributes(ids):
+    """The attributes an add of ``ids`` gives (a label set and an integer, from the ids), so a
+    killed writer's index can be checked for them too."""
+    return {"year": np.asarray(ids) % 37 + 2000,
+            "labels": [["odd", "x"] if j % 2 else ["even"] for j in np.asarray(ids).tolist()]}
+
+
+FILTER = {"year": {"lt": 2020}, "labels": {"any": ["odd"]}}
 
 
 def op_sequence(seed: int, n_ops: int = 40):
@@ -556,7 +567,7 @@ def _states(seed: int) -> list:
     states = [_state(ix)]
     for op, arg in op_sequence(seed):
         if op == "add":
-            ix.add(arg[0], ids=arg[1], items=[{"id": int(j)} for j in arg[1]])
+            ix.add(arg[0], ids=arg[1], items=[{"id": int(j)} for j in arg[1]], attributes=op_attributes(arg[1]))
         elif op == "remove":
             ix.remove(arg)
         else:
@@ -566,9 +577,13 @@ def _states(seed: int) -> list:
 
 
 def _state(ix):
+    """Alive ids, codes, payloads, attributes, and a filtered search's answer."""
     alive = ix._alive_rows()
     ids = ix._ids_of_rows(alive)
-    return (ids.tobytes(), ix.packed_codes(alive).tobytes(), json.dumps(ix.items(ids) if len(ids) else []))
+    probe = np.arange(16, dtype=np.uint8).reshape(2, 8)
+    found = ix.search(probe, 5, filter=FILTER)[1].tobytes() if ix.n_rows else b""
+    return (ids.tobytes(), ix.packed_codes(alive).tobytes(), json.dumps(ix.items(ids) if len(ids) else []),
+            json.dumps(ix.attributes(ids) if len(ids) else []), found)
 
 
 def kill_ops_trial(root, seed: int, rng: random.Random) -> dict:

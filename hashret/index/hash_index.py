@@ -149,6 +149,15 @@ class HashIndex:
     >>> dist, found = index.search(codes[:2], k=3)
     >>> dist.shape, found[:, 0].tolist()
     ((2, 3), [0, 1])
+
+    Attributes, given with the first add, let a search keep to the items that match:
+
+    >>> tagged = hashret.HashIndex(64)
+    >>> ids = tagged.add(codes, attributes={"year": np.arange(1000) % 50 + 1980,
+    ...                                     "labels": [["sky"] if i % 3 else ["sea"] for i in range(1000)]})
+    >>> dist, found = tagged.search(codes[:1], k=3, filter={"labels": {"any": ["sea"]}, "year": {"gte": 2000}})
+    >>> [(int(i) % 3, int(i) % 50 + 1980 >= 2000) for i in found[0]]
+    [(0, True), (0, True), (0, True)]
     """
 
     def __init__(self, bits: int, info: dict | None = None):

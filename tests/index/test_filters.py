@@ -364,3 +364,13 @@ def test_filters_kept_zero_keeps_nothing_and_a_bad_value_is_refused(monkeypatch)
     assert len(calls) == 2
     with pytest.raises(HashretError, match="filters_kept must be a non-negative integer"):
         index.filters_kept = -1
+
+
+def test_the_example_in_docs_filters_runs_as_written(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "filters.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, "docs/filters.md", "exec"), {})
+    shown = capsys.readouterr().out
+    assert "'labels': [" in shown and "'year':" in shown
