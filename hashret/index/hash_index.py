@@ -597,6 +597,8 @@ class HashIndex:
     def packed_codes(self, rows=None) -> np.ndarray:
         """Packed codes (N, bits/8) of ``rows`` (all rows when None), a copy."""
         rows = np.arange(self._n) if rows is None else np.asarray(rows)
+        if len(rows) == 0:  # an index with no rows has no segments to take a word type from
+            return np.zeros((0, self.n_bytes), dtype=np.uint8)
         words = self._scan(lambda segs, _d, _i, _c: segs.rows(rows))
         raw = words.view(np.uint8).reshape(len(rows), self.n_words * self.word_dtype.itemsize)
         return np.ascontiguousarray(raw[:, : self.n_bytes])

@@ -432,3 +432,10 @@ def test_a_zeroed_btree_page_is_reported_not_an_abort(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "pages of the 'items' table are damaged" in out.stdout
     assert "compact: the index at" in out.stdout and "does not name itself" in out.stdout
+
+
+def test_an_empty_index_on_disk_gives_an_empty_code_array(tmp_path):
+    # a writer killed between create and its first add leaves such an index (benchmarks/faults.py)
+    HashIndex.create(tmp_path / "ix", 64).close()
+    with HashIndex.open(tmp_path / "ix") as r:
+        assert r.packed_codes().shape == (0, 8) and r.packed_codes([]).shape == (0, 8)

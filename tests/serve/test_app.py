@@ -191,6 +191,16 @@ def test_the_page_searches_in_a_real_browser(built, server):
     expect = s.post("/search", {"text": "w1 w7", "k": 5})[1]["results"][0]
     assert shown == [r["id"] for r in expect], out.stdout[-2000:]
     assert 'data-done="1"' in out.stdout
+    only = {"labels": {"none": ["concept0"]}}  # a filter, given in the page's address
+    from urllib.parse import quote
+
+    out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--virtual-time-budget=15000", "--dump-dom",
+                          f"{s.url}/?text=w1+w7&k=5&filter={quote(json.dumps(only))}"],
+                         capture_output=True, text=True, timeout=120)
+    shown = [int(i) for i in re.findall(r'<li class="result" data-id="(\d+)"', out.stdout)]
+    expect = s.post("/search", {"text": "w1 w7", "k": 5, "filter": only})[1]["results"][0]
+    assert shown == [r["id"] for r in expect] and shown, out.stdout[-2000:]
 
 
 def test_the_cli_and_the_server_search_through_engine_search(built, monkeypatch):
