@@ -158,9 +158,12 @@ def build_index(checkpoint, modality: str, out, dataset: str | None = None, data
         start_state = {"state": "partial", "source": source, "first_row": index.n_rows - done}
         # the dataset's labels, stored as the index's label-set attribute (filters by label);
         # an index written before attributes existed is appended to as it is
-        names = list(ds.label_names or [f"label{j}" for j in range(ds.labels.shape[1])])
-        with_labels = index.n_rows == 0 or bool(index.attribute_columns())
-        labels_of = (lambda b: {"labels": Labels(ds.labels[b], names)}) if with_labels else (lambda b: None)
+        # (scene sets, a matcher's data, have no labels: their indexes store none)
+        labels = getattr(ds, "labels", None)
+        with_labels = labels is not None and (index.n_rows == 0 or bool(index.attribute_columns()))
+        names = list(getattr(ds, "label_names", None) or [f"label{j}" for j in range(labels.shape[1])]) \
+            if with_labels else []
+        labels_of = (lambda b: {"labels": Labels(labels[b], names)}) if with_labels else (lambda b: None)
         bar = tqdm(total=len(rows), initial=done, desc=f"indexing {modality}", unit="item",
                    disable=not progress, leave=False)
         for s in range(done, len(rows), batch_size):
