@@ -66,7 +66,7 @@ def rank_first(segs, q, k, bits, deleted, test, threads):
     row outside the top-k' ranks after every row in it. None where the filter looks too
     selective for this to pay (the caller evaluates it over every row instead)."""
     n = segs.n_rows
-    sample = np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64))
+    sample = np.arange(0, n, max(1, n // SAMPLE_ROWS), dtype=np.int64)  # (np.linspace + unique: 0.3 ms)
     if deleted is not None:
         sample = sample[deleted[sample] == 0]
     share = float(test(sample).mean()) if len(sample) else 0.0
