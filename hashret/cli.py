@@ -11,6 +11,11 @@ import click
 from hashret.errors import HashretError, as_flags
 
 
+# modules of the optional extras (setup.py's extras_require), for the line a missing one gets
+_EXTRAS = {"uvicorn": "serve", "fastapi": "serve", "prometheus_client": "serve", "swagger_ui_bundle": "serve",
+           "starlette": "serve", "pydantic": "serve", "ray": "distributed", "matplotlib": "plots"}
+
+
 def _fail(exc: BaseException) -> int:
     """One line on stderr for any failure, and the exit status: 2 for a problem the user can
     fix (HashretError, an OS error such as a full disk), 130 for an interrupt, 3 for a bug --
@@ -32,6 +37,11 @@ def _fail(exc: BaseException) -> int:
         return 2
     if isinstance(exc, MemoryError):
         click.echo("error: out of memory: use a smaller batch or query", err=True)
+        return 2
+    extra = _EXTRAS.get((getattr(exc, "name", None) or "").split(".")[0]) if isinstance(exc, ImportError) else None
+    if extra is not None:  # an optional part the install left out is not a bug
+        click.echo(f"error: this needs {exc.name}, which hashret's '{extra}' extra installs: "
+                   f'pip install -e ".[{extra}]" (in a checkout) or pip install "hashret[{extra}]"', err=True)
         return 2
     if os.environ.get("HASHRET_DEBUG"):
         raise exc
@@ -73,7 +83,25 @@ def _unlog():
 
 
 class _Group(click.Group):
-    """Turns any failure inside a command into one 'error: ...' line and a non-zero exit."""
+    """Turns any failure inside a command into one 'error: ...' line and a non-zero exit --
+    click's own usage errors too (it writes them 'Error: ...')."""
+
+    def main(self, *args, **kwargs):
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            # without standalone mode click returns an exit code (ctx.exit, as _fail's) instead
+            # of exiting; the commands themselves return None
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                click.echo(f"{exc.ctx.get_usage()}\nTry '{exc.ctx.command_path} --help' for help.", err=True)
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         _log_to()
@@ -142,12 +170,18 @@ def datasets(data_root):
 
 
 @main.command()
-@click.option("--dataset", required=True, help="Name or path (see 'hashret datasets').")
+@click.argument("name", required=False)
+@click.option("--dataset", default=None, help="Name or path (see 'hashret datasets'); or give it as NAME.")
 @data_root_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def describe(dataset, data_root, as_json):
-    """Sizes, modalities, split and source of one dataset (scene data too)."""
+def describe(name, dataset, data_root, as_json):
+    """Sizes, modalities, split and source of one dataset (scene data too): describe NAME."""
     from hashret.data import load_dataset
+    from hashret.errors import check
+
+    check((name is None) != (dataset is None), "give the dataset once: hashret describe NAME "
+          "(or --dataset NAME); 'hashret datasets' lists them")
+    dataset = name or dataset
     from hashret.data.scenes import is_scene_spec, load_scenes
 
     s = (load_scenes(dataset) if is_scene_spec(dataset) else load_dataset(dataset, data_root=data_root)).summary()
@@ -385,7 +419,8 @@ def query(index_dir, checkpoint, server, text, text_file, image_features, item, 
             if r.get("attributes") and r["item"] is None:  # an index of one's own arrays: its attributes
                 item_text = json.dumps(r["attributes"], ensure_ascii=False)
             sc = f"{r['score']:7.4f}  " if score else ""
-            click.echo(f"{r['rank']:>4}  {r['id']:>8}  {r['distance']:>4}  {sc}{item_text[:100]}")
+            shown = item_text if len(item_text) <= 100 else item_text[:99] + "…"  # --json has it whole
+            click.echo(f"{r['rank']:>4}  {r['id']:>8}  {r['distance']:>4}  {sc}{shown}")
     rr = f", re-rank {res['rerank_ms']:.2f} ms" if "rerank_ms" in res else ""
     click.echo(f"encode {res['encode_ms']:.2f} ms, search {res['search_ms']:.2f} ms{rr} "
                f"({res['query_modality']} query)", err=True)

@@ -274,3 +274,49 @@ def test_warmup_readies_the_scan_for_a_code_length(tmp_path):
     res = CliRunner().invoke(main, ["warmup", "--bits", "32"])
     assert res.exit_code == 0 and res.stdout.startswith("32-bit codes: ready in")
     assert CliRunner().invoke(main, ["warmup", "--bits", "x"]).exit_code == 2
+
+
+def test_newcomer_errors_and_conveniences(runs, tmp_path, monkeypatch):
+    """A missing extra names it; click's own errors start 'error:' like every other; describe
+    takes a NAME; --text-file is one query a line; a codes query says so; long payloads are
+    marked where the table cuts them."""
+    root, _ = runs
+    runner = CliRunner()
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_uvicorn(name, *a, **k):
+        if name.split(".")[0] in ("uvicorn", "fastapi"):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_uvicorn)
+    res = runner.invoke(main, ["serve", "--index", str(root / "ix_text")])
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert res.exit_code == 2 and "'serve' extra" in res.output and 'pip install -e ".[serve]"' in res.output
+    res = runner.invoke(main, ["query", "--index", str(root / "ix_text")])  # no query at all
+    assert res.exit_code != 0 and res.output.splitlines()[-1].startswith("error: ")
+    res = runner.invoke(main, ["query", "--bogus"])  # click's usage error, in our words
+    assert res.exit_code == 2 and "error: No such option '--bogus'" in res.output and "Error:" not in res.output
+    res = runner.invoke(main, ["describe", SPEC, "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["items"] == 600
+    assert runner.invoke(main, ["describe", "--dataset", SPEC]).exit_code == 0
+    assert "give the dataset once" in runner.invoke(main, ["describe"]).output
+    queries = tmp_path / "q.txt"
+    queries.write_text("w1 w7\n\nw30 w2\n")
+    res = runner.invoke(main, ["query", "--index", str(root / "ix_image"), "--checkpoint", str(root / "a"),
+                               "--text-file", str(queries), "-k", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert sorted({r["query"] for r in got}) == [0, 1]  # two lines, two queries
+    one = query_index(root / "ix_image", root / "a", text="w30 w2", k=3)["results"][0]
+    assert [r["id"] for r in got if r["query"] == 1] == [r["id"] for r in one]
+    with HashIndex.open(root / "ix_text") as ix:
+        code = ix.packed_codes([0])[0].tobytes().hex()
+    assert query_index(root / "ix_text", codes=[code], k=2)["query_modality"] == "codes"
+    with HashIndex.create(tmp_path / "long", 32) as w:
+        w.add(np.zeros((1, 4), np.uint8), items=[{"caption": "x" * 300}])
+    res = runner.invoke(main, ["query", "--index", str(tmp_path / "long"), "--codes", "00000000"])
+    line = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("1 ")][0]
+    assert line.endswith("…") and len(line) < 140

@@ -262,7 +262,8 @@ class Engine:
         check(sum(given) == 1, "give exactly one query: text, image features, an item or codes")
         qmod = self.query_modality
         if codes is not None:
-            return {"codes": self.parse_codes(codes), "feats": None, "known_words": None, "unknown_words": None}
+            return {"codes": self.parse_codes(codes), "feats": None, "known_words": None, "unknown_words": None,
+                    "kind": "codes"}
         if text is not None:
             check(qmod == "text", "the index holds text codes, so queries are images: use image "
                   "features or an item, or build an image index for text queries")
@@ -398,7 +399,8 @@ class Engine:
 
     def finish(self, q, dist, ids, k, rerank, encode_s, search_s) -> dict:
         """Re-rank (if asked) and attach payloads to a query's scan."""
-        out = {"query_modality": self.query_modality, "known_words": q["known_words"],
+        # what the query was: a text or an image (an item is seen as one), or codes
+        out = {"query_modality": q.get("kind", self.query_modality), "known_words": q["known_words"],
                "unknown_words": q["unknown_words"], "warnings": self.warnings()}
         if "query_item" in q:
             out["query_item"] = q["query_item"]
@@ -465,7 +467,8 @@ def finish(steps, scanned) -> dict:
 def query_index(index, checkpoint=None, text: str | None = None, text_file=None, image_features=None,
                 item=None, k: int = 10, dataset: str | None = None, data_root=None,
                 rerank=None, candidates: int | None = None, codes=None, ray=None, filter=None) -> dict:
-    """Search ``index`` (a folder) for one query: free ``text`` (or a ``text_file``) through the
+    """Search ``index`` (a folder) for one query: free ``text`` (or a ``text_file``, one query a
+    line) through the
     dataset's vocabulary, ``image_features`` (.npy path or array; region sets N x n_o x d for
     a matcher's index), or the dataset ``item`` (row number or key) seen through the other
     modality. The query is encoded with the checkpoint for the modality opposite the index's.
@@ -488,14 +491,21 @@ def query_index(index, checkpoint=None, text: str | None = None, text_file=None,
         candidates = positive_int(candidates, "--candidates")
         check(candidates >= k, f"--candidates must be an integer >= k ({k}), got {candidates}")
     if text_file is not None:
-        path = Path(text_file)
-        check(path.is_file(), f"text file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = read_queries(text_file)
     with Engine.open(index, checkpoint, rerank=rerank, dataset=dataset, data_root=data_root, ray=ray) as eng:
         if eng.model_problem is not None and (checkpoint is not None or codes is None):
             raise ConflictError(eng.model_problem)
         return eng.search(text=text, image_features=image_features, item=item, codes=codes, k=k,
                           rerank=rerank is not None, candidates=candidates, filter=filter)
+
+
+def read_queries(text_file) -> list:
+    """The text queries of a file, one a line (blank lines skipped)."""
+    path = Path(text_file)
+    check(path.is_file(), f"text file {path} does not exist")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    check(lines, f"text file {path} holds no query: write one query a line")
+    return lines
 
 
 def _load_reranker(rerank, meta):

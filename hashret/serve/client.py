@@ -24,9 +24,9 @@ def query_server(url: str, index=None, text=None, text_file=None, image_features
     check(sum(given) == 1, "give exactly one query: --text, --text-file, --image-features, --item or --codes")
     body: dict = {"k": k}
     if text_file is not None:
-        path = Path(text_file)
-        check(path.is_file(), f"text file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        from hashret.engine.core import read_queries
+
+        text = read_queries(text_file)
     if text is not None:
         body["text"] = text
     elif image_features is not None:
@@ -47,6 +47,8 @@ def query_server(url: str, index=None, text=None, text_file=None, image_features
     headers = {"content-type": "application/json"}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
+    if "://" not in url:  # a bare host:port, as --host/--port were given to 'hashret serve'
+        url = "http://" + url
     req = urllib.request.Request(url.rstrip("/") + "/search", data=json.dumps(body).encode(),
                                  headers=headers, method="POST")
     try:

@@ -261,6 +261,9 @@ def test_filtered_search_through_the_cli_the_server_and_the_batcher_equals_the_i
     for f, want in zip(filters, expect):
         status, out = s.post("/search", {"codes": [code], "k": 7, "filter": f})
         assert status == 200 and [r["id"] for r in out["results"][0]] == [i for i in want if i >= 0]
+    bare = s.url.removeprefix("http://")  # --server as host:port, the way serve was given it
+    got = cli_json("--server", bare, "--codes", code, "-k", 7, "--filter", json.dumps(filters[0]))
+    assert [r["id"] for r in got] == [i for i in expect[0] if i >= 0]
     # requests with different filters waiting together: one scan per filter, each its own answer
     with Engine.open(ix) as eng:
         batcher = MicroBatcher(eng, window_s=0.2)
