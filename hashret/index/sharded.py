@@ -309,6 +309,7 @@ class ShardedIndex:
         self._builds = [st["build"] for st in states]
         self._mode = "explicit" if any(st["mode"] == "explicit" for st in states) else "rows"
         self._payloads = any(st["payloads"] for st in states)
+        self._columns = None  # shard 0's attribute columns, asked again after a change
         self._batch = batch
         if not any(b is not None and b.get("state") == "partial" for b in self._builds):
             problem = split_problem(self.path, self._counts, batch)
@@ -422,12 +423,13 @@ class ShardedIndex:
         self._visible = list(self._counts)
         self._mode = "explicit" if ids is not None else "rows"
         self._payloads = self._payloads or (items is not None and any(it is not None for it in items))
+        self._columns = None
         return ids if ids is not None else np.arange(total, total + n, dtype=np.int64)
 
     def _check_attributes(self, columns, n):
         """Refuse, before the journal records anything, attributes a shard would refuse: a
         batch in the journal that no shard can take could never be completed."""
-        schema = self.shards[0].result(self.shards[0].submit("attribute_columns"))
+        schema = self.attribute_columns()
         if not schema:
             check(columns is None or sum(self._rows()) == 0,
                   f"this index has {sum(self._rows())} rows without attributes: attribute columns are "
@@ -439,8 +441,11 @@ class ShardedIndex:
 
     def attribute_columns(self) -> list:
         """The attribute columns (as ``HashIndex.attribute_columns``; shard 0's, whose
-        categories are those its items hold)."""
-        return self.shards[0].result(self.shards[0].submit("attribute_columns"))
+        categories are those its items hold), asked of shard 0 once per change of the index
+        (every search checks its filter against them: on Ray, a round trip saved)."""
+        if self._columns is None:
+            self._columns = self.shards[0].result(self.shards[0].submit("attribute_columns"))
+        return [dict(c) for c in self._columns]
 
     def check_filter(self, filter):
         """Raise HashretError (one line) where ``filter`` cannot be applied to this index."""
