@@ -24,12 +24,17 @@ against the latest outputs of every training item (``likelihood="all"``, the def
 keeps its F and G the same way); ``likelihood="batch"`` is the in-batch form of GCH's public
 code.
 
+The paper's fusion (seed 004) made every beacon of a batch nearly alike here: GCH fuses with
+batch-centred cosines and a residual (``fusion="centred"``, see ``semantic_fusion``).
+``gch-paper`` is GCH with the paper's value of each of these switches (its fusion, Gamma(H^b,
+H^b)); what it still shares with GCH is stated on the class.
+
 Training alternates per epoch: teacher; students towards the teacher's sign codes; GCN;
 students towards the beacons (and still the teacher). Ablations: ``gch-no-gcn`` (no beacon
 phases; its second student pass goes towards the teacher, so it gets as many student updates
 as GCH) and ``gch-no-teacher`` (students trained on labels directly: the likelihood between
 the two students' codes, as in DCMH, and no teacher; its GCN scores beacons against beacons,
-there being no teacher's codes). A loss that turns non-finite stops
+there being no teacher's codes -- its config says so, ``gcn_reference="beacons"``). A loss that turns non-finite stops
 training with the net and the learning rate to lower.
 
 Settings and the epoch count are chosen on a validation part carved from the training rows
@@ -63,16 +68,26 @@ def normalized_adjacency(labels: torch.Tensor, graph: str = "dot") -> torch.Tens
     return d[:, None] * a * d[None, :]
 
 
-def semantic_fusion(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
-    """Each modality's batch features re-weighted by the other's, then averaged:
-    W = norm(fx fy^T), f^x_sa = fx + W fy, f^y_sa = fy + W^T fx, f_r = (f^x_sa + f^y_sa) / 2.
+FUSIONS = ("centred", "paper")
 
-    Two departures from the literal formula, both because it collapsed here: the affinity
-    is the cosine of batch-centred features (the students' ReLU features are all positive,
-    so raw products made every item look alike), normalised by its largest magnitude as
-    the public code does; and the re-weighted features are added to each item's own (a
+
+def semantic_fusion(fx: torch.Tensor, fy: torch.Tensor, form: str = "centred") -> torch.Tensor:
+    """Each modality's batch features re-weighted by the other's, then averaged.
+
+    ``form="paper"``, the paper's (seed 004) as the public code normalises it: W = fx fy^T /
+    max |fx fy^T|, f_r = (W^T fx + W fy) / 2.
+
+    ``form="centred"``, hashret's (GCH's default), two departures, both because the paper's
+    collapsed here: the affinity is the cosine of batch-centred features (the students' ReLU
+    features are all positive, so raw products made every item look alike), normalised by
+    its largest magnitude; and the re-weighted features are added to each item's own (a
     residual), since W^T fx alone averages the whole batch into nearly one vector and the
-    GCN then gave every item the same beacon."""
+    GCN then gave every item the same beacon: f_r = ((fx + W fy) + (fy + W^T fx)) / 2."""
+    check(form in FUSIONS, f"unknown fusion {form!r}: use centred (hashret's) or paper")
+    if form == "paper":
+        w = fx @ fy.T
+        w = w / w.abs().max().clamp_min(1e-12)
+        return 0.5 * (w.T @ fx + w @ fy)
     cx = nnf.normalize(fx - fx.mean(dim=0, keepdim=True), dim=1)
     cy = nnf.normalize(fy - fy.mean(dim=0, keepdim=True), dim=1)
     w = cx @ cy.T
@@ -167,6 +182,10 @@ class GCH(TorchHashModel):
         # the epoch count the cosine decays over (None: epochs); a refit that stops at the
         # epoch validation chose keeps the candidate's horizon, so it follows the same rates
         "lr_horizon": None,
+        # how the GCN's input fuses the two students' features: "centred" (hashret's: centred
+        # cosine affinity plus a residual; the paper's form gave every item of a batch nearly
+        # the same beacon here, see semantic_fusion) or "paper"
+        "fusion": "centred",
     }
 
     def _build(self):
@@ -197,6 +216,10 @@ class GCH(TorchHashModel):
               f"unknown beacon_pass_teacher {cfg['beacon_pass_teacher']!r}: use teacher (the paper's) or none")
         check(cfg["gcn_reference"] in ("beacons", "teacher"),
               f"unknown gcn_reference {cfg['gcn_reference']!r}: use beacons (the paper's) or teacher")
+        check(cfg["fusion"] in FUSIONS, f"unknown fusion {cfg['fusion']!r}: use centred (hashret's) or paper")
+        check(cfg["use_teacher"] or not cfg["use_gcn"] or cfg["gcn_reference"] == "beacons",
+              "without a teacher there are no teacher codes to score the beacons against: "
+              "use gcn_reference='beacons' (the paper's)")
         check(cfg["likelihood"] in ("all", "batch"),
               f"unknown likelihood {cfg['likelihood']!r}: use all (every training pair, the paper's) or batch")
         self._build()
@@ -348,7 +371,8 @@ class GCH(TorchHashModel):
             fx, _, _ = nets["image"](x["image"][idx])
             fy, _, _ = nets["text"](x["text"][idx])
         with torch.set_grad_enabled(grad):
-            return nets["gcn"](semantic_fusion(fx, fy), normalized_adjacency(lab[idx], self.config["graph"]))
+            fused = semantic_fusion(fx, fy, self.config["fusion"])
+            return nets["gcn"](fused, normalized_adjacency(lab[idx], self.config["graph"]))
 
     def _teacher_codes(self, lab):
         """The teacher's sign codes of every training item (fixed while others learn)."""
@@ -426,7 +450,26 @@ class GCHNoGCN(GCH):
 @register
 class GCHNoTeacher(GCH):
     """Ablation: no label encoder; the students learn from labels directly (their likelihood
-    is taken against each other's codes)."""
+    is taken against each other's codes). Everything else is GCH's, but for what cannot stay:
+    GCH scores its beacons against the teacher's codes, and without a teacher they are scored
+    against each other, Gamma(H^b, H^b) -- the paper's form, stated here, not implied."""
 
     name = "gch-no-teacher"
-    defaults = {**GCH.defaults, "use_teacher": False}
+    defaults = {**GCH.defaults, "use_teacher": False, "gcn_reference": "beacons"}
+
+
+@register
+class GCHPaper(GCH):
+    """GCH as the paper writes it: its fusion (``fusion="paper"``), the GCN's likelihood over
+    beacons, Gamma(H^b, H^b) (``gcn_reference="beacons"``), the likelihood over all n
+    training pairs (``likelihood="all"``), the beacon pass with its teacher term, the label
+    dot-product graph, one beacon weight for both students. What stays hashret's, stated:
+    each loss term is a mean per element (pair, bit, label) where the paper sums (the weights
+    then mean the same at any batch size, code length and label count; the paper gives no
+    values for them), and the optimiser settings (Adam, the cosine schedule), which the paper
+    leaves open."""
+
+    name = "gch-paper"
+    defaults = {**GCH.defaults, "fusion": "paper", "gcn_reference": "beacons", "likelihood": "all",
+                "beacon_pass_teacher": "teacher", "beacon_warmup": 0, "graph": "dot",
+                "beta_beacon_image": None}

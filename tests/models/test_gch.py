@@ -255,6 +255,8 @@ def test_each_student_is_pulled_towards_the_beacons_with_its_own_weight(data, mo
     def spy(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0):
         if beacons is not None:
             seen.append(beta)
+            # the students are pulled towards the beacons' sign codes, not the GCN's tanh outputs
+            assert set(torch.unique(beacons).tolist()) <= {-1.0, 1.0}
         return real(h, ref, s, pred, labels, alpha, gamma, beacons, beta)
 
     monkeypatch.setattr(gch, "gch_loss", spy)
@@ -422,7 +424,12 @@ def test_beacon_codes_are_the_gcn_over_each_batchs_label_graph(data):
         a = torch.from_numpy(lab) @ torch.from_numpy(lab).T + torch.eye(len(tr))
         d = torch.diag(a.sum(1) ** -0.5)
         adj = d @ a @ d
-        f = semantic_fusion(fx, fy)
+        # hashret's fusion, written out here (not the model's own function): centred cosine
+        # affinity over the batch, normalised by its largest magnitude, plus a residual
+        cx, cy = fx - fx.mean(0), fy - fy.mean(0)
+        w = (cx / cx.norm(dim=1, keepdim=True)) @ (cy / cy.norm(dim=1, keepdim=True)).T
+        w = w / w.abs().max()
+        f = ((fx + w @ fy) + (fy + w.T @ fx)) / 2
         g = m.nets["gcn"]
         want = torch.tanh(adj @ g.w2(torch.relu(adj @ g.w1(f))))
     np.testing.assert_array_equal(got, np.where(want.numpy() >= 0, 1, -1))
@@ -433,3 +440,45 @@ def test_beacon_codes_are_the_gcn_over_each_batchs_label_graph(data):
     assert (b0 != m.beacon_codes(img, txt, lab, seed=1)).any()
     with pytest.raises(HashretError, match="no GCN"):
         _fit("gch-no-gcn", data, epochs=1).beacon_codes(img, txt, lab)
+
+
+def test_the_papers_fusion_against_the_seeds_equations():
+    # seed 004: W~ = norm(f^x f^y^T) (the public code: divided by its largest magnitude),
+    # f_r = (f^x_sa + f^y_sa) / 2 with each modality re-weighted through W~ -- written as loops
+    g = torch.Generator().manual_seed(3)
+    fx, fy = torch.rand(6, 4, generator=g, dtype=torch.float64), torch.rand(6, 4, generator=g, dtype=torch.float64)
+    w = [[float(fx[i] @ fy[j]) for j in range(6)] for i in range(6)]
+    top = max(abs(v) for row in w for v in row)
+    for i in range(6):
+        fx_sa = sum(w[j][i] / top * fx[j] for j in range(6))   # W~^T f^x
+        fy_sa = sum(w[i][j] / top * fy[j] for j in range(6))   # W~ f^y
+        assert torch.allclose(semantic_fusion(fx, fy, "paper")[i], (fx_sa + fy_sa) / 2, atol=1e-12)
+    with pytest.raises(HashretError, match="unknown fusion"):
+        semantic_fusion(fx, fy, "mean")
+
+
+def test_gch_paper_is_the_papers_form_and_gch_states_each_deviation(data):
+    paper = build_model("gch-paper-16", image_dim=5, text_dim=7, n_labels=3).config
+    pinned = {"fusion": "paper", "gcn_reference": "beacons", "likelihood": "all", "beacon_pass_teacher": "teacher",
+              "beacon_warmup": 0, "graph": "dot", "beta_beacon_image": None, "use_teacher": True, "use_gcn": True}
+    assert {k: paper[k] for k in pinned} == pinned
+    gch = build_model("gch-16", image_dim=5, text_dim=7, n_labels=3).config
+    differ = {k for k in gch if gch[k] != paper[k]} - {"model"}
+    assert differ == {"fusion", "gcn_reference"}  # hashret's two deviations, each a named switch
+    no_teacher = build_model("gch-no-teacher-16", image_dim=5, text_dim=7, n_labels=3).config
+    assert {k for k in gch if gch[k] != no_teacher[k]} - {"model"} == {"use_teacher", "gcn_reference"}
+    with pytest.raises(HashretError, match="no teacher codes to score the beacons against"):
+        _fit("gch-no-teacher", data, epochs=1, gcn_reference="teacher")
+    m = _fit("gch-paper", data, epochs=6)  # trains, and learns
+    assert min(_maps(m, data)) > 0.3
+
+
+def test_the_fusion_switch_reaches_the_gcn(data, monkeypatch):
+    import hashret.models.gch as gch
+
+    forms = []
+    real = gch.semantic_fusion
+    monkeypatch.setattr(gch, "semantic_fusion", lambda fx, fy, form="centred": forms.append(form) or real(fx, fy, form))
+    _fit("gch", data, epochs=1)
+    _fit("gch-paper", data, epochs=1)
+    assert set(forms) == {"centred", "paper"} and forms[0] == "centred" and forms[-1] == "paper"
