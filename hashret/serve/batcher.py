@@ -82,7 +82,8 @@ class MicroBatcher:
         self.observe(n)
         groups: dict = {}
         for b in batch:
-            groups.setdefault(key(b[2]) if b[2] is not None else None, []).append(b)
+            f = b[2]  # an expression groups by its text; a row array only with itself
+            groups.setdefault(None if f is None else key(f) if key(f) is not None else id(f), []).append(b)
         for group in groups.values():
             self._scan_one(group)
 
