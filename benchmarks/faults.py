@@ -280,7 +280,8 @@ def _one_line_error(stderr: str) -> bool:
         return False
     if lines[0].startswith("corrupt:"):  # verify's report: a header, the problems, the fix
         return lines[-1].startswith("restore the folder")
-    if lines[-1].startswith("Error:"):  # click's own usage errors
+    if (len(lines) == 3 and lines[0].startswith("Usage:") and lines[1].startswith("Try '")
+            and lines[2].startswith("error:")):  # a usage error: the usage, where help is, one error line
         return True
     return len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in stderr
 
