@@ -70,6 +70,7 @@ def uncompiled(monkeypatch):
     monkeypatch.setattr(kernels, "_ready", lambda disp, args: False)
     monkeypatch.setattr(kernels, "_compile_behind", started.append)
     monkeypatch.setattr(kernels, "_said_behind", set())
+    monkeypatch.setattr(kernels, "_known_ready", set())
     return started
 
 
