@@ -165,7 +165,8 @@ def _encode_column(col, values, n):
     if kind == "labels":
         if isinstance(values, Labels):
             pos = {v: i for i, v in enumerate(values.names)}
-            unknown = [v for v in values.names if v not in set(col["names"])]
+            known = set(col["names"])
+            unknown = [v for v in values.names if v not in known]
             if unknown:
                 raise HashretError(f"attribute {name!r}: unknown label {unknown[0]!r}; its labels are "
                                    "fixed by the first add")

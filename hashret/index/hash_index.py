@@ -519,10 +519,8 @@ class HashIndex:
     def attributes(self, ids) -> list:
         """Each item's attributes as JSON values ({} where the index stores none)."""
         rows = self.rows_of(ids)
-        values = self._scan(lambda _s, _d, _i, columns: columns.rows(rows))
-        schema = self._rows.schema
-        return [{c["name"]: value_of(c, _stored(c, values[j][i])) for j, c in enumerate(schema)}
-                for i in range(len(rows))]
+        cols = self._scan(lambda _s, _d, _i, columns: [columns.values_at(c["name"], rows) for c in columns.schema])
+        return [{c["name"]: value_of(c, values[i]) for c, values in cols} for i in range(len(rows))]
 
     # -- ids, items, removal -------------------------------------------------------------
     def _ids_of_rows(self, rows):
@@ -644,13 +642,6 @@ class HashIndex:
 
 
 FILTERS_KEPT = 8  # filter expressions whose selected rows a HashIndex keeps (a server's repeated filters)
-
-
-def _stored(col, raw):
-    from hashret.index.attributes import view
-
-    v = view(col, raw.reshape(-1))
-    return v[0] if col["kind"] != "labels" else raw
 
 
 def json_items(items, n: int) -> list:

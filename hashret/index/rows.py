@@ -33,32 +33,24 @@ class Columns:
     def values_at(self, name: str, rows) -> tuple:
         """(column record, the column's values at ``rows``), a copy."""
         j = self._by_name[name]
-        col = self.schema[j]
-        rows = np.asarray(rows, dtype=np.int64)
-        w = row_bytes(col)
-        got = np.empty((len(rows), w), dtype=np.uint8)
-        c = rows // self._rows
-        if len(self._chunked[j]) == 1:
-            got[:] = self._chunked[j][0].reshape(-1, w)[rows]
-        else:
-            for chunk in np.unique(c).tolist():
-                at = c == chunk
-                got[at] = self._chunked[j][chunk].reshape(-1, w)[rows[at] - chunk * self._rows]
-        return col, view(col, got.reshape(-1))
+        return self.schema[j], view(self.schema[j], self._raw_at(j, np.asarray(rows, dtype=np.int64)).reshape(-1))
 
     def rows(self, rows) -> list:
         """Each column's raw (len(rows), bytes) values of ``rows`` (a copy), schema order."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = []
-        for j, col in enumerate(self.schema):
-            w = row_bytes(col)
-            got = np.empty((len(rows), w), dtype=np.uint8)
-            c = rows // self._rows
-            for chunk in np.unique(c).tolist():
-                at = c == chunk
-                got[at] = self._chunked[j][chunk].reshape(-1, w)[rows[at] - chunk * self._rows]
-            out.append(got)
-        return out
+        return [self._raw_at(j, rows) for j in range(len(self.schema))]
+
+    def _raw_at(self, j: int, rows: np.ndarray) -> np.ndarray:
+        w = row_bytes(self.schema[j])
+        chunks = self._chunked[j]
+        if len(chunks) == 1:
+            return chunks[0].reshape(-1, w)[rows]
+        got = np.empty((len(rows), w), dtype=np.uint8)
+        c = rows // self._rows
+        for chunk in np.unique(c).tolist():
+            at = c == chunk
+            got[at] = chunks[chunk].reshape(-1, w)[rows[at] - chunk * self._rows]
+        return got
 
 
 def word_layout(n_bytes: int):
@@ -260,9 +252,7 @@ class Stored:
     def schema(self) -> list:
         return self.snap.schema
 
-    @property
-    def state(self):
-        return self.snap.generation
+    state = generation  # what kept filter selections key on: every commit moves it
 
     def write_tombstones(self, tomb):
         self.store.write_tombstones(tomb)

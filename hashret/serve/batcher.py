@@ -82,8 +82,8 @@ class MicroBatcher:
         self.observe(n)
         groups: dict = {}
         for b in batch:
-            f = b[2]  # an expression groups by its text; a row array only with itself
-            groups.setdefault(None if f is None else key(f) if key(f) is not None else id(f), []).append(b)
+            text = None if b[2] is None else key(b[2])  # an expression groups by its text,
+            groups.setdefault(text if text is not None or b[2] is None else id(b[2]), []).append(b)  # a row array alone
         for group in groups.values():
             self._scan_one(group)
 
