@@ -62,11 +62,14 @@ class MicroBatcher:
             # nearly as much as a full one. A lone client's batches hold one query: no wait.
             want = min(self.max_batch, max(1, last_n))
             wait = self.window_s if want <= 1 else max(self.window_s, min(0.5 * last_scan, 0.05))
-            deadline = time.monotonic() + wait
+            start = time.monotonic()
+            deadline = start + wait
             while n < self.max_batch:
                 try:
-                    left = deadline - time.monotonic()
-                    item = self._q.get_nowait() if n >= want or left <= 0 else self._q.get(timeout=left)
+                    # short of ``want``: wait until the deadline; with enough, still the window
+                    # the server was given (--batch-window-ms), for those arriving within it
+                    left = (deadline if n < want else start + self.window_s) - time.monotonic()
+                    item = self._q.get_nowait() if left <= 0 else self._q.get(timeout=left)
                 except queue.Empty:
                     break
                 if item is None:

@@ -278,3 +278,22 @@ def test_filtered_search_through_the_cli_the_server_and_the_batcher_equals_the_i
     bad = CliRunner().invoke(main, ["query", "--index", str(ix), "--codes", code, "--filter",
                                     '{"labels": {"any": ["dragon"]}}'])
     assert bad.exit_code != 0 and "error: filter.labels.any: unknown label 'dragon'" in bad.output
+
+
+def test_a_batch_window_waits_for_requests_that_trickle_in(built):
+    # --batch-window-ms: requests arriving within the window share one scan, even when the
+    # first finds nothing else waiting (the batcher once took only what was already queued)
+    from hashret.serve import MicroBatcher
+
+    sizes = []
+    with Engine.open(built / "ix_text") as eng:
+        eng.scan(np.zeros((1, 4), np.uint8), 1)
+        b = MicroBatcher(eng, window_s=0.5, observe=sizes.append)
+        futs = []
+        for _ in range(6):
+            futs.append(b.submit(np.zeros((1, 4), np.uint8), 3))
+            time.sleep(0.02)
+        for f in futs:
+            f.result(timeout=30)
+        b.close()
+    assert sizes == [6]
