@@ -212,16 +212,19 @@ def describe(name, dataset, data_root, as_json):
               help="Train the chosen setting again on every training row, validation included, before scoring.")
 @click.option("--validation-only", is_flag=True,
               help="Stop after the choice on validation: report validation mAP, never score the test queries.")
+@click.option("--workers", default=None, type=int,
+              help="Processes training candidates side by side, one thread each [default: one per CPU; "
+                   "1 = in this process with torch's threads].")
 @data_root_option
 def benchmark(dataset, methods, bits, seeds, out, topk, radius, split, reuse, settings, validation, tune,
-              refit, validation_only, data_root):
+              refit, validation_only, workers, data_root):
     """mAP table of every method (the same as python benchmarks/mAP.py)."""
     from hashret.experiments.benchmark import run_benchmark
 
     run_benchmark(dataset=dataset, methods=methods, bits=bits, seeds=seeds, out=out, topk=topk,
                   radius=radius, split=split, reuse=reuse, settings=parse_options(settings),
                   validation=validation, tune=tune, refit=refit, data_root=data_root,
-                  test=not validation_only)
+                  test=not validation_only, workers=workers)
 
 
 def parse_options(pairs) -> dict:

@@ -124,24 +124,183 @@ def tuning_grid(method: str, fixed: dict) -> list:
     return [dict(c) for c in dict.fromkeys(tuple(sorted(c.items())) for c in grid)] or [{}]
 
 
-def _fit_or_load(method, ds, bits, seed, config, data, run_dir, reuse, fingerprint, validation=None):
-    """``method`` built with ``config`` and fitted on ``data`` (image, text, labels) -- or,
-    with ``reuse``, loaded from ``run_dir`` when its saved config matches. Without validation
-    rows a model trained by epochs runs exactly ``config``'s epoch count (the refit).
-    Returns (model, whether it was trained now)."""
-    model = build_for_dataset(method, ds, bits, seed=seed, **config)
-    if reuse and _job_matches(run_dir, model.config, fingerprint):
-        return load_checkpoint(run_dir), False
-    model.fit(*data, validation=validation)
-    save_checkpoint(run_dir, model, dataset=ds,
-                    extra={"selection": model.selection, "trained_on": int(len(data[2]))})
-    return model, True
+class _Trainer:
+    """Trains one model of the benchmark -- a grid candidate on the training rows (validation
+    choosing its epoch) or the refit on every training row -- and saves it to its folder. The
+    same object runs in this process or in each worker, so both train alike."""
+
+    def __init__(self, ds, train_data, refit_data, validation, fingerprint, reuse):
+        self.ds, self.data = ds, {"train": train_data, "refit": refit_data}
+        self.validation, self.fingerprint, self.reuse = validation, fingerprint, reuse
+
+    def fit(self, method, bits, seed, config, part, run_dir) -> dict:
+        """``method`` built with ``config`` and fitted on ``part`` -- or, with ``reuse``,
+        loaded from ``run_dir`` when its saved config matches. Without validation rows (the
+        refit) a model trained by epochs runs exactly ``config``'s epoch count. Returns what
+        the choice needs: the validation scores, the config that trains it again to where
+        validation stopped it, the seconds, whether it was trained now."""
+        t0 = time.perf_counter()
+        model = build_for_dataset(method, self.ds, bits, seed=seed, **config)
+        trained = not (self.reuse and _job_matches(run_dir, model.config, self.fingerprint))
+        if trained:
+            data = self.data[part]
+            model.fit(*data, validation=self.validation if part == "train" else None)
+            save_checkpoint(run_dir, model, dataset=self.ds,
+                            extra={"selection": model.selection, "trained_on": int(len(data[2]))})
+        else:
+            model = load_checkpoint(run_dir)
+        return {"selection": model.selection, "stopped": model.stopped_config(),
+                "seconds": time.perf_counter() - t0, "trained": trained}
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(split, dataset, data_root, validation, fingerprint, reuse):
+    """A worker's copy of the data: the dataset loaded with the run's saved split, checked to
+    be the parent's, and one torch (and numba) thread."""
+    torch.set_num_threads(1)
+    try:
+        import numba
+
+        numba.set_num_threads(1)
+    except (ImportError, ValueError):
+        pass
+    ds = load_dataset(dataset, data_root=data_root, split=split, seed=0)
+    val = ds.hold_out_validation(validation)
+    check(ds.fingerprint() == fingerprint, "a benchmark worker loaded different data than the run: "
+          "was the dataset changed while it ran? run it again")
+
+    def rows(r):
+        return ds.features("image", r), ds.features("text", r), ds.labels[r]
+
+    _WORKER["trainer"] = _Trainer(ds, rows(ds.part("train")), rows(ds.refit_rows()) if val is not None
+                                  else None, val, fingerprint, reuse)
+
+
+def _worker_fit(*task):
+    return _WORKER["trainer"].fit(*task)
+
+
+class _InProcess:
+    """The executor of a one-worker run: each task runs at submit, in this process."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def submit(self, *task):
+        from concurrent.futures import Future
+
+        fut = Future()
+        try:
+            fut.set_result(self.trainer.fit(*task))
+        except BaseException as exc:  # noqa: BLE001 -- re-raised by result(), as a pool would
+            fut.set_exception(exc)
+        return fut
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Pool:
+    def __init__(self, workers, *init):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: a forked child inherits torch's and OpenMP's thread pools mid-state
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_worker_init, initargs=init)
+
+    def submit(self, *task):
+        return self.pool.submit(_worker_fit, *task)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        return False
+
+
+def _executor(workers, trainer, split, dataset, data_root, validation):
+    if workers == 1:
+        return _InProcess(trainer)
+    return _Pool(workers, str(split), dataset, data_root, validation, trainer.fingerprint, trainer.reuse)
+
+
+def _worker_count(workers, tasks) -> int:
+    """``workers`` or, when None, one per CPU this process may use -- never more than tasks."""
+    import os
+
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    check(int(workers) >= 1, f"--workers must be >= 1, got {workers}")
+    return max(1, min(int(workers), tasks))
+
+
+def _trained_jobs(jobs, grids, per_method, pool, workers, out, refit, has_val):
+    """Train every job's grid (and refit) on ``workers`` processes, yielding each job in
+    order once its final model is saved: (seed, method, bits, index of the chosen candidate,
+    every candidate's result, the final model's folder, training seconds, trained now).
+    A finished grid's refit goes ahead of the next grids' candidates, so results come early."""
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    state = []
+    for seed, method, b in jobs:
+        final = out / "models" / f"{method}-{b}-seed{seed}"
+        # a candidate never shares the refit model's folder, even when it is the only one
+        lone = len(grids[method]) == 1 and not refit
+        dirs = [final if lone else final.with_name(f"{final.name}-c{c}") for c in range(len(grids[method]))]
+        state.append({"dirs": dirs, "final": final, "tried": [None] * len(dirs), "chosen": None,
+                      "done": False, "seconds": 0.0, "trained": False})
+    todo = deque((j, c) for j in range(len(jobs)) for c in range(len(state[j]["dirs"])))
+    refits, running, next_out = deque(), {}, 0
+    while next_out < len(jobs):
+        while len(running) < workers and (refits or todo):
+            j, c = refits.popleft() if refits else todo.popleft()
+            seed, method, b = jobs[j]
+            st = state[j]
+            if c is None:
+                cfg, part, run_dir = {**per_method[method], **st["chosen_config"]}, "refit", st["final"]
+            else:
+                cfg, part, run_dir = {**per_method[method], **grids[method][c]}, "train", st["dirs"][c]
+            running[pool.submit(method, b, seed, cfg, part, run_dir)] = (j, c)
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for fut in done:
+            j, c = running.pop(fut)
+            res, st = fut.result(), state[j]
+            st["seconds"] += res["seconds"]
+            st["trained"] = st["trained"] or res["trained"]
+            if c is None:
+                st["done"] = True
+                continue
+            st["tried"][c] = res
+            if any(t is None for t in st["tried"]):
+                continue
+            # the choice is made on validation mAP alone (I->T and T->I averaged)
+            st["chosen"] = max(range(len(st["tried"])), key=lambda i: st["tried"][i]["selection"]
+                               .get("map_val", {}).get("mean", 0.0)) if has_val else 0
+            if refit:
+                st["chosen_config"] = {**grids[jobs[j][1]][st["chosen"]], **st["tried"][st["chosen"]]["stopped"]}
+                refits.append((j, None))
+            else:
+                st["done"] = True
+                st["final"] = st["dirs"][st["chosen"]]
+        while next_out < len(jobs) and state[next_out]["done"]:
+            st = state[next_out]
+            yield (*jobs[next_out], st["chosen"], st["tried"], st["final"], st["seconds"], st["trained"])
+            next_out += 1
 
 
 def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), seeds=(0,),
                   out="results/mAP", topk=(100, 1000), radius: int = 2, n_max: int = 1000,
                   data_root=None, split=None, reuse: bool = False, settings=None,
-                  validation: float = 0.1, tune: bool = True, refit: bool = True, progress: bool = True, test: bool = True) -> list:
+                  validation: float = 0.1, tune: bool = True, refit: bool = True, progress: bool = True,
+                  test: bool = True, workers: int | None = None) -> list:
     """Run every (method, bits, seed) on ``dataset`` and write the results to ``out``.
 
     ``validation``: the share of the training part held out (seeded, saved in ``split.npz``;
@@ -155,6 +314,12 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     ``test=False`` stops after the choice: nothing is refit, the test queries are never
     encoded, and the tables hold validation mAP only -- for trying settings (``settings``)
     without spending the test queries on them.
+
+    ``workers`` processes (default: one per CPU) train the candidates side by side, one torch
+    thread each -- for these small networks two one-thread trainings at once outrun one on two
+    threads; ``workers=1`` trains in this process with torch's threads. A training's result
+    depends on its seed and thread count only, so a run with N workers gives the models (and
+    table) of a one-worker run at one thread.
 
     Writes ``table.md``, ``results.csv``, ``results.json`` (one record per method, bits,
     direction and seed with ``map_all``, ``map_val`` and the chosen settings), ``p_at_n.csv``,
@@ -209,7 +374,6 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
                 # with 2 threads chose different settings on Wikipedia (up to 0.03 mAP apart)
                 "torch_threads": torch.get_num_threads(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (out / "run.json").write_text(json.dumps(run_info, indent=2))
     tag = "SYNTHETIC " if ds.synthetic else ""
     log.info(f"{tag}dataset {ds.name}: {ds.split.sizes()} (query/train/database), "
         f"image {ds.dim('image')}-d, text {ds.dim('text')}-d, {ds.n_labels} labels")
@@ -219,60 +383,55 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     from tqdm.auto import tqdm
 
     fp = ds.fingerprint()
-    for seed, method, b in tqdm(jobs, desc="benchmark", disable=not progress):
-        t0 = time.perf_counter()
-        tried, trained = [], False
-        final_dir = out / "models" / f"{method}-{b}-seed{seed}"
-        # a candidate never shares the refit model's folder, even when it is the only one
-        lone = len(grids[method]) == 1 and not refit
-        for c, cand in enumerate(grids[method]):
-            run_dir = final_dir if lone else final_dir.with_name(f"{final_dir.name}-c{c}")
-            model, done = _fit_or_load(method, ds, b, seed, {**per_method[method], **cand}, train_data,
-                                       run_dir, reuse, fp, validation=val)
-            trained = trained or done
-            tried.append((cand, model))
-        # the choice is made on validation mAP alone (I->T and T->I averaged)
-        cand, model = max(tried, key=lambda t: t[1].selection.get("map_val", {}).get("mean", 0.0)) \
-            if has_val else tried[0]
-        sel = model.selection
-        chosen = {**cand, **model.stopped_config()}
-        if refit:
-            model, done = _fit_or_load(method, ds, b, seed, {**per_method[method], **chosen},
-                                       refit_data, final_dir, reuse, fp)
-            trained = trained or done
-        fit_s = time.perf_counter() - t0
+    trainer = _Trainer(ds, train_data, refit_data, val, fp, reuse)
+    workers = _worker_count(workers, sum(len(grids[m]) for _, m, _ in jobs))
+    run_info["workers"] = workers
+    if workers > 1:
+        # one thread each: these small nets gain less from a second thread than from a second
+        # candidate trained beside them (benchmarks/train_speed.py --workers)
+        run_info["torch_threads"] = 1
+    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    bar = tqdm(total=len(jobs), desc="benchmark", disable=not progress)
+    with _executor(workers, trainer, out / "split.npz", dataset, data_root, validation) as pool:
+        for seed, method, b, cand, tried, final, fit_s, trained in _trained_jobs(
+                jobs, grids, per_method, pool, workers, out, refit, has_val):
+            bar.update()
+            model = load_checkpoint(final)
+            sel = tried[cand]["selection"] if has_val else {}
+            chosen = {**grids[method][cand], **tried[cand]["stopped"]}
 
-        def job(direction):  # what names the record, and what validation chose for it
-            return {"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
-                    "direction": direction, "seed": seed}
+            def job(direction):  # what names the record, and what validation chose for it
+                return {"dataset": ds.name, "synthetic": ds.synthetic, "method": method, "bits": b,
+                        "direction": direction, "seed": seed}
 
-        def choice(direction):
-            return {"map_val": sel.get("map_val", {}).get(direction), "chosen": chosen,
-                    "candidates": len(tried), "trained_on": int(len(all_train))}
+            def choice(direction):
+                return {"map_val": sel.get("map_val", {}).get(direction), "chosen": chosen,
+                        "candidates": len(tried), "trained_on": int(len(all_train))}
 
-        if not test:
-            records += [{**job(d), **choice(d), "fit_s": round(fit_s, 3), "trained": trained}
-                        for d, _, _ in DIRECTIONS]
-            write_records(out, records)
-            continue
-        results, enc_s = evaluate_model(model, ds, q_idx, db_idx, topk=topk, radius=radius,
-                                        n_max=n_max)
-        for direction, res in results.items():
-            rec = {**job(direction), "map_all": res["map_all"], **choice(direction),
-                   "map_expected": res["map_expected"]}
-            for k in topk:
-                rec[f"map@{k}_found"] = res["map_at_k"][k]["found"]
-                rec[f"map@{k}_truncated"] = res["map_at_k"][k]["truncated"]
-            rec.update({f"precision_r{radius}": res["precision_radius"],
-                        f"recall_r{radius}": res["recall_radius"],
-                        "fit_s": round(fit_s, 3), "trained": trained, "encode_s": round(enc_s, 4),
-                        "n_query": res["n_query"], "n_database": res["n_database"]})
-            records.append(rec)
-            c = curve_sums[(method, b, direction)]
-            c["p_at_n"].append(res["p_at_n"])
-            c["precision"].append(res["pr_curve"]["precision"])
-            c["recall"].append(res["pr_curve"]["recall"])
-            write_records(out, records)  # partial results survive an interrupted run
+            if not test:
+                records += [{**job(d), **choice(d), "fit_s": round(fit_s, 3), "trained": trained}
+                            for d, _, _ in DIRECTIONS]
+                write_records(out, records)
+                continue
+            results, enc_s = evaluate_model(model, ds, q_idx, db_idx, topk=topk, radius=radius,
+                                            n_max=n_max)
+            for direction, res in results.items():
+                rec = {**job(direction), "map_all": res["map_all"], **choice(direction),
+                       "map_expected": res["map_expected"]}
+                for k in topk:
+                    rec[f"map@{k}_found"] = res["map_at_k"][k]["found"]
+                    rec[f"map@{k}_truncated"] = res["map_at_k"][k]["truncated"]
+                rec.update({f"precision_r{radius}": res["precision_radius"],
+                            f"recall_r{radius}": res["recall_radius"],
+                            "fit_s": round(fit_s, 3), "trained": trained, "encode_s": round(enc_s, 4),
+                            "n_query": res["n_query"], "n_database": res["n_database"]})
+                records.append(rec)
+                c = curve_sums[(method, b, direction)]
+                c["p_at_n"].append(res["p_at_n"])
+                c["precision"].append(res["pr_curve"]["precision"])
+                c["recall"].append(res["pr_curve"]["recall"])
+                write_records(out, records)  # partial results survive an interrupted run
+    bar.close()
 
     if not test:
         table = format_table(records, f"### validation mAP@all on {tag}{ds.name} — the test queries "

@@ -29,6 +29,16 @@ def resolve_device(device) -> str:
     return device
 
 
+def adam(params, lr: float, weight_decay: float = 0.0):
+    """Adam as every torch model here trains: ``fused``, the whole update of all of a net's
+    tensors in one kernel. On CPU torch's default is a loop of ~10 ops per tensor and
+    ``foreach`` still ~1.1 ms a step for a 512-wide MLP; fused takes ~0.38 ms (2 threads), the
+    same update up to floating-point order (max |diff| 3e-8 after 50 steps)."""
+    import torch
+
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def register(cls):
     """Class decorator: make a model buildable by its ``name`` through the factory."""
     REGISTRY[cls.name] = cls

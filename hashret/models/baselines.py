@@ -18,7 +18,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from hashret.models.base import HashModel, TorchHashModel, register
+from hashret.models.base import HashModel, TorchHashModel, adam, register
 from hashret.models.losses import label_similarity, pairwise_nll
 
 
@@ -232,8 +232,7 @@ class DCMHMLP(TorchHashModel):
             buf = {m: self.nets[m](feats[m]) for m in feats}  # F (image) and G (text)
         codes = torch.sign(buf["image"] + buf["text"])
         codes[codes == 0] = 1
-        opts = {m: torch.optim.Adam(self.nets[m].parameters(), lr=cfg["lr"],
-                                    weight_decay=cfg["weight_decay"], foreach=True) for m in feats}
+        opts = {m: adam(self.nets[m].parameters(), cfg["lr"], cfg["weight_decay"]) for m in feats}
         self.updates = {m: 0 for m in feats}  # optimiser steps per net (benchmarks/train_speed.py)
         bar = tqdm(range(cfg["epochs"]), desc="dcmh-mlp", disable=not progress, leave=False)
         for epoch in bar:

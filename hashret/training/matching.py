@@ -13,6 +13,7 @@ from hashret.errors import check
 from hashret.metrics import recall_at_k
 from hashret.models.distill import (DISTILL_MODES, MatcherModel, check_distill, distill_loss,
                                     exhaustive_ranking, pairs_only_loss, select)
+from hashret.models.base import adam
 from hashret.models.matchers import score_chunks
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu") ->
     net = model.matcher.to(device).train()
     groups = ([list(b.parameters()) for b in net.branches.values()] if hasattr(net, "branches")
               else [list(net.parameters())])
-    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], foreach=True)
+    opt = adam(net.parameters(), cfg["lr"])
 
     def step(epoch, x, m, t, ln):
         img, txt = net.encode_image(x, m), net.encode_text(t, ln)
@@ -144,7 +145,7 @@ def train_head(model: MatcherModel, dataset, distill=True, progress=False, devic
     cfg = model.config
     matcher = model.matcher.to(device).eval()
     head = model.head.to(device).train()
-    opt = torch.optim.Adam(head.parameters(), lr=cfg["head_lr"], foreach=True)
+    opt = adam(head.parameters(), cfg["head_lr"])
 
     def step(epoch, x, m, t, ln):
         hi, ht = head.image(x, m), head.text(t, ln)

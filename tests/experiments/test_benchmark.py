@@ -15,9 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = "synthetic:n_items=400,n_labels=8,image_dim=24,text_dim=60,n_query=60,n_train=200"
 
 
+def bench(*args, workers=1, **kwargs):
+    """run_benchmark in this process (worker processes are tested on their own)."""
+    return run_benchmark(*args, workers=workers, **kwargs)
+
+
 def test_benchmark_writes_table_and_records(tmp_path):
     out = tmp_path / "bench"
-    recs = run_benchmark(TINY, methods="cca-itq,label-ridge", bits="8,16", seeds="0,1", out=out,
+    recs = bench(TINY, methods="cca-itq,label-ridge", bits="8,16", seeds="0,1", out=out,
                          topk="10", progress=False)
     assert len(recs) == 2 * 2 * 2 * 2  # methods x bits x directions x seeds
     saved = json.loads((out / "results.json").read_text())
@@ -32,14 +37,14 @@ def test_benchmark_writes_table_and_records(tmp_path):
     assert (out / "models" / "cca-itq-8-seed0-c0" / "weights.pt").is_file()
     assert "Every choice was made on a validation part" in table and "validation mAP@all" in table
     # a second run with --reuse loads the models and gives the same numbers
-    again = run_benchmark(TINY, methods="cca-itq", bits="8", seeds="0", out=out, topk="10",
+    again = bench(TINY, methods="cca-itq", bits="8", seeds="0", out=out, topk="10",
                           reuse=True, progress=False)
     assert not again[0]["trained"]
     assert again[0]["map_all"] == recs[0]["map_all"]
 
 
 def test_validation_only_makes_the_same_choices_and_never_encodes_a_test_query(tmp_path, monkeypatch):
-    full = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=tmp_path / "a",
+    full = bench(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=tmp_path / "a",
                          topk="10", settings={"epochs": 6}, progress=False)
     from hashret.data import load_dataset
     from hashret.models.base import HashModel
@@ -54,7 +59,7 @@ def test_validation_only_makes_the_same_choices_and_never_encodes_a_test_query(t
 
     monkeypatch.setattr(HashModel, "encode_rows", spy)
     out = tmp_path / "b"
-    recs = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
+    recs = bench(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
                          settings={"epochs": 6}, test=False, progress=False)
     assert not query & set(seen)
     assert all("map_all" not in r for r in recs) and len(recs) == len(full)
@@ -74,7 +79,7 @@ def test_validation_only_makes_the_same_choices_and_never_encodes_a_test_query(t
 
 def test_benchmark_settings_reach_only_the_methods_that_have_the_field(tmp_path):
     out = tmp_path / "bench"
-    run_benchmark(TINY, methods="cca-itq,label-ridge", bits="8", seeds="0", out=out, topk="10",
+    bench(TINY, methods="cca-itq,label-ridge", bits="8", seeds="0", out=out, topk="10",
                   settings={"ridge": 5.0}, progress=False)
     info = json.loads((out / "run.json").read_text())
     assert info["settings"] == {"cca-itq": {}, "label-ridge": {"ridge": 5.0}}
@@ -92,7 +97,7 @@ def test_every_method_gets_the_same_budget_and_the_choice_is_made_on_validation(
 
     assert len({len(grid) for grid in TUNING.values()}) == 1  # the same budget for every method
     out = tmp_path / "bench"
-    recs = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
+    recs = bench(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
                          settings={"epochs": 6}, progress=False)
     split = Split.load(out / "split.npz")
     assert len(split.validation) > 0 and np.intersect1d(split.validation, split.query).size == 0
@@ -118,7 +123,7 @@ def test_the_chosen_setting_is_trained_again_on_every_training_row_before_the_qu
     from hashret.models import build_for_dataset, load_checkpoint
 
     out = tmp_path / "bench"
-    recs = run_benchmark(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
+    recs = bench(TINY, methods="label-ridge,dcmh-mlp", bits="16", seeds="0", out=out, topk="10",
                          settings={"epochs": 6}, progress=False)
     split = Split.load(out / "split.npz")
     rows = np.sort(np.concatenate([split.train, split.validation]))
@@ -141,7 +146,7 @@ def test_the_chosen_setting_is_trained_again_on_every_training_row_before_the_qu
             assert np.array_equal(again.encode_rows(ds, "image", ds.part("query")),
                                   final.encode_rows(ds, "image", ds.part("query")))
     # --no-refit scores the chosen candidate itself, trained on the training rows alone
-    plain = run_benchmark(TINY, methods="label-ridge", bits="16", seeds="0", out=tmp_path / "plain",
+    plain = bench(TINY, methods="label-ridge", bits="16", seeds="0", out=tmp_path / "plain",
                           topk="10", refit=False, progress=False)
     assert plain[0]["trained_on"] == len(split.train)
     assert json.loads((tmp_path / "plain" / "run.json").read_text())["refit"] is None
@@ -152,7 +157,7 @@ def test_a_refit_stopped_early_keeps_the_candidates_learning_rate_schedule(tmp_p
     from hashret.models import load_checkpoint
 
     out = tmp_path / "bench"
-    rec = run_benchmark(TINY, methods="gch", bits="16", seeds="0", out=out, topk="10", tune=False,
+    rec = bench(TINY, methods="gch", bits="16", seeds="0", out=out, topk="10", tune=False,
                         settings={"epochs": 10}, progress=False)[0]
     cand = load_checkpoint(out / "models" / "gch-16-seed0-c0")
     final = load_checkpoint(out / "models" / "gch-16-seed0")
@@ -165,13 +170,41 @@ def test_a_lone_candidate_and_its_refit_keep_separate_checkpoints(tmp_path):
     out = tmp_path / "bench"
     args = dict(methods="dcmh-mlp", bits="16", seeds="0", out=out, topk="10", tune=False,
                 settings={"epochs": 6}, progress=False)
-    first = run_benchmark(TINY, **args)
+    first = bench(TINY, **args)
     cand = json.loads((out / "models" / "dcmh-mlp-16-seed0-c0" / "config.json").read_text())
     final = json.loads((out / "models" / "dcmh-mlp-16-seed0" / "config.json").read_text())
     assert cand["selection"]["map_val"]["i2t"] == first[0]["map_val"]  # the candidate survives
     assert final["config"]["epochs"] == first[0]["chosen"]["epochs"]
-    again = run_benchmark(TINY, **args, reuse=True)
+    again = bench(TINY, **args, reuse=True)
     assert not again[0]["trained"] and again[0]["map_all"] == first[0]["map_all"]
+
+
+def test_worker_processes_train_the_models_one_thread_trains_here(tmp_path, monkeypatch):
+    """Two workers (one thread each) and this process at one thread: the same checkpoints,
+    choices and table -- a training depends on its seed and thread count, not on where or in
+    which order it ran. A worker's error reaches the caller as the one-line error."""
+    import torch
+
+    args = dict(methods="gch,dcmh-mlp", bits="16", seeds="0", topk="10", settings={"epochs": 5},
+                progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = bench(TINY, out=tmp_path / "here", **args)
+    finally:
+        torch.set_num_threads(threads)
+    pooled = bench(TINY, out=tmp_path / "pool", workers=2, **args)
+    assert json.loads((tmp_path / "pool" / "run.json").read_text())["workers"] == 2
+    strip = ("fit_s", "encode_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in here] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in pooled]
+    for name in ("gch-16-seed0", "gch-16-seed0-c3", "dcmh-mlp-16-seed0-c1"):
+        a = torch.load(tmp_path / "here" / "models" / name / "weights.pt", weights_only=True)
+        b = torch.load(tmp_path / "pool" / "models" / name / "weights.pt", weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(HashretError, match="unknown lr_schedule 'bogus'"):
+        bench(TINY, out=tmp_path / "bad", workers=2, methods="gch", bits="16", seeds="0", topk="10",
+              tune=False, settings={"epochs": 2, "lr_schedule": "bogus"}, progress=False)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -182,13 +215,14 @@ def test_a_lone_candidate_and_its_refit_keep_separate_checkpoints(tmp_path):
     (dict(dataset="nosuch"), "unknown dataset"),
     (dict(bits="12"), "multiples of 8"),
     (dict(seeds=""), "no seed"),
+    (dict(workers=0), "--workers must be >= 1"),
     (dict(dataset="mirflickr25k"), "no image features|not found"),
 ])
 def test_benchmark_rejects_bad_arguments(kwargs, match, tmp_path):
     args = dict(dataset=TINY, methods="cca-itq", bits="8", seeds="0", out=tmp_path / "o")
     args.update(kwargs)
     with pytest.raises(HashretError, match=match):
-        run_benchmark(**args, progress=False)
+        bench(**args, progress=False)
 
 
 def _script(*args, cwd):

@@ -219,8 +219,9 @@ def test_likelihood_over_every_training_item_against_a_double_loop():
     lab = (torch.rand(n, 3, generator=g) < 0.5).double()
     m.banks = {"label": torch.randn(n, 8, generator=g, dtype=torch.float64).tanh()}
     h = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    ref, s = m._reference("label", h, idx, lab)
-    loss = pairwise_nll(0.5 * h @ ref.T, s, "mean")
+    theta, s, w = m._scores("label", h, idx, lab)
+    assert w is None
+    loss = pairwise_nll(theta, s, "mean")
     total = 0.0
     for a, i in enumerate(idx.tolist()):
         for j in range(n):
@@ -230,11 +231,49 @@ def test_likelihood_over_every_training_item_against_a_double_loop():
             total += math.log1p(math.exp(theta)) - sij * theta
     assert float(loss.detach()) == pytest.approx(total / (3 * n), rel=1e-12)
     loss.backward()
-    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+    # the gradient of the bank with the batch's rows swapped in, h reaching both sides
+    h2 = h.detach().clone().requires_grad_(True)
+    ref = m.banks["label"].index_copy(0, idx, h2)
+    pairwise_nll(0.5 * h2 @ ref.T, s, "mean").backward()
+    assert h.grad.abs().sum() > 0 and torch.allclose(h.grad, h2.grad, rtol=1e-12, atol=0)
     # likelihood=batch: only the batch's own pairs
     m.banks = None
-    ref, s = m._reference("label", h, idx, lab)
-    assert ref.shape == (3, 8) and s.shape == (3, 3)
+    theta, s, _ = m._scores("label", h, idx, lab)
+    assert theta.shape == (3, 3) and s.shape == (3, 3)
+
+
+def test_the_likelihood_against_fixed_codes_scores_each_label_row_once_for_all_its_items():
+    # the teacher's codes are a function of the label row: scoring each distinct row once,
+    # weighted by its count, is the sum over all n pairs -- value and gradient
+    from hashret.models.gch import _label_groups
+
+    m = build_model("gch", 8, image_dim=4, text_dim=4, n_labels=3)
+    g = torch.Generator().manual_seed(3)
+    n, idx = 40, torch.tensor([7, 0, 33, 12, 5])
+    lab = (torch.rand(n, 3, generator=g) < 0.4).double()
+    m.nets = None
+    m._build()
+    m.nets.double()
+    codes = m._teacher_codes(lab)
+    rows, first, counts = _label_groups(lab)
+    assert len(rows) < n and counts.sum() == n
+    for r in range(n):  # rows with the same labels got exactly the same code
+        same = (lab == lab[r]).all(dim=1)
+        assert (codes[same] == codes[r]).all()
+    m.banks, m._groups = {}, (rows, first, counts)
+    h = torch.randn(len(idx), 8, generator=g, dtype=torch.float64).tanh().requires_grad_(True)
+    theta, s, w = m._scores("image", h, idx, lab, fixed=codes)
+    assert theta.shape == (len(idx), len(rows))
+    grouped = pairwise_nll(theta, s, "mean", w)
+    grouped.backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    direct = sum(math.log1p(math.exp(0.5 * float(h2.detach()[a] @ codes[j])))
+                 - (1.0 if float(lab[i] @ lab[j]) > 0 else 0.0) * 0.5 * float(h2.detach()[a] @ codes[j])
+                 for a, i in enumerate(idx.tolist()) for j in range(n)) / (len(idx) * n)
+    assert float(grouped.detach()) == pytest.approx(direct, rel=1e-12)
+    full = pairwise_nll(0.5 * h2 @ codes.T, (lab[idx] @ lab.T > 0).double(), "mean")
+    full.backward()
+    assert torch.allclose(h.grad, h2.grad, rtol=1e-10, atol=1e-15)
 
 
 def test_fair_ablations_get_the_same_student_updates(data):
@@ -252,12 +291,12 @@ def test_each_student_is_pulled_towards_the_beacons_with_its_own_weight(data, mo
     seen = []
     real = gch.gch_loss
 
-    def spy(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0):
+    def spy(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0, weights=None):
         if beacons is not None:
             seen.append(beta)
             # the students are pulled towards the beacons' sign codes, not the GCN's tanh outputs
             assert set(torch.unique(beacons).tolist()) <= {-1.0, 1.0}
-        return real(h, ref, s, pred, labels, alpha, gamma, beacons, beta)
+        return real(h, ref, s, pred, labels, alpha, gamma, beacons, beta, weights)
 
     monkeypatch.setattr(gch, "gch_loss", spy)
     for image_beta, want in ((None, {3.0}), (0.25, {0.25, 3.0})):
@@ -280,9 +319,9 @@ def test_the_beacon_pass_ablations_drop_the_teacher_term_or_wait_the_warmup_epoc
     calls = []
     real = gch.gch_loss
 
-    def spy(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0):
+    def spy(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0, weights=None):
         calls.append((alpha, gamma, beacons is not None, beta))
-        return real(h, ref, s, pred, labels, alpha, gamma, beacons, beta)
+        return real(h, ref, s, pred, labels, alpha, gamma, beacons, beta, weights)
 
     monkeypatch.setattr(gch, "gch_loss", spy)
     batches = -(-len(data.part("train")) // SMALL["batch_size"])
@@ -309,9 +348,9 @@ def test_the_gcn_scores_its_beacons_against_the_teacher_or_other_beacons(data, m
     calls = []
     real = gch.gch_loss
 
-    def spy(h, ref, s, pred, labels, alpha, gamma, beacons=None, beta=0.0):
-        calls.append((h.detach().clone(), ref.detach().clone()))
-        return real(h, ref, s, pred, labels, alpha, gamma, beacons, beta)
+    def spy(h, theta, s, pred, labels, alpha, gamma, beacons=None, beta=0.0, weights=None):
+        calls.append((h.detach().clone(), theta.detach().clone()))
+        return real(h, theta, s, pred, labels, alpha, gamma, beacons, beta, weights)
 
     monkeypatch.setattr(gch, "gch_loss", spy)
     nb = -(-len(data.part("train")) // SMALL["batch_size"])
@@ -322,13 +361,19 @@ def test_the_gcn_scores_its_beacons_against_the_teacher_or_other_beacons(data, m
         gcn_calls = calls[3 * nb:4 * nb]  # per epoch: teacher, students, GCN, students
         with torch.no_grad():
             teacher = torch.where(m.nets["label"](lab)[1] >= 0, 1.0, -1.0)
-        for h, ref in gcn_calls:
-            assert ref.shape == (len(lab), m.bits)  # every training item (likelihood=all)
+        for h, theta in gcn_calls:
             if reference == "teacher":
-                torch.testing.assert_close(ref, teacher)
+                # each distinct label row of the training items once (weighted by its count)
+                rows = torch.unique(lab, dim=0)
+                assert theta.shape == (len(h), len(rows))
+                codes = torch.stack([teacher[(lab == r).all(dim=1)][0] for r in rows])
+                torch.testing.assert_close(theta, 0.5 * h @ codes.T)
             else:
-                assert not torch.equal(ref, teacher) and ref.abs().max() < 1  # tanh beacons
-                assert any(torch.equal(ref[i], h[0]) for i in range(len(ref)))  # its own rows in it
+                assert theta.shape == (len(h), len(lab))  # every training item (likelihood=all)
+                assert not torch.allclose(theta, 0.5 * h @ teacher.T)
+                # its own rows among the beacons scored against, as they are now
+                own = 0.5 * h @ h[0]
+                assert any(torch.allclose(theta[:, j], own) for j in range(len(lab)))
     with pytest.raises(HashretError, match="unknown gcn_reference"):
         _fit("gch", data, epochs=1, gcn_reference="labels")
 
@@ -336,7 +381,7 @@ def test_the_gcn_scores_its_beacons_against_the_teacher_or_other_beacons(data, m
 def test_a_loss_that_goes_non_finite_stops_training_with_a_reason(data, monkeypatch):
     import hashret.models.gch as gch
 
-    monkeypatch.setattr(gch, "pairwise_nll", lambda theta, s, reduction="sum": theta.sum() * float("nan"))
+    monkeypatch.setattr(gch, "pairwise_nll", lambda theta, s, reduction="sum", weights=None: theta.sum() * float("nan"))
     with pytest.raises(HashretError, match=r"the label loss became nan in epoch 1: training diverged; lower lr_label"):
         _fit("gch", data, epochs=2)
 
@@ -373,7 +418,7 @@ def _direct_gch_loss(h, ref, s, pred, labels, alpha, gamma, hb=None, beta=0.0, d
 
 
 def test_each_loss_weight_against_the_papers_objective():
-    from hashret.models.gch import gch_loss
+    from hashret.models.gch import gamma_pairs, gch_loss
 
     g = torch.Generator().manual_seed(1)
     h = torch.randn(4, 6, generator=g, dtype=torch.float64).tanh()
@@ -383,13 +428,14 @@ def test_each_loss_weight_against_the_papers_objective():
     labels = (torch.rand(4, 3, generator=g) < 0.5).double()
     hb = torch.sign(torch.randn(4, 6, generator=g, dtype=torch.float64))
     w = dict(alpha=0.7, gamma=1.9, beta=2.3)
-    got = float(gch_loss(h, ref, s, pred, labels, w["alpha"], w["gamma"], hb, w["beta"]))
+    theta = gamma_pairs(h, ref)
+    got = float(gch_loss(h, theta, s, pred, labels, w["alpha"], w["gamma"], hb, w["beta"]))
     want = _direct_gch_loss(h, ref, s, pred, labels, w["alpha"], w["gamma"], hb, w["beta"])
     assert got == pytest.approx(want, rel=1e-12)
     for term in ("likelihood", "label", "beacon"):  # a model without the term could not pass
         assert abs(_direct_gch_loss(h, ref, s, pred, labels, w["alpha"], w["gamma"], hb, w["beta"],
                                     drop=(term,)) - want) > 1e-3, term
-    assert float(gch_loss(h, ref, s, pred, labels, 0.7, 1.9)) == pytest.approx(
+    assert float(gch_loss(h, theta, s, pred, labels, 0.7, 1.9)) == pytest.approx(
         _direct_gch_loss(h, ref, s, pred, labels, 0.7, 1.9), rel=1e-12)   # no beacon term for the teacher
 
 
