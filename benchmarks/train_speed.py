@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                 # 64 bits, torch's default threads
     python benchmarks/train_speed.py --threads 1 --methods gch,dcmh-mlp
+    python benchmarks/train_speed.py --main-job      # then the whole default mAP job, timed
 
 For each method: the wall time of ``model.fit`` with the benchmark's protocol minus the
 tuning grid (a tenth of the training part held out as validation, the epoch chosen on it),
@@ -60,6 +61,8 @@ def main():
     ap.add_argument("--bits", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's]")
     ap.add_argument("--out", default=None, help="write results.json here")
+    ap.add_argument("--main-job", action="store_true",
+                    help="then time `python benchmarks/mAP.py` with its defaults (~15 min on 2 cores)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,6 +99,17 @@ def main():
         else:
             print(f"  {method:15s} {wall:7.1f} s  (closed form: no steps, no floor)", flush=True)
         records.append(rec)
+    if args.main_job:
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, str(Path(__file__).with_name("mAP.py")), "--out", tmp],
+                           check=True, stdout=subprocess.DEVNULL)
+            main_s = time.perf_counter() - t0
+        records.append({"method": "main job (benchmarks/mAP.py defaults)", "wall_s": round(main_s, 1)})
+        print(f"  main job: {main_s / 60:.1f} min (python benchmarks/mAP.py, its defaults)")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps({"threads": torch.get_num_threads(),
