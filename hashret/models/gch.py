@@ -53,16 +53,23 @@ from hashret.models.base import TorchHashModel, adam, register
 from hashret.models.losses import label_similarity, pairwise_nll
 
 
+GRAPHS = ("dot", "jaccard", "strong")
+
+
 def normalized_adjacency(labels: torch.Tensor, graph: str = "dot") -> torch.Tensor:
     """D^-1/2 (A + I) D^-1/2 over the batch's label graph: A_ij = l_i . l_j (``dot``, the
-    paper's), or the Jaccard overlap l_i . l_j / |l_i or l_j| (``jaccard``). With one label
-    per item the two are the same graph; with several, dot products make the items with many
-    labels hubs that every beacon averages over."""
+    paper's), the Jaccard overlap J_ij = l_i . l_j / |l_i or l_j| (``jaccard``), or only the
+    strong links, A_ij = 1 where J_ij >= 1/2 (``strong``: the items share at least half of the
+    labels either has). With one label per item all three are the same graph; with several,
+    dot products make the items with many labels hubs that every beacon averages over, and
+    a batch of items with 3-4 labels each links nearly every pair (hence ``strong``)."""
     a = labels @ labels.T
-    if graph == "jaccard":
+    if graph in ("jaccard", "strong"):
         sizes = labels.sum(dim=1)
         union = sizes[:, None] + sizes[None, :] - a
         a = a / union.clamp_min(1e-12)
+        if graph == "strong":
+            a = (a >= 0.5).to(a.dtype)
     a = a + torch.eye(len(labels), dtype=a.dtype, device=a.device)
     d = a.sum(dim=1).rsqrt()
     return d[:, None] * a * d[None, :]
@@ -224,8 +231,8 @@ class GCH(TorchHashModel):
         horizon = cfg["lr_horizon"] or cfg["epochs"]
         check(horizon >= cfg["epochs"], f"lr_horizon {horizon} is shorter than epochs {cfg['epochs']}: "
               "give lr_horizon >= epochs (or leave it unset to decay over the epochs)")
-        check(cfg["graph"] in ("dot", "jaccard"),
-              f"unknown graph {cfg['graph']!r}: use dot (the paper's label graph) or jaccard")
+        check(cfg["graph"] in GRAPHS,
+              f"unknown graph {cfg['graph']!r}: use dot (the paper's label graph), jaccard or strong")
         check(cfg["beacon_pass_teacher"] in ("teacher", "none"),
               f"unknown beacon_pass_teacher {cfg['beacon_pass_teacher']!r}: use teacher (the paper's) or none")
         check(cfg["gcn_reference"] in ("beacons", "teacher"),

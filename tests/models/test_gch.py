@@ -69,10 +69,19 @@ def test_adjacency_normalisation_matches_direct_formula():
     direct_j = np.array([[jac[i, j] / np.sqrt(dj[i] * dj[j]) for j in range(6)] for i in range(6)])
     np.testing.assert_allclose(normalized_adjacency(torch.from_numpy(lab), "jaccard").numpy(), direct_j,
                                atol=1e-12)
-    # one label per item: the same graph either way
+    # the strong links only: 1 where the Jaccard overlap is at least 1/2
+    strong = np.array([[1.0 if (lab[i] * lab[j]).sum() >= 0.5 * max(np.maximum(lab[i], lab[j]).sum(), 1e-12)
+                        else 0.0 for j in range(6)] for i in range(6)]) + np.eye(6)
+    assert 0 < strong.sum() - 6 < (jac > 0).sum() - 6  # it drops some links, not all
+    ds = strong.sum(1)
+    direct_s = np.array([[strong[i, j] / np.sqrt(ds[i] * ds[j]) for j in range(6)] for i in range(6)])
+    np.testing.assert_allclose(normalized_adjacency(torch.from_numpy(lab), "strong").numpy(), direct_s,
+                               atol=1e-12)
+    # one label per item: the same graph every way
     one = np.eye(4)[[0, 1, 0, 2, 3, 1]]
-    np.testing.assert_allclose(normalized_adjacency(torch.from_numpy(one), "jaccard").numpy(),
-                               normalized_adjacency(torch.from_numpy(one)).numpy(), atol=1e-12)
+    for graph in ("jaccard", "strong"):
+        np.testing.assert_allclose(normalized_adjacency(torch.from_numpy(one), graph).numpy(),
+                                   normalized_adjacency(torch.from_numpy(one)).numpy(), atol=1e-12)
 
 
 def test_likelihood_matches_definition_and_stays_finite():
