@@ -71,3 +71,23 @@ def test_cli_train_refits_by_default_and_says_so(tmp_path):
     assert "training again" not in res.output
     items = [json.loads((tmp_path / d / "config.json").read_text())["train"]["items"] for d in "ab"]
     assert items == [300, 200]  # validation takes at least 100 rows
+
+
+def test_a_users_own_npz_gets_gch_with_its_defaults_and_validation_choices(tmp_path):
+    # bring-your-own-data: arrays in an .npz (no split in it), gch's defaults but for size
+    from hashret.models.gch import GCH
+
+    rng = np.random.default_rng(5)
+    labels = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 240)]
+    centres = rng.normal(size=(4, 9)).astype(np.float32)
+    np.savez(tmp_path / "mine.npz", image=labels @ centres + 0.3 * rng.normal(size=(240, 9)).astype(np.float32),
+             text=labels @ rng.normal(size=(4, 20)).astype(np.float32), labels=labels)
+    net = train("gch", str(tmp_path / "mine.npz"), 16, seed=0, out=tmp_path / "run", epochs=10,
+                options=SMALL, evaluate=True, progress=False)
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {k: v for k, v in info["config"].items() if k in GCH.defaults and k not in SMALL and k != "epochs"
+            and k != "lr_horizon"} == {k: v for k, v in GCH.defaults.items() if k not in SMALL and k not in
+                                       ("epochs", "lr_horizon")}
+    assert info["selection"]["epochs"] in (5, 10) and info["train"]["refit"] is True
+    assert net.config["epochs"] == info["selection"]["epochs"]
+    assert (tmp_path / "run" / "split.npz").is_file() and info["eval"]["map_all"]["i2t"] > 0.5
