@@ -213,6 +213,9 @@ class CrossModalDataset:
     vocab: list | None = None
     source: str = ""
     extra: dict = field(default_factory=dict)
+    # per-item payload fields from a user's file (name -> one value per item), stored by
+    # build-index with each item beside its key, label names and tags
+    payload_fields: dict | None = None
 
     def __post_init__(self):
         labels = np.asarray(self.labels)
@@ -233,6 +236,16 @@ class CrossModalDataset:
             self.ids = np.array([str(i) for i in range(n)])
         self.ids = np.asarray(self.ids).astype(str)
         check(len(self.ids) == n, f"{self.name}: {len(self.ids)} ids for {n} items")
+        for name, values in (self.payload_fields or {}).items():
+            check(len(values) == n, f"{self.name}: payload_{name} has {len(values)} values for {n} "
+                  "items: one per item")
+        if self.vocab is not None and self.text is not None:
+            check(self.text.shape[1] == len(self.vocab), f"{self.name}: the vocabulary has "
+                  f"{len(self.vocab)} words but the text features {self.text.shape[1]} columns: "
+                  "one word per column")
+        if self.label_names is not None:
+            check(len(self.label_names) == labels.shape[1], f"{self.name}: {len(self.label_names)} "
+                  f"label names for {labels.shape[1]} label columns: one name per column")
         if self.split is not None:
             self.split.validate(n)
 

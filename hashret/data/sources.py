@@ -200,7 +200,7 @@ def _orient(arr, n: int, what: str, path) -> np.ndarray:
 
 
 def _item_count(labels, text, path) -> int:
-    common = set(np.shape(labels)) & set(np.shape(text))
+    common = set(np.shape(labels)) & set(text.shape if sp.issparse(text) else np.shape(text))
     check(common, f"{path}: labels {np.shape(labels)} and text {np.shape(text)} share no item "
           "count: each needs one row per item")
     # prefer the labels' first axis when it fits (python-written files are row-major)
@@ -215,16 +215,67 @@ def _image_features(arr, path) -> np.ndarray:
     return pixels_to_features(arr)
 
 
-def _assemble(name, path, image, text, labels, split, seed, n_query, n_train, source, ids=None):
+def _assemble(name, path, image, text, labels, split, seed, n_query, n_train, source, ids=None,
+              **described):
     n = _item_count(labels, text, path)
     labels = _orient(labels, n, "labels", path)
-    text = _orient(text, n, "text", path)
+    text = text if sp.issparse(text) else _orient(text, n, "text", path)
     image = _image_features(_orient(image, n, "image", path), path) if image is not None else None
     if split is None:
         nq = min(n_query, max(1, n // 10))
         split = random_split(n, nq, n_train, seed=seed)
     return CrossModalDataset(name, image, text, np.asarray(labels), ids=ids, split=split,
-                             source=source)
+                             source=source, **described)
+
+
+PAYLOAD_PREFIX = "payload_"
+_OWN_KEYS = ("image", "text", "texts", "labels", "query", "train", "database", "ids", "vocab",
+             "label_names")
+
+
+def _strings(arr) -> list:
+    # MATLAB char matrices pad shorter strings with blanks
+    return np.char.strip(np.asarray(arr).ravel().astype(str)).tolist()
+
+
+def _own_data(mats: dict, path: Path) -> dict:
+    """What a user's file may carry besides the features and labels: ``vocab`` (the words of
+    the text side's columns, so text queries work), ``texts`` (one raw string per item, in
+    place of ``text``: the bag-of-words over ``vocab``, or over the words in two or more
+    texts when there is no ``vocab``), ``label_names``, and ``payload_<field>`` arrays, one
+    value per item (titles, URLs, captions, numbers), which ``build-index`` stores with each
+    item. Returns the dataset's text features and those descriptions."""
+    unknown = sorted(k for k in mats if k not in _OWN_KEYS and not k.startswith(PAYLOAD_PREFIX))
+    check(not unknown, f"{path} holds {', '.join(unknown)}, which hashret does not read: a dataset "
+          f"file takes {', '.join(_OWN_KEYS)} and payload_<field> arrays (docs/own-data.md)")
+    check(not ("text" in mats and "texts" in mats), f"{path} holds both 'text' (features) and "
+          "'texts' (raw strings): keep one")
+    vocab = _strings(mats["vocab"]) if "vocab" in mats else None
+    text = mats.get("text")
+    if "texts" in mats:
+        texts = _strings(mats["texts"])
+        if vocab is None:
+            vocab = _common_words(texts)
+            check(vocab, f"{path}: no word occurs in two or more of the 'texts': give a 'vocab'")
+        text = BagOfWords(vocab).transform([BagOfWords.tokenize(t) for t in texts])
+    names = _strings(mats["label_names"]) if "label_names" in mats else None
+    fields = {k[len(PAYLOAD_PREFIX):]: np.asarray(v).ravel() for k, v in mats.items()
+              if k.startswith(PAYLOAD_PREFIX)}
+    check(all(f for f in fields), f"{path}: a payload array needs a field name after "
+          f"'{PAYLOAD_PREFIX}' (e.g. payload_title)")
+    taken = sorted(set(fields) & {"key", "labels", "tags"})
+    check(not taken, f"{path}: payload_{taken[0] if taken else ''} would hide what hashret writes "
+          "under that name (an item's key, label names, tags): rename the field")
+    return {"text": text, "vocab": vocab, "label_names": names, "payload_fields": fields or None}
+
+
+def _common_words(texts, min_docs: int = 2, most: int = 5000) -> list:
+    """The words of at least ``min_docs`` texts, the ``most`` frequent, in order of first use."""
+    from collections import Counter
+
+    docs = Counter(w for t in texts for w in set(BagOfWords.tokenize(t)))
+    keep = {w for w, c in docs.most_common(most) if c >= min_docs}
+    return [w for w in dict.fromkeys(w for t in texts for w in BagOfWords.tokenize(t)) if w in keep]
 
 
 def load_dcmh_mat(folder, seed=0, n_query=2000, n_train=10000) -> CrossModalDataset:
@@ -262,17 +313,18 @@ def load_matrix_file(path, seed=0, n_query=2000, n_train=10000) -> CrossModalDat
     if {"images", "YAll", "LAll"} <= set(mats):
         return _assemble(path.stem, path, mats["images"], mats["YAll"], mats["LAll"], None, seed,
                          n_query, n_train, source=f"GCH HDF5 layout: {path}")
-    need = {"image", "text", "labels"}
-    check(need <= set(mats), f"{path} holds {sorted(mats)}: a dataset file needs 'image', 'text' "
+    check({"image", "labels"} <= set(mats) and ("text" in mats or "texts" in mats),
+          f"{path} holds {sorted(mats)}: a dataset file needs 'image', 'text' (or raw 'texts') "
           "and 'labels' (or GCH's 'images', 'YAll', 'LAll')")
     split = None
     if {"query", "train", "database"} <= set(mats):
         split = Split(*(np.asarray(mats[k]).ravel() for k in ("query", "train", "database")),
                       note=f"from {path.name}")
-    # MATLAB char matrices pad shorter strings with blanks
-    ids = np.char.strip(np.asarray(mats["ids"]).ravel().astype(str)) if "ids" in mats else None
-    return _assemble(path.stem, path, mats["image"], mats["text"], mats["labels"], split, seed,
-                     n_query, n_train, source=f"file: {path}", ids=ids)
+    ids = np.asarray(_strings(mats["ids"])) if "ids" in mats else None
+    own = _own_data(mats, path)
+    text = own.pop("text")
+    return _assemble(path.stem, path, mats["image"], text, mats["labels"], split, seed,
+                     n_query, n_train, source=f"file: {path}", ids=ids, **own)
 
 
 # -- the entry point ------------------------------------------------------------------------

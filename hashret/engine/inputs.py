@@ -17,10 +17,13 @@ def is_matcher(model) -> bool:
 
 
 def payloads(ds, rows) -> list:
-    """Per item: its key, label names and (tag data) its tags -- built per batch, since
-    slicing a CSR matrix row by row costs ~20 us each."""
+    """Per item: its key, label names, (tag data) its tags and (a user's file) its payload
+    fields -- built per batch, since slicing a CSR matrix row by row costs ~20 us each."""
     rows = np.asarray(rows)
     out = [{"key": str(k)} for k in ds.ids[rows]]
+    for name, values in (getattr(ds, "payload_fields", None) or {}).items():
+        for p, v in zip(out, np.asarray(values)[rows].tolist()):  # numpy scalars -> JSON's
+            p[name] = v
     if ds.label_names is not None:
         names = np.asarray(ds.label_names, dtype=object)
         lab = ds.labels[rows].astype(bool)
