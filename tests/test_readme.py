@@ -1,0 +1,80 @@
+"""The README's examples, run as written: the quickstart's commands, the Python API block that
+follows them, and the service's commands against the server they start (on a free port, the
+one change: a test must not take 8765)."""
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.serve.conftest import Server, free_port  # the service tests' server runner
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def block(section: str, lang: str = "") -> str:
+    """The first fenced block (``lang`` or none) under the ``## section`` heading."""
+    body = README.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    found = re.search(rf"```{lang}\n(.*?)```", body, re.S)
+    assert found, f"no ```{lang} block under '## {section}'"
+    return found.group(1)
+
+
+def commands(text: str) -> list:
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("pip ")]
+
+
+def run(line: str, cwd) -> str:
+    res = subprocess.run(["bash", "-c", line], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{line}\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The quickstart's commands, in order, in an empty folder."""
+    cwd = tmp_path_factory.mktemp("readme")
+    outputs = [run(line, cwd) for line in commands(block("Quickstart"))]
+    return cwd, outputs
+
+
+def test_the_quickstart_runs_as_written(quickstart):
+    cwd, outputs = quickstart
+    assert (cwd / "runs" / "gch64" / "config.json").is_file() and (cwd / "idx" / "wiki-image").is_dir()
+    hits = json.loads(outputs[-1])  # the --json line
+    assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert {"id", "distance", "item"} <= set(hits[0])
+
+
+def test_the_python_api_block_runs_after_the_quickstart(quickstart, monkeypatch):
+    cwd, _ = quickstart
+    monkeypatch.chdir(cwd)
+    scope = {}
+    exec(compile(block("The Python API in ten lines", "python"), "README.md", "exec"), scope)
+    assert len(scope["hits"]) == 5
+    assert scope["distances"].shape == scope["ids"].shape == (2, 10)
+    assert len(scope["memory"]) == 2
+
+
+def test_the_service_block_runs_against_its_server(quickstart):
+    cwd, _ = quickstart
+    lines = commands(block("The service"))
+    serve = [line for line in lines if line.startswith("hashret serve")]
+    assert len(serve) == 1 and "--port 8765" in serve[0]
+    port = free_port()
+    args = shlex.split(serve[0].split("#")[0])[2:]  # after "hashret serve"
+    args[args.index("--port") + 1] = str(port)
+    args = [str(cwd / a) if a.startswith(("idx/", "runs/")) else a for a in args]
+    server = Server([a for a in args if a not in ("--port", str(port))], port)
+    try:
+        server.wait_ready()
+        for line in lines:
+            if line.startswith("curl"):
+                out = run(line.split("  #")[0].replace("localhost:8765", f"127.0.0.1:{port}"), cwd)
+                reply = json.loads(out)
+                assert "error" not in reply, (line, reply)
+    finally:
+        assert server.stop() == 0
