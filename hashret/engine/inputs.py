@@ -21,7 +21,7 @@ def payloads(ds, rows) -> list:
     fields -- built per batch, since slicing a CSR matrix row by row costs ~20 us each."""
     rows = np.asarray(rows)
     out = [{"key": str(k)} for k in ds.ids[rows]]
-    for name, values in (getattr(ds, "payload_fields", None) or {}).items():
+    for name, values in (ds.payload_fields or {}).items():
         for p, v in zip(out, np.asarray(values)[rows].tolist()):  # numpy scalars -> JSON's
             p[name] = v
     if ds.label_names is not None:

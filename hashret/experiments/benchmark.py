@@ -129,8 +129,15 @@ class _Trainer:
     choosing its epoch) or the refit on every training row -- and saves it to its folder. The
     same object runs in this process or in each worker, so both train alike."""
 
-    def __init__(self, ds, train_data, refit_data, validation, fingerprint, reuse):
-        self.ds, self.data = ds, {"train": train_data, "refit": refit_data}
+    def __init__(self, ds, validation, refit, fingerprint, reuse):
+        """``ds`` with its validation part carved (``validation``: its rows' features, or
+        None); ``refit``: whether refits will ask for every training row's features."""
+
+        def rows(r):
+            return ds.features("image", r), ds.features("text", r), ds.labels[r]
+
+        self.ds, self.refit = ds, refit
+        self.data = {"train": rows(ds.part("train")), "refit": rows(ds.refit_rows()) if refit else None}
         self.validation, self.fingerprint, self.reuse = validation, fingerprint, reuse
 
     def fit(self, method, bits, seed, config, part, run_dir) -> dict:
@@ -156,7 +163,7 @@ class _Trainer:
 _WORKER: dict = {}
 
 
-def _worker_init(split, dataset, data_root, validation, fingerprint, reuse):
+def _worker_init(split, dataset, data_root, validation, refit, fingerprint, reuse):
     """A worker's copy of the data: the dataset loaded with the run's saved split, checked to
     be the parent's, and one torch (and numba) thread."""
     torch.set_num_threads(1)
@@ -170,12 +177,7 @@ def _worker_init(split, dataset, data_root, validation, fingerprint, reuse):
     val = ds.hold_out_validation(validation)
     check(ds.fingerprint() == fingerprint, "a benchmark worker loaded different data than the run: "
           "was the dataset changed while it ran? run it again")
-
-    def rows(r):
-        return ds.features("image", r), ds.features("text", r), ds.labels[r]
-
-    _WORKER["trainer"] = _Trainer(ds, rows(ds.part("train")), rows(ds.refit_rows()) if val is not None
-                                  else None, val, fingerprint, reuse)
+    _WORKER["trainer"] = _Trainer(ds, val, refit, fingerprint, reuse)
 
 
 def _worker_fit(*task):
@@ -228,7 +230,8 @@ class _Pool:
 def _executor(workers, trainer, split, dataset, data_root, validation):
     if workers == 1:
         return _InProcess(trainer)
-    return _Pool(workers, str(split), dataset, data_root, validation, trainer.fingerprint, trainer.reuse)
+    return _Pool(workers, str(split), dataset, data_root, validation, trainer.refit, trainer.fingerprint,
+                 trainer.reuse)
 
 
 def _worker_count(workers, tasks) -> int:
@@ -356,11 +359,6 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     q_idx, tr_idx, db_idx = ds.part("query"), ds.part("train"), ds.part("database")
     refit = bool(refit and has_val and test)
     all_train = ds.refit_rows() if refit else tr_idx
-
-    def rows_data(rows):
-        return ds.features("image", rows), ds.features("text", rows), ds.labels[rows]
-
-    train_data, refit_data = rows_data(tr_idx), rows_data(all_train) if refit else None
     grids = {m: tuning_grid(m, per_method[m]) if tune else [{}] for m in methods}
     run_info = {"dataset": ds.summary(), "methods": methods, "settings": per_method,
                 "validation": {"rows": int(len(ds.split.validation)), "share": validation,
@@ -383,7 +381,7 @@ def run_benchmark(dataset: str = "wikipedia", methods=None, bits=(16, 32, 64), s
     from tqdm.auto import tqdm
 
     fp = ds.fingerprint()
-    trainer = _Trainer(ds, train_data, refit_data, val, fp, reuse)
+    trainer = _Trainer(ds, val, refit, fp, reuse)
     workers = _worker_count(workers, sum(len(grids[m]) for _, m, _ in jobs))
     run_info["workers"] = workers
     if workers > 1:

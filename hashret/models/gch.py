@@ -157,11 +157,12 @@ def gch_loss(h, theta, s, pred, labels, alpha, gamma, beacons=None, beta=0.0, we
 
 
 def _label_groups(lab):
-    """The distinct label rows of ``lab``, the first row of each, and how many rows each has."""
+    """The distinct label rows of ``lab``, each row's group, the first row of each group, and
+    how many rows each has."""
     rows, inverse, counts = torch.unique(lab, dim=0, return_inverse=True, return_counts=True)
     first = torch.full((len(rows),), len(lab), dtype=torch.long, device=lab.device)
     first.scatter_reduce_(0, inverse, torch.arange(len(lab), device=lab.device), "amin")
-    return rows, first, counts.to(lab.dtype)
+    return rows, inverse, first, counts.to(lab.dtype)
 
 
 def gamma_pairs(a, b):
@@ -289,7 +290,7 @@ class GCH(TorchHashModel):
                     losses["label"] = step("label", gch_loss(h, theta, s, pred, l_b, *self._weights, weights=w))
                     self._remember("label", idx, h)
             # the teacher is fixed from here to the end of the epoch
-            teacher_codes = self._teacher_codes(lab) if cfg["use_teacher"] else None
+            teacher_codes = self._teacher_codes(lab, self._groups) if cfg["use_teacher"] else None
             # 2. students towards the teacher's codes (or, without a teacher, towards each other)
             self._student_phase(batches, x, lab, step, teacher_codes, beacons=False, losses=losses)
             if cfg["use_gcn"]:
@@ -377,7 +378,7 @@ class GCH(TorchHashModel):
         if fixed is not None:
             if self.banks is None:
                 return gamma_pairs(h, fixed[idx]), self._similarity(idx, lab), None
-            rows, first, counts = self._groups
+            rows, _, first, counts = self._groups
             return gamma_pairs(h, fixed[first]), label_similarity(lab[idx], rows), counts
         if self.banks is None:
             return gamma_pairs(h, h), self._similarity(idx, lab), None
@@ -405,11 +406,13 @@ class GCH(TorchHashModel):
             fused = semantic_fusion(fx, fy, self.config["fusion"])
             return nets["gcn"](fused, normalized_adjacency(lab[idx], self.config["graph"]))
 
-    def _teacher_codes(self, lab):
+    def _teacher_codes(self, lab, groups=None):
         """The teacher's sign codes of every row of ``lab`` (fixed while others learn), made
         once per distinct label row, so rows with the same labels have exactly the same code
-        (what the likelihood's grouping in ``_scores`` relies on)."""
-        rows, inverse = torch.unique(lab, dim=0, return_inverse=True)
+        (what the likelihood's grouping in ``_scores`` relies on); ``groups``: ``lab``'s
+        ``_label_groups``, when made already."""
+        rows, inverse = (groups[0], groups[1]) if groups is not None else torch.unique(
+            lab, dim=0, return_inverse=True)
         with torch.no_grad():
             self.nets["label"].eval()
             return _sign(self.nets["label"](rows)[1])[inverse]

@@ -264,12 +264,12 @@ def test_the_likelihood_against_fixed_codes_scores_each_label_row_once_for_all_i
     m._build()
     m.nets.double()
     codes = m._teacher_codes(lab)
-    rows, first, counts = _label_groups(lab)
+    rows, inverse, first, counts = _label_groups(lab)
     assert len(rows) < n and counts.sum() == n
     for r in range(n):  # rows with the same labels got exactly the same code
         same = (lab == lab[r]).all(dim=1)
         assert (codes[same] == codes[r]).all()
-    m.banks, m._groups = {}, (rows, first, counts)
+    m.banks, m._groups = {}, (rows, inverse, first, counts)
     h = torch.randn(len(idx), 8, generator=g, dtype=torch.float64).tanh().requires_grad_(True)
     theta, s, w = m._scores("image", h, idx, lab, fixed=codes)
     assert theta.shape == (len(idx), len(rows))
