@@ -20,9 +20,10 @@ import time
 
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from hashret.index.intrinsics import GROUP, LONE_SEED_K, SAMPLE_EVERY, SEED_MARGIN, SMALL_BLOCK, TILE
+from hashret.index.intrinsics import (GROUP, LONE_SEED_K, SAMPLE_EVERY, SEED_MARGIN, SMALL_BLOCK, TILE, load_at,
+                                      popcount, prefetch)
 from hashret.index.scans import batch_kernel, lone_kernel, range_kernel, topk_kernel
 
 
@@ -461,3 +462,228 @@ def _range_results(counts, offsets, buf_rows, buf_dist, lims, bits, rows, dist):
                 rows[p] = buf_rows[j]
                 dist[p] = buf_dist[j]
                 at[buf_dist[j]] = p + 1
+
+
+# -- rows picked out: a filter's matching rows, wherever they lie ---------------------------------
+# A selective filter names its rows (hashret.index.postings); these read just those rows'
+# codes through the segments' addresses, in parallel, instead of numpy's fancy indexing (one
+# thread, and a mask of the rows per segment: 0.5 ms for 10^5 of 10^7 64-bit codes).
+PICK_BLOCK = 4096  # rows a thread takes at a time
+PICK_WORK_KEPT = 1 << 21  # distances of scratch a thread keeps (8 MiB)
+PICK_ALONE = 1 << 15  # fewer distances than this are one thread's (~50 us; waking another costs as much)
+PICK_AHEAD = 16  # rows ahead whose codes are asked for while one is read (every row a cache miss)
+
+
+_picks_ready: set = set()  # (kernel, argument kinds) this process has code for
+
+
+def _pick_ready(disp, args, bits) -> bool:
+    """Whether to run a pick kernel: compiled (or cached) already, or compiling in the call is
+    what this process asked for; otherwise numpy answers while ``hashret warmup`` compiles.
+    (Asked once per kind of arguments: numba's typing of each call's arguments costs ~40 us.)"""
+    kinds = (disp.py_func.__name__,) + tuple((a.dtype.str, a.ndim, a.flags.writeable, a.flags.c_contiguous)
+                                             if isinstance(a, np.ndarray) else type(a) for a in args)
+    if kinds in _picks_ready:
+        return True
+    if _compile_mode() == "foreground" or _ready(disp, args):
+        _picks_ready.add(kinds)
+        return True
+    _compile_behind(bits)
+    return False
+
+
+def _scratch(n: int) -> np.ndarray:
+    """n int32 of scratch the calling thread keeps between calls (fresh pages each call were
+    page faults: a fifth of picking 10^5 rows)."""
+    got = getattr(_kept, "picks", None)
+    if got is None or len(got) < n:
+        got = np.empty(n, dtype=np.int32)
+        if n <= PICK_WORK_KEPT:
+            _kept.picks = got
+    return got[:n]
+
+
+@njit(inline="always", cache=True)
+def _segment_of(addrs, seg_rows, n_rows, n_words, r, like):
+    """(segment's words, its first row, its end) for row r."""
+    s = r // seg_rows
+    lo = s * seg_rows
+    hi = min(lo + seg_rows, n_rows)
+    return numba.carray(load_at(addrs[s]), (hi - lo) * n_words, like.dtype), lo, hi
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _gather_kernel(addrs, seg_rows, n_rows, n_words, rows, out):
+    # out: the copy's words, flat (a 2-D store was half as fast)
+    m = len(rows)
+    for b in prange((m + PICK_BLOCK - 1) // PICK_BLOCK):
+        seg, lo, hi = _segment_of(addrs, seg_rows, n_rows, n_words, rows[b * PICK_BLOCK], out)
+        for i in range(b * PICK_BLOCK, min(m, (b + 1) * PICK_BLOCK)):
+            r = rows[i]
+            if r < lo or r >= hi:  # rows mostly ascending: a segment is looked up where it changes
+                seg, lo, hi = _segment_of(addrs, seg_rows, n_rows, n_words, r, out)
+            if i + PICK_AHEAD < m and lo <= rows[i + PICK_AHEAD] < hi:
+                prefetch(seg, (rows[i + PICK_AHEAD] - lo) * n_words)
+            for w in range(n_words):
+                out[i * n_words + w] = seg[(r - lo) * n_words + w]
+
+
+def gather(segs: Segments, rows: np.ndarray, bits: int) -> np.ndarray:
+    """The words of ``rows`` (any order), (len(rows), n_words), a copy: :meth:`Segments.rows`
+    in parallel."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), segs.n_words), dtype=segs.dtype or np.uint64)
+    args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, rows, out.reshape(-1))
+    if len(rows) and _pick_ready(_gather_kernel, args, bits):
+        _gather_kernel(*args)
+    elif len(rows):
+        out[:] = segs.rows(rows)
+    return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _count_kept(keep, parts):
+    n = len(keep)
+    counts = np.zeros(parts, dtype=np.int64)
+    for p in prange(parts):
+        c = 0
+        for i in range(n * p // parts, n * (p + 1) // parts):
+            c += keep[i] != 0
+        counts[p] = c
+    return counts
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _kept_rows(keep, parts, starts, out):
+    n = len(keep)
+    for p in prange(parts):
+        j = starts[p]
+        end = starts[p + 1] if p + 1 < parts else len(out)
+        for i in range(n * p // parts, n * (p + 1) // parts):
+            if j < end:  # (written whether kept or not, then kept by moving on: no branch on
+                out[j] = i  # keep, which at a share near half costs a misprediction a row)
+            j += keep[i] != 0
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _kept_codes(keep, parts, starts, addrs, seg_rows, n_rows, n_words, out_rows, out):
+    # out: flat, as in _gather_kernel
+    n = len(keep)
+    for p in prange(parts):
+        j = starts[p]
+        end = starts[p + 1] if p + 1 < parts else len(out_rows)
+        i = n * p // parts
+        while i < n * (p + 1) // parts:
+            seg, lo, hi = _segment_of(addrs, seg_rows, n_rows, n_words, i, out)
+            stop = min(hi, n * (p + 1) // parts)
+            if n_words == 1:  # (the word loop's own form ran at half this speed)
+                for r in range(i, stop):
+                    if j < end:  # written whether kept or not, as in _kept_rows
+                        out_rows[j] = r
+                        out[j] = seg[r - lo]
+                    j += keep[r] != 0
+            else:
+                for r in range(i, stop):
+                    if j < end:
+                        out_rows[j] = r
+                        for w in range(n_words):
+                            out[j * n_words + w] = seg[(r - lo) * n_words + w]
+                    j += keep[r] != 0
+            i = stop
+
+
+def kept_rows(keep: np.ndarray, bits: int, threads: int | None = None, segs: Segments | None = None):
+    """np.flatnonzero(keep) for a bool or uint8 array, in parallel (10^7 rows at half kept:
+    ~50 ms in numpy, a mispredicted branch every other row); with ``segs``, (rows, their
+    words) in the same pass."""
+    keep = np.ascontiguousarray(keep).view(np.uint8)
+    if not _pick_ready(_count_kept, (keep, 1), bits):
+        rows = np.flatnonzero(keep)
+        return rows if segs is None else (rows, segs.rows(rows))
+    with threads_used(threads, len(keep)) as n:
+        parts = 4 * n
+        counts = _count_kept(keep, parts)
+        starts = np.zeros(parts, dtype=np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        rows = np.empty(int(counts.sum()), dtype=np.int64)
+        if segs is None:
+            _kept_rows(keep, parts, starts, rows)
+            return rows
+        out = np.empty((len(rows), segs.n_words), dtype=segs.dtype or np.uint64)
+        if len(rows):
+            _kept_codes(keep, parts, starts, segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, rows,
+                        out.reshape(-1))
+    return rows, out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _pick_distances(addrs, seg_rows, n_rows, n_words, queries, rows, out):
+    m = len(rows)
+    blocks = (m + PICK_BLOCK - 1) // PICK_BLOCK
+    for t in prange(len(queries) * blocks):
+        qi = t // blocks
+        b = t % blocks
+        seg, lo, hi = _segment_of(addrs, seg_rows, n_rows, n_words, rows[b * PICK_BLOCK], queries)
+        for i in range(b * PICK_BLOCK, min(m, (b + 1) * PICK_BLOCK)):
+            r = rows[i]
+            if r < lo or r >= hi:
+                seg, lo, hi = _segment_of(addrs, seg_rows, n_rows, n_words, r, queries)
+            if i + PICK_AHEAD < m and lo <= rows[i + PICK_AHEAD] < hi:
+                prefetch(seg, (rows[i + PICK_AHEAD] - lo) * n_words)
+            d = np.uint64(0)
+            for w in range(n_words):
+                d += popcount(np.uint64(seg[(r - lo) * n_words + w] ^ queries[qi, w]))
+            out[qi, i] = d
+
+
+@njit(nogil=True, cache=True)
+def _pick_best(dist, rows, k, bits, n_rows, out_d, out_r):
+    """Each query's k smallest (distance, row) among the picked rows: a histogram of the
+    distances gives the k-th's distance t; the rows at or below t are sorted by key. (One
+    thread: a few queries, ~60 us each for 10^5 rows, less than waking a second thread.)"""
+    n_q, m = dist.shape
+    span = np.int64(n_rows) + 1
+    for qi in range(n_q):
+        hist = np.zeros(bits + 2, dtype=np.int64)
+        for i in range(m):
+            hist[dist[qi, i]] += 1
+        t = 0
+        below = hist[0]
+        while below < k:
+            t += 1
+            below += hist[t]
+        keys = np.empty(below, dtype=np.int64)
+        j = 0
+        for i in range(m):
+            if dist[qi, i] <= t:
+                keys[j] = dist[qi, i] * span + rows[i]
+                j += 1
+        keys.sort()
+        for j in range(k):  # the first k columns of out_d / out_r
+            out_d[qi, j] = keys[j] // span
+            out_r[qi, j] = keys[j] % span
+
+
+def pick_topk(segs: Segments, queries: np.ndarray, rows: np.ndarray, k: int, bits: int,
+              threads: int | None = None):
+    """Exact top-k of ``queries`` among ``rows`` (distinct rows of ``segs``, any order):
+    (distances, rows), (Q, k), by (distance, row), -1 past the rows there are. For few rows:
+    no copy, no sort of the rows -- what a selective filter's row list needs."""
+    queries = np.ascontiguousarray(queries).reshape(len(queries), -1)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    kk = min(k, len(rows))
+    out_d = np.full((len(queries), k), -1, dtype=np.int32)
+    out_r = np.full((len(queries), k), -1, dtype=np.int64)
+    if kk == 0:
+        return out_d, out_r
+    dist = _scratch(len(queries) * len(rows)).reshape(len(queries), len(rows))
+    args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, rows, dist)
+    if not _pick_ready(_pick_distances, args, bits):
+        sub = Segments.of(segs.rows(np.sort(rows)))
+        d, r = numpy_topk(sub, queries, kk, bits)
+        out_d[:, :kk], out_r[:, :kk] = d, np.sort(rows)[r]
+        return out_d, out_r
+    with threads_used(1 if len(rows) * len(queries) < PICK_ALONE else threads):
+        _pick_distances(*args)
+    _pick_best(dist, rows, kk, bits, segs.n_rows, out_d, out_r)
+    return out_d, out_r

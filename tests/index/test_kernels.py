@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hashret.index import HashIndex, pack_codes, sign_codes, unpack_codes
+from hashret.index import HashIndex, kernels, pack_codes, sign_codes, unpack_codes
 
 
 def brute_distances(db_packed, q_packed):
@@ -426,3 +426,35 @@ def test_best_k_lists_keep_ties_by_row_through_compaction(k):
     order = np.lexsort((np.arange(n), dist))[:k]
     np.testing.assert_array_equal(out_r[0], order)
     np.testing.assert_array_equal(out_d[0], dist[order])
+
+
+@pytest.mark.parametrize("bits", [8, 16, 24, 32, 64, 128, 256])
+def test_picked_rows_equal_brute_force_wherever_they_lie(bits, tmp_path):
+    # a filter's listed rows, in any order, read where LMDB maps them (chunks of 1000 rows,
+    # a partial last one): distances, ties by row, fewer rows than k; their copy and a mask's rows
+    rng = np.random.default_rng(bits + 7)
+    pool = rng.integers(0, 256, size=(40, bits // 8), dtype=np.uint8)  # many ties
+    db = pool[rng.integers(0, len(pool), size=3210)]
+    q = np.vstack([db[:2], rng.integers(0, 256, size=(3, bits // 8), dtype=np.uint8)])
+    with HashIndex.create(tmp_path / "ix", bits, chunk_size=1000) as index:
+        index.add(db)
+    with HashIndex.open(tmp_path / "ix") as back:
+        segs = back.segments()
+        words = back._query_words(q)
+        full = brute_distances(db, q)
+        for rows in (rng.permutation(3210)[:700], np.array([3209, 0, 1000, 999]), np.zeros(0, np.int64)):
+            for k in (1, 10, 900):
+                d, r = kernels.pick_topk(segs, words, rows, k, bits)
+                assert d.shape == r.shape == (len(q), k)
+                for i in range(len(q)):
+                    order = rows[np.lexsort((rows, full[i][rows]))][:k]
+                    np.testing.assert_array_equal(r[i, :len(order)], order)
+                    np.testing.assert_array_equal(d[i, :len(order)], full[i][order])
+                    assert (r[i, len(order):] == -1).all() and (d[i, len(order):] == -1).all()
+            np.testing.assert_array_equal(kernels.gather(segs, rows, bits), segs.rows(rows))
+        keep = rng.random(3210) < 0.3
+        np.testing.assert_array_equal(kernels.kept_rows(keep, bits), np.flatnonzero(keep))
+        np.testing.assert_array_equal(kernels.kept_rows(keep, bits, threads=1), np.flatnonzero(keep))
+        rows, words = kernels.kept_rows(keep, bits, segs=segs)
+        np.testing.assert_array_equal(rows, np.flatnonzero(keep))
+        np.testing.assert_array_equal(words, segs.rows(rows))
