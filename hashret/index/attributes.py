@@ -20,7 +20,8 @@ sharded index::
 
 Several keys in one object must all hold. :func:`parse_filter` checks an expression against
 the index's columns before anything is scanned; :func:`evaluate` turns it into a boolean
-array over the rows at memory speed (numpy over each column's chunks, in place).
+array over the rows (numpy over each column's chunks, in place) or tests it on given rows;
+:mod:`hashret.index.postings` finds a selective filter's rows without a pass over every row.
 """
 
 from __future__ import annotations

@@ -1,21 +1,26 @@
 """Filtered scans: the plans that turn a filter into exact top-k and radius searches.
 
-Three plans, each exact (the same ids, distances and order as ranking every matching item):
+Four plans, each exact (the same ids, distances and order as ranking every matching item):
 
-- **rank first** (a new filter, a few queries): the unfiltered top-k' -- k' from the filter's
-  share in a sample of rows -- then the filter tested on those candidates only; k' grows
-  until k match. No pass over the attributes, so a filter seen for the first time costs
-  about what the search costs unfiltered.
+- **listed** (a filter the row lists bound to few rows, :mod:`hashret.index.postings`): its
+  rows taken from the lists -- the rest of the filter tested on them only -- and their
+  distances computed where they lie, no pass over the index and no copy
+  (:func:`~hashret.index.kernels.pick_topk`).
+- **rank first** (a new filter, a few queries, many rows match): the unfiltered top-k' -- k'
+  from the filter's share, counted by the lists or guessed from a sample -- then the filter
+  tested on those candidates only; k' grows until k match. No pass over the attributes.
 - **masked** (many rows match): the full scan with the others masked out, as removed rows
   are: no distance is computed for them past the first level's span test.
-- **gathered** (few rows match, or a batch where a share of them does): the matching rows'
-  codes copied together and scanned, rows ascending so that ties keep their order.
+- **gathered** (a batch where a share of the rows match): the matching rows' codes copied
+  together, rows ascending so that ties keep their order, and scanned.
 
-A :class:`Selection` (the rows a filter selects, evaluated over every row) is kept by the
-index for repeated filters, with its mask and gathered copy made once.
+A :class:`Selection` (the rows a filter selects) is kept by the index for repeated filters,
+with its mask and gathered copy made once.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -26,53 +31,138 @@ RANK_FIRST_MAX = 1 << 15  # candidates a rank-first search takes at most before 
 SAMPLE_ROWS = 4096  # rows a filter is tested on to guess its share of the index
 # gathered where share x GATHER_PER_QUERY <= min(queries, GATHER_QUERIES): one query scans a
 # copy of up to 1/32 of the rows, a batch of 16 or more up to half (10^7 codes, 100 queries,
-# k=1000, side by side, the copy made in the call: a third 47 vs 70 ms masked, half 61 vs 55;
-# once made, a kept selection's copy is scanned whatever the batch: half the rows, half the time)
+# k=1000, side by side, the copy made in the call by numpy: a third 47 vs 70 ms masked, half
+# 61 vs 55; once made, a kept selection's copy is scanned whatever the batch: half the rows,
+# half the time)
 GATHER_PER_QUERY = 32
 GATHER_QUERIES = 16
+# ... for k of 100 or more; below, up to a quarter: the mask costs a small k little (after
+# the parallel copy: 10^7 codes, 100 queries, half the rows, k=10: masked 36 ms, copied in the
+# call and scanned 43; k=1000: 52 vs 46)
+GATHER_HALF_K = 100
+# listed: up to this many (row, query) distances computed where the rows lie (10^7 64-bit
+# codes, one query, 10^5 listed rows: ~0.3 ms, a sixth of the scan); more, and the rows are
+# sorted, copied and scanned (gathered)
+PICK_WORK = 1 << 21
+LIST_SHARE = 8  # the lists answer a batch's filter they bound to 1/8 of the rows or fewer,
+PICK_SHARE = 32  # and a few queries' filter bound to 1/32: a picked row costs ~15 scanned ones
 
 
 class Selection:
-    """The rows a filter selects among the alive ones (``allowed``), with what the scans
-    derive from it, each made once: the exclusion mask, the count, the gathered copy."""
+    """The rows a filter selects among the alive ones -- ``allowed`` (a boolean per row) or
+    ``rows`` (their numbers; ``ascending`` where sorted) -- with what the scans derive from
+    it, each made once: the exclusion mask, the sorted rows, the gathered copy."""
 
-    def __init__(self, allowed: np.ndarray):
-        self.allowed = allowed
-        self.n = int(np.count_nonzero(allowed))
+    def __init__(self, allowed: np.ndarray | None = None, rows: np.ndarray | None = None,
+                 ascending: bool = True, n_rows: int = 0):
+        self.allowed, self._rows, self._ascending = allowed, rows, ascending
+        self.n_rows = len(allowed) if allowed is not None else n_rows
+        self.n = int(np.count_nonzero(allowed)) if allowed is not None else len(rows)
         self._excluded = self._gathered = None
 
     def excluded(self) -> np.ndarray:
         """uint8 per row, 1 where the row is out (the scans' removed-row mask)."""
         if self._excluded is None:
-            self._excluded = (~self.allowed).view(np.uint8)
+            if self.allowed is not None:
+                self._excluded = (~self.allowed).view(np.uint8)
+            else:
+                self._excluded = np.ones(self.n_rows, dtype=np.uint8)
+                self._excluded[self._rows] = 0
         return self._excluded
 
-    def gathered(self, segs):
-        """(rows, Segments of their codes): the selected rows' codes copied together."""
+    def rows(self, bits: int, ascending: bool = True) -> np.ndarray:
+        """The selected rows (sorted where ``ascending``, or where sorting cost nothing)."""
+        if self._rows is None:
+            self._rows = kernels.kept_rows(self.allowed, bits)
+        elif ascending and not self._ascending:
+            self._rows, self._ascending = np.sort(self._rows), True
+        return self._rows
+
+    def gathered(self, segs, bits: int):
+        """(rows ascending, Segments of their codes): the selected rows' codes copied together."""
         if self._gathered is None:
-            rows = np.flatnonzero(self.allowed)
-            self._gathered = rows, kernels.Segments.of(segs.rows(rows))
+            if self._rows is None:  # rows and codes in one pass over the mask
+                self._rows, words = kernels.kept_rows(self.allowed, bits, segs=segs)
+            else:
+                words = kernels.gather(segs, self.rows(bits), bits)
+            self._gathered = self._rows, kernels.Segments.of(words)
         return self._gathered
 
-    def gather_pays(self, n_rows: int, n_queries: int) -> bool:
+    def picks(self, n_queries: int) -> bool:
+        """Whether to compute the distances where the rows lie: few rows, known, and few
+        queries (a batch scans a copy of the rows faster: the copy is read once per tile of
+        rows for all its queries, where picking reads each row once per query)."""
+        return (self._rows is not None and self._gathered is None and n_queries <= RANK_FIRST_QUERIES
+                and self.n * n_queries <= PICK_WORK)
+
+    def gather_pays(self, n_rows: int, n_queries: int, k: int = GATHER_HALF_K) -> bool:
         """Whether to scan the gathered copy: made already, or worth making for this search."""
-        return self._gathered is not None or self.n * GATHER_PER_QUERY <= n_rows * min(n_queries, GATHER_QUERIES)
+        per_query = GATHER_PER_QUERY if k >= GATHER_HALF_K else 2 * GATHER_PER_QUERY
+        return self._gathered is not None or self.n * per_query <= n_rows * min(n_queries, GATHER_QUERIES)
 
 
-def rank_first(segs, q, k, bits, deleted, test, threads):
+class Filter:
+    """A parsed filter as a search meets it: ``tree``; ``test(rows)``, the filter on those
+    rows; ``evaluate()``, over every row; the index's row lists (``postings``); the selection
+    a recent search kept of the same filter (``kept``), and ``keep(selection)`` to keep one."""
+
+    def __init__(self, tree, test, evaluate, postings, kept, keep):
+        self.tree, self.test, self.evaluate, self.postings = tree, test, evaluate, postings
+        self.kept, self.keep = kept, keep
+
+    def listed(self, n_rows: int, deleted, n_queries: int) -> Selection | None:
+        """The filter's rows from the lists, where they bound it to few rows (or to rows
+        already sorted, for a batch); None otherwise."""
+        est = self.postings.estimate(self.tree)
+        few = est is not None and est * (LIST_SHARE if n_queries > RANK_FIRST_QUERIES else PICK_SHARE) <= n_rows
+        if est is None or not (few or n_queries > RANK_FIRST_QUERIES):
+            return None
+        rows, exact, ascending = self.postings.rows(self.tree)
+        if not (few or (exact and ascending)):
+            return None  # many rows, to be sorted: a scan with a mask costs less
+        if not exact:
+            rows = rows[self.test(rows)]
+        if deleted is not None:
+            rows = rows[deleted[rows] == 0]
+        return Selection(rows=rows, ascending=ascending, n_rows=n_rows)
+
+    def selection(self, n_rows: int, deleted, n_queries: int) -> Selection:
+        """The rows alive that the filter selects: kept, listed, or evaluated over every row."""
+        if self.kept is None:
+            sel = self.listed(n_rows, deleted, n_queries)
+            if sel is None:
+                match = self.evaluate()
+                sel = Selection(match if deleted is None else match & (deleted == 0))
+            self.keep(sel)
+            self.kept = sel
+        return self.kept
+
+    def share(self, n_rows: int):
+        """The share of the rows the lists bound the filter to, or None."""
+        est = self.postings.estimate(self.tree)
+        return None if est is None else est / max(n_rows, 1)
+
+
+def rank_first(segs, q, k, bits, deleted, test, threads, share=None):
     """Top-k among the rows ``test(rows)`` accepts, testing only candidates: the unfiltered
-    top-k' (k' = 1.5 k over the filter's share in a sample, + 64), its matches kept in order;
-    k' grows (x4) until every query has k matches or k' covers the index. Exact: a matching
-    row outside the top-k' ranks after every row in it. None where the filter looks too
-    selective for this to pay (the caller evaluates it over every row instead)."""
+    top-k' (k' from the filter's ``share`` where the lists counted it, so that k' holds k
+    matches four standard deviations over; else 1.5 k over the share of a sample, + 64), its
+    matches kept in order; k' grows (x4) until every query has k matches or k' covers the
+    index. Exact: a matching row outside the top-k' ranks after every row in it. None where
+    the filter looks too selective for this to pay (the caller evaluates it over every row)."""
     n = segs.n_rows
-    sample = np.arange(0, n, max(1, n // SAMPLE_ROWS), dtype=np.int64)  # (np.linspace + unique: 0.3 ms)
-    if deleted is not None:
-        sample = sample[deleted[sample] == 0]
-    share = float(test(sample).mean()) if len(sample) else 0.0
-    if share * RANK_FIRST_MAX < 2 * k:
-        return None
-    kk = min(n, int(1.5 * k / share) + 64)
+    if share is None:
+        sample = np.arange(0, n, max(1, n // SAMPLE_ROWS), dtype=np.int64)  # (np.linspace + unique: 0.3 ms)
+        if deleted is not None:
+            sample = sample[deleted[sample] == 0]
+        share = float(test(sample).mean()) if len(sample) else 0.0
+        if share * RANK_FIRST_MAX < 2 * k:
+            return None
+        kk = min(n, int(1.5 * k / share) + 64)
+    else:
+        if share * RANK_FIRST_MAX < 2 * k:
+            return None
+        kk = min(n, int((k + 4 * math.sqrt(k) + 16) / share))
     while True:
         dist, rows = kernels.topk(segs, q, kk, bits, deleted, threads)
         ok = rows >= 0
@@ -89,26 +179,41 @@ def rank_first(segs, q, k, bits, deleted, test, threads):
         kk = min(n, 4 * kk)
 
 
-def topk(segs, q, k, bits, selection: Selection, threads):
-    """Top-k over the selected rows only: masked or gathered (see the module's notes)."""
-    if not selection.gather_pays(segs.n_rows, len(q)):
+def topk(segs, q, k, bits, deleted, f: Filter, threads):
+    """Top-k over the rows ``f`` selects: listed, ranked first, masked or gathered (see the
+    module's notes)."""
+    n = segs.n_rows
+    if f.kept is None and len(q) <= RANK_FIRST_QUERIES:
+        sel = f.listed(n, deleted, len(q))
+        if sel is None:
+            found = rank_first(segs, q, k, bits, deleted, f.test, threads, f.share(n))
+            if found is not None:
+                return found
+        else:
+            f.keep(sel)
+            f.kept = sel
+    selection = f.selection(n, deleted, len(q))
+    if selection.picks(len(q)):
+        return kernels.pick_topk(segs, q, selection.rows(bits, ascending=False), k, bits, threads)
+    if not selection.gather_pays(n, len(q), k):
         return kernels.topk(segs, q, k, bits, selection.excluded(), threads)
     dist = np.full((len(q), k), -1, dtype=np.int32)
     rows = np.full((len(q), k), -1, dtype=np.int64)
     if selection.n:
-        chosen, sub = selection.gathered(segs)
+        chosen, sub = selection.gathered(segs, bits)
         d, r = kernels.topk(sub, q, min(k, selection.n), bits, None, threads)
         dist[:, :d.shape[1]] = d
         rows[:, :r.shape[1]] = np.where(r >= 0, chosen[np.maximum(r, 0)], -1)
     return dist, rows
 
 
-def range_search(segs, q, radius, bits, selection: Selection, threads):
-    """``range_search`` over the selected rows only (masked or gathered, as :func:`topk`)."""
+def range_search(segs, q, radius, bits, deleted, f: Filter, threads):
+    """``range_search`` over the rows ``f`` selects (masked or gathered, as :func:`topk`)."""
+    selection = f.selection(segs.n_rows, deleted, len(q))
     if not selection.gather_pays(segs.n_rows, len(q)):
         return kernels.range_search(segs, q, radius, bits, selection.excluded(), threads)
     if selection.n == 0:
         return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
-    chosen, sub = selection.gathered(segs)
+    chosen, sub = selection.gathered(segs, bits)
     lims, dist, r = kernels.range_search(sub, q, radius, bits, None, threads)
     return lims, dist, chosen[r]

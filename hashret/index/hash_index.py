@@ -19,6 +19,7 @@ from bitarray import bitarray
 from hashret.errors import HashretError, NotFoundError, check, is_integer, os_problem
 from hashret.index import filtered, kernels
 from hashret.index.attributes import encode, evaluate, key, new_schema, parse_filter, value_of
+from hashret.index.postings import Postings
 from hashret.index.bits import as_packed
 from hashret.index.rows import Memory, Stored, to_words, word_layout
 from hashret.index.store import FILES, LMDBStore, all_unique, ascending, is_initialised
@@ -171,6 +172,7 @@ class HashIndex:
         self._idmap = _IdMap()  # explicit id -> row; after open, built on first use
         self.path = None
         self._filters = OrderedDict()  # (state, rows, filter text) -> Selection, the last few
+        self._postings = None  # ((state, rows), Postings): the row lists of the current state
         self._kept_max = FILTERS_KEPT
 
     # the backend's state, read where it is kept (memory, or the current snapshot)
@@ -238,8 +240,9 @@ class HashIndex:
     @staticmethod
     def warmup(bits: int) -> float:
         """Compile -- or load, where an earlier process compiled them -- the scan kernels for
-        ``bits``-bit codes (a lone query, a batch, a radius search), so that the first real
-        search answers at once. The kernels are kept per user (:mod:`hashret.index.cache`).
+        ``bits``-bit codes (a lone query, a batch, a radius search, a filter's rows), so that
+        the first real search answers at once. The kernels are kept per user
+        (:mod:`hashret.index.cache`).
         Returns the seconds it took (a fraction of one where they were cached)."""
         import os
         import time
@@ -257,6 +260,10 @@ class HashIndex:
                 index.search(codes[:1], 10)
                 index.search(codes[:8], 10)
                 index.range_search(codes[:2], 1)
+                listed = {"id": {"in": list(range(0, len(codes), 64))}}
+                index.search(codes[:1], 10, filter=listed)  # a filter's few rows, read where they lie
+                index.search(codes[:8], 10, filter=listed)  # ... copied for a batch
+                index.search(codes[:8], 10, filter=np.arange(len(codes)) % 64 == 0)  # a mask's rows copied
         finally:
             if mode is None:
                 os.environ.pop("HASHRET_COMPILE")
@@ -426,18 +433,8 @@ class HashIndex:
             if tree is None:
                 dist, rows = kernels.topk(segs, q, kk, self.bits, deleted, threads)
                 return dist, rows, ids_of_rows(rows)
-            found = None
-            kept = self._kept_selection(filter, segs.n_rows)
-            if kept is None and len(q) <= filtered.RANK_FIRST_QUERIES:
-                # a new filter and a few queries: rank first, test only the candidates
-                def test(rows):
-                    return evaluate(tree, columns, segs.n_rows, self.lookup_rows, rows)
-
-                found = filtered.rank_first(segs, q, kk, self.bits, deleted, test, threads)
-            if found is None:
-                selection = kept or self._selection(filter, tree, segs.n_rows, deleted, columns)
-                found = filtered.topk(segs, q, kk, self.bits, selection, threads)
-            dist, rows = found
+            f = self._filter(filter, tree, segs.n_rows, columns)
+            dist, rows = filtered.topk(segs, q, kk, self.bits, deleted, f, threads)
             return dist, rows, ids_of_rows(rows)
 
         return self._scan(scan)
@@ -455,18 +452,16 @@ class HashIndex:
         q = self._query_words(queries)
 
         def scan(segs, deleted, ids_of_rows, columns):
-            selection = None
+            f = None
             if filter is not None:
-                tree = parse_filter(filter, columns.schema, segs.n_rows)
-                selection = (self._kept_selection(filter, segs.n_rows)
-                             or self._selection(filter, tree, segs.n_rows, deleted, columns))
+                f = self._filter(filter, parse_filter(filter, columns.schema, segs.n_rows), segs.n_rows, columns)
             if segs.n_rows == 0:
                 return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
             r = int(min(radius, self.bits))
-            if selection is None:
+            if f is None:
                 lims, dist, rows = kernels.range_search(segs, q, r, self.bits, deleted, threads)
             else:
-                lims, dist, rows = filtered.range_search(segs, q, r, self.bits, selection, threads)
+                lims, dist, rows = filtered.range_search(segs, q, r, self.bits, deleted, f, threads)
             return lims, dist, rows, ids_of_rows(rows)
 
         return self._scan(scan)
@@ -495,17 +490,26 @@ class HashIndex:
             self._filters.move_to_end(token)
         return kept
 
-    def _selection(self, filter, tree, n_rows: int, deleted, columns):
-        """The rows alive that ``filter`` selects, evaluated over every row, kept for the next
-        searches with the same filter (the last FILTERS_KEPT expressions, until rows change)."""
-        match = evaluate(tree, columns, n_rows, self.lookup_rows)
-        selection = filtered.Selection(match if deleted is None else match & (deleted == 0))
+    def _filter(self, filter, tree, n_rows: int, columns) -> filtered.Filter:
+        """``filter`` as this state of the rows meets it: its tests, the row lists of this
+        state (built per column on first use, kept until the rows change), the selection a
+        recent search kept of it, and where to keep one (the last FILTERS_KEPT expressions)."""
+        token = (self._rows.state, n_rows)
+        if self._postings is None or self._postings[0] != token:
+            self._postings = token, Postings(columns, n_rows, self.lookup_rows)
         text = key(filter)
-        if text is not None and self._kept_max:
-            self._filters[(self._rows.state, n_rows, text)] = selection
-            while len(self._filters) > self._kept_max:
-                self._filters.popitem(last=False)
-        return selection
+
+        def test(rows):
+            return evaluate(tree, columns, n_rows, self.lookup_rows, rows)
+
+        def keep(selection):
+            if text is not None and self._kept_max:
+                self._filters[(*token, text)] = selection
+                while len(self._filters) > self._kept_max:
+                    self._filters.popitem(last=False)
+
+        return filtered.Filter(tree, test, lambda: evaluate(tree, columns, n_rows, self.lookup_rows),
+                               self._postings[1], self._kept_selection(filter, n_rows), keep)
 
     def check_filter(self, filter):
         """Raise HashretError (one line) where ``filter`` cannot be applied to this index."""
@@ -584,6 +588,7 @@ class HashIndex:
         columns = self._scan(lambda _s, _d, _i, cols: cols.rows(alive)) if self._rows.schema else None
         self._rows.rewrite(packed, ids, alive, columns)
         self._filters.clear()
+        self._postings = None
         self._idmap = None
 
     def segments(self):

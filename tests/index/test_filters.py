@@ -57,7 +57,9 @@ def _selective(plain, share, rng):
 
 
 @pytest.mark.parametrize("bits", [8, 16, 24, 32, 64, 128, 192, 256, 320])
-def test_filtered_search_equals_brute_force_post_filtering(bits, tmp_path):
+@pytest.mark.parametrize("pick_work", [filtered.PICK_WORK, 0])  # 0: listed rows copied and scanned, never picked
+def test_filtered_search_equals_brute_force_post_filtering(bits, pick_work, tmp_path, monkeypatch):
+    monkeypatch.setattr(filtered, "PICK_WORK", pick_work)
     n = 6000
     db, attrs, plain = _data(n, bits, bits)
     rng = np.random.default_rng(bits)
@@ -102,23 +104,39 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     index.add(db, attributes=attrs)
     took = []
     monkeypatch.setattr(filtered, "rank_first", lambda *a, real=filtered.rank_first: took.append("rank first") or real(*a))
-    monkeypatch.setattr(filtered.Selection, "gathered",
-                        lambda self, segs, real=filtered.Selection.gathered: took.append("gathered") or real(self, segs))
-    masked = []
+    monkeypatch.setattr(filtered.Selection, "gathered", lambda self, segs, bits, real=filtered.Selection.gathered:
+                        took.append("gathered") or real(self, segs, bits))
+    monkeypatch.setattr(kernels, "pick_topk", lambda *a, real=kernels.pick_topk: took.append("picked") or real(*a))
+    masked, over_all = [], []
     real_topk = kernels.topk
     monkeypatch.setattr(kernels, "topk", lambda segs, q, k, bits, deleted=None, threads=None:
                         masked.append(deleted is not None) or real_topk(segs, q, k, bits, deleted, threads))
+    real_evaluate = hash_index_module.evaluate
+    monkeypatch.setattr(hash_index_module, "evaluate", lambda tree, cols, n, look, rows=None:
+                        over_all.append(rows is None) or real_evaluate(tree, cols, n, look, rows))
     index.search(db[:1], 5, filter={"year": {"gte": 2000}})  # new, most rows, one query: rank first
-    assert took == ["rank first"] and masked == [False]
+    assert took == ["rank first"] and masked == [False] and not any(over_all)
     index.search(db[:9], 5, filter={"year": {"gte": 2000}})  # a batch: evaluated over all rows, kept
+    assert over_all[-1]
     index.search(db[:1], 5, filter={"year": {"gte": 2000}})  # now kept: the masked scan, no ranking first
     assert took == ["rank first"] and masked == [False, True, True]
+    took.clear(), over_all.clear()
+    index.search(db[:1], 5, filter={"year": {"eq": 2001}})  # ~2.5%, new: listed, distances where the rows lie
+    assert took == ["picked"] and not any(over_all)
     took.clear()
-    index.search(db[:9], 5, filter={"year": {"eq": 2001}})  # ~2.5%, a batch: gathered copy
+    index.search(db[:9], 5, filter={"year": {"eq": 2003}})  # a batch: the listed rows copied and scanned
+    assert took == ["gathered"] and not any(over_all)
+    took.clear()
+    index.search(db[:9], 100, filter={"labels": {"any": ["sky"]}})  # 25%, a batch: listed rows, no pass over all
+    assert took == ["gathered"] and not any(over_all)
+    took.clear()
+    monkeypatch.setattr(filtered, "PICK_WORK", 0)
+    index.search(db[:1], 100, filter={"year": {"eq": 2004}})  # listed, too many to pick: gathered copy
     assert took == ["gathered"]
     took.clear()
-    index.search(db[:1], 200, filter={"year": {"eq": 2002}, "genre": {"eq": "folk"}})  # too few to rank first
-    assert took == ["rank first", "gathered"]
+    monkeypatch.setattr(filtered, "PICK_WORK", 1 << 21)
+    index.search(db[:1], 200, filter={"year": {"eq": 2002}, "genre": {"eq": "folk"}})  # listed, then tested
+    assert took == ["picked"] and over_all == [False]
     few = np.flatnonzero((plain["year"] == 2001) & (plain["genre"] == "folk"))
     d, ids = index.search(db[:2], len(few) + 20, filter={"year": {"eq": 2001}, "genre": {"eq": "folk"}})
     assert sorted(ids[0][ids[0] >= 0].tolist()) == few.tolist()
@@ -374,3 +392,40 @@ def test_the_example_in_docs_filters_runs_as_written(capsys):
     exec(compile(block, "docs/filters.md", "exec"), {})
     shown = capsys.readouterr().out
     assert "'labels': [" in shown and "'year':" in shown
+
+
+def test_row_lists_bound_every_filter_and_give_its_rows():
+    # estimate: at least the filter's rows; rows(): those rows (exact) or a superset, no repeats,
+    # sorted where said -- for every kind of condition and their and / or / not
+    from hashret.index.attributes import evaluate, parse_filter
+    from hashret.index.postings import Postings
+
+    db, attrs, plain = _data(3000, 64, 5)
+    index = HashIndex(64)
+    index.add(db, ids=np.arange(3000) * 7, attributes=attrs)
+    exprs = [{"labels": {"any": ["sky"]}}, {"labels": {"any": ["sky", "dog", "sand"]}}, {"labels": {"all": ["sea", "cat"]}},
+             {"labels": {"none": ["sea"]}}, {"year": {"lt": 1995}}, {"year": {"lte": 1995}}, {"year": {"gt": 2027}},
+             {"year": {"gte": 2027, "lt": 2029}}, {"year": {"eq": 2001}}, {"year": {"in": [2001, 1990, 2001]}},
+             {"year": {"ne": 2001}}, {"year": {"not_in": [2001]}}, {"score": {"lt": 0.01}}, {"score": {"eq": 0.5}},
+             {"genre": {"eq": "folk"}}, {"genre": {"in": ["rock", "none-such"]}}, {"genre": {"ne": "folk"}},
+             {"taken": {"lt": "2020-01-05T00:00:00"}}, {"id": {"in": [0, 14, 7 * 2999, 5, -3]}}, {"id": {"not_in": [0]}},
+             {"year": {"lt": 1992}, "labels": {"any": ["sky"]}}, {"or": [{"year": {"eq": 2001}}, {"genre": {"eq": "jazz"}}]},
+             {"or": [{"year": {"eq": 2001}}, {"not": {"genre": {"eq": "jazz"}}}]}, {"not": {"year": {"eq": 2001}}},
+             {"and": [{"not": {"year": {"eq": 2001}}}, {"labels": {"all": ["dog"]}}]}]
+    state = {}
+    index._scan(lambda segs, deleted, ids_of_rows, columns: state.update(columns=columns))
+    lists = Postings(state["columns"], 3000, index.lookup_rows)
+    for expr in exprs:
+        tree = parse_filter(expr, state["columns"].schema, 3000)
+        truth = np.flatnonzero(evaluate(tree, state["columns"], 3000, index.lookup_rows))
+        est = lists.estimate(tree)
+        if est is None:
+            continue
+        assert est >= len(truth), expr
+        rows, exact, ascending = lists.rows(tree)
+        assert len(np.unique(rows)) == len(rows) and np.isin(truth, rows).all(), expr
+        if exact:
+            np.testing.assert_array_equal(np.sort(rows), truth, err_msg=str(expr))
+        if ascending:
+            assert (np.diff(rows) > 0).all(), expr
+    assert lists.estimate(parse_filter({"labels": {"none": ["sea"]}}, state["columns"].schema, 3000)) is None
