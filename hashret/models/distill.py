@@ -1,13 +1,15 @@
-"""Distilled hash heads for the fine-grained matchers, and :class:`MatcherModel`, the trained
-pair (matcher + hash head) that a checkpoint holds.
+"""Hash heads for the fine-grained matchers, and :class:`MatcherModel`, the trained pair
+(matcher + hash head) that a checkpoint holds.
 
-A hash head is two per-modality encoders (regions -> b, words -> b, tanh). Distilled, it is
-trained so that <h_I, h_T> / b reproduces the matcher's in-batch score matrix: KL between the
-row (image -> captions) and column (caption -> images) softmaxes of teacher and student, each
-with a temperature, plus a quantisation term ||h - sign(h)||^2. Undistilled (the control), the
-same encoders learn from the matching pairs alone: the same listwise loss with a one-hot
-target (in-batch contrastive). Both train on batches of look-alikes after the first epoch
-(``head_group``: each anchor with its nearest images under the head's current codes), so the
+A hash head is two per-modality encoders (regions -> b, words -> b, tanh). What it learns from
+is its ``head`` field (:data:`HEADS`). ``in-batch`` (the default) is distilled: <h_I, h_T> / b
+is trained to reproduce the matcher's in-batch score matrix -- KL between the row (image ->
+captions) and column (caption -> images) softmaxes of teacher and student, each with a
+temperature, plus the true pairs' loss and a quantisation term ||h - sign(h)||^2. The
+controls change the target only: ``pairs`` (one-hot, in-batch contrastive), ``smoothing``
+(the pairs, label-smoothed) and ``shuffled`` (the matcher's scores of each row in a random
+order). Every head of a matcher trains on the same batches (``head_schedule`` in
+:mod:`hashret.training.matching`): random at first, then groups of look-alikes, so that the
 in-batch negatives include what the codes confuse.
 """
 
@@ -26,21 +28,31 @@ from hashret.models.matchers import (MATCHERS, build_matcher,
 HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "head_batch_size": 64,
                  "head_lr": 2e-3, "tau_teacher": 0.25, "tau_student": 0.05, "quantization": 0.1,
                  "hard_weight": 1.0, "head_group": 2,
-                 "distill": True}
+                 "head": "in-batch", "smoothing_eps": 0.5}
 # SHAN's teacher temperature, chosen on the scenes' dev part (500 images, rSum of the 512-bit
 # codes with every dev item as a query; tau 0.25 / 0.5 / 1 / 2 / 4 / 8: 582.4 / 585.0 / 586.4 /
 # 590.6 / 593.2 / 590.6; the pairs-only head's best of 7 settings: 589.0). A flat target helps
 # SHAN's head about as much as a uniform one (592.4): what transfers there is mostly the
-# smoothing, not SHAN's ranking -- the "uniform" control of the cascade benchmark shows it.
+# smoothing, not SHAN's ranking -- the "smoothing" control of the cascade benchmark shows it.
 HEAD_PER_MATCHER = {"shan": {"tau_teacher": 4.0}}
-# what the head learns from, by the "distill" field: the matcher's scores, the pairs alone, or
-# the distillation loss against a uniform teacher (the smoothing-only control)
-DISTILL_MODES = {True: "distilled", False: "pairs only", "uniform": "uniform teacher"}
+# what a hash head learns from (its "head" field): the in-batch distillation, and the controls
+# the cascade benchmark trains beside it on the same batches from the same initialisation
+HEADS = {"in-batch": "distilled from the matcher's in-batch scores",
+         "pairs": "the matching pairs alone",
+         "smoothing": "the matching pairs, label-smoothed (smoothing_eps)",
+         "shuffled": "the matcher's in-batch scores, each row's in a random order"}
+# the field before "head" (checkpoints written then): uniform = smoothing at its default 1/2
+LEGACY_DISTILL = {True: "in-batch", False: "pairs", "uniform": "smoothing"}
 
 
-def check_distill(distill):
-    check(distill in DISTILL_MODES, f"distill must be true, false or 'uniform' (the smoothing-only "
-          f"control), got {distill!r}")
+def check_head(head):
+    check(head in HEADS, f"head must be one of {', '.join(HEADS)} (what the hash head learns from), "
+          f"got {head!r}")
+
+
+def uses_matcher(head: str) -> bool:
+    """Whether a head of this kind learns from the matcher's scores."""
+    return head in ("in-batch", "shuffled")
 
 
 def head_config(name: str) -> dict:
@@ -107,6 +119,37 @@ def _true_pairs(logits):
     return nnf.cross_entropy(logits, target) + nnf.cross_entropy(logits.T, target)
 
 
+def smoothing_loss(h_img, h_txt, eps=0.5, tau_student=0.05, quantization=0.1):
+    """The matching pairs, label-smoothed: cross-entropy of each row's and each column's
+    softmax of <h_I, h_T> / b against 1 - eps on the true pair plus eps spread evenly, times 2
+    -- so that at eps = 1/2 it is :func:`distill_loss` against an all-equal teacher (hard
+    weight 1) up to a constant: the control that tells what a teacher's ranking brings beyond a
+    softened target."""
+    s = (h_img @ h_txt.T) / h_img.shape[1] / tau_student
+    n = len(s)
+    target = torch.full_like(s, eps / n) + (1 - eps) * torch.eye(n, device=s.device, dtype=s.dtype)
+    ce = -(target * nnf.log_softmax(s, 1)).sum(1).mean() - (target * nnf.log_softmax(s.T, 1)).sum(1).mean()
+    return 2 * ce + quantization * quantization_loss(h_img, h_txt)
+
+
+def shuffled_rows(scores, generator):
+    """Each row's scores in a random order of its own: the teacher's spread kept, which
+    caption it favours lost (the "shuffled" control)."""
+    order = torch.argsort(torch.rand(scores.shape, generator=generator), dim=1).to(scores.device)
+    return torch.gather(scores, 1, order)
+
+
+def head_loss(head: str, cfg: dict, teacher, h_img, h_txt):
+    """The loss a head of kind ``head`` (:data:`HEADS`) trains on; ``teacher``: the matcher's
+    in-batch scores (rows shuffled already for "shuffled"), None for the heads that take none."""
+    if head == "pairs":
+        return pairs_only_loss(h_img, h_txt, cfg["tau_student"], cfg["quantization"])
+    if head == "smoothing":
+        return smoothing_loss(h_img, h_txt, cfg["smoothing_eps"], cfg["tau_student"], cfg["quantization"])
+    return distill_loss(teacher, h_img, h_txt, cfg["tau_teacher"], cfg["tau_student"], cfg["quantization"],
+                        cfg["hard_weight"])
+
+
 def pairs_only_loss(h_img, h_txt, tau_student=0.05, quantization=0.1):
     """The undistilled control: the matching pairs alone (in-batch contrastive over
     <h_I, h_T> / b), so only the teacher's scores differ from :func:`distill_loss`."""
@@ -136,6 +179,11 @@ class MatcherModel:
         check(name in MATCHERS, f"unknown matcher {name!r}: use one of {', '.join(MATCHERS)}")
         check(int(bits) > 0 and int(bits) % 8 == 0,
               f"code length {bits} is not a positive multiple of 8: use e.g. 64, 128, 256 or 512")
+        if "distill" in overrides:  # a config from before the "head" field
+            legacy = overrides.pop("distill")
+            check(legacy in LEGACY_DISTILL, f"distill must be true, false or 'uniform', got {legacy!r}: "
+                  f"set head to one of {', '.join(HEADS)} instead")
+            overrides.setdefault("head", LEGACY_DISTILL[legacy])
         matcher_fields = matcher_config(name, overrides.get("preset", "cpu"))
         fields = {**matcher_fields, **head_config(name)}
         bad = sorted(set(overrides) - set(fields))
@@ -151,7 +199,9 @@ class MatcherModel:
         self.config = {"model": name, "kind": self.kind, "bits": int(bits),
                        "region_dim": int(region_dim), "vocab_size": len(self.vocab_words),
                        "seed": int(seed), **fields, **overrides}
-        check_distill(self.config["distill"])
+        check_head(self.config["head"])
+        eps = self.config["smoothing_eps"]
+        check(isinstance(eps, (int, float)) and 0 <= eps <= 1, f"smoothing_eps must be in [0, 1], got {eps!r}")
         check(int(self.config["head_group"]) >= 1,
               f"head_group must be at least 1 (1 = random batches), got {self.config['head_group']}")
         torch.manual_seed(int(seed))

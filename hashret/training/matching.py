@@ -11,8 +11,8 @@ import torch
 
 from hashret.errors import check
 from hashret.metrics import recall_at_k
-from hashret.models.distill import (DISTILL_MODES, MatcherModel, check_distill, distill_loss,
-                                    exhaustive_ranking, pairs_only_loss, select)
+from hashret.models.distill import (HEADS, MatcherModel, exhaustive_ranking, head_loss, pairs_only_loss,
+                                    select, shuffled_rows, uses_matcher)
 from hashret.models.base import adam
 from hashret.models.matchers import score_chunks
 
@@ -79,11 +79,11 @@ def _look_alike_order(head, part, images, captions, group, rng, device):
     return order, caption_of[order]
 
 
-def _epochs(dataset, seed, epochs, batch_size, desc, progress, device, step, reorder=None) -> list:
+def _epochs(dataset, seed, epochs, batch_size, desc, progress, device, step, schedule=None) -> list:
     """The loop the matcher and its heads share: each epoch, the training images in a seeded
-    order with one caption each, in batches; ``step(epoch, regions, mask, tokens, lengths)``
-    updates the model and returns the batch's loss; ``reorder(images, captions, rng)``, from
-    the second epoch on, may regroup the epoch's pairs. Returns the mean loss per epoch."""
+    order with one caption each (or ``schedule[epoch]``'s (images, captions)), in batches;
+    ``step(epoch, regions, mask, tokens, lengths)`` updates the model and returns the batch's
+    loss. Returns the mean loss per epoch."""
     from tqdm.auto import tqdm
 
     part = dataset.part("train")
@@ -92,9 +92,7 @@ def _epochs(dataset, seed, epochs, batch_size, desc, progress, device, step, reo
     history = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
-        images, captions = _epoch_pairs(part, rng)
-        if reorder is not None and epoch > 0:
-            images, captions = reorder(images, captions, rng)
+        images, captions = _epoch_pairs(part, rng) if schedule is None else schedule[epoch]
         total, steps = 0.0, 0
         for s in range(0, len(images) - 1, batch_size):
             x, m, t, ln = _batch(part, images[s:s + batch_size], captions[s:s + batch_size], device)
@@ -133,46 +131,70 @@ def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu") ->
     return history
 
 
-def train_head(model: MatcherModel, dataset, distill=True, progress=False, device="cpu") -> list:
-    """Train the hash head: distilled from the (trained, frozen) matcher's in-batch score
-    matrix, or, with ``distill=False``, from the matching pairs alone (one-hot targets), or,
-    with ``distill="uniform"``, by the distillation loss against a uniform teacher -- the
-    pairs plus the same smoothing, no matcher -- the control that tells what a teacher's
-    ranking brings beyond a softened target.
-    With ``head_group`` > 1, batches after the first epoch are built from groups of
-    look-alikes under the head's current codes (:func:`_look_alike_order`)."""
-    check_distill(distill)
+def head_schedule(model: MatcherModel, dataset, device="cpu") -> list:
+    """The batches every hash head of ``model``'s matcher trains on, made once, so that heads
+    that learn from different targets see the same pairs in the same order: per epoch, the
+    training images (seeded order) with one caption each; from the second epoch on, with
+    ``head_group`` > 1, regrouped into look-alikes (:func:`_look_alike_order`) under the codes
+    of a reference head -- ``model``'s initial head trained one epoch on the first epoch's
+    batches from the pairs alone, the same for every head whatever it learns from."""
+    import copy
+
     cfg = model.config
+    part = dataset.part("train")
+    rng = np.random.default_rng(cfg["seed"] + 1)
+    schedule = [_epoch_pairs(part, rng) for _ in range(cfg["head_epochs"])]
+    group = int(cfg["head_group"])
+    if group > 1 and len(schedule) > 1:
+        reference = copy.deepcopy(model.head).to(device).train()
+        opt = adam(reference.parameters(), cfg["head_lr"])
+
+        def step(epoch, x, m, t, ln):
+            loss = pairs_only_loss(reference.image(x, m), reference.text(t, ln), cfg["tau_student"],
+                                   cfg["quantization"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        _epochs(dataset, cfg["seed"] + 1, 1, cfg["head_batch_size"], "reference head", False, device, step,
+                schedule[:1])
+        for e in range(1, len(schedule)):
+            schedule[e] = _look_alike_order(reference, part, *schedule[e], group, rng, device)
+    return schedule
+
+
+def train_head(model: MatcherModel, dataset, schedule=None, progress=False, device="cpu") -> list:
+    """Train the hash head on what its ``head`` field names (:data:`~hashret.models.distill.HEADS`):
+    the (trained, frozen) matcher's in-batch score matrix, or a control -- the pairs alone,
+    the pairs label-smoothed, the matcher's scores shuffled within each row. ``schedule``: the
+    batches (:func:`head_schedule`, made here when not given; the cascade benchmark makes one
+    and trains every head of a matcher on it)."""
+    cfg = model.config
+    kind = cfg["head"]
     matcher = model.matcher.to(device).eval()
     head = model.head.to(device).train()
+    schedule = head_schedule(model, dataset, device) if schedule is None else schedule
     opt = adam(head.parameters(), cfg["head_lr"])
+    shuffle = torch.Generator().manual_seed(int(cfg["seed"]) + 2)  # the shuffled control's orders
 
     def step(epoch, x, m, t, ln):
         hi, ht = head.image(x, m), head.text(t, ln)
-        if distill:
-            if distill == "uniform":
-                teacher = torch.zeros(len(x), len(t), device=hi.device)  # every pair alike
-            else:
-                with torch.no_grad():
-                    # in blocks: one 64 x 64 pass over all fragments ran ~1.5x slower (cache misses)
-                    teacher = score_chunks(matcher, matcher.encode_image(x, m), matcher.encode_text(t, ln))
-            loss = distill_loss(teacher, hi, ht, cfg["tau_teacher"], cfg["tau_student"],
-                                cfg["quantization"], cfg["hard_weight"])
-        else:
-            loss = pairs_only_loss(hi, ht, cfg["tau_student"], cfg["quantization"])
+        teacher = None
+        if uses_matcher(kind):
+            with torch.no_grad():
+                # in blocks: one 64 x 64 pass over all fragments ran ~1.5x slower (cache misses)
+                teacher = score_chunks(matcher, matcher.encode_image(x, m), matcher.encode_text(t, ln))
+            if kind == "shuffled":
+                teacher = shuffled_rows(teacher, shuffle)
+        loss = head_loss(kind, cfg, teacher, hi, ht)
         opt.zero_grad()
         loss.backward()
         opt.step()
         return float(loss.detach())
 
-    group = int(cfg["head_group"])
-
-    def look_alikes(images, captions, rng):
-        return _look_alike_order(head, dataset.part("train"), images, captions, group, rng, device)
-
-    desc = f"{model.name} hash head ({DISTILL_MODES[distill]})"
-    history = _epochs(dataset, cfg["seed"] + 1, cfg["head_epochs"], cfg["head_batch_size"], desc,
-                      progress, device, step, look_alikes if group > 1 else None)
+    history = _epochs(dataset, cfg["seed"] + 1, cfg["head_epochs"], cfg["head_batch_size"],
+                      f"{model.name} hash head ({HEADS[kind]})", progress, device, step, schedule)
     model.head = head.to("cpu").eval()
     model.matcher = matcher.to("cpu")
     model.has_head = True
@@ -246,7 +268,7 @@ def train_scene_model(model: str = "sgraf", dataset: str = "scenes", bits: int =
     """Train a matcher (sgraf, cgam, han, shan or the global baseline) on a scene dataset
     (``scenes[:k=v,...]`` or ``precomp:FOLDER``), then its hash head, and write a checkpoint.
     With ``distill_from`` (a RUN_DIR holding a trained matcher), only the head is trained.
-    ``options`` may hold any matcher or head field (``distill=false`` trains the head on the
+    ``options`` may hold any matcher or head field (``head=pairs`` trains the head on the
     matching pairs alone)."""
     from hashret.data.scenes import load_scenes
     from hashret.models.checkpoint import load_checkpoint, save_checkpoint
@@ -278,7 +300,7 @@ def train_scene_model(model: str = "sgraf", dataset: str = "scenes", bits: int =
         log.info(f"training the {net.name} matcher (seed {seed}) on {tag}{ds.name}: {n} images")
         train_matcher(net, ds, progress=progress, device=device)
     matcher_s = time.perf_counter() - t0
-    train_head(net, ds, distill=net.config["distill"], progress=progress, device=device)
+    train_head(net, ds, progress=progress, device=device)
     head_s = time.perf_counter() - t0 - matcher_s
     extra = {"dataset_spec": dataset, "vocab": ds.vocab.words,
              "train": {"matcher_seconds": round(matcher_s, 2), "head_seconds": round(head_s, 2),

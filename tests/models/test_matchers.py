@@ -1,10 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from hashret.data.scenes import make_scenes
-from hashret.models.distill import HashHead, distill_loss, pairs_only_loss
+from hashret.models.distill import (HEAD_DEFAULTS, HEADS, HashHead, distill_loss, head_loss, pairs_only_loss,
+                                    shuffled_rows, smoothing_loss, uses_matcher)
 from hashret.models.matchers import (MATCHERS, build_matcher, hardest_triplet, masked_max, masked_softmax,
                                      softmax_triplet, sum_triplet)
 
@@ -157,9 +159,10 @@ def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
     assert both.item() == pytest.approx(bad.item() + 0.5 * pairs_only_loss(h, -h, quantization=0.0).item(), rel=1e-5)
 
 
-def test_a_uniform_teacher_adds_only_the_smoothing_to_the_pairs_loss():
-    """The control of ``train_head(distill="uniform")``: an all-equal teacher makes the KL
-    terms KL(uniform || softmax(s)) per row and per column, on top of the pairs loss."""
+def test_smoothing_at_one_half_is_the_loss_against_an_all_equal_teacher():
+    """What the old "uniform teacher" control was: an all-equal teacher makes the KL terms
+    KL(uniform || softmax(s)) per row and per column, on top of the pairs loss -- the smoothing
+    head at eps = 1/2, up to the constant 2 log n."""
     g = torch.Generator().manual_seed(1)
     hi, ht = torch.randn(5, 8, generator=g).tanh(), torch.randn(5, 8, generator=g).tanh()
     got = distill_loss(torch.zeros(5, 5), hi, ht, tau_teacher=0.25, tau_student=0.05, quantization=0.1,
@@ -167,6 +170,46 @@ def test_a_uniform_teacher_adds_only_the_smoothing_to_the_pairs_loss():
     s = hi @ ht.T / 8 / 0.05
     smooth = sum((-math.log(5) - torch.log_softmax(x, 1).mean(1)).mean() for x in (s, s.T))
     assert got.item() == pytest.approx(smooth.item() + pairs_only_loss(hi, ht, 0.05, 0.1).item(), rel=1e-5)
+    assert smoothing_loss(hi, ht, 0.5, 0.05, 0.1).item() == pytest.approx(got.item() + 2 * math.log(5), rel=1e-5)
+
+
+def test_each_head_trains_on_its_own_target_and_no_other():
+    # each head's loss against a direct transcription of its target, on inputs where all four
+    # differ: a head wired to another's target fails here
+    g = torch.Generator().manual_seed(3)
+    n, b = 6, 8
+    hi, ht = torch.randn(n, b, generator=g).tanh(), torch.randn(n, b, generator=g).tanh()
+    teacher = 3 * torch.randn(n, n, generator=g)
+    cfg = {**HEAD_DEFAULTS, "smoothing_eps": 0.3, "quantization": 0.0}
+    s = hi @ ht.T / b / cfg["tau_student"]
+    eye = torch.eye(n)
+
+    def ce(target, logits):
+        return -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+
+    def kl(teacher_logits, logits):
+        p = torch.softmax(teacher_logits, 1)
+        return (p * (torch.log(p) - torch.log_softmax(logits, 1))).sum(1).mean()
+
+    def distilled(t):
+        z = (t - t.mean()) / t.std() / cfg["tau_teacher"]
+        return kl(z, s) + kl(z.T, s.T) + ce(eye, s) + ce(eye, s.T)
+
+    smooth = (1 - 0.3) * eye + 0.3 / n
+    shuffled = shuffled_rows(teacher, torch.Generator().manual_seed(0))
+    want = {"pairs": ce(eye, s) + ce(eye, s.T), "smoothing": 2 * (ce(smooth, s) + ce(smooth, s.T)),
+            "in-batch": distilled(teacher), "shuffled": distilled(shuffled)}
+    got = {k: head_loss(k, cfg, shuffled if k == "shuffled" else teacher, hi, ht) for k in HEADS}
+    for k in HEADS:
+        assert got[k].item() == pytest.approx(want[k].item(), rel=1e-5), k
+    values = sorted(v.item() for v in want.values())
+    assert min(np.diff(values)) > 1e-3  # the four targets differ on these inputs
+    # shuffled: each row keeps its own scores, in another order
+    for i in range(n):
+        assert torch.equal(shuffled[i].sort().values, teacher[i].sort().values)
+    assert not torch.equal(shuffled, teacher)
+    assert set(HEADS) == {"in-batch", "pairs", "smoothing", "shuffled"}
+    assert [h for h in HEADS if uses_matcher(h)] == ["in-batch", "shuffled"]
 
 
 def test_masked_softmax_ignores_masked_entries():
@@ -467,12 +510,20 @@ def test_query_text_path_equals_torch_gru(dtype):
         opt.step()                                       # the cached numpy weights must follow
 
 
-def test_a_bad_distill_setting_is_refused_before_any_training():
+def test_a_bad_head_setting_is_refused_before_any_training_and_old_configs_still_load():
     from hashret.errors import HashretError
     from hashret.models.distill import MatcherModel
 
     vocab = ["<pad>", "<unk>", "a"]
-    assert MatcherModel("shan", 16, 12, vocab, distill="uniform").config["tau_teacher"] == 4.0
+    assert MatcherModel("shan", 16, 12, vocab, head="smoothing").config["tau_teacher"] == 4.0
     assert MatcherModel("han", 16, 12, vocab).config["tau_teacher"] == 0.25
+    with pytest.raises(HashretError, match="head must be one of in-batch, pairs, smoothing, shuffled"):
+        MatcherModel("han", 16, 12, vocab, head="maybe")
+    with pytest.raises(HashretError, match="smoothing_eps must be in"):
+        MatcherModel("han", 16, 12, vocab, smoothing_eps=1.5)
+    # a checkpoint's config from before the head field: distill true / false / uniform
+    for old, new in ((True, "in-batch"), (False, "pairs"), ("uniform", "smoothing")):
+        cfg = MatcherModel("han", 16, 12, vocab, distill=old).config
+        assert cfg["head"] == new and "distill" not in cfg
     with pytest.raises(HashretError, match="distill must be true, false or 'uniform'"):
         MatcherModel("han", 16, 12, vocab, distill="maybe")

@@ -217,3 +217,58 @@ def test_the_server_answers_the_cascade_as_the_cli_does(runs):
         assert status == 400 and "region" in out["error"]
     finally:
         s.stop()
+
+
+def test_every_head_trains_on_the_same_batches_and_only_the_matchers_heads_read_it(monkeypatch):
+    # the controls are pinned where they are trained: pairs and smoothing never score with
+    # the matcher; in-batch gets the matcher's scores of the batch, shuffled a row-wise
+    # permutation of them; and every head sees the same (images, captions) in the same order
+    import torch
+
+    from hashret.models.distill import HEADS, MatcherModel
+    from hashret.training import matching
+
+    ds = load_scenes(SPEC)
+    options = {**SMALL, "head_epochs": 2}
+    base = MatcherModel("han", 32, ds.region_dim, ds.vocab.words, 0, **options)
+    schedule = matching.head_schedule(base, ds)
+    assert len(schedule) == 2 and sorted(schedule[1][0].tolist()) == list(range(ds.part("train").n_images))
+    again = matching.head_schedule(MatcherModel("han", 32, ds.region_dim, ds.vocab.words, 0, **options), ds)
+    assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(schedule, again))
+    seen = {}
+    real_batch, real_scores, real_loss = matching._batch, matching.score_chunks, matching.head_loss
+
+    def batch(part, images, captions, device):
+        seen.setdefault(kind, []).append((np.array(images), np.array(captions)))
+        return real_batch(part, images, captions, device)
+
+    def scores(*a, **k):
+        out = real_scores(*a, **k)
+        scored.append(out)
+        return out
+
+    def loss(head, cfg, teacher, hi, ht):
+        taught.append(teacher)
+        return real_loss(head, cfg, teacher, hi, ht)
+
+    monkeypatch.setattr(matching, "_batch", batch)
+    monkeypatch.setattr(matching, "score_chunks", scores)
+    monkeypatch.setattr(matching, "head_loss", loss)
+    for kind in HEADS:
+        scored, taught = [], []
+        model = MatcherModel("han", 32, ds.region_dim, ds.vocab.words, 0, **{**options, "head": kind})
+        model.matcher = base.matcher
+        matching.train_head(model, ds, schedule)
+        if kind in ("pairs", "smoothing"):
+            assert scored == [] and all(t is None for t in taught), kind
+        else:
+            assert len(scored) == len(taught) > 0
+            for s, t in zip(scored, taught):
+                if kind == "in-batch":
+                    assert torch.equal(s, t)
+                else:
+                    assert not torch.equal(s, t) and torch.equal(s.sort(1).values, t.sort(1).values)
+    first = seen["in-batch"]
+    for kind in HEADS:
+        assert len(seen[kind]) == len(first)
+        assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(seen[kind], first)), kind
