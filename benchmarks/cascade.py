@@ -5,7 +5,9 @@
     python benchmarks/cascade.py --dataset precomp:/data/f30k_precomp --bits 128
 
 Writes table.md, results.json (records: matcher, mode, rsum, r{1,5,10}_{i2t,t2i},
-ms_per_query, fraction_scored, ...), queries.npz and rsum_vs_time.png to --out.
+ms_per_query, fraction_scored, ...; each head's record with head, seed, scenes and its
+operating points agreement_{i2t,t2i} / r1_* / r10_*, dicts keyed by K's percentage of the
+gallery), queries.npz, rsum_vs_time.png and agreement_at_k.png to --out.
 """
 
 import sys

@@ -1,11 +1,14 @@
 """The matcher benchmark behind ``benchmarks/cascade.py``: for each fine-grained matcher on
 scene data, Recall@1/5/10 both ways and rSum for (a) the matcher ranking the whole gallery,
-(b) its distilled codes alone, (c) the cascade (Hamming top-K, matcher re-ranks) at K = 1%
-and 5% of the gallery, (d) a head of the same size trained without distillation and one
-trained against a uniform teacher (the distillation's smoothing alone), and (e) a global
-mean-pooled embedding; with the share of the gallery the matcher scores and the
-median time per query (one query at a time, gallery encodings precomputed for every mode,
-query encoding included)."""
+(b) each hash head -- the in-batch distilled one and its controls (pairs only, label
+smoothing, the matcher's scores shuffled within rows; :data:`~hashret.models.distill.HEADS`),
+trained on the same batches from the same initialisation -- by its codes alone, and at the
+cascade's operating points: for K in 0.5, 1, 2 and 5% of the gallery, the *agreement* (the
+share of the matcher's own exhaustive top 10 found in the Hamming top K) and the cascade's
+Recall@1/10 (the Hamming top K re-ranked by the matcher); (c) the timed cascade of the
+default head at K = 1% and 5%; and (d) a global mean-pooled embedding. Times are medians per
+query (one query at a time, gallery encodings precomputed for every mode, query encoding
+included)."""
 
 from __future__ import annotations
 
@@ -20,14 +23,15 @@ from hashret.errors import check
 from hashret.metrics import recall_at_k
 from hashret.index import HashIndex
 from hashret.index.bits import pack_codes
-from hashret.models.distill import MatcherModel, exhaustive_ranking, rerank
-from hashret.training.matching import (codes_recall, ground_truth, part_codes, train_head,
+from hashret.models.distill import HEAD_DEFAULTS, HEADS, MatcherModel, exhaustive_ranking, rerank
+from hashret.training.matching import (codes_recall, ground_truth, head_schedule, part_codes, train_head,
                                       train_matcher)
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image")}
-MODES = ("exhaustive", "codes", "cascade-1%", "cascade-5%", "undistilled", "uniform-teacher", "global")
+MODES = ("exhaustive", "head", "cascade-1%", "cascade-5%", "global")
+OPERATING = ("0.5", "1", "2", "5")  # K, percent of the gallery: the cascade's operating points
 DEFAULT_DATASET = "scenes"  # SYNTHETIC: 10,000 training images, a 5,000-image test gallery
 
 
@@ -92,10 +96,51 @@ def _recalls(ranked, part, queries):
 
 def _every_query(model, ds, codes):
     """rSum of the codes with every gallery item as a query (cheap for codes, and ~17x the
-    queries of the matcher modes, so codes-vs-undistilled is not decided by noise)."""
+    queries of the matcher modes, so the heads' codes are not told apart by noise)."""
     r = codes_recall(model, ds, "test", n_queries=10 ** 12, codes=codes)
     return {"rsum_every_query": round(sum(r[d][f"r{k}"] for d in r for k in (1, 5, 10)), 2),
             "queries_every": len(codes["image"])}
+
+
+def _candidates(pct: str, n_gallery: int) -> int:
+    """K for a percentage of a gallery: at least 10 (what Recall@10 and the agreement need)."""
+    return max(10, int(round(float(pct) / 100 * n_gallery)))
+
+
+def _all_scores(model, part, queries, gallery_enc) -> dict:
+    """Per direction, the matcher's scores of every query against the whole gallery (Q x G):
+    what the exhaustive top 10 and every cascade's re-ranking read."""
+    out = {}
+    for d, (qm, gm) in DIRECTIONS.items():
+        q_enc = model.encode_rows_for_matching(part, qm, queries[d])
+        s = model.scores(q_enc, gallery_enc[gm]) if d == "i2t" else model.scores(gallery_enc[gm], q_enc).T
+        out[d] = s.numpy()
+    return out
+
+
+def operating_points(scores: dict, codes: dict, part, queries) -> dict:
+    """For each K of :data:`OPERATING`: ``agreement_{d}`` (the share of the matcher's own top
+    10 -- by ``scores``, the matcher's Q x G scores per direction -- within the codes' Hamming
+    top K, percent) and ``r1_{d}`` / ``r10_{d}`` (the cascade: that top K re-ranked by the
+    matcher's scores), each a dict keyed by K's percentage."""
+    out = {}
+    for d, (qm, gm) in DIRECTIONS.items():
+        s = scores[d]
+        top10 = np.argsort(-s, axis=1, kind="stable")[:, :10]
+        index = HashIndex(codes[gm].shape[1] * 8)
+        index.add(codes[gm])
+        agree, r1, r10 = {}, {}, {}
+        for pct in OPERATING:
+            k = _candidates(pct, s.shape[1])
+            _, cand = index.search(codes[qm][queries[d]], k)
+            agree[pct] = round(100.0 * float(np.mean([len(np.intersect1d(top10[i], cand[i])) / 10
+                                                      for i in range(len(cand))])), 2)
+            picked = np.take_along_axis(s, cand, axis=1)
+            ranked = np.take_along_axis(cand, np.argsort(-picked, axis=1, kind="stable")[:, :10], axis=1)
+            rec = recall_at_k(ranked, ground_truth(part, d, queries[d]), ks=(1, 10))
+            r1[pct], r10[pct] = round(rec[1], 2), round(rec[10], 2)
+        out.update({f"agreement_{d}": agree, f"r1_{d}": r1, f"r10_{d}": r10})
+    return out
 
 
 def _code_index(model, codes):
@@ -136,9 +181,14 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
 
     def add(rec):
         records.append(rec)
-        log.info(f"  {rec['matcher']:7s} {rec['mode']:12s} rSum {rec['rsum']:6.1f}  R@10 I→T "
-            f"{rec['r10_i2t']:5.1f} T→I {rec['r10_t2i']:5.1f}  {rec['ms_per_query']:8.3f} ms/query  "
-            f"scores {rec['fraction_scored']:.3f} of the gallery")
+        if rec["mode"] == "head":
+            log.info(f"  {rec['matcher']:7s} head {rec['head']:9s} codes rSum {rec['rsum']:6.1f}  agreement@1% "
+                     f"I→T {rec['agreement_i2t']['1']:5.1f} T→I {rec['agreement_t2i']['1']:5.1f}  cascade R@10 "
+                     f"at 1% I→T {rec['r10_i2t']['1']:5.1f} T→I {rec['r10_t2i']['1']:5.1f}")
+        else:
+            log.info(f"  {rec['matcher']:7s} {rec['mode']:12s} rSum {rec['rsum']:6.1f}  R@10 I→T "
+                     f"{rec['r10_i2t']:5.1f} T→I {rec['r10_t2i']:5.1f}  {rec['ms_per_query']:8.3f} ms/query  "
+                     f"scores {rec['fraction_scored']:.3f} of the gallery")
         (out / "results.json").write_text(json.dumps(records, indent=1))
 
     for name in list(matchers) + ["global"]:
@@ -157,40 +207,42 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
             continue
         ranked, times = _rank_with_matcher(model, part, queries, gallery)
         add(_record(name, "exhaustive", _recalls(ranked, part, queries), times, 1.0, extra))
+        scores = _all_scores(model, part, queries, gallery)
         t0 = time.perf_counter()
-        train_head(model, ds, distill=True)
-        extra_head = {**extra, "head_seconds": round(time.perf_counter() - t0, 1)}
-        codes = part_codes(model, part)
-        index = _code_index(model, codes)
-        ranked, times = _rank_with_codes(model, part, queries, index)
-        add(_record(name, "codes", _recalls(ranked, part, queries), times, 0.0,
-                    {**extra_head, **_every_query(model, ds, codes)}))
-        for pct in (1, 5):
-            # each direction's K from its own gallery: with five captions per image, image->text
-            # "1%" of the images would score 0.2% of the captions
-            k = {m: max(10, int(round(pct / 100 * n_gallery[m]))) for m in ("image", "text")}
-            frac = {d: round(k[gm] / n_gallery[gm], 4) for d, (_, gm) in DIRECTIONS.items()}
-            ranked, times = _rank_with_matcher(model, part, queries, gallery, k, index)
-            add(_record(name, f"cascade-{pct}%", _recalls(ranked, part, queries), times,
-                        max(frac.values()), {**extra_head, "candidates_i2t": k["text"],
-                                             "candidates_t2i": k["image"],
-                                             "fraction_scored_i2t": frac["i2t"],
-                                             "fraction_scored_t2i": frac["t2i"]}))
-        # the controls: the same head (same initialisation and batches) from the pairs alone,
-        # and from the pairs plus a uniform teacher (the distillation loss's smoothing
-        # without the matcher's ranking)
-        for mode, how in (("undistilled", False), ("uniform-teacher", "uniform")):
-            plain = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed,
-                                 **{**options.get(name, {}), "distill": how})
-            plain.matcher = model.matcher
+        schedule = head_schedule(model, ds)  # every head of this matcher trains on these batches
+        schedule_s = time.perf_counter() - t0
+        default = options.get(name, {}).get("head", HEAD_DEFAULTS["head"])
+        for kind in [default] + [h for h in HEADS if h != default]:
+            # the same initialisation (seed) and batches for every head: only the target differs
+            head = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed, **{**options.get(name, {}),
+                                                                                    "head": kind})
+            head.matcher = model.matcher
             t0 = time.perf_counter()
-            train_head(plain, ds, distill=how)
-            codes = part_codes(plain, part)
-            index = _code_index(plain, codes)
-            ranked, times = _rank_with_codes(plain, part, queries, index)
-            add(_record(name, mode, _recalls(ranked, part, queries), times, 0.0,
-                        {**extra, "head_seconds": round(time.perf_counter() - t0, 1),
-                         **_every_query(plain, ds, codes)}))
+            train_head(head, ds, schedule)
+            extra_head = {**extra, "head": kind, "seed": seed, "scenes": dataset,
+                          "head_seconds": round(time.perf_counter() - t0 + schedule_s, 1)}
+            codes = part_codes(head, part)
+            index = _code_index(head, codes)
+            ranked, times = _rank_with_codes(head, part, queries, index)
+            rec = _record(name, "head", _recalls(ranked, part, queries), times, 0.0,
+                          {**extra_head, **_every_query(head, ds, codes)})
+            for d in DIRECTIONS:  # the codes' own recall; r1 / r10 are the cascade's, by K
+                for k in (1, 5, 10):
+                    rec[f"codes_r{k}_{d}"] = rec.pop(f"r{k}_{d}")
+            add({**rec, **operating_points(scores, codes, part, queries)})
+            if kind != default:
+                continue
+            for pct in (1, 5):  # the default head's cascade, timed one query at a time
+                # each direction's K from its own gallery: with five captions per image, image->text
+                # "1%" of the images would score 0.2% of the captions
+                k = {m: _candidates(str(pct), n_gallery[m]) for m in ("image", "text")}
+                frac = {d: round(k[gm] / n_gallery[gm], 4) for d, (_, gm) in DIRECTIONS.items()}
+                ranked, times = _rank_with_matcher(head, part, queries, gallery, k, index)
+                add(_record(name, f"cascade-{pct}%", _recalls(ranked, part, queries), times,
+                            max(frac.values()), {**extra_head, "candidates_i2t": k["text"],
+                                                 "candidates_t2i": k["image"],
+                                                 "fraction_scored_i2t": frac["i2t"],
+                                                 "fraction_scored_t2i": frac["t2i"]}))
     total = time.perf_counter() - t_start
     _write_report(records, out, dataset, ds, total)
     log.info(f"wrote {out}/table.md, results.json and plots in {total / 60:.1f} min")
@@ -198,7 +250,7 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
 
 
 def _write_report(records, out, spec, ds, seconds):
-    head = (f"# Matchers, distilled codes and the cascade on {'SYNTHETIC ' if ds.synthetic else ''}"
+    head = (f"# Matchers, hash heads and the cascade on {'SYNTHETIC ' if ds.synthetic else ''}"
             f"{ds.name}\n\n`{spec}`; Recall@K in percent; ms per query = median over single "
             f"queries (both directions); fraction scored = share of the gallery the matcher scores (the larger of the two directions, each "
             f"direction's K taken from its own gallery; per direction in results.json). "
@@ -207,22 +259,30 @@ def _write_report(records, out, spec, ds, seconds):
             "ms_per_query", "fraction_scored"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
-        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    speed = []
+        if r["mode"] != "head":
+            lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    heads = ["", "Each head at the cascade's operating points (K = % of the gallery): agreement = the share "
+             "of the matcher's own top 10 within the Hamming top K; cascade R@10 = that top K re-ranked by "
+             "the matcher; codes rSum = the codes alone, every gallery item a query.", "",
+             "| matcher | head | codes rSum | " + " | ".join(f"agree I→T {p}%" for p in OPERATING) + " | "
+             + " | ".join(f"agree T→I {p}%" for p in OPERATING) + " | R@10 I→T 1% | R@10 T→I 1% |",
+             "|" + "---|" * (5 + 2 * len(OPERATING))]
+    for r in records:
+        if r["mode"] == "head":
+            heads.append(f"| {r['matcher']} | {r['head']} | {r['rsum_every_query']} | "
+                         + " | ".join(str(r["agreement_i2t"][p]) for p in OPERATING) + " | "
+                         + " | ".join(str(r["agreement_t2i"][p]) for p in OPERATING)
+                         + f" | {r['r10_i2t']['1']} | {r['r10_t2i']['1']} |")
+    speed = [""]
     for r in records:
         if r["mode"].startswith("cascade"):
             ex = next(x for x in records if x["matcher"] == r["matcher"] and x["mode"] == "exhaustive")
-            speed.append(f"- {r['matcher']} {r['mode']}: R@10 I→T {r['r10_i2t'] - ex['r10_i2t']:+.1f}, "
+            speed.append(f"- {r['matcher']} {r['mode']} ({r['head']} head): R@10 I→T {r['r10_i2t'] - ex['r10_i2t']:+.1f}, "
                          f"T→I {r['r10_t2i'] - ex['r10_t2i']:+.1f} points vs exhaustive; "
                          f"{ex['ms_per_query'] / max(r['ms_per_query'], 1e-9):.1f}x faster per query "
                          f"(I→T {ex['ms_per_query_i2t'] / max(r['ms_per_query_i2t'], 1e-9):.1f}x, "
                          f"T→I {ex['ms_per_query_t2i'] / max(r['ms_per_query_t2i'], 1e-9):.1f}x)")
-        if r["mode"] in ("undistilled", "uniform-teacher") and "rsum_every_query" in r:
-            d = next(x for x in records if x["matcher"] == r["matcher"] and x["mode"] == "codes")
-            speed.append(f"- {r['matcher']} distilled vs {r['mode']} codes, every one of the "
-                         f"{r['queries_every']} gallery items as a query: rSum {d['rsum_every_query']} vs "
-                         f"{r['rsum_every_query']} ({d['rsum_every_query'] - r['rsum_every_query']:+.1f})")
-    (out / "table.md").write_text(head + "\n".join(lines) + "\n\n" + "\n".join(speed) + "\n")
+    (out / "table.md").write_text(head + "\n".join(lines + heads + speed) + "\n")
     try:
         import matplotlib
 
@@ -236,11 +296,29 @@ def _write_report(records, out, spec, ds, seconds):
         if pts:
             ax.scatter([r["ms_per_query"] for r in pts], [r["rsum"] for r in pts], label=mode)
             for r in pts:
-                ax.annotate(r["matcher"], (r["ms_per_query"], r["rsum"]), fontsize=7)
+                ax.annotate(r["matcher"] + (f" {r['head']}" if mode == "head" else ""),
+                            (r["ms_per_query"], r["rsum"]), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("ms per query (median)")
     ax.set_ylabel("rSum")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "rsum_vs_time.png", dpi=120)
+    plt.close(fig)
+    matchers = list(dict.fromkeys(r["matcher"] for r in records if r["mode"] == "head"))
+    if not matchers:
+        return
+    fig, axes = plt.subplots(1, len(matchers), figsize=(4 * len(matchers), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], matchers):
+        for r in (x for x in records if x["mode"] == "head" and x["matcher"] == name):
+            for d, style in (("i2t", "-"), ("t2i", "--")):
+                ax.plot([float(p) for p in OPERATING], [r[f"agreement_{d}"][p] for p in OPERATING], style,
+                        marker="o", label=f"{r['head']} {'I→T' if d == 'i2t' else 'T→I'}")
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("K, % of the gallery")
+        ax.set_ylabel("agreement with the matcher's top 10, %")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "agreement_at_k.png", dpi=120)
     plt.close(fig)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from hashret.experiments.cascade import MODES, run_cascade_benchmark
+from hashret.experiments.cascade import OPERATING, run_cascade_benchmark
 
 FAST = {"epochs": 1, "head_epochs": 2, "embed": 16, "word_dim": 8, "head_hidden": 16}
 
@@ -28,19 +28,62 @@ def five_captions_run(tmp_path_factory):
 
 def test_the_benchmark_writes_every_mode_with_the_promised_keys(tiny_run):
     out, records = tiny_run
-    assert [(r["matcher"], r["mode"]) for r in records] == \
-        [("han", m) for m in MODES[:-1]] + [("global", "global")]
+    assert [(r["matcher"], r["mode"], r.get("head")) for r in records] == \
+        [("han", "exhaustive", None), ("han", "head", "in-batch"), ("han", "cascade-1%", "in-batch"),
+         ("han", "cascade-5%", "in-batch"), ("han", "head", "pairs"), ("han", "head", "smoothing"),
+         ("han", "head", "shuffled"), ("global", "global", None)]
     saved = json.loads((out / "results.json").read_text())
     assert saved == records
     for r in saved:
         for key in ("rsum", "r10_i2t", "r10_t2i", "ms_per_query", "fraction_scored"):
             assert key in r
-        assert 0 <= r["r10_i2t"] <= 100 and 0 <= r["r10_t2i"] <= 100
+        if r["mode"] == "head":  # the operating points, keyed by K's percentage of the gallery
+            assert r["seed"] == 0 and r["scenes"].startswith("scenes:")
+            for key in ("agreement_i2t", "agreement_t2i", "r1_i2t", "r10_i2t", "r1_t2i", "r10_t2i"):
+                assert list(r[key]) == list(OPERATING) and all(0 <= v <= 100 for v in r[key].values())
+            assert 0 <= r["codes_r10_i2t"] <= 100
+        else:
+            assert 0 <= r["r10_i2t"] <= 100 and 0 <= r["r10_t2i"] <= 100
     frac = {r["mode"]: r["fraction_scored"] for r in records}
-    assert frac["exhaustive"] == 1.0 and frac["codes"] == 0.0 and frac["cascade-1%"] == 10 / 40
+    assert frac["exhaustive"] == 1.0 and frac["head"] == 0.0 and frac["cascade-1%"] == 10 / 40
     table = (out / "table.md").read_text()
-    assert "cascade-1%" in table and "distilled vs undistilled" in table
-    assert "distilled vs uniform-teacher" in table
+    assert "cascade-1%" in table and "agree I→T 1%" in table and "| han | shuffled |" in table
+
+
+def test_operating_points_against_a_direct_count():
+    # agreement and the cascade's recall, recomputed from scratch for hand-made scores and codes
+    import numpy as np
+
+    from hashret.experiments.cascade import operating_points
+
+    class Part:  # one caption per image: query i's match is gallery item i
+        def captions_of(self, q):
+            return [np.array([i]) for i in q]
+
+        def images_of(self, q):
+            return np.asarray(q)
+
+    rng = np.random.default_rng(0)
+    n = 200
+    scores = {d: rng.normal(size=(20, n)) for d in ("i2t", "t2i")}
+    codes = {m: rng.integers(0, 256, (n, 4), dtype=np.uint8) for m in ("image", "text")}
+    queries = {d: np.sort(rng.choice(n, 20, replace=False)) for d in ("i2t", "t2i")}
+    got = operating_points(scores, codes, Part(), queries)
+    for d, (qm, gm) in {"i2t": ("image", "text"), "t2i": ("text", "image")}.items():
+        dist = np.unpackbits(codes[qm][queries[d]][:, None] ^ codes[gm][None], axis=2).sum(2)
+        for pct in OPERATING:
+            k = max(10, int(round(float(pct) / 100 * n)))
+            agree, hit1, hit10 = [], [], []
+            for i, q in enumerate(queries[d]):
+                cand = np.lexsort((np.arange(n), dist[i]))[:k]  # Hamming top K, ties by row
+                top10 = np.argsort(-scores[d][i], kind="stable")[:10]
+                agree.append(len(set(top10) & set(cand)) / 10)
+                reranked = cand[np.argsort(-scores[d][i][cand], kind="stable")][:10]
+                hit1.append(reranked[0] == q)
+                hit10.append(q in reranked)
+            assert got[f"agreement_{d}"][pct] == round(100 * np.mean(agree), 2)
+            assert got[f"r1_{d}"][pct] == round(100 * np.mean(hit1), 2)
+            assert got[f"r10_{d}"][pct] == round(100 * np.mean(hit10), 2)
 
 
 def test_the_cascade_counts_each_direction_against_its_own_gallery(five_captions_run):
@@ -61,6 +104,6 @@ def test_every_query_rsum_matches_the_per_query_loop_when_all_are_queries(tiny_r
     # path behind rsum_every_query rank the same items
     _, records = tiny_run
     for r in records:
-        if r["mode"] in ("codes", "undistilled", "uniform-teacher"):
+        if r["mode"] == "head":
             assert r["queries_every"] == 40
             assert r["rsum_every_query"] == pytest.approx(r["rsum"], abs=0.02)
