@@ -236,18 +236,28 @@ def make_scenes(n_train: int = 10000, n_dev: int = 500, n_test: int = 5000, n_ob
                 min_objects: int = 2, max_objects: int = 4, background: int = 3,
                 captions_per_image: int = 2, test_captions_per_image: int = 1,
                 twin_fraction: float = 0.5, max_mentions: int = 3, noise: float = 0.35,
-                seed: int = 0) -> SceneDataset:
+                graded: float = 0.0, seed: int = 0) -> SceneDataset:
     """SYNTHETIC scenes. An object region's feature is relu(P (e_object + e_attribute + noise)),
     a background region's relu(P (e_background + noise)); an image has ``min..max_objects``
     objects (distinct types) plus 1..``background`` background regions, padded to a common
     count (mask). A caption names 2..all of the image's objects with their attributes
     ("a red cube and a wooden boat"), at most ``max_mentions``. A ``twin_fraction`` of images come in pairs that differ
     only in one attribute-object binding (two objects swap attributes): each is the other's
-    hard negative, which the mean of the regions cannot tell apart well."""
+    hard negative, which the mean of the regions cannot tell apart well.
+
+    ``graded`` > 0 gives relevance degrees among non-pairs: that share of the scenes (twins
+    aside) are variants of an earlier scene of their part -- its objects and attributes with
+    one binding changed (an object swapped for another type, or an attribute for another) --
+    so scenes come in families that share all but one binding, and a caption of one scene
+    describes its relatives nearly as well (0, the default, draws every scene afresh: every
+    non-pair equally wrong). Relations between objects are not modelled (the joiners are
+    words only)."""
     check(2 <= min_objects <= max_objects <= n_objects <= len(OBJECTS),
           f"need 2 <= min_objects <= max_objects <= n_objects <= {len(OBJECTS)}")
     check(2 <= n_attributes <= len(ATTRIBUTES), f"n_attributes must lie in 2..{len(ATTRIBUTES)}")
     check(n_train > 0 and n_test > 0 and n_dev >= 0, "scene counts must be positive")
+    check(0.0 <= graded <= 1.0, f"graded must lie in [0, 1] (the share of scenes that vary an earlier one), "
+          f"got {graded}")
     rng = np.random.default_rng(seed)
     e_obj = rng.normal(size=(n_objects, latent_dim)).astype(np.float32)
     e_att = rng.normal(size=(n_attributes, latent_dim)).astype(np.float32)
@@ -258,9 +268,19 @@ def make_scenes(n_train: int = 10000, n_dev: int = 500, n_test: int = 5000, n_ob
     def scene_part(n, n_caps):
         objs, atts, swapped = [], [], []
         while len(objs) < n:
-            k = int(rng.integers(min_objects, max_objects + 1))
-            o = rng.choice(n_objects, size=k, replace=False)
-            a = rng.integers(0, n_attributes, size=k)
+            if graded and objs and rng.random() < graded:  # a relative: one binding changed
+                r0 = int(rng.integers(len(objs)))
+                o, a = objs[r0].copy(), atts[r0].copy()
+                j = int(rng.integers(len(o)))
+                if rng.random() < 0.5 and len(o) < n_objects:
+                    o[j] = rng.choice(np.setdiff1d(np.arange(n_objects), o))
+                else:
+                    a[j] = (a[j] + 1 + rng.integers(n_attributes - 1)) % n_attributes
+                k = len(o)
+            else:
+                k = int(rng.integers(min_objects, max_objects + 1))
+                o = rng.choice(n_objects, size=k, replace=False)
+                a = rng.integers(0, n_attributes, size=k)
             objs.append(o)
             atts.append(a)
             swapped.append(None)
@@ -315,7 +335,7 @@ def make_scenes(n_train: int = 10000, n_dev: int = 500, n_test: int = 5000, n_ob
                   min_objects=min_objects, max_objects=max_objects, background=background,
                   captions_per_image=captions_per_image,
                   test_captions_per_image=test_captions_per_image, twin_fraction=twin_fraction, max_mentions=max_mentions,
-                  noise=noise, seed=seed)
+                  noise=noise, graded=graded, seed=seed)
     return SceneDataset(name="scenes", parts=parts, vocab=vocab, synthetic=True,
                         source="SYNTHETIC scene generator (objects with attributes + background "
                                "regions; captions name attribute-object bindings)",

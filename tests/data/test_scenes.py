@@ -90,3 +90,26 @@ def test_vocabulary_query_needs_a_known_word():
         v.encode_query("zebra giraffe")
     with pytest.raises(HashretError, match="empty"):
         v.encode_query("  ")
+
+
+def test_graded_scenes_come_in_families_and_graded_zero_is_the_default_generator():
+    # graded=0 draws exactly the scenes the generator always drew (same data, same fingerprint);
+    # graded > 0 makes that share of scenes relatives of an earlier one: one binding changed
+    base = make_scenes(n_train=60, n_dev=0, n_test=40, twin_fraction=0.0, seed=3)
+    same = make_scenes(n_train=60, n_dev=0, n_test=40, twin_fraction=0.0, graded=0.0, seed=3)
+    assert same.fingerprint() == base.fingerprint()
+
+    def closest_shared(ds):
+        facts = [set(f) for f in ds.part("test").facts]
+        return [max(len(a & b) / len(a) for j, b in enumerate(facts) if j != i) for i, a in enumerate(facts)]
+
+    graded = make_scenes(n_train=60, n_dev=0, n_test=40, twin_fraction=0.0, graded=0.8, seed=3)
+    near = np.array(closest_shared(graded))
+    assert np.mean(near >= 0.5) > 0.7 > np.mean(np.array(closest_shared(base)) >= 0.5)
+    facts = [set(f) for f in graded.part("test").facts]
+    # a relative differs from some earlier scene in exactly one binding
+    one_off = sum(any(len(facts[i] ^ facts[j]) == 2 and len(facts[i]) == len(facts[j]) for j in range(i))
+                  for i in range(1, len(facts)))
+    assert one_off >= 0.6 * (len(facts) - 1)
+    with pytest.raises(HashretError, match="graded must lie in"):
+        make_scenes(n_train=10, n_dev=0, n_test=10, graded=1.5)
