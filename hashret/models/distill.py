@@ -28,7 +28,7 @@ from hashret.models.matchers import (MATCHERS, build_matcher,
 HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "head_batch_size": 64,
                  "head_lr": 2e-3, "tau_teacher": 0.25, "tau_student": 0.05, "quantization": 0.1,
                  "hard_weight": 1.0, "head_group": 2,
-                 "head": "in-batch", "smoothing_eps": 0.5}
+                 "head": "in-batch", "smoothing_eps": 0.5, "list_size": 8}
 # SHAN's teacher temperature, chosen on the scenes' dev part (500 images, rSum of the 512-bit
 # codes with every dev item as a query; tau 0.25 / 0.5 / 1 / 2 / 4 / 8: 582.4 / 585.0 / 586.4 /
 # 590.6 / 593.2 / 590.6; the pairs-only head's best of 7 settings: 589.0). A flat target helps
@@ -37,7 +37,8 @@ HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "hea
 HEAD_PER_MATCHER = {"shan": {"tau_teacher": 4.0}}
 # what a hash head learns from (its "head" field): the in-batch distillation, and the controls
 # the cascade benchmark trains beside it on the same batches from the same initialisation
-HEADS = {"in-batch": "distilled from the matcher's in-batch scores",
+HEADS = {"distilled": "distilled from the matcher's ranking of the head's own hard candidates",
+         "in-batch": "distilled from the matcher's in-batch scores",
          "pairs": "the matching pairs alone",
          "smoothing": "the matching pairs, label-smoothed (smoothing_eps)",
          "shuffled": "the matcher's in-batch scores, each row's in a random order"}
@@ -52,7 +53,7 @@ def check_head(head):
 
 def uses_matcher(head: str) -> bool:
     """Whether a head of this kind learns from the matcher's scores."""
-    return head in ("in-batch", "shuffled")
+    return head in ("distilled", "in-batch", "shuffled")
 
 
 def head_config(name: str) -> dict:
@@ -139,6 +140,22 @@ def shuffled_rows(scores, generator):
     return torch.gather(scores, 1, order)
 
 
+def distilled_loss(teacher: dict, h_img, h_txt, cfg: dict):
+    """The "distilled" head's loss: :func:`listwise_loss` in both directions over each query's
+    list -- its true pair, then its ``list_size`` candidates -- with ``teacher`` the matcher's
+    list scores ({"i2t": Q x L, "t2i": Q x L}) and the student's <h_I, h_T> / b of the same
+    pairs; ``h_img`` / ``h_txt``: the Q batch items' codes, then the lists' (the captions of
+    each image query, the images of each caption query), in query order; plus quantisation."""
+    n, m, b = len(teacher["i2t"]), cfg["list_size"], h_img.shape[1]
+    hi, ht = h_img[:n], h_txt[:n]
+    own = (hi * ht).sum(1, keepdim=True)
+    s_i2t = torch.cat([own, torch.einsum("qd,qmd->qm", hi, h_txt[n:].view(n, m, b))], 1) / b / cfg["tau_student"]
+    s_t2i = torch.cat([own, torch.einsum("qd,qmd->qm", ht, h_img[n:].view(n, m, b))], 1) / b / cfg["tau_student"]
+    return (listwise_loss(teacher["i2t"], s_i2t, cfg["tau_teacher"], cfg["hard_weight"])
+            + listwise_loss(teacher["t2i"], s_t2i, cfg["tau_teacher"], cfg["hard_weight"])
+            + cfg["quantization"] * quantization_loss(h_img, h_txt))
+
+
 def head_loss(head: str, cfg: dict, teacher, h_img, h_txt):
     """The loss a head of kind ``head`` (:data:`HEADS`) trains on; ``teacher``: the matcher's
     in-batch scores (rows shuffled already for "shuffled"), None for the heads that take none."""
@@ -146,8 +163,42 @@ def head_loss(head: str, cfg: dict, teacher, h_img, h_txt):
         return pairs_only_loss(h_img, h_txt, cfg["tau_student"], cfg["quantization"])
     if head == "smoothing":
         return smoothing_loss(h_img, h_txt, cfg["smoothing_eps"], cfg["tau_student"], cfg["quantization"])
+    if head == "distilled":  # h_img / h_txt: the batch's codes, then each query's list's
+        return distilled_loss(teacher, h_img, h_txt, cfg)
     return distill_loss(teacher, h_img, h_txt, cfg["tau_teacher"], cfg["tau_student"], cfg["quantization"],
                         cfg["hard_weight"])
+
+
+LIST_FIRST_GAP = 0.1  # the true pair's lift above a candidate the matcher ranks higher, in list-score sds
+
+
+def list_scores(matcher, img_enc, txt_enc, n_queries: int, list_size: int, direction: str):
+    """The matcher's scores of each query against its list: (Q, 1 + list_size), the true pair
+    first. The encodings hold the Q batch items first, then each query's list_size candidates
+    in query order (i2t: images are the queries, captions the lists; t2i the reverse)."""
+    out = []
+    for i in range(n_queries):
+        lst = torch.cat([torch.tensor([i]), n_queries + i * list_size + torch.arange(list_size)])
+        if direction == "i2t":
+            out.append(matcher.pair_scores(select(img_enc, slice(i, i + 1)), select(txt_enc, lst))[0])
+        else:
+            out.append(matcher.pair_scores(select(img_enc, lst), select(txt_enc, slice(i, i + 1)))[:, 0])
+    return torch.stack(out)
+
+
+def listwise_loss(teacher, student, tau_teacher=0.25, hard_weight=1.0):
+    """KL between the teacher's and the student's softmax over each query's list (Q x L, the
+    true pair in column 0), with the true pair kept first: where the matcher scores a candidate
+    above it, its target is lifted LIST_FIRST_GAP list-score sds above the best candidate.
+    Teacher scores are z-scored over the batch's lists (every matcher's scale means the same);
+    plus ``hard_weight`` x the loss of the true pair among its list."""
+    t = teacher.clone()
+    gap = LIST_FIRST_GAP * t.std().clamp_min(1e-6)
+    t[:, 0] = torch.maximum(t[:, 0], t[:, 1:].max(1).values + gap)
+    z = (t - t.mean()) / t.std().clamp_min(1e-6) / tau_teacher
+    kl = nnf.kl_div(nnf.log_softmax(student, 1), nnf.log_softmax(z, 1), log_target=True, reduction="batchmean")
+    first = torch.zeros(len(student), dtype=torch.long, device=student.device)
+    return kl + hard_weight * nnf.cross_entropy(student, first) if hard_weight else kl
 
 
 def pairs_only_loss(h_img, h_txt, tau_student=0.05, quantization=0.1):
@@ -200,6 +251,8 @@ class MatcherModel:
                        "region_dim": int(region_dim), "vocab_size": len(self.vocab_words),
                        "seed": int(seed), **fields, **overrides}
         check_head(self.config["head"])
+        check(isinstance(self.config["list_size"], int) and self.config["list_size"] >= 1,
+              f"list_size must be a positive integer (candidates per query), got {self.config['list_size']!r}")
         eps = self.config["smoothing_eps"]
         check(isinstance(eps, (int, float)) and 0 <= eps <= 1, f"smoothing_eps must be in [0, 1], got {eps!r}")
         check(int(self.config["head_group"]) >= 1,

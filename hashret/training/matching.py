@@ -11,8 +11,8 @@ import torch
 
 from hashret.errors import check
 from hashret.metrics import recall_at_k
-from hashret.models.distill import (HEADS, MatcherModel, exhaustive_ranking, head_loss, pairs_only_loss,
-                                    select, shuffled_rows, uses_matcher)
+from hashret.models.distill import (HEADS, MatcherModel, exhaustive_ranking, head_loss, list_scores,
+                                    pairs_only_loss, select, shuffled_rows, uses_matcher)
 from hashret.models.base import adam
 from hashret.models.matchers import score_chunks
 
@@ -82,8 +82,9 @@ def _look_alike_order(head, part, images, captions, group, rng, device):
 def _epochs(dataset, seed, epochs, batch_size, desc, progress, device, step, schedule=None) -> list:
     """The loop the matcher and its heads share: each epoch, the training images in a seeded
     order with one caption each (or ``schedule[epoch]``'s (images, captions)), in batches;
-    ``step(epoch, regions, mask, tokens, lengths)`` updates the model and returns the batch's
-    loss. Returns the mean loss per epoch."""
+    ``step(epoch, regions, mask, tokens, lengths, rows)`` updates the model and returns the
+    batch's loss (``rows``: the batch's (images, captions) numbers). Returns the mean loss per
+    epoch."""
     from tqdm.auto import tqdm
 
     part = dataset.part("train")
@@ -95,10 +96,11 @@ def _epochs(dataset, seed, epochs, batch_size, desc, progress, device, step, sch
         images, captions = _epoch_pairs(part, rng) if schedule is None else schedule[epoch]
         total, steps = 0.0, 0
         for s in range(0, len(images) - 1, batch_size):
-            x, m, t, ln = _batch(part, images[s:s + batch_size], captions[s:s + batch_size], device)
+            rows = images[s:s + batch_size], captions[s:s + batch_size]
+            x, m, t, ln = _batch(part, *rows, device)
             if len(x) < 2:
                 continue
-            total += step(epoch, x, m, t, ln)
+            total += step(epoch, x, m, t, ln, rows)
             steps += 1
         history.append(total / max(steps, 1))
         bar.set_postfix(loss=round(history[-1], 4))
@@ -113,7 +115,7 @@ def train_matcher(model: MatcherModel, dataset, progress=False, device="cpu") ->
               else [list(net.parameters())])
     opt = adam(net.parameters(), cfg["lr"])
 
-    def step(epoch, x, m, t, ln):
+    def step(epoch, x, m, t, ln, rows):
         img, txt = net.encode_image(x, m), net.encode_text(t, ln)
         terms = (net.loss_terms(img, txt, epoch) if hasattr(net, "loss_terms")
                  else [net.loss(net.pair_scores(img, txt), epoch)])
@@ -149,7 +151,7 @@ def head_schedule(model: MatcherModel, dataset, device="cpu") -> list:
         reference = copy.deepcopy(model.head).to(device).train()
         opt = adam(reference.parameters(), cfg["head_lr"])
 
-        def step(epoch, x, m, t, ln):
+        def step(epoch, x, m, t, ln, rows):
             loss = pairs_only_loss(reference.image(x, m), reference.text(t, ln), cfg["tau_student"],
                                    cfg["quantization"])
             opt.zero_grad()
@@ -164,12 +166,47 @@ def head_schedule(model: MatcherModel, dataset, device="cpu") -> list:
     return schedule
 
 
+def hard_candidates(head, part, list_size: int, device="cpu"):
+    """Each training image's ``list_size`` nearest captions of other images, and each
+    caption's ``list_size`` nearest other images, under the head's codes as they stand
+    (Hamming, ties by row): the lists the "distilled" head learns the matcher's ranking of."""
+    from hashret.index import HashIndex
+    from hashret.index.bits import pack_codes
+
+    was_training = head.training
+    head.eval()  # batch norm in inference mode: codes as the index would hold them
+    with torch.no_grad():
+        img = np.concatenate([pack_codes(head.image(*_to_device(part.image_batch(r), device)).cpu().numpy())
+                              for r in np.array_split(np.arange(part.n_images), max(1, part.n_images // 2048))])
+        txt = np.concatenate([pack_codes(head.text(*_to_device(part.text_batch(r), device)).cpu().numpy())
+                              for r in np.array_split(np.arange(part.n_captions), max(1, part.n_captions // 2048))])
+    head.train(was_training)
+    per_image = int(np.bincount(part.caption_image).max())
+    out = []
+    for queries, gallery, k, owner in ((img, txt, list_size + per_image, part.caption_image[None]),
+                                       (txt, img, list_size + 1, None)):
+        index = HashIndex(img.shape[1] * 8)
+        index.add(gallery)
+        _, near = index.search(queries, min(k, len(gallery)))
+        mine = (owner[0][near] == np.arange(len(queries))[:, None] if owner is not None
+                else near == part.caption_image[:, None])
+        keep = np.argsort(mine, axis=1, kind="stable")[:, :list_size]  # others first, in rank order
+        out.append(np.take_along_axis(near, keep, axis=1))
+    return out[0], out[1]
+
+
+def _to_device(batch, device):
+    return tuple(torch.from_numpy(np.asarray(a)).to(device) for a in batch)
+
+
 def train_head(model: MatcherModel, dataset, schedule=None, progress=False, device="cpu") -> list:
     """Train the hash head on what its ``head`` field names (:data:`~hashret.models.distill.HEADS`):
-    the (trained, frozen) matcher's in-batch score matrix, or a control -- the pairs alone,
-    the pairs label-smoothed, the matcher's scores shuffled within each row. ``schedule``: the
-    batches (:func:`head_schedule`, made here when not given; the cascade benchmark makes one
-    and trains every head of a matcher on it)."""
+    the matcher's ranking of the head's own hard candidates (``distilled``: each epoch, every
+    training query's ``list_size`` nearest items under the head's codes, scored by the frozen
+    matcher), the matcher's in-batch score matrix (``in-batch``), or a control -- the pairs
+    alone, the pairs label-smoothed, the in-batch scores shuffled within each row.
+    ``schedule``: the batches (:func:`head_schedule`, made here when not given; the cascade
+    benchmark makes one and trains every head of a matcher on it)."""
     cfg = model.config
     kind = cfg["head"]
     matcher = model.matcher.to(device).eval()
@@ -177,14 +214,33 @@ def train_head(model: MatcherModel, dataset, schedule=None, progress=False, devi
     schedule = head_schedule(model, dataset, device) if schedule is None else schedule
     opt = adam(head.parameters(), cfg["head_lr"])
     shuffle = torch.Generator().manual_seed(int(cfg["seed"]) + 2)  # the shuffled control's orders
+    part = dataset.part("train")
+    lists = {"epoch": None}
 
-    def step(epoch, x, m, t, ln):
+    def listed(epoch, rows):
+        """The batch followed by each query's list: images (queries, then the captions' lists)
+        and captions (queries, then the images' lists), as inputs."""
+        if lists["epoch"] != epoch:
+            lists["captions"], lists["images"] = hard_candidates(head, part, cfg["list_size"], device)
+            lists["epoch"] = epoch
+        images, captions = (np.asarray(r) for r in rows)
+        all_images = np.concatenate([images, lists["images"][captions].ravel()])
+        all_captions = np.concatenate([captions, lists["captions"][images].ravel()])
+        return _batch(part, all_images, all_captions, device)
+
+    def step(epoch, x, m, t, ln, rows):
+        if kind == "distilled":
+            x, m, t, ln = listed(epoch, rows)
         hi, ht = head.image(x, m), head.text(t, ln)
         teacher = None
         if uses_matcher(kind):
             with torch.no_grad():
-                # in blocks: one 64 x 64 pass over all fragments ran ~1.5x slower (cache misses)
-                teacher = score_chunks(matcher, matcher.encode_image(x, m), matcher.encode_text(t, ln))
+                img, txt = matcher.encode_image(x, m), matcher.encode_text(t, ln)
+                if kind == "distilled":
+                    n = len(rows[0])
+                    teacher = {d: list_scores(matcher, img, txt, n, cfg["list_size"], d) for d in ("i2t", "t2i")}
+                else:  # in blocks: one 64 x 64 pass over all fragments ran ~1.5x slower (cache misses)
+                    teacher = score_chunks(matcher, img, txt)
             if kind == "shuffled":
                 teacher = shuffled_rows(teacher, shuffle)
         loss = head_loss(kind, cfg, teacher, hi, ht)

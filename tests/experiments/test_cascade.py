@@ -4,7 +4,7 @@ import pytest
 
 from hashret.experiments.cascade import OPERATING, run_cascade_benchmark
 
-FAST = {"epochs": 1, "head_epochs": 2, "embed": 16, "word_dim": 8, "head_hidden": 16}
+FAST = {"epochs": 1, "head_epochs": 2, "embed": 16, "word_dim": 8, "head_hidden": 16, "list_size": 4}
 
 
 def _tiny(tmp_path_factory, captions_per_image):
@@ -30,7 +30,8 @@ def test_the_benchmark_writes_every_mode_with_the_promised_keys(tiny_run):
     out, records = tiny_run
     assert [(r["matcher"], r["mode"], r.get("head")) for r in records] == \
         [("han", "exhaustive", None), ("han", "head", "in-batch"), ("han", "cascade-1%", "in-batch"),
-         ("han", "cascade-5%", "in-batch"), ("han", "head", "pairs"), ("han", "head", "smoothing"),
+         ("han", "cascade-5%", "in-batch"), ("han", "head", "distilled"), ("han", "head", "pairs"),
+         ("han", "head", "smoothing"),
          ("han", "head", "shuffled"), ("global", "global", None)]
     saved = json.loads((out / "results.json").read_text())
     assert saved == records

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from hashret.data.scenes import make_scenes
-from hashret.models.distill import (HEAD_DEFAULTS, HEADS, HashHead, distill_loss, head_loss, pairs_only_loss,
-                                    shuffled_rows, smoothing_loss, uses_matcher)
+from hashret.models.distill import (HEAD_DEFAULTS, HEADS, LIST_FIRST_GAP, HashHead, distill_loss, head_loss,
+                                    listwise_loss, pairs_only_loss, shuffled_rows, smoothing_loss, uses_matcher)
 from hashret.models.matchers import (MATCHERS, build_matcher, hardest_triplet, masked_max, masked_softmax,
                                      softmax_triplet, sum_triplet)
 
@@ -199,8 +199,8 @@ def test_each_head_trains_on_its_own_target_and_no_other():
     shuffled = shuffled_rows(teacher, torch.Generator().manual_seed(0))
     want = {"pairs": ce(eye, s) + ce(eye, s.T), "smoothing": 2 * (ce(smooth, s) + ce(smooth, s.T)),
             "in-batch": distilled(teacher), "shuffled": distilled(shuffled)}
-    got = {k: head_loss(k, cfg, shuffled if k == "shuffled" else teacher, hi, ht) for k in HEADS}
-    for k in HEADS:
+    got = {k: head_loss(k, cfg, shuffled if k == "shuffled" else teacher, hi, ht) for k in want}
+    for k in want:
         assert got[k].item() == pytest.approx(want[k].item(), rel=1e-5), k
     values = sorted(v.item() for v in want.values())
     assert min(np.diff(values)) > 1e-3  # the four targets differ on these inputs
@@ -208,8 +208,42 @@ def test_each_head_trains_on_its_own_target_and_no_other():
     for i in range(n):
         assert torch.equal(shuffled[i].sort().values, teacher[i].sort().values)
     assert not torch.equal(shuffled, teacher)
-    assert set(HEADS) == {"in-batch", "pairs", "smoothing", "shuffled"}
-    assert [h for h in HEADS if uses_matcher(h)] == ["in-batch", "shuffled"]
+    assert set(HEADS) == {"distilled", "in-batch", "pairs", "smoothing", "shuffled"}
+    assert [h for h in HEADS if uses_matcher(h)] == ["distilled", "in-batch", "shuffled"]
+
+
+def test_the_distilled_head_learns_the_matchers_ranking_of_each_list_with_the_true_pair_first():
+    # a direct transcription: per query, KL(softmax(z(t') / tau) || softmax(s)) + CE(s, 0), t'
+    # the matcher's list scores with the true pair lifted above a candidate ranked higher
+    g = torch.Generator().manual_seed(5)
+    q, m, b = 4, 3, 8
+    cfg = {**HEAD_DEFAULTS, "list_size": m, "quantization": 0.0}
+    h_img, h_txt = torch.randn(q + q * m, b, generator=g).tanh(), torch.randn(q + q * m, b, generator=g).tanh()
+    teacher = {d: torch.randn(q, 1 + m, generator=g) for d in ("i2t", "t2i")}
+    teacher["i2t"][0, 0] = -5.0  # the matcher misranks query 0's true pair
+    total = 0.0
+    for d in ("i2t", "t2i"):
+        t = teacher[d].clone()
+        gap = LIST_FIRST_GAP * t.std()
+        for i in range(q):
+            t[i, 0] = max(t[i, 0], t[i, 1:].max() + gap)
+        assert (t.argmax(1) == 0).all()
+        z = (t - t.mean()) / t.std() / cfg["tau_teacher"]
+        for i in range(q):
+            query = h_img[i] if d == "i2t" else h_txt[i]
+            items = [h_txt[i] if d == "i2t" else h_img[i]] + [
+                (h_txt if d == "i2t" else h_img)[q + i * m + j] for j in range(m)]
+            s = torch.stack([query @ x for x in items]) / b / cfg["tau_student"]
+            p = torch.softmax(z[i], 0)
+            total += ((p * (torch.log(p) - torch.log_softmax(s, 0))).sum() - torch.log_softmax(s, 0)[0]) / q
+    got = head_loss("distilled", cfg, teacher, h_img, h_txt)
+    assert got.item() == pytest.approx(float(total), rel=1e-5)
+    # where the matcher ranks the true pair first, its scores are the target as they are
+    fine = torch.tensor([[3.0, 1.0, 0.5, -1.0]] * q)
+    s = torch.randn(q, 1 + m, generator=g)
+    z = (fine - fine.mean()) / fine.std() / 0.25
+    kl = (torch.softmax(z, 1) * (torch.log_softmax(z, 1) - torch.log_softmax(s, 1))).sum(1).mean()
+    assert listwise_loss(fine, s, 0.25, 0.0).item() == pytest.approx(kl.item(), rel=1e-5)
 
 
 def test_masked_softmax_ignores_masked_entries():
@@ -517,7 +551,7 @@ def test_a_bad_head_setting_is_refused_before_any_training_and_old_configs_still
     vocab = ["<pad>", "<unk>", "a"]
     assert MatcherModel("shan", 16, 12, vocab, head="smoothing").config["tau_teacher"] == 4.0
     assert MatcherModel("han", 16, 12, vocab).config["tau_teacher"] == 0.25
-    with pytest.raises(HashretError, match="head must be one of in-batch, pairs, smoothing, shuffled"):
+    with pytest.raises(HashretError, match="head must be one of distilled, in-batch, pairs, smoothing, shuffled"):
         MatcherModel("han", 16, 12, vocab, head="maybe")
     with pytest.raises(HashretError, match="smoothing_eps must be in"):
         MatcherModel("han", 16, 12, vocab, smoothing_eps=1.5)

@@ -229,7 +229,7 @@ def test_every_head_trains_on_the_same_batches_and_only_the_matchers_heads_read_
     from hashret.training import matching
 
     ds = load_scenes(SPEC)
-    options = {**SMALL, "head_epochs": 2}
+    options = {**SMALL, "head_epochs": 2, "list_size": 4}
     base = MatcherModel("han", 32, ds.region_dim, ds.vocab.words, 0, **options)
     schedule = matching.head_schedule(base, ds)
     assert len(schedule) == 2 and sorted(schedule[1][0].tolist()) == list(range(ds.part("train").n_images))
@@ -239,7 +239,8 @@ def test_every_head_trains_on_the_same_batches_and_only_the_matchers_heads_read_
     real_batch, real_scores, real_loss = matching._batch, matching.score_chunks, matching.head_loss
 
     def batch(part, images, captions, device):
-        seen.setdefault(kind, []).append((np.array(images), np.array(captions)))
+        if len(images) <= options["head_batch_size"]:  # (the distilled head's lists come in a second call)
+            seen.setdefault(kind, []).append((np.array(images), np.array(captions)))
         return real_batch(part, images, captions, device)
 
     def scores(*a, **k):
@@ -261,6 +262,10 @@ def test_every_head_trains_on_the_same_batches_and_only_the_matchers_heads_read_
         matching.train_head(model, ds, schedule)
         if kind in ("pairs", "smoothing"):
             assert scored == [] and all(t is None for t in taught), kind
+        elif kind == "distilled":  # the matcher's scores of each query's list, the true pair first
+            assert scored == [] and len(taught) > 0
+            for t in taught:
+                assert set(t) == {"i2t", "t2i"} and t["i2t"].shape[1] == 1 + options["list_size"]
         else:
             assert len(scored) == len(taught) > 0
             for s, t in zip(scored, taught):
@@ -268,7 +273,31 @@ def test_every_head_trains_on_the_same_batches_and_only_the_matchers_heads_read_
                     assert torch.equal(s, t)
                 else:
                     assert not torch.equal(s, t) and torch.equal(s.sort(1).values, t.sort(1).values)
-    first = seen["in-batch"]
+    first = seen["pairs"]
     for kind in HEADS:
         assert len(seen[kind]) == len(first)
         assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(seen[kind], first)), kind
+
+
+def test_hard_candidates_are_each_querys_nearest_others_under_the_heads_codes():
+    # brute force: Hamming distances of the head's codes, ties by row, the query's own pair(s) left out
+    from hashret.index.bits import pack_codes
+    from hashret.models.distill import MatcherModel
+    from hashret.training.matching import hard_candidates
+
+    ds = load_scenes(SPEC)
+    part = ds.part("train")
+    model = MatcherModel("han", 32, ds.region_dim, ds.vocab.words, 0, **SMALL)
+    model.has_head = True  # an untrained head's codes serve as well as any
+    caps, imgs = hard_candidates(model.head, part, 5)
+    img = pack_codes(model.encode_rows(part, "image", np.arange(part.n_images)))
+    txt = pack_codes(model.encode_rows(part, "text", np.arange(part.n_captions)))
+    d = np.unpackbits(img[:, None] ^ txt[None], axis=2).sum(2)  # images x captions
+    for i in range(part.n_images):
+        others = np.flatnonzero(part.caption_image != i)
+        want = others[np.lexsort((others, d[i, others]))][:5]
+        np.testing.assert_array_equal(caps[i], want)
+    for c in range(part.n_captions):
+        others = np.flatnonzero(np.arange(part.n_images) != part.caption_image[c])
+        want = others[np.lexsort((others, d[others, c]))][:5]
+        np.testing.assert_array_equal(imgs[c], want)
