@@ -203,6 +203,50 @@ def test_the_page_searches_in_a_real_browser(built, server):
     assert shown == [r["id"] for r in expect] and shown, out.stdout[-2000:]
 
 
+def _browser(chromium, *args):
+    return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--virtual-time-budget=15000",
+                           *args], capture_output=True, text=True, timeout=120).stdout
+
+
+def test_the_page_searches_by_item_follows_more_like_this_pages_and_shows_its_results(built, server, tmp_path):
+    from tests.serve.test_access import _chromium
+
+    chromium = _chromium()
+    s = server("--index", built / "ix_image", "--index", built / "ix_text", "--checkpoint", built / "a")
+
+    def shown(dom):
+        return [int(i) for i in re.findall(r'<li class="result" data-id="(\d+)"', dom)]
+
+    # an item search on a chosen index: the query item is shown, the results are the API's
+    dom = _browser(chromium, "--dump-dom", f"{s.url}/?index=ix_text&item=3&k=4")
+    expect = s.post("/search", {"item": 3, "index": "ix_text", "k": 4})[1]
+    assert shown(dom) == [r["id"] for r in expect["results"][0]] and shown(dom), dom[-2000:]
+    assert "item 3" in dom and 'data-done="1"' in dom
+    # "more like this" on a result is a link to that item's search on the same index
+    more = re.findall(r'<a class="more" href="([^"]+)"', dom)
+    assert len(more) == 4 and "item=" in more[1] and "index=ix_text" in more[1]
+    second = expect["results"][0][1]["id"]
+    dom = _browser(chromium, "--dump-dom", s.url + "/" + more[1].replace("&amp;", "&"))
+    again = s.post("/search", {"item": second, "index": "ix_text", "k": 4})[1]
+    assert shown(dom) == [r["id"] for r in again["results"][0]]
+    # page 2 of 3 per page is results 4-6 of the same ranking
+    dom = _browser(chromium, "--dump-dom", f"{s.url}/?text=w1+w7&k=3&page=1")
+    full = s.post("/search", {"text": "w1 w7", "k": 6})[1]["results"][0]
+    assert shown(dom) == [r["id"] for r in full[3:6]]
+    assert re.findall(r'data-rank="(\d+)"', dom) == ["4", "5", "6"]
+    # and the results are on screen: far more ink below the form than on the empty page
+    from PIL import Image
+
+    def ink(url, name):
+        path = tmp_path / name
+        _browser(chromium, f"--screenshot={path}", "--window-size=1000,1200", url)
+        img = np.asarray(Image.open(path).convert("L"))
+        return int((img[250:] < 128).sum())
+
+    assert ink(f"{s.url}/?text=w1+w7&k=5", "results.png") > 5 * max(1, ink(f"{s.url}/", "empty.png"))
+
+
 def test_the_cli_and_the_server_search_through_engine_search(built, monkeypatch):
     """One search path: a CLI query (Engine.search) and a served one both run
     Engine.search_steps -- checks, encoding, re-ranking, payloads -- the server with its
