@@ -18,7 +18,9 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hashret", "hashret.*"]),
-    package_data={"hashret.data": ["packaged/wikipedia/*"], "hashret.serve": ["search.html"]},
+    package_data={"hashret.data": ["packaged/wikipedia/*", "packaged/mirflickr25k/*.txt",
+                                   "packaged/mirflickr25k/*.md", "packaged/mirflickr25k/split/*/*"],
+                  "hashret.serve": ["search.html"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",

@@ -78,3 +78,33 @@ def test_the_service_block_runs_against_its_server(quickstart):
                 assert "error" not in reply, (line, reply)
     finally:
         assert server.stop() == 0
+
+
+def test_the_text_search_block_runs_as_written_to_a_served_text_search(tmp_path):
+    # its commands in order in an empty folder; the backgrounded server is run (and stopped)
+    # by the test on a free port instead of 8766, and waited for before the curl
+    lines = commands(block("Text search"))
+    assert len(lines) <= 5
+    serve = [line for line in lines if line.startswith("hashret serve")]
+    assert len(serve) == 1 and serve[0].rstrip().endswith("&") and "--port 8766" in serve[0]
+    port = free_port()
+    server = None
+    try:
+        for line in lines:
+            if line.startswith("hashret serve"):
+                args = shlex.split(line.rstrip(" &"))[2:]
+                args = [str(tmp_path / a) if a.startswith(("idx/", "runs/")) else a for a in args]
+                args = args[:args.index("--port")] + args[args.index("--port") + 2:]
+                server = Server(args, port)
+                server.wait_ready()
+            elif line.startswith("curl"):
+                reply = json.loads(run(line.replace("localhost:8766", f"127.0.0.1:{port}"), tmp_path))
+                assert "error" not in reply and len(reply["results"][0]) == 3, reply
+                assert reply["known_words"] == ["sunset", "beach"]
+                assert {"tags", "labels"} <= set(reply["results"][0][0]["item"])
+            else:
+                out = run(line, tmp_path)
+        assert out.count("mirflickr/") == 5  # the --text query's five images, with their keys
+    finally:
+        if server is not None:
+            assert server.stop() == 0
