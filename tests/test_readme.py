@@ -80,31 +80,49 @@ def test_the_service_block_runs_against_its_server(quickstart):
         assert server.stop() == 0
 
 
-def test_the_text_search_block_runs_as_written_to_a_served_text_search(tmp_path):
-    # its commands in order in an empty folder; the backgrounded server is run (and stopped)
-    # by the test on a free port instead of 8766, and waited for before the curl
+@pytest.fixture(scope="module")
+def text_search(tmp_path_factory):
+    """The text search block's commands in order in an empty folder; the backgrounded server
+    is run (and stopped) here on a free port instead of 8766, waited for before the curl."""
+    cwd = tmp_path_factory.mktemp("text-search")
     lines = commands(block("Text search"))
-    assert len(lines) <= 5
     serve = [line for line in lines if line.startswith("hashret serve")]
     assert len(serve) == 1 and serve[0].rstrip().endswith("&") and "--port 8766" in serve[0]
-    port = free_port()
-    server = None
+    port, server, outputs = free_port(), None, {}
     try:
         for line in lines:
             if line.startswith("hashret serve"):
                 args = shlex.split(line.rstrip(" &"))[2:]
-                args = [str(tmp_path / a) if a.startswith(("idx/", "runs/")) else a for a in args]
+                args = [str(cwd / a) if a.startswith(("idx/", "runs/")) else a for a in args]
                 args = args[:args.index("--port")] + args[args.index("--port") + 2:]
                 server = Server(args, port)
                 server.wait_ready()
-            elif line.startswith("curl"):
-                reply = json.loads(run(line.replace("localhost:8766", f"127.0.0.1:{port}"), tmp_path))
-                assert "error" not in reply and len(reply["results"][0]) == 3, reply
-                assert reply["known_words"] == ["sunset", "beach"]
-                assert {"tags", "labels"} <= set(reply["results"][0][0]["item"])
             else:
-                out = run(line, tmp_path)
-        assert out.count("mirflickr/") == 5  # the --text query's five images, with their keys
+                outputs[line.split()[0] + " " + line.split()[1]] = run(line.replace("localhost:8766", f"127.0.0.1:{port}"), cwd)
     finally:
         if server is not None:
             assert server.stop() == 0
+    return cwd, lines, outputs
+
+
+def test_the_text_search_block_runs_as_written_to_a_served_text_search(text_search):
+    _, lines, outputs = text_search
+    assert len(lines) <= 5
+    reply = json.loads(outputs["curl -s"])
+    assert "error" not in reply and len(reply["results"][0]) == 3, reply
+    assert reply["known_words"] == ["sunset", "beach"]
+    assert {"tags", "labels"} <= set(reply["results"][0][0]["item"])
+    assert outputs["hashret query"].count("mirflickr/") == 5  # the --text query's five images, with their keys
+
+
+# the docs' Python examples, run as written (own-data.md's is a template of the file's keys,
+# its path run end to end by tests/serve/test_own_data.py)
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("doc,nth", [("filters.md", 0), ("sharding.md", 0), ("usage.md", 0), ("usage.md", 1)])
+def test_the_docs_python_examples_run_as_written(doc, nth, text_search, tmp_path, monkeypatch):
+    code = re.findall(r"```python\n(.*?)```", (DOCS / doc).read_text(), re.S)[nth]
+    cwd = text_search[0] if "runs/flickr" in code else tmp_path  # after the README's text search
+    monkeypatch.chdir(cwd)
+    exec(compile(code, f"docs/{doc}", "exec"), {"print": lambda *a, **k: None})
