@@ -2,6 +2,7 @@
 
     python benchmarks/cascade.py                                   # all four matchers, ~40 min on 2 cores
     python benchmarks/cascade.py --matchers han --queries 200 --out results/han
+    python benchmarks/cascade.py --dataset scenes:graded=0.5 --seeds 0,1,2   # graded relevance, 3 seeds
     python benchmarks/cascade.py --dataset precomp:/data/f30k_precomp --bits 128
 
 Writes table.md, results.json (records: matcher, mode, rsum, r{1,5,10}_{i2t,t2i},
@@ -29,11 +30,12 @@ from hashret.experiments.cascade import DEFAULT_DATASET  # noqa: E402
               help="Code length; 512 so the 1% candidates hold ~99% of the true matches.")
 @click.option("--queries", "n_queries", type=int, default=300, show_default=True,
               help="Queries per direction.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seeds", default="0", show_default=True, help="Seeds (comma list): every matcher and head "
+              "trained once per seed, the heads' mean and sd over them in table.md.")
 @click.option("--set", "settings", multiple=True,
               help="Matcher or head field for every matcher, key=value (repeatable).")
 @click.option("--out", default="results/cascade", show_default=True, type=click.Path(file_okay=False))
-def cascade(dataset, matchers, bits, n_queries, seed, settings, out):
+def cascade(dataset, matchers, bits, n_queries, seeds, settings, out):
     """Recall@1/5/10, rSum, time per query and fraction scored for every mode."""
     from hashret.experiments.cascade import run_cascade_benchmark
 
@@ -48,7 +50,12 @@ def cascade(dataset, matchers, bits, n_queries, seed, settings, out):
     fields = {m: {**matcher_config(m, opts.get("preset", "cpu")), **head_config(m)} for m in names + ["global"]}
     unknown = [k for k in opts if not any(k in f for f in fields.values())]
     check(not unknown, f"no matcher has the field {', '.join(unknown)}: see 'hashret models'")
-    run_cascade_benchmark(dataset=dataset, matchers=names, bits=bits, n_queries=n_queries, seed=seed,
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        seed_list = []
+    check(seed_list, f"--seeds must be a comma list of integers, got {seeds!r}")
+    run_cascade_benchmark(dataset=dataset, matchers=names, bits=bits, n_queries=n_queries, seeds=seed_list,
                           out=out, options={m: {k: v for k, v in opts.items() if k in f}
                                             for m, f in fields.items()})
 

@@ -153,21 +153,24 @@ def _code_index(model, codes):
 
 
 def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cgam", "han", "shan"),
-                          bits: int = 512, n_queries: int = 300, seed: int = 0, out="results/cascade",
+                          bits: int = 512, n_queries: int = 300, seeds=(0,), out="results/cascade",
                           options: dict | None = None) -> list:
-    """Train each matcher and its heads on ``dataset``'s train part, evaluate on its test part
-    (the gallery), write table.md, results.json, the per-query timings and plots to ``out``.
-    Returns the records."""
+    """For each seed, train each matcher and its heads on ``dataset``'s train part, evaluate
+    on its test part (the gallery, the same queries for every seed), write table.md (with the
+    heads' mean and sd over the seeds), results.json, the per-query timings and plots to
+    ``out``. Returns the records."""
     from hashret.data.scenes import load_scenes
     from hashret.training import seed_everything
 
     check(n_queries > 0, "n_queries must be positive")
+    seeds = [int(x) for x in ([seeds] if isinstance(seeds, int) else seeds)]
+    check(len(seeds) > 0 and len(set(seeds)) == len(seeds), "give one or more distinct seeds")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     ds = load_scenes(dataset)
     part = ds.part("test")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seeds[0])
     queries = {d: np.sort(rng.choice(part.n_images if qm == "image" else part.n_captions,
                                      size=min(n_queries, part.n_images), replace=False))
                for d, (qm, _) in DIRECTIONS.items()}
@@ -175,7 +178,7 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
     n_gallery = {m: len(part.rows(m)) for m in ("image", "text")}
     log.info(f"{'SYNTHETIC ' if ds.synthetic else ''}{ds.name}: {ds.part('train').n_images} training "
         f"images, gallery {part.n_images} images / {part.n_captions} captions, {n_queries} queries "
-        f"per direction, {bits} bits")
+        f"per direction, {bits} bits, seeds {', '.join(map(str, seeds))}")
     options = dict(options or {})
     records = []
 
@@ -191,62 +194,83 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
                      f"scores {rec['fraction_scored']:.3f} of the gallery")
         (out / "results.json").write_text(json.dumps(records, indent=1))
 
-    for name in list(matchers) + ["global"]:
-        seed_everything(seed)
-        t0 = time.perf_counter()
-        model = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed, **options.get(name, {}))
-        train_matcher(model, ds)
-        fit_s = time.perf_counter() - t0
-        gallery = {m: model.encode_rows_for_matching(part, m, part.rows(m)) for m in ("image", "text")}
-        extra = {"bits": bits, "gallery": n_gallery["image"], "gallery_captions": n_gallery["text"],
-                 "queries": n_queries,
-                 "train_seconds": round(fit_s, 1)}
-        if name == "global":
-            ranked, times = _rank_with_matcher(model, part, queries, gallery)
-            add(_record("global", "global", _recalls(ranked, part, queries), times, 1.0, extra))
-            continue
-        ranked, times = _rank_with_matcher(model, part, queries, gallery)
-        add(_record(name, "exhaustive", _recalls(ranked, part, queries), times, 1.0, extra))
-        scores = _all_scores(model, part, queries, gallery)
-        t0 = time.perf_counter()
-        schedule = head_schedule(model, ds)  # every head of this matcher trains on these batches
-        schedule_s = time.perf_counter() - t0
-        default = options.get(name, {}).get("head", HEAD_DEFAULTS["head"])
-        for kind in [default] + [h for h in HEADS if h != default]:
-            # the same initialisation (seed) and batches for every head: only the target differs
-            head = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed, **{**options.get(name, {}),
-                                                                                    "head": kind})
-            head.matcher = model.matcher
+    for seed in seeds:
+        for name in list(matchers) + ["global"]:
+            seed_everything(seed)
             t0 = time.perf_counter()
-            train_head(head, ds, schedule)
-            extra_head = {**extra, "head": kind, "seed": seed, "scenes": dataset,
-                          "head_seconds": round(time.perf_counter() - t0 + schedule_s, 1)}
-            codes = part_codes(head, part)
-            index = _code_index(head, codes)
-            ranked, times = _rank_with_codes(head, part, queries, index)
-            rec = _record(name, "head", _recalls(ranked, part, queries), times, 0.0,
-                          {**extra_head, **_every_query(head, ds, codes)})
-            for d in DIRECTIONS:  # the codes' own recall; r1 / r10 are the cascade's, by K
-                for k in (1, 5, 10):
-                    rec[f"codes_r{k}_{d}"] = rec.pop(f"r{k}_{d}")
-            add({**rec, **operating_points(scores, codes, part, queries)})
-            if kind != default:
+            model = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed, **options.get(name, {}))
+            train_matcher(model, ds)
+            fit_s = time.perf_counter() - t0
+            gallery = {m: model.encode_rows_for_matching(part, m, part.rows(m)) for m in ("image", "text")}
+            extra = {"bits": bits, "gallery": n_gallery["image"], "gallery_captions": n_gallery["text"],
+                     "queries": n_queries, "seed": seed,
+                     "train_seconds": round(fit_s, 1)}
+            if name == "global":
+                ranked, times = _rank_with_matcher(model, part, queries, gallery)
+                add(_record("global", "global", _recalls(ranked, part, queries), times, 1.0, extra))
                 continue
-            for pct in (1, 5):  # the default head's cascade, timed one query at a time
-                # each direction's K from its own gallery: with five captions per image, image->text
-                # "1%" of the images would score 0.2% of the captions
-                k = {m: _candidates(str(pct), n_gallery[m]) for m in ("image", "text")}
-                frac = {d: round(k[gm] / n_gallery[gm], 4) for d, (_, gm) in DIRECTIONS.items()}
-                ranked, times = _rank_with_matcher(head, part, queries, gallery, k, index)
-                add(_record(name, f"cascade-{pct}%", _recalls(ranked, part, queries), times,
-                            max(frac.values()), {**extra_head, "candidates_i2t": k["text"],
-                                                 "candidates_t2i": k["image"],
-                                                 "fraction_scored_i2t": frac["i2t"],
-                                                 "fraction_scored_t2i": frac["t2i"]}))
+            ranked, times = _rank_with_matcher(model, part, queries, gallery)
+            add(_record(name, "exhaustive", _recalls(ranked, part, queries), times, 1.0, extra))
+            scores = _all_scores(model, part, queries, gallery)
+            t0 = time.perf_counter()
+            schedule = head_schedule(model, ds)  # every head of this matcher trains on these batches
+            schedule_s = time.perf_counter() - t0
+            default = options.get(name, {}).get("head", HEAD_DEFAULTS["head"])
+            for kind in [default] + [h for h in HEADS if h != default]:
+                # the same initialisation (seed) and batches for every head: only the target differs
+                head = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed, **{**options.get(name, {}),
+                                                                                        "head": kind})
+                head.matcher = model.matcher
+                t0 = time.perf_counter()
+                train_head(head, ds, schedule)
+                extra_head = {**extra, "head": kind, "scenes": dataset,
+                              "head_seconds": round(time.perf_counter() - t0 + schedule_s, 1)}
+                codes = part_codes(head, part)
+                index = _code_index(head, codes)
+                ranked, times = _rank_with_codes(head, part, queries, index)
+                rec = _record(name, "head", _recalls(ranked, part, queries), times, 0.0,
+                              {**extra_head, **_every_query(head, ds, codes)})
+                for d in DIRECTIONS:  # the codes' own recall; r1 / r10 are the cascade's, by K
+                    for k in (1, 5, 10):
+                        rec[f"codes_r{k}_{d}"] = rec.pop(f"r{k}_{d}")
+                add({**rec, **operating_points(scores, codes, part, queries)})
+                if kind != default:
+                    continue
+                for pct in (1, 5):  # the default head's cascade, timed one query at a time
+                    # each direction's K from its own gallery: with five captions per image, image->text
+                    # "1%" of the images would score 0.2% of the captions
+                    k = {m: _candidates(str(pct), n_gallery[m]) for m in ("image", "text")}
+                    frac = {d: round(k[gm] / n_gallery[gm], 4) for d, (_, gm) in DIRECTIONS.items()}
+                    ranked, times = _rank_with_matcher(head, part, queries, gallery, k, index)
+                    add(_record(name, f"cascade-{pct}%", _recalls(ranked, part, queries), times,
+                                max(frac.values()), {**extra_head, "candidates_i2t": k["text"],
+                                                     "candidates_t2i": k["image"],
+                                                     "fraction_scored_i2t": frac["i2t"],
+                                                     "fraction_scored_t2i": frac["t2i"]}))
     total = time.perf_counter() - t_start
     _write_report(records, out, dataset, ds, total)
     log.info(f"wrote {out}/table.md, results.json and plots in {total / 60:.1f} min")
     return records
+
+
+def _over_seeds(records) -> dict:
+    """{matcher: {head: {measure: (mean, sd), "seeds": n}}} of the heads' records at K = 1%."""
+    out: dict = {}
+    for r in records:
+        if r["mode"] == "head":
+            out.setdefault(r["matcher"], {}).setdefault(r["head"], []).append(r)
+    summary = {}
+    for name, heads in out.items():
+        summary[name] = {}
+        for kind, rows in heads.items():
+            m = {"seeds": len(rows)}
+            for c in ("agreement_i2t", "agreement_t2i", "r10_i2t", "r10_t2i"):
+                v = [r[c]["1"] for r in rows]
+                m[c] = (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+            v = [r["rsum_every_query"] for r in rows]
+            m["rsum_every_query"] = (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+            summary[name][kind] = m
+    return summary
 
 
 def _write_report(records, out, spec, ds, seconds):
@@ -255,7 +279,7 @@ def _write_report(records, out, spec, ds, seconds):
             f"queries (both directions); fraction scored = share of the gallery the matcher scores (the larger of the two directions, each "
             f"direction's K taken from its own gallery; per direction in results.json). "
             f"Run time {seconds / 60:.1f} min.\n\n")
-    cols = ["matcher", "mode", "r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum",
+    cols = ["matcher", "seed", "mode", "r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum",
             "ms_per_query", "fraction_scored"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
@@ -264,15 +288,26 @@ def _write_report(records, out, spec, ds, seconds):
     heads = ["", "Each head at the cascade's operating points (K = % of the gallery): agreement = the share "
              "of the matcher's own top 10 within the Hamming top K; cascade R@10 = that top K re-ranked by "
              "the matcher; codes rSum = the codes alone, every gallery item a query.", "",
-             "| matcher | head | codes rSum | " + " | ".join(f"agree I→T {p}%" for p in OPERATING) + " | "
+             "| matcher | seed | head | codes rSum | " + " | ".join(f"agree I→T {p}%" for p in OPERATING) + " | "
              + " | ".join(f"agree T→I {p}%" for p in OPERATING) + " | R@10 I→T 1% | R@10 T→I 1% |",
-             "|" + "---|" * (5 + 2 * len(OPERATING))]
+             "|" + "---|" * (6 + 2 * len(OPERATING))]
     for r in records:
         if r["mode"] == "head":
-            heads.append(f"| {r['matcher']} | {r['head']} | {r['rsum_every_query']} | "
+            heads.append(f"| {r['matcher']} | {r['seed']} | {r['head']} | {r['rsum_every_query']} | "
                          + " | ".join(str(r["agreement_i2t"][p]) for p in OPERATING) + " | "
                          + " | ".join(str(r["agreement_t2i"][p]) for p in OPERATING)
                          + f" | {r['r10_i2t']['1']} | {r['r10_t2i']['1']} |")
+    summary = ["", "The heads over the seeds (mean ± sd; sd over seeds, 0 with one), at K = 1%: the agreement decides "
+               "which head a first stage should use (the best mean of the two directions in bold).", "",
+               "| matcher | head | seeds | agree I→T 1% | agree T→I 1% | R@10 I→T 1% | R@10 T→I 1% | codes rSum |",
+               "|---|---|---|---|---|---|---|---|"]
+    for name, rows in _over_seeds(records).items():
+        best = max(rows, key=lambda h: rows[h]["agreement_i2t"][0] + rows[h]["agreement_t2i"][0])
+        for kind, m in rows.items():
+            cells = [f"{m[c][0]:.2f} ± {m[c][1]:.2f}" for c in ("agreement_i2t", "agreement_t2i", "r10_i2t", "r10_t2i",
+                                                               "rsum_every_query")]
+            summary.append(f"| {name} | {'**' + kind + '**' if kind == best else kind} | {m['seeds']} | "
+                           + " | ".join(cells) + " |")
     speed = [""]
     for r in records:
         if r["mode"].startswith("cascade"):
@@ -282,7 +317,7 @@ def _write_report(records, out, spec, ds, seconds):
                          f"{ex['ms_per_query'] / max(r['ms_per_query'], 1e-9):.1f}x faster per query "
                          f"(I→T {ex['ms_per_query_i2t'] / max(r['ms_per_query_i2t'], 1e-9):.1f}x, "
                          f"T→I {ex['ms_per_query_t2i'] / max(r['ms_per_query_t2i'], 1e-9):.1f}x)")
-    (out / "table.md").write_text(head + "\n".join(lines + heads + speed) + "\n")
+    (out / "table.md").write_text(head + "\n".join(lines + heads + summary + speed) + "\n")
     try:
         import matplotlib
 
@@ -310,10 +345,12 @@ def _write_report(records, out, spec, ds, seconds):
         return
     fig, axes = plt.subplots(1, len(matchers), figsize=(4 * len(matchers), 3.6), squeeze=False)
     for ax, name in zip(axes[0], matchers):
-        for r in (x for x in records if x["mode"] == "head" and x["matcher"] == name):
+        kinds = dict.fromkeys(x["head"] for x in records if x["mode"] == "head" and x["matcher"] == name)
+        for kind in kinds:  # the mean over the seeds
+            runs = [x for x in records if x["mode"] == "head" and x["matcher"] == name and x["head"] == kind]
             for d, style in (("i2t", "-"), ("t2i", "--")):
-                ax.plot([float(p) for p in OPERATING], [r[f"agreement_{d}"][p] for p in OPERATING], style,
-                        marker="o", label=f"{r['head']} {'I→T' if d == 'i2t' else 'T→I'}")
+                ax.plot([float(p) for p in OPERATING], [np.mean([r[f"agreement_{d}"][p] for r in runs]) for p in OPERATING],
+                        style, marker="o", label=f"{kind} {'I→T' if d == 'i2t' else 'T→I'}")
         ax.set_xscale("log")
         ax.set_title(name)
         ax.set_xlabel("K, % of the gallery")

@@ -7,10 +7,10 @@ from hashret.experiments.cascade import OPERATING, run_cascade_benchmark
 FAST = {"epochs": 1, "head_epochs": 2, "embed": 16, "word_dim": 8, "head_hidden": 16, "list_size": 4}
 
 
-def _tiny(tmp_path_factory, captions_per_image):
+def _tiny(tmp_path_factory, captions_per_image, seeds=(0,), extra=""):
     out = tmp_path_factory.mktemp("cascade")
-    spec = f"scenes:n_train=160,n_dev=0,n_test=40,region_dim=16,test_captions_per_image={captions_per_image}"
-    records = run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=40, out=out,
+    spec = f"scenes:n_train=160,n_dev=0,n_test=40,region_dim=16,test_captions_per_image={captions_per_image}{extra}"
+    records = run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=40, out=out, seeds=seeds,
                                     options={"han": FAST, "global": {"epochs": 1}})
     return out, records
 
@@ -108,3 +108,17 @@ def test_every_query_rsum_matches_the_per_query_loop_when_all_are_queries(tiny_r
         if r["mode"] == "head":
             assert r["queries_every"] == 40
             assert r["rsum_every_query"] == pytest.approx(r["rsum"], abs=0.02)
+
+
+def test_several_seeds_on_graded_scenes_give_each_seed_its_rows_and_their_mean_and_sd(tmp_path_factory):
+    import numpy as np
+
+    out, records = _tiny(tmp_path_factory, 1, seeds=(0, 1), extra=",graded=0.5")
+    heads = [r for r in records if r["mode"] == "head"]
+    assert sorted({(r["seed"], r["head"]) for r in heads}) == sorted(
+        {(s, h) for s in (0, 1) for h in ("distilled", "in-batch", "pairs", "smoothing", "shuffled")})
+    assert all(r["scenes"].endswith("graded=0.5") for r in heads)
+    table = (out / "table.md").read_text()
+    for kind in ("distilled", "pairs"):
+        v = [r["agreement_i2t"]["1"] for r in heads if r["head"] == kind]
+        assert f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" in table
