@@ -34,8 +34,10 @@ from hashret.experiments.cascade import DEFAULT_DATASET  # noqa: E402
               "trained once per seed, the heads' mean and sd over them in table.md.")
 @click.option("--set", "settings", multiple=True,
               help="Matcher or head field for every matcher, key=value (repeatable).")
+@click.option("--tune/--no-tune", default=True, show_default=True,
+              help="Choose each head's knob (HEAD_TUNING, 3 tries each) on the dev part by agreement@1%.")
 @click.option("--out", default="results/cascade", show_default=True, type=click.Path(file_okay=False))
-def cascade(dataset, matchers, bits, n_queries, seeds, settings, out):
+def cascade(dataset, matchers, bits, n_queries, seeds, settings, tune, out):
     """Recall@1/5/10, rSum, time per query and fraction scored for every mode."""
     from hashret.experiments.cascade import run_cascade_benchmark
 
@@ -55,7 +57,7 @@ def cascade(dataset, matchers, bits, n_queries, seeds, settings, out):
     except ValueError:
         seed_list = []
     check(seed_list, f"--seeds must be a comma list of integers, got {seeds!r}")
-    run_cascade_benchmark(dataset=dataset, matchers=names, bits=bits, n_queries=n_queries, seeds=seed_list,
+    run_cascade_benchmark(dataset=dataset, matchers=names, bits=bits, n_queries=n_queries, seeds=seed_list, tune=tune,
                           out=out, options={m: {k: v for k, v in opts.items() if k in f}
                                             for m, f in fields.items()})
 

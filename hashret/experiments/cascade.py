@@ -39,6 +39,46 @@ def _query_inputs(part, modality, rows):
     return part.image_batch(rows) if modality == "image" else part.text_batch(rows)
 
 
+# each head's knob, tried on the dev part (the same number of tries for every head; the
+# default first, so a tie keeps it): agreement@1% with the matcher, mean of both directions
+HEAD_TUNING = {"distilled": ("tau_teacher", (0.25, 1.0, 4.0)), "in-batch": ("tau_teacher", (0.25, 1.0, 4.0)),
+               "shuffled": ("tau_teacher", (0.25, 1.0, 4.0)), "smoothing": ("smoothing_eps", (0.5, 0.1, 0.3)),
+               "pairs": ("tau_student", (0.05, 0.025, 0.1))}
+
+
+def _dev_scores(model, ds, n_queries):
+    """(dev part, its queries, the matcher's scores of them against the dev gallery), or None
+    where the dataset has no dev part (then every head keeps its defaults)."""
+    if "dev" not in ds.parts:
+        return None
+    dev = ds.part("dev")
+    queries = {d: np.arange(min(n_queries, dev.n_images if qm == "image" else dev.n_captions))
+               for d, (qm, _) in DIRECTIONS.items()}
+    gallery = {m: model.encode_rows_for_matching(dev, m, dev.rows(m)) for m in ("image", "text")}
+    return dev, queries, _all_scores(model, dev, queries, gallery)
+
+
+def _chosen_head(name, kind, model, ds, schedule, dev, bits, seed, options):
+    """The head of kind ``kind`` trained on ``schedule``, its knob (HEAD_TUNING) chosen on the
+    dev part by agreement@1%; with no dev part, its defaults. Returns (head, what was chosen)."""
+    field, values = HEAD_TUNING[kind]
+    if field in options:  # set by the caller: not tuned
+        values = (options[field],)
+    tried, best, best_head = {}, None, None
+    for value in values if dev is not None else values[:1]:
+        head = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed, **{**options, "head": kind, field: value})
+        head.matcher = model.matcher
+        train_head(head, ds, schedule)
+        if dev is None or len(values) == 1:
+            return head, {"chosen": {field: head.config[field]}, "dev_agreement": None}
+        part, queries, scores = dev
+        op = operating_points(scores, part_codes(head, part), part, queries)
+        tried[str(value)] = round((op["agreement_i2t"]["1"] + op["agreement_t2i"]["1"]) / 2, 2)
+        if best is None or tried[str(value)] > tried[str(best)]:
+            best, best_head = value, head
+    return best_head, {"chosen": {field: best}, "dev_agreement": {field: tried}}
+
+
 def _record(matcher, mode, recalls, times, fraction, extra=None):
     rec = {"matcher": matcher, "mode": mode}
     for d in DIRECTIONS:
@@ -154,9 +194,10 @@ def _code_index(model, codes):
 
 def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cgam", "han", "shan"),
                           bits: int = 512, n_queries: int = 300, seeds=(0,), out="results/cascade",
-                          options: dict | None = None) -> list:
+                          options: dict | None = None, tune: bool = True) -> list:
     """For each seed, train each matcher and its heads on ``dataset``'s train part, evaluate
-    on its test part (the gallery, the same queries for every seed), write table.md (with the
+    on its test part (the gallery, the same queries for every seed) -- each head's knob chosen
+    on the dev part (``tune``, :data:`HEAD_TUNING`) -- write table.md (with the
     heads' mean and sd over the seeds), results.json, the per-query timings and plots to
     ``out``. Returns the records."""
     from hashret.data.scenes import load_scenes
@@ -216,14 +257,13 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
             schedule = head_schedule(model, ds)  # every head of this matcher trains on these batches
             schedule_s = time.perf_counter() - t0
             default = options.get(name, {}).get("head", HEAD_DEFAULTS["head"])
+            dev = _dev_scores(model, ds, n_queries) if tune else None
             for kind in [default] + [h for h in HEADS if h != default]:
-                # the same initialisation (seed) and batches for every head: only the target differs
-                head = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed, **{**options.get(name, {}),
-                                                                                        "head": kind})
-                head.matcher = model.matcher
+                # the same initialisation (seed) and batches for every head: only the target
+                # differs; each head's knob chosen on the dev part, the same number of tries each
                 t0 = time.perf_counter()
-                train_head(head, ds, schedule)
-                extra_head = {**extra, "head": kind, "scenes": dataset,
+                head, chosen = _chosen_head(name, kind, model, ds, schedule, dev, bits, seed, options.get(name, {}))
+                extra_head = {**extra, "head": kind, "scenes": dataset, **chosen,
                               "head_seconds": round(time.perf_counter() - t0 + schedule_s, 1)}
                 codes = part_codes(head, part)
                 index = _code_index(head, codes)

@@ -122,3 +122,20 @@ def test_several_seeds_on_graded_scenes_give_each_seed_its_rows_and_their_mean_a
     for kind in ("distilled", "pairs"):
         v = [r["agreement_i2t"]["1"] for r in heads if r["head"] == kind]
         assert f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" in table
+
+
+def test_each_heads_knob_is_chosen_on_the_dev_part_with_the_same_number_of_tries(tmp_path_factory):
+    from hashret.experiments.cascade import HEAD_TUNING
+
+    out = tmp_path_factory.mktemp("tuned")
+    spec = "scenes:n_train=160,n_dev=30,n_test=40,region_dim=16"
+    records = run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=40, out=out,
+                                    options={"han": FAST, "global": {"epochs": 1}})
+    heads = [r for r in records if r["mode"] == "head"]
+    assert len(heads) == 5 and len({len(v) for v in HEAD_TUNING.values() for v in [v[1]]}) == 1
+    for r in heads:
+        field, values = HEAD_TUNING[r["head"]]
+        tried = r["dev_agreement"][field]
+        assert list(tried) == [str(v) for v in values]
+        best = max(values, key=lambda v: (tried[str(v)], -values.index(v)))  # ties: the earlier
+        assert r["chosen"] == {field: best}
