@@ -368,6 +368,9 @@ def load_dataset(spec: str, data_root=None, split=None, seed: int = 0) -> CrossM
           + ", ".join(dataset_names()) + " or a path")
     name = spec.strip()
     base = ALIASES.get(name.lower(), name.lower())
+    if base.endswith(SYNTHETIC_IMAGE_SUFFIX):  # an alias before the suffix too: nuswide+synthetic-image
+        stem = base[: -len(SYNTHETIC_IMAGE_SUFFIX)]
+        base = ALIASES.get(stem, stem) + SYNTHETIC_IMAGE_SUFFIX
     if base.startswith("synthetic"):
         params = spec_options(name, "synthetic")
         params.setdefault("seed", seed)

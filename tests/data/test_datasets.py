@@ -260,3 +260,11 @@ def test_bag_of_words():
     np.testing.assert_array_equal(vec, [[1, 1, 0, 0]])
     with pytest.raises(HashretError, match="no word of the query"):
         bow.encode_query("zebra crossing")
+
+
+def test_an_alias_names_a_dataset_with_its_synthetic_image_side_too():
+    from hashret.data.sources import ALIASES, SYNTHETIC_IMAGE_SUFFIX
+
+    assert ALIASES["nuswide"] == "nuswide-tc10"
+    ds = load_dataset("flickr" + SYNTHETIC_IMAGE_SUFFIX)  # the packaged MIRFlickr tags
+    assert ds.name == "mirflickr25k" + SYNTHETIC_IMAGE_SUFFIX
