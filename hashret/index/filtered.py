@@ -109,11 +109,23 @@ class Filter:
     def __init__(self, tree, test, evaluate, postings, kept, keep):
         self.tree, self.test, self.evaluate, self.postings = tree, test, evaluate, postings
         self.kept, self.keep = kept, keep
+        self._estimate = self._listed = ()  # () = not asked yet (a search asks each at most once)
+
+    def estimate(self) -> int | None:
+        """At most how many rows the lists say the filter selects (None: they cannot say)."""
+        if self._estimate == ():
+            self._estimate = self.postings.estimate(self.tree)
+        return self._estimate
 
     def listed(self, n_rows: int, deleted, n_queries: int) -> Selection | None:
         """The filter's rows from the lists, where they bound it to few rows (or to rows
         already sorted, for a batch); None otherwise."""
-        est = self.postings.estimate(self.tree)
+        if self._listed == ():
+            self._listed = self._from_lists(n_rows, deleted, n_queries)
+        return self._listed
+
+    def _from_lists(self, n_rows: int, deleted, n_queries: int) -> Selection | None:
+        est = self.estimate()
         few = est is not None and est * (LIST_SHARE if n_queries > RANK_FIRST_QUERIES else PICK_SHARE) <= n_rows
         if est is None or not (few or n_queries > RANK_FIRST_QUERIES):
             return None
@@ -139,7 +151,7 @@ class Filter:
 
     def share(self, n_rows: int):
         """The share of the rows the lists bound the filter to, or None."""
-        est = self.postings.estimate(self.tree)
+        est = self.estimate()
         return None if est is None else est / max(n_rows, 1)
 
 
@@ -183,15 +195,10 @@ def topk(segs, q, k, bits, deleted, f: Filter, threads):
     """Top-k over the rows ``f`` selects: listed, ranked first, masked or gathered (see the
     module's notes)."""
     n = segs.n_rows
-    if f.kept is None and len(q) <= RANK_FIRST_QUERIES:
-        sel = f.listed(n, deleted, len(q))
-        if sel is None:
-            found = rank_first(segs, q, k, bits, deleted, f.test, threads, f.share(n))
-            if found is not None:
-                return found
-        else:
-            f.keep(sel)
-            f.kept = sel
+    if f.kept is None and len(q) <= RANK_FIRST_QUERIES and f.listed(n, deleted, len(q)) is None:
+        found = rank_first(segs, q, k, bits, deleted, f.test, threads, f.share(n))
+        if found is not None:
+            return found
     selection = f.selection(n, deleted, len(q))
     if selection.picks(len(q)):
         return kernels.pick_topk(segs, q, selection.rows(bits, ascending=False), k, bits, threads)

@@ -43,24 +43,14 @@ def _look_alike_order(head, part, images, captions, group, rng, device):
     apart; random batches almost never hold them (trained this way, the HAN head's R@1 on the
     synthetic scenes rose from ~55% to ~75% at 256 bits, R@50 unchanged)."""
     from hashret.index import HashIndex
-    from hashret.index.bits import pack_codes
 
     n = part.n_images
     caption_of = np.empty(n, dtype=np.int64)
     caption_of[images] = captions
-    was_training = head.training
-    head.eval()  # batch norm in inference mode: codes as the index would hold them
-    img_codes, txt_codes = [], []
-    with torch.no_grad():
-        for s in range(0, n, 2048):
-            rows = np.arange(s, min(s + 2048, n))
-            x, m, t, ln = _batch(part, rows, caption_of[rows], device)
-            img_codes.append(pack_codes(head.image(x, m).cpu().numpy()))
-            txt_codes.append(pack_codes(head.text(t, ln).cpu().numpy()))
-    head.train(was_training)
-    index = HashIndex(img_codes[0].shape[1] * 8)
-    index.add(np.concatenate(img_codes))
-    _, near = index.search(np.concatenate(txt_codes), min(n, 4 * group))
+    img_codes, txt_codes = _head_codes(head, part, np.arange(n), caption_of, device)
+    index = HashIndex(img_codes.shape[1] * 8)
+    index.add(img_codes)
+    _, near = index.search(txt_codes, min(n, 4 * group))
     used = np.zeros(n, dtype=bool)
     order = []
     for anchor in rng.permutation(n):
@@ -171,28 +161,37 @@ def hard_candidates(head, part, list_size: int, device="cpu"):
     caption's ``list_size`` nearest other images, under the head's codes as they stand
     (Hamming, ties by row): the lists the "distilled" head learns the matcher's ranking of."""
     from hashret.index import HashIndex
-    from hashret.index.bits import pack_codes
 
-    was_training = head.training
-    head.eval()  # batch norm in inference mode: codes as the index would hold them
-    with torch.no_grad():
-        img = np.concatenate([pack_codes(head.image(*_to_device(part.image_batch(r), device)).cpu().numpy())
-                              for r in np.array_split(np.arange(part.n_images), max(1, part.n_images // 2048))])
-        txt = np.concatenate([pack_codes(head.text(*_to_device(part.text_batch(r), device)).cpu().numpy())
-                              for r in np.array_split(np.arange(part.n_captions), max(1, part.n_captions // 2048))])
-    head.train(was_training)
+    img, txt = _head_codes(head, part, np.arange(part.n_images), np.arange(part.n_captions), device)
     per_image = int(np.bincount(part.caption_image).max())
     out = []
-    for queries, gallery, k, owner in ((img, txt, list_size + per_image, part.caption_image[None]),
-                                       (txt, img, list_size + 1, None)):
+    for queries, gallery, k in ((img, txt, list_size + per_image), (txt, img, list_size + 1)):
         index = HashIndex(img.shape[1] * 8)
         index.add(gallery)
         _, near = index.search(queries, min(k, len(gallery)))
-        mine = (owner[0][near] == np.arange(len(queries))[:, None] if owner is not None
-                else near == part.caption_image[:, None])
+        if queries is img:  # an image's own captions, a caption's own image: not candidates
+            mine = part.caption_image[near] == np.arange(len(queries))[:, None]
+        else:
+            mine = near == part.caption_image[:, None]
         keep = np.argsort(mine, axis=1, kind="stable")[:, :list_size]  # others first, in rank order
         out.append(np.take_along_axis(near, keep, axis=1))
     return out[0], out[1]
+
+
+def _head_codes(head, part, images, captions, device, chunk=2048):
+    """Packed codes of ``images`` and ``captions`` (rows of ``part``) under the head as it
+    stands, batch norm in inference mode (codes as the index would hold them)."""
+    from hashret.index.bits import pack_codes
+
+    was_training = head.training
+    head.eval()
+    with torch.no_grad():
+        img = [pack_codes(head.image(*_to_device(part.image_batch(images[s:s + chunk]), device)).cpu().numpy())
+               for s in range(0, len(images), chunk)]
+        txt = [pack_codes(head.text(*_to_device(part.text_batch(captions[s:s + chunk]), device)).cpu().numpy())
+               for s in range(0, len(captions), chunk)]
+    head.train(was_training)
+    return np.concatenate(img), np.concatenate(txt)
 
 
 def _to_device(batch, device):
