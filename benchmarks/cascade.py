@@ -4,6 +4,7 @@
     python benchmarks/cascade.py --matchers han --queries 200 --out results/han
     python benchmarks/cascade.py --dataset scenes:graded=0.5 --seeds 0,1,2   # graded relevance, 3 seeds
     python benchmarks/cascade.py --dataset precomp:/data/f30k_precomp --bits 128
+    python benchmarks/cascade.py --merge results/a,results/b --out results/ab   # one report of runs
 
 Writes table.md, results.json (records: matcher, mode, rsum, r{1,5,10}_{i2t,t2i},
 ms_per_query, fraction_scored, ...; each head's record with head, seed, scenes and its
@@ -36,12 +37,17 @@ from hashret.experiments.cascade import DEFAULT_DATASET  # noqa: E402
               help="Matcher or head field for every matcher, key=value (repeatable).")
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="Choose each head's knob (HEAD_TUNING, 3 tries each) on the dev part by agreement@1%.")
+@click.option("--merge", default=None, metavar="DIR,DIR,...",
+              help="Instead of running: one report of these runs' folders (same data and queries) in --out.")
 @click.option("--out", default="results/cascade", show_default=True, type=click.Path(file_okay=False))
-def cascade(dataset, matchers, bits, n_queries, seeds, settings, tune, out):
+def cascade(dataset, matchers, bits, n_queries, seeds, settings, tune, merge, out):
     """Recall@1/5/10, rSum, time per query and fraction scored for every mode."""
-    from hashret.experiments.cascade import run_cascade_benchmark
+    from hashret.experiments.cascade import merge_runs, run_cascade_benchmark
 
     from hashret.errors import check
+    if merge:
+        merge_runs([d.strip() for d in merge.split(",") if d.strip()], out)
+        return
     from hashret.models.distill import head_config
     from hashret.models.matchers import MATCHERS, matcher_config
 

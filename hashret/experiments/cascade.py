@@ -197,7 +197,8 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
                           options: dict | None = None, tune: bool = True) -> list:
     """For each seed, train each matcher and its heads on ``dataset``'s train part, evaluate
     on its test part (the gallery, the same queries for every seed) -- each head's knob chosen
-    on the dev part (``tune``, :data:`HEAD_TUNING`) -- write table.md (with the
+    on the first seed's dev part (``tune``, :data:`HEAD_TUNING`) and kept for the later
+    seeds -- write table.md (with the
     heads' mean and sd over the seeds), results.json, the per-query timings and plots to
     ``out``. Returns the records."""
     from hashret.data.scenes import load_scenes
@@ -222,6 +223,7 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
         f"per direction, {bits} bits, seeds {', '.join(map(str, seeds))}")
     options = dict(options or {})
     records = []
+    tuned = {}  # (matcher, head) -> its knob as the first seed's dev part chose it
 
     def add(rec):
         records.append(rec)
@@ -257,12 +259,20 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
             schedule = head_schedule(model, ds)  # every head of this matcher trains on these batches
             schedule_s = time.perf_counter() - t0
             default = options.get(name, {}).get("head", HEAD_DEFAULTS["head"])
-            dev = _dev_scores(model, ds, n_queries) if tune else None
+            dev = _dev_scores(model, ds, n_queries) if tune and seed == seeds[0] else None
             for kind in [default] + [h for h in HEADS if h != default]:
                 # the same initialisation (seed) and batches for every head: only the target
                 # differs; each head's knob chosen on the dev part, the same number of tries each
+                # the knob is chosen on the first seed's dev part and kept for the later seeds
+                # (their spread is then the seeds', not the tuning's)
                 t0 = time.perf_counter()
-                head, chosen = _chosen_head(name, kind, model, ds, schedule, dev, bits, seed, options.get(name, {}))
+                head_options = {**options.get(name, {}), **tuned.get((name, kind), {})}
+                head, chosen = _chosen_head(name, kind, model, ds, schedule, dev, bits, seed, head_options)
+                if (name, kind) not in tuned:
+                    tuned[name, kind] = {**chosen["chosen"]}
+                    chosen["tuned_on_seed"] = seed
+                else:
+                    chosen = {**chosen, "dev_agreement": None, "tuned_on_seed": seeds[0]}
                 extra_head = {**extra, "head": kind, "scenes": dataset, **chosen,
                               "head_seconds": round(time.perf_counter() - t0 + schedule_s, 1)}
                 codes = part_codes(head, part)
@@ -288,7 +298,10 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
                                                      "fraction_scored_i2t": frac["i2t"],
                                                      "fraction_scored_t2i": frac["t2i"]}))
     total = time.perf_counter() - t_start
-    _write_report(records, out, dataset, ds, total)
+    run = {"dataset": dataset, "name": ds.name, "synthetic": ds.synthetic, "bits": bits, "queries": n_queries,
+           "matchers": list(matchers), "seeds": seeds, "tune": tune, "minutes": round(total / 60, 1)}
+    (out / "run.json").write_text(json.dumps(run, indent=1))
+    _write_report(records, out, run)
     log.info(f"wrote {out}/table.md, results.json and plots in {total / 60:.1f} min")
     return records
 
@@ -313,12 +326,43 @@ def _over_seeds(records) -> dict:
     return summary
 
 
-def _write_report(records, out, spec, ds, seconds):
-    head = (f"# Matchers, hash heads and the cascade on {'SYNTHETIC ' if ds.synthetic else ''}"
-            f"{ds.name}\n\n`{spec}`; Recall@K in percent; ms per query = median over single "
+def merge_runs(runs, out) -> list:
+    """One report (table.md, results.json, plots in ``out``) of several runs of
+    :func:`run_cascade_benchmark` on the same data and queries -- e.g. matchers run in
+    separate processes, one core each. Returns the records."""
+    runs = [Path(r) for r in runs]
+    check(len(runs) > 0, "give the folders of one or more runs")
+    for r in runs:
+        check((r / "run.json").is_file() and (r / "results.json").is_file(),
+              f"{r} holds no finished run (run.json, results.json): give folders benchmarks/cascade.py wrote")
+    meta = [json.loads((r / "run.json").read_text()) for r in runs]
+    for r, m in zip(runs[1:], meta[1:]):
+        check(all(m[k] == meta[0][k] for k in ("dataset", "bits", "queries")),
+              f"{r} ran on other data, code length or queries than {runs[0]}: merge runs of one setting")
+        a, b = np.load(runs[0] / "queries.npz"), np.load(r / "queries.npz")
+        check(all(np.array_equal(a[d], b[d]) for d in DIRECTIONS),
+              f"{r} asked other queries than {runs[0]} (another first seed): merge runs of one setting")
+    records = [x for r in runs for x in json.loads((r / "results.json").read_text())]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "queries.npz", **dict(np.load(runs[0] / "queries.npz")))
+    (out / "results.json").write_text(json.dumps(records, indent=1))
+    run = {**meta[0], "matchers": [m for x in meta for m in x["matchers"]],
+           "minutes": round(sum(m["minutes"] for m in meta), 1), "merged": [str(r) for r in runs]}
+    (out / "run.json").write_text(json.dumps(run, indent=1))
+    _write_report(records, out, run)
+    return records
+
+
+def _write_report(records, out, run):
+    merged = f", the sum of {len(run['merged'])} runs'" if run.get("merged") else ""
+    head = (f"# Matchers, hash heads and the cascade on {'SYNTHETIC ' if run['synthetic'] else ''}"
+            f"{run['name']}\n\n`{run['dataset']}`; Recall@K in percent; ms per query = median over single "
             f"queries (both directions); fraction scored = share of the gallery the matcher scores (the larger of the two directions, each "
             f"direction's K taken from its own gallery; per direction in results.json). "
-            f"Run time {seconds / 60:.1f} min.\n\n")
+            f"Run time {run['minutes']:.1f} min{merged}. "
+            + ("Each head's knob chosen on the first seed's dev part and kept for the later seeds.\n\n"
+               if run["tune"] else "Heads untuned (their defaults).\n\n"))
     cols = ["matcher", "seed", "mode", "r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum",
             "ms_per_query", "fraction_scored"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -139,3 +139,42 @@ def test_each_heads_knob_is_chosen_on_the_dev_part_with_the_same_number_of_tries
         assert list(tried) == [str(v) for v in values]
         best = max(values, key=lambda v: (tried[str(v)], -values.index(v)))  # ties: the earlier
         assert r["chosen"] == {field: best}
+
+
+def test_later_seeds_keep_the_knob_the_first_seeds_dev_part_chose(tmp_path_factory):
+    from hashret.experiments.cascade import HEAD_TUNING
+
+    out = tmp_path_factory.mktemp("tuned-seeds")
+    spec = "scenes:n_train=160,n_dev=30,n_test=40,region_dim=16"
+    records = run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=20, out=out, seeds=(0, 1),
+                                    options={"han": FAST, "global": {"epochs": 1}})
+    heads = [r for r in records if r["mode"] == "head"]
+    for kind, (field, values) in HEAD_TUNING.items():
+        first, later = [r for r in heads if r["head"] == kind]
+        assert first["seed"] == 0 and later["seed"] == 1
+        assert list(first["dev_agreement"][field]) == [str(v) for v in values]
+        assert later["dev_agreement"] is None and later["chosen"] == first["chosen"]
+        assert first["tuned_on_seed"] == later["tuned_on_seed"] == 0
+
+
+def test_runs_in_separate_processes_merge_into_one_report(tmp_path_factory):
+    from hashret.errors import HashretError
+    from hashret.experiments.cascade import merge_runs
+
+    spec = "scenes:n_train=160,n_dev=0,n_test=40,region_dim=16"
+    runs = []
+    for seeds in ((0,), (0,), (1,)):
+        out = tmp_path_factory.mktemp("part")
+        run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=20, out=out, seeds=seeds,
+                              options={"han": FAST, "global": {"epochs": 1}})
+        runs.append(out)
+    merged_dir = tmp_path_factory.mktemp("merged")
+    merged = merge_runs(runs[:2], merged_dir)
+    parts = [json.loads((r / "results.json").read_text()) for r in runs[:2]]
+    assert merged == parts[0] + parts[1]
+    assert json.loads((merged_dir / "results.json").read_text()) == merged
+    assert "the sum of 2 runs'" in (merged_dir / "table.md").read_text()
+    with pytest.raises(HashretError, match="other queries"):  # another first seed draws other queries
+        merge_runs([runs[0], runs[2]], tmp_path_factory.mktemp("bad"))
+    with pytest.raises(HashretError, match="no finished run"):
+        merge_runs([runs[0], merged_dir / "nothing"], tmp_path_factory.mktemp("bad"))
