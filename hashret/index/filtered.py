@@ -4,7 +4,8 @@ Four plans, each exact (the same ids, distances and order as ranking every match
 
 - **listed** (a filter the row lists bound to few rows, :mod:`hashret.index.postings`): its
   rows taken from the lists -- the rest of the filter tested on them only -- and their
-  distances computed where they lie, no pass over the index and no copy
+  distances computed from the list's copy of their codes (made once per list and state of
+  the rows), or where they lie past the copies' budget; no pass over the index
   (:func:`~hashret.index.kernels.pick_topk`).
 - **rank first** (a new filter, a few queries, many rows match): the unfiltered top-k' -- k'
   from the filter's share, counted by the lists or guessed from a sample -- then the filter
@@ -54,11 +55,13 @@ class Selection:
     it, each made once: the exclusion mask, the sorted rows, the gathered copy."""
 
     def __init__(self, allowed: np.ndarray | None = None, rows: np.ndarray | None = None,
-                 ascending: bool = True, n_rows: int = 0):
+                 ascending: bool = True, n_rows: int = 0, source=None):
         self.allowed, self._rows, self._ascending = allowed, rows, ascending
         self.n_rows = len(allowed) if allowed is not None else n_rows
         self.n = int(np.count_nonzero(allowed)) if allowed is not None else len(rows)
         self._excluded = self._gathered = None
+        # (row list key, positions): where ``rows`` lie in that list (its codes' copy)
+        self.source = source
 
     def excluded(self) -> np.ndarray:
         """uint8 per row, 1 where the row is out (the scans' removed-row mask)."""
@@ -75,7 +78,10 @@ class Selection:
         if self._rows is None:
             self._rows = kernels.kept_rows(self.allowed, bits)
         elif ascending and not self._ascending:
-            self._rows, self._ascending = np.sort(self._rows), True
+            order = np.argsort(self._rows, kind="stable")
+            self._rows, self._ascending = self._rows[order], True
+            if self.source is not None:
+                self.source = self.source[0], self.source[1][order]
         return self._rows
 
     def gathered(self, segs, bits: int):
@@ -129,14 +135,16 @@ class Filter:
         few = est is not None and est * (LIST_SHARE if n_queries > RANK_FIRST_QUERIES else PICK_SHARE) <= n_rows
         if est is None or not (few or n_queries > RANK_FIRST_QUERIES):
             return None
-        rows, exact, ascending = self.postings.rows(self.tree)
+        rows, exact, ascending, source = self.postings.rows(self.tree)
         if not (few or (exact and ascending)):
             return None  # many rows, to be sorted: a scan with a mask costs less
-        if not exact:
-            rows = rows[self.test(rows)]
-        if deleted is not None:
-            rows = rows[deleted[rows] == 0]
-        return Selection(rows=rows, ascending=ascending, n_rows=n_rows)
+        at = None if source is None else np.arange(source[1], source[2])
+        for test in ([] if exact else [self.test]) + ([] if deleted is None else [lambda r: deleted[r] == 0]):
+            keep = test(rows)
+            rows = rows[keep]
+            at = None if at is None else at[keep]
+        return Selection(rows=rows, ascending=ascending, n_rows=n_rows,
+                         source=None if source is None else (source[0], at))
 
     def selection(self, n_rows: int, deleted, n_queries: int) -> Selection:
         """The rows alive that the filter selects: kept, listed, or evaluated over every row."""
@@ -201,7 +209,11 @@ def topk(segs, q, k, bits, deleted, f: Filter, threads):
             return found
     selection = f.selection(n, deleted, len(q))
     if selection.picks(len(q)):
-        return kernels.pick_topk(segs, q, selection.rows(bits, ascending=False), k, bits, threads)
+        rows = selection.rows(bits, ascending=False)
+        copy = None if selection.source is None or not len(rows) else f.postings.codes(selection.source[0], segs, bits)
+        if copy is not None:  # the list's codes side by side: read in order, not a miss a row
+            return kernels.pick_topk(copy, q, selection.source[1], k, bits, threads, report=rows, n_rows=n)
+        return kernels.pick_topk(segs, q, rows, k, bits, threads)
     if not selection.gather_pays(n, len(q), k):
         return kernels.topk(segs, q, k, bits, selection.excluded(), threads)
     dist = np.full((len(q), k), -1, dtype=np.int32)

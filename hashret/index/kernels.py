@@ -665,12 +665,16 @@ def _pick_best(dist, rows, k, bits, n_rows, out_d, out_r):
 
 
 def pick_topk(segs: Segments, queries: np.ndarray, rows: np.ndarray, k: int, bits: int,
-              threads: int | None = None):
+              threads: int | None = None, report: np.ndarray | None = None, n_rows: int | None = None):
     """Exact top-k of ``queries`` among ``rows`` (distinct rows of ``segs``, any order):
     (distances, rows), (Q, k), by (distance, row), -1 past the rows there are. For few rows:
-    no copy, no sort of the rows -- what a selective filter's row list needs."""
+    no copy, no sort of the rows -- what a selective filter's row list needs. Where ``segs``
+    is a copy (a row list's codes), ``report`` gives the index row of each of ``rows`` -- what
+    ties are ordered by and what is returned -- and ``n_rows`` the index's row count."""
     queries = np.ascontiguousarray(queries).reshape(len(queries), -1)
     rows = np.ascontiguousarray(rows, dtype=np.int64)
+    report = rows if report is None else np.ascontiguousarray(report, dtype=np.int64)
+    n_rows = segs.n_rows if n_rows is None else int(n_rows)
     kk = min(k, len(rows))
     out_d = np.full((len(queries), k), -1, dtype=np.int32)
     out_r = np.full((len(queries), k), -1, dtype=np.int64)
@@ -679,11 +683,11 @@ def pick_topk(segs: Segments, queries: np.ndarray, rows: np.ndarray, k: int, bit
     dist = _scratch(len(queries) * len(rows)).reshape(len(queries), len(rows))
     args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, rows, dist)
     if not _pick_ready(_pick_distances, args, bits):
-        sub = Segments.of(segs.rows(np.sort(rows)))
-        d, r = numpy_topk(sub, queries, kk, bits)
-        out_d[:, :kk], out_r[:, :kk] = d, np.sort(rows)[r]
+        order = np.argsort(report, kind="stable")  # ties by the reported row
+        d, r = numpy_topk(Segments.of(segs.rows(rows[order])), queries, kk, bits)
+        out_d[:, :kk], out_r[:, :kk] = d, report[order][r]
         return out_d, out_r
     with threads_used(1 if len(rows) * len(queries) < PICK_ALONE else threads):
         _pick_distances(*args)
-    _pick_best(dist, rows, kk, bits, segs.n_rows, out_d, out_r)
+    _pick_best(dist, report, kk, bits, n_rows, out_d, out_r)
     return out_d, out_r

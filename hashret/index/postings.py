@@ -8,12 +8,22 @@ column; a scalar column: a stable sort of its values -- by radix where they span
 65,536 values). :meth:`Postings.estimate` bounds how many rows
 a filter can select from those lists alone -- nothing is materialised -- so the search can
 choose its plan before paying for one; :meth:`Postings.rows` then gives the rows (a superset
-where part of the filter is not answered by a list, which the caller tests on those rows only).
+where part of the filter is not answered by a list, which the caller tests on those rows only),
+and where they are one list's slice, which -- so that a selective filter's codes can be read
+from a copy of that list's codes, one after another, instead of one cache miss a row
+(:meth:`Postings.codes`, made the first time a search asks, within a memory budget).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from hashret.index import kernels
+
+# the lists' code copies together take at most this many times the codes' own memory (a
+# scalar column's copy is the whole index in value order: one such column and the selective
+# labels fit)
+COPIES_SHARE = 2.0
 
 
 class Postings:
@@ -24,6 +34,22 @@ class Postings:
         self.columns, self.n_rows, self.rows_of_ids = columns, n_rows, rows_of_ids
         self._labels: dict = {}  # (column, label) -> rows holding it, ascending
         self._orders: dict = {}  # column -> (values sorted, rows in that order)
+        self._copies: dict = {}  # list key -> Segments: the codes of the list's rows, in its order
+        self.copied_bytes = 0
+
+    def codes(self, key, segs, bits: int):
+        """The codes of list ``key``'s rows in the list's order (a
+        :class:`~hashret.index.kernels.Segments`), copied from ``segs`` the first time they
+        are asked for; None where the copy would pass the budget (:data:`COPIES_SHARE`)."""
+        got = self._copies.get(key)
+        if got is None:
+            rows = self._label_rows(key[1], key[2]) if key[0] == "label" else self._order(key[1])[1]
+            size = len(rows) * segs.n_words * (segs.dtype.itemsize if segs.dtype is not None else 8)
+            if self.copied_bytes + size > COPIES_SHARE * self.n_rows * bits / 8:
+                return None
+            got = self._copies[key] = kernels.Segments.of(kernels.gather(segs, rows, bits))
+            self.copied_bytes += size
+        return got
 
     def _label_rows(self, name: str, j: int) -> np.ndarray:
         got = self._labels.get((name, j))
@@ -89,28 +115,32 @@ class Postings:
         return None  # "not", "mask"
 
     def rows(self, tree):
-        """(rows, exact, ascending): the rows the lists give for ``tree`` (no repeats; sorted
-        where ``ascending``) -- a superset of its rows where ``exact`` is False. Only for a
-        tree :meth:`estimate` bounds."""
+        """(rows, exact, ascending, source): the rows the lists give for ``tree`` (no repeats;
+        sorted where ``ascending``) -- a superset of its rows where ``exact`` is False -- and
+        where they are a slice of one list, ``source`` = (list key, start, stop) (for
+        :meth:`codes`), else None. Only for a tree :meth:`estimate` bounds."""
         op = tree[0]
         if op == "and":
             parts = [(e, t) for t, e in ((t, self.estimate(t)) for t in tree[1]) if e is not None]
-            rows, exact, ascending = self.rows(min(parts, key=lambda p: p[0])[1])
-            return rows, exact and len(tree[1]) == 1, ascending
+            rows, exact, ascending, source = self.rows(min(parts, key=lambda p: p[0])[1])
+            return rows, exact and len(tree[1]) == 1, ascending, source
         if op == "or":
             got = [self.rows(t) for t in tree[1]]
-            return np.unique(np.concatenate([r for r, _, _ in got])), all(e for _, e, _ in got), True
+            return np.unique(np.concatenate([g[0] for g in got])), all(g[1] for g in got), True, None
         if op == "id":
             found = self.rows_of_ids(tree[2]) if len(tree[2]) else np.zeros(0, np.int64)
-            return np.unique(found[found >= 0]), True, True
+            return np.unique(found[found >= 0]), True, True, None
         if op == "labels":
             _, name, how, labels = tree
             lists = [self._label_rows(name, j) for j in labels]
-            if how == "all":
-                return min(lists, key=len), len(lists) == 1, True
-            return (lists[0] if len(lists) == 1 else np.unique(np.concatenate(lists))), True, True
+            if how == "all" or len(lists) == 1:
+                j = min(range(len(lists)), key=lambda i: len(lists[i]))
+                return lists[j], len(lists) == 1, True, (("label", name, labels[j]), 0, len(lists[j]))
+            return np.unique(np.concatenate(lists or [np.zeros(0, np.int64)])), True, True, None
         _, order = self._order(tree[1])
         slices = [(lo, hi) for lo, hi in self._slices(tree) if hi > lo]
         if len(slices) == 1:  # one value's rows are ascending (a stable sort); a range's are not
-            return order[slices[0][0]:slices[0][1]], True, tree[2] in ("eq", "in")
-        return np.concatenate([order[lo:hi] for lo, hi in slices] or [np.zeros(0, np.int64)]), True, False
+            lo, hi = slices[0]
+            return order[lo:hi], True, tree[2] in ("eq", "in"), (("order", tree[1]), lo, hi)
+        return (np.concatenate([order[lo:hi] for lo, hi in slices] or [np.zeros(0, np.int64)]), True, False,
+                None)

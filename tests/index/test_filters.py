@@ -7,7 +7,7 @@ import pytest
 
 from hashret.errors import CorruptError, HashretError
 from hashret.index import HashIndex, kernels
-from hashret.index import filtered
+from hashret.index import filtered, postings
 from hashret.index import hash_index as hash_index_module
 from hashret.index.attributes import Labels
 from tests.index.test_hash_index import _flip_inside
@@ -57,9 +57,13 @@ def _selective(plain, share, rng):
 
 
 @pytest.mark.parametrize("bits", [8, 16, 24, 32, 64, 128, 192, 256, 320])
-@pytest.mark.parametrize("pick_work", [filtered.PICK_WORK, 0])  # 0: listed rows copied and scanned, never picked
-def test_filtered_search_equals_brute_force_post_filtering(bits, pick_work, tmp_path, monkeypatch):
+# PICK_WORK 0: listed rows copied and scanned, never picked; COPIES_SHARE 0: picked where the
+# rows lie (no list's codes copied)
+@pytest.mark.parametrize("pick_work, copies", [(filtered.PICK_WORK, postings.COPIES_SHARE), (filtered.PICK_WORK, 0.0),
+                                               (0, postings.COPIES_SHARE)])
+def test_filtered_search_equals_brute_force_post_filtering(bits, pick_work, copies, tmp_path, monkeypatch):
     monkeypatch.setattr(filtered, "PICK_WORK", pick_work)
+    monkeypatch.setattr(postings, "COPIES_SHARE", copies)
     n = 6000
     db, attrs, plain = _data(n, bits, bits)
     rng = np.random.default_rng(bits)
@@ -98,6 +102,34 @@ def test_filtered_search_equals_brute_force_post_filtering(bits, pick_work, tmp_
     stored.close()
 
 
+@pytest.mark.parametrize("copies", [postings.COPIES_SHARE, 0.0])
+def test_a_rare_labels_rows_are_picked_from_its_lists_copy_of_their_codes(copies, tmp_path, monkeypatch):
+    # the copy is in the list's order (a label's: rows ascending; a range's: value order), the
+    # answer by (distance, row) all the same, removed rows left out
+    monkeypatch.setattr(postings, "COPIES_SHARE", copies)
+    rng = np.random.default_rng(5)
+    n = 8000
+    db = rng.integers(0, 256, size=(40, 8), dtype=np.uint8)[rng.integers(0, 40, n)]  # ties
+    rare = rng.random(n) < 0.01
+    year = rng.integers(0, 1000, n)
+    index = HashIndex.create(tmp_path / "ix", 64, chunk_size=1500)
+    index.add(db, attributes={"labels": Labels(np.stack([rare, ~rare], axis=1), ["rare", "common"]), "year": year})
+    index.remove(np.flatnonzero(rare)[::3])
+    alive = np.ones(n, bool)
+    alive[np.flatnonzero(rare)[::3]] = False
+    q = rng.integers(0, 256, size=(3, 8), dtype=np.uint8)
+    for expr, ok in (({"labels": {"any": ["rare"]}}, rare), ({"year": {"gte": 990}}, year >= 990),
+                     ({"year": {"lt": 30}, "labels": {"any": ["common"]}}, (year < 30) & ~rare)):
+        for k in (1, 7, 200):
+            index._filters.clear()
+            d, ids = index.search(q[:1], k, filter=expr)
+            bd, br = _post_filtered(db, q[:1], k, ok & alive)
+            np.testing.assert_array_equal(ids, br, err_msg=f"{expr} {k}")
+            np.testing.assert_array_equal(d, bd)
+    assert (index._postings[1].copied_bytes > 0) == (copies > 0)
+    index.close()
+
+
 def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_results(monkeypatch):
     db, attrs, plain = _data(4000, 64, 1)
     index = HashIndex(64)
@@ -106,7 +138,7 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     monkeypatch.setattr(filtered, "rank_first", lambda *a, real=filtered.rank_first: took.append("rank first") or real(*a))
     monkeypatch.setattr(filtered.Selection, "gathered", lambda self, segs, bits, real=filtered.Selection.gathered:
                         took.append("gathered") or real(self, segs, bits))
-    monkeypatch.setattr(kernels, "pick_topk", lambda *a, real=kernels.pick_topk: took.append("picked") or real(*a))
+    monkeypatch.setattr(kernels, "pick_topk", lambda *a, real=kernels.pick_topk, **kw: took.append("picked") or real(*a, **kw))
     masked, over_all = [], []
     real_topk = kernels.topk
     monkeypatch.setattr(kernels, "topk", lambda segs, q, k, bits, deleted=None, threads=None:
@@ -394,12 +426,13 @@ def test_the_example_in_docs_filters_runs_as_written(capsys):
     assert "'labels': [" in shown and "'year':" in shown
 
 
-def test_row_lists_bound_every_filter_and_give_its_rows():
+def test_row_lists_bound_every_filter_and_give_its_rows(monkeypatch):
     # estimate: at least the filter's rows; rows(): those rows (exact) or a superset, no repeats,
     # sorted where said -- for every kind of condition and their and / or / not
     from hashret.index.attributes import evaluate, parse_filter
     from hashret.index.postings import Postings
 
+    monkeypatch.setattr(postings, "COPIES_SHARE", 100.0)  # every list copied: each copy checked
     db, attrs, plain = _data(3000, 64, 5)
     index = HashIndex(64)
     index.add(db, ids=np.arange(3000) * 7, attributes=attrs)
@@ -413,7 +446,7 @@ def test_row_lists_bound_every_filter_and_give_its_rows():
              {"or": [{"year": {"eq": 2001}}, {"not": {"genre": {"eq": "jazz"}}}]}, {"not": {"year": {"eq": 2001}}},
              {"and": [{"not": {"year": {"eq": 2001}}}, {"labels": {"all": ["dog"]}}]}]
     state = {}
-    index._scan(lambda segs, deleted, ids_of_rows, columns: state.update(columns=columns))
+    index._scan(lambda segs, deleted, ids_of_rows, columns: state.update(columns=columns, segs=segs))
     lists = Postings(state["columns"], 3000, index.lookup_rows)
     for expr in exprs:
         tree = parse_filter(expr, state["columns"].schema, 3000)
@@ -422,10 +455,15 @@ def test_row_lists_bound_every_filter_and_give_its_rows():
         if est is None:
             continue
         assert est >= len(truth), expr
-        rows, exact, ascending = lists.rows(tree)
+        rows, exact, ascending, source = lists.rows(tree)
         assert len(np.unique(rows)) == len(rows) and np.isin(truth, rows).all(), expr
         if exact:
             np.testing.assert_array_equal(np.sort(rows), truth, err_msg=str(expr))
         if ascending:
             assert (np.diff(rows) > 0).all(), expr
+        if source is not None:  # the rows are that list's slice, and its copy holds their codes
+            key, lo, hi = source
+            np.testing.assert_array_equal(lists.codes(key, state["segs"], 64).rows(np.arange(lo, hi)),
+                                          state["segs"].rows(rows), err_msg=str(expr))
+            assert est == hi - lo or not exact, expr
     assert lists.estimate(parse_filter({"labels": {"none": ["sea"]}}, state["columns"].schema, 3000)) is None
