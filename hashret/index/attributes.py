@@ -355,6 +355,78 @@ def evaluate(tree, columns, n_rows: int, rows_of_ids, rows=None) -> np.ndarray:
     return out
 
 
+_BOUNDS = {"gt": (True, None), "gte": (False, None), "lt": (None, True), "lte": (None, False)}
+
+
+def _interval(tree, columns):
+    """A condition on one scalar or category column -- a comparison, ``eq``/``ne``, or the
+    ``and`` of a lower and an upper bound (``{"gte": a, "lt": b}``) -- as (column, lo, hi,
+    lo_open, hi_open, inside) in the column's type; None for any other form."""
+    leaves = tree[1] if tree[0] == "and" else [tree]
+    if not 1 <= len(leaves) <= 2 or any(t[0] not in ("scalar", "category") for t in leaves) \
+            or len({t[1] for t in leaves}) != 1:
+        return None
+    col, _ = columns.chunks(leaves[0][1])
+    dtype = np.dtype(_STORED[col["kind"]])
+    info = np.iinfo(dtype) if dtype.kind == "i" else np.finfo(dtype)
+    lo, hi, lo_open, hi_open, inside = info.min, info.max, False, False, True
+    for _, _, op, vals in leaves:
+        if op in _SETS or (op in ("eq", "ne") and len(leaves) > 1):
+            return None
+        v = vals[0] if vals else None
+        if v is None or (dtype.kind == "i" and not (is_integer(v) and info.min <= v <= info.max)):
+            return None  # e.g. an int column against 2.5: numpy compares those
+        if op in ("eq", "ne"):
+            lo = hi = v
+            inside = op == "eq"
+            continue
+        low, high = _BOUNDS[op]
+        if low is not None:
+            if lo != info.min or lo_open:
+                return None  # two lower bounds: left to numpy
+            lo, lo_open = v, low
+        else:
+            if hi != info.max or hi_open:
+                return None
+            hi, hi_open = v, high
+    return col, dtype.type(lo), dtype.type(hi), lo_open, hi_open, inside
+
+
+def exclusion(tree, columns, n_rows: int, deleted, bits: int) -> np.ndarray | None:
+    """The rows a parsed filter leaves out -- or ``deleted`` has removed -- as a uint8 mask
+    (1 = out, what the scans take), made in one parallel pass over the column, for the forms
+    most filters take: one labels condition, or one scalar / category column's comparison,
+    equality or range. None for any other filter (:func:`evaluate` answers those)."""
+    from hashret.index import kernels
+
+    if tree[0] == "labels":
+        col, parts = columns.chunks(tree[1])
+        _, _, how, labels = tree
+        if not labels:
+            return None
+        want = np.zeros(row_bytes(col), dtype=np.uint8)
+        for j in labels:
+            want[j // 8] |= np.uint8(0x80 >> (j % 8))  # np.packbits order
+        at = np.flatnonzero(want).astype(np.int64)
+        out = np.empty(n_rows, dtype=np.uint8)
+        for lo, values in parts:
+            n = min(len(values), n_rows - lo)
+            kernels.exclude_labels(values[:n], at, want[at], ("any", "all", "none").index(how),
+                                   None if deleted is None else deleted[lo:lo + n], out[lo:lo + n], bits)
+        return out
+    found = _interval(tree, columns) if tree[0] in ("scalar", "category", "and") else None
+    if found is None:
+        return None
+    col, lo_v, hi_v, lo_open, hi_open, inside = found
+    _, parts = columns.chunks(col["name"])
+    out = np.empty(n_rows, dtype=np.uint8)
+    for lo, values in parts:
+        n = min(len(values), n_rows - lo)
+        kernels.exclude_between(values[:n], lo_v, hi_v, lo_open, hi_open, inside,
+                                None if deleted is None else deleted[lo:lo + n], out[lo:lo + n], bits)
+    return out
+
+
 def _test(kind, op, vals, values, col):
     """One condition over one chunk's values."""
     if kind == "labels":

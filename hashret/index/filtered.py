@@ -55,19 +55,33 @@ class Selection:
     it, each made once: the exclusion mask, the sorted rows, the gathered copy."""
 
     def __init__(self, allowed: np.ndarray | None = None, rows: np.ndarray | None = None,
-                 ascending: bool = True, n_rows: int = 0, source=None):
-        self.allowed, self._rows, self._ascending = allowed, rows, ascending
-        self.n_rows = len(allowed) if allowed is not None else n_rows
-        self.n = int(np.count_nonzero(allowed)) if allowed is not None else len(rows)
-        self._excluded = self._gathered = None
+                 ascending: bool = True, n_rows: int = 0, source=None, excluded: np.ndarray | None = None,
+                 exclude=None):
+        self._allowed, self._rows, self._ascending, self._excluded = allowed, rows, ascending, excluded
+        self.n_rows = len(allowed) if allowed is not None else len(excluded) if excluded is not None else n_rows
+        if allowed is not None:
+            self.n = int(np.count_nonzero(allowed))
+        else:
+            self.n = len(rows) if rows is not None else self.n_rows - int(np.count_nonzero(excluded))
+        self._gathered = None
         # (row list key, positions): where ``rows`` lie in that list (its codes' copy)
         self.source = source
+        self._exclude = exclude  # () -> the excluded mask in one pass over a column, or None
+
+    @property
+    def allowed(self) -> np.ndarray:
+        """A boolean per row, True where the row is in."""
+        if self._allowed is None:
+            self._allowed = self.excluded() == 0
+        return self._allowed
 
     def excluded(self) -> np.ndarray:
         """uint8 per row, 1 where the row is out (the scans' removed-row mask)."""
         if self._excluded is None:
-            if self.allowed is not None:
-                self._excluded = (~self.allowed).view(np.uint8)
+            if self._allowed is not None:
+                self._excluded = (~self._allowed).view(np.uint8)
+            elif self._exclude is not None and (got := self._exclude()) is not None:
+                self._excluded = got  # one pass over the column, not a write per listed row
             else:
                 self._excluded = np.ones(self.n_rows, dtype=np.uint8)
                 self._excluded[self._rows] = 0
@@ -112,9 +126,12 @@ class Filter:
     rows; ``evaluate()``, over every row; the index's row lists (``postings``); the selection
     a recent search kept of the same filter (``kept``), and ``keep(selection)`` to keep one."""
 
-    def __init__(self, tree, test, evaluate, postings, kept, keep):
+    def __init__(self, tree, test, evaluate, postings, kept, keep, exclude=None):
         self.tree, self.test, self.evaluate, self.postings = tree, test, evaluate, postings
         self.kept, self.keep = kept, keep
+        # exclude(deleted): the rows out, uint8, in one pass over a column -- None for a form
+        # it does not take (then evaluate)
+        self.exclude = exclude or (lambda deleted: None)
         self._estimate = self._listed = ()  # () = not asked yet (a search asks each at most once)
 
     def estimate(self) -> int | None:
@@ -138,21 +155,26 @@ class Filter:
         rows, exact, ascending, source = self.postings.rows(self.tree)
         if not (few or (exact and ascending)):
             return None  # many rows, to be sorted: a scan with a mask costs less
-        at = None if source is None else np.arange(source[1], source[2])
+        # where the rows lie in their list: only for a search that may pick them (a few queries)
+        at = None if source is None or n_queries > RANK_FIRST_QUERIES else np.arange(source[1], source[2])
         for test in ([] if exact else [self.test]) + ([] if deleted is None else [lambda r: deleted[r] == 0]):
             keep = test(rows)
             rows = rows[keep]
             at = None if at is None else at[keep]
         return Selection(rows=rows, ascending=ascending, n_rows=n_rows,
-                         source=None if source is None else (source[0], at))
+                         source=None if at is None else (source[0], at), exclude=lambda: self.exclude(deleted))
 
     def selection(self, n_rows: int, deleted, n_queries: int) -> Selection:
         """The rows alive that the filter selects: kept, listed, or evaluated over every row."""
         if self.kept is None:
             sel = self.listed(n_rows, deleted, n_queries)
             if sel is None:
-                match = self.evaluate()
-                sel = Selection(match if deleted is None else match & (deleted == 0))
+                out = self.exclude(deleted)
+                if out is not None:
+                    sel = Selection(excluded=out)
+                else:
+                    match = self.evaluate()
+                    sel = Selection(match if deleted is None else match & (deleted == 0))
             self.keep(sel)
             self.kept = sel
         return self.kept

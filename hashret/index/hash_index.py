@@ -18,7 +18,7 @@ from bitarray import bitarray
 
 from hashret.errors import HashretError, NotFoundError, check, is_integer, os_problem
 from hashret.index import filtered, kernels
-from hashret.index.attributes import encode, evaluate, key, new_schema, parse_filter, value_of
+from hashret.index.attributes import Labels, encode, evaluate, exclusion, key, new_schema, parse_filter, value_of
 from hashret.index.postings import Postings
 from hashret.index.bits import as_packed
 from hashret.index.rows import Memory, Stored, to_words, word_layout
@@ -251,8 +251,10 @@ class HashIndex:
 
         t0 = time.perf_counter()
         index = HashIndex(bits)
-        codes = np.random.default_rng(0).integers(0, 256, size=(4096, index.n_bytes), dtype=np.uint8)
-        index.add(codes)
+        rng = np.random.default_rng(0)
+        codes = rng.integers(0, 256, size=(4096, index.n_bytes), dtype=np.uint8)
+        index.add(codes, attributes={"labels": Labels(np.ones((4096, 1), bool), ["a"]), "n": np.arange(4096),
+                                     "x": rng.random(4096), "c": ["a", "b"] * 2048})
         mode = os.environ.get("HASHRET_COMPILE")
         os.environ["HASHRET_COMPILE"] = "foreground"  # the kernels, not numpy's stand-in
         try:
@@ -264,6 +266,8 @@ class HashIndex:
                 index.search(codes[:1], 10, filter=listed)  # a filter's few rows, read where they lie
                 index.search(codes[:8], 10, filter=listed)  # ... copied for a batch
                 index.search(codes[:8], 10, filter=np.arange(len(codes)) % 64 == 0)  # a mask's rows copied
+                for broad in ({"labels": {"any": ["a"]}}, {"n": {"gte": 1}}, {"x": {"lt": 2.0}}, {"c": {"ne": "b"}}):
+                    index.search(codes[:8], 10, filter=broad)  # a column's rows out, in one pass
         finally:
             if mode is None:
                 os.environ.pop("HASHRET_COMPILE")
@@ -509,7 +513,8 @@ class HashIndex:
                     self._filters.popitem(last=False)
 
         return filtered.Filter(tree, test, lambda: evaluate(tree, columns, n_rows, self.lookup_rows),
-                               self._postings[1], self._kept_selection(filter, n_rows), keep)
+                               self._postings[1], self._kept_selection(filter, n_rows), keep,
+                               lambda deleted: exclusion(tree, columns, n_rows, deleted, self.bits))
 
     def check_filter(self, filter):
         """Raise HashretError (one line) where ``filter`` cannot be applied to this index."""

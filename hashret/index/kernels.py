@@ -691,3 +691,80 @@ def pick_topk(segs: Segments, queries: np.ndarray, rows: np.ndarray, k: int, bit
         _pick_distances(*args)
     _pick_best(dist, report, kk, bits, n_rows, out_d, out_r)
     return out_d, out_r
+
+
+# -- a filter's excluded rows in one pass --------------------------------------------------
+@njit(parallel=True, nogil=True, cache=True)
+def _exclude_labels(values, at, want, how, deleted, has_deleted, out):
+    """out[r] = 1 where row r is out: its label bytes ``values[r, at[i]] & want[i]`` fail
+    ``how`` (0 any, 1 all, 2 none) or the row is removed."""
+    n = values.shape[0]
+    if len(at) == 1:  # the labels asked for in one byte: a loop without branches, vectorised
+        b, w = at[0], want[0]
+        if how == 0:
+            for r in prange(n):
+                out[r] = (values[r, b] & w) == 0
+        elif how == 1:
+            for r in prange(n):
+                out[r] = (values[r, b] & w) != w
+        else:
+            for r in prange(n):
+                out[r] = (values[r, b] & w) != 0
+    else:
+        for r in prange(n):
+            hit = how == 1
+            for i in range(len(at)):
+                got = values[r, at[i]] & want[i]
+                hit = (hit and got == want[i]) if how == 1 else (hit or got != 0)
+            out[r] = hit == (how == 2)
+    if has_deleted:
+        for r in prange(n):
+            out[r] |= deleted[r] != 0
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _exclude_between(values, lo, hi, lo_open, hi_open, inside, deleted, has_deleted, out):
+    """out[r] = 1 where row r is out: ``values[r]`` in the interval (lo, hi) -- each end open
+    or closed -- is not ``inside``, or the row is removed."""
+    n = len(values)
+    flip = np.uint8(1 if inside else 0)
+    # the ends' kinds chosen once, so that each loop is branch-free (vectorised)
+    if lo_open and hi_open:
+        for r in prange(n):
+            out[r] = np.uint8((values[r] > lo) & (values[r] < hi)) ^ flip
+    elif lo_open:
+        for r in prange(n):
+            out[r] = np.uint8((values[r] > lo) & (values[r] <= hi)) ^ flip
+    elif hi_open:
+        for r in prange(n):
+            out[r] = np.uint8((values[r] >= lo) & (values[r] < hi)) ^ flip
+    else:
+        for r in prange(n):
+            out[r] = np.uint8((values[r] >= lo) & (values[r] <= hi)) ^ flip
+    if has_deleted:
+        for r in prange(n):
+            out[r] |= deleted[r] != 0
+
+
+def exclude_labels(values, at, want, how: int, deleted, out, bits: int) -> None:
+    """:func:`_exclude_labels` over one chunk (numpy where the kernel is not compiled yet)."""
+    has = deleted is not None
+    args = (values, at, want, np.int64(how), deleted if has else np.zeros(1, np.uint8), has, out)
+    if len(values) and _pick_ready(_exclude_labels, args, bits):
+        _exclude_labels(*args)
+        return
+    hit = np.full(len(values), how == 1)
+    for b, w in zip(at.tolist(), want.tolist()):
+        hit = hit & ((values[:, b] & w) == w) if how == 1 else hit | ((values[:, b] & w) != 0)
+    out[:] = (hit == (how == 2)) | (deleted != 0 if has else False)
+
+
+def exclude_between(values, lo, hi, lo_open: bool, hi_open: bool, inside: bool, deleted, out, bits: int) -> None:
+    """:func:`_exclude_between` over one chunk (numpy where the kernel is not compiled yet)."""
+    has = deleted is not None
+    args = (values, lo, hi, lo_open, hi_open, inside, deleted if has else np.zeros(1, np.uint8), has, out)
+    if len(values) and _pick_ready(_exclude_between, args, bits):
+        _exclude_between(*args)
+        return
+    within = ((values > lo) if lo_open else (values >= lo)) & ((values < hi) if hi_open else (values <= hi))
+    out[:] = (within != inside) | (deleted != 0 if has else False)

@@ -148,10 +148,14 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
                         over_all.append(rows is None) or real_evaluate(tree, cols, n, look, rows))
     index.search(db[:1], 5, filter={"year": {"gte": 2000}})  # new, most rows, one query: rank first
     assert took == ["rank first"] and masked == [False] and not any(over_all)
-    index.search(db[:9], 5, filter={"year": {"gte": 2000}})  # a batch: evaluated over all rows, kept
-    assert over_all[-1]
+    real_exclusion, passes = hash_index_module.exclusion, []
+    monkeypatch.setattr(hash_index_module, "exclusion", lambda *a: passes.append(1) or real_exclusion(*a))
+    index.search(db[:9], 5, filter={"year": {"gte": 2000}})  # a batch: one pass over the column, kept
+    assert passes and not any(over_all)
+    index.search(db[:9], 5, filter={"year": {"ne": 2001}, "labels": {"none": ["sky"]}})  # other forms
+    assert over_all[-1]  # ... evaluated over all rows
     index.search(db[:1], 5, filter={"year": {"gte": 2000}})  # now kept: the masked scan, no ranking first
-    assert took == ["rank first"] and masked == [False, True, True]
+    assert took == ["rank first"] and masked == [False, True, True, True]
     took.clear(), over_all.clear()
     index.search(db[:1], 5, filter={"year": {"eq": 2001}})  # ~2.5%, new: listed, distances where the rows lie
     assert took == ["picked"] and not any(over_all)
@@ -333,6 +337,9 @@ def test_a_repeated_filter_is_evaluated_once_until_the_rows_change(monkeypatch):
     real = hash_index_module.evaluate
     # over every row (not a rank-first search's candidates): what is kept
     monkeypatch.setattr(hash_index_module, "evaluate", lambda *a: (len(a) < 5 and calls.append(1)) or real(*a))
+    real_pass = hash_index_module.exclusion  # (the one-pass form of the same work)
+    monkeypatch.setattr(hash_index_module, "exclusion",
+                        lambda *a: (lambda got: (got is not None and calls.append(1)) or got)(real_pass(*a)))
     f = {"year": {"gte": 2000}, "labels": {"any": ["sky"]}}
     index.search(db[:8], 5, filter=f)
     index.search(db[:8], 5, filter=dict(reversed(list(f.items()))))  # the same filter, keys in another order
@@ -409,6 +416,9 @@ def test_filters_kept_zero_keeps_nothing_and_a_bad_value_is_refused(monkeypatch)
     calls = []
     real = hash_index_module.evaluate
     monkeypatch.setattr(hash_index_module, "evaluate", lambda *a: (len(a) < 5 and calls.append(1)) or real(*a))
+    real_pass = hash_index_module.exclusion  # (the one-pass form of the same work)
+    monkeypatch.setattr(hash_index_module, "exclusion",
+                        lambda *a: (lambda got: (got is not None and calls.append(1)) or got)(real_pass(*a)))
     for _ in range(2):
         index.search(db[:8], 5, filter={"year": {"gte": 2000}})
     assert len(calls) == 2
@@ -467,3 +477,44 @@ def test_row_lists_bound_every_filter_and_give_its_rows(monkeypatch):
                                           state["segs"].rows(rows), err_msg=str(expr))
             assert est == hi - lo or not exact, expr
     assert lists.estimate(parse_filter({"labels": {"none": ["sea"]}}, state["columns"].schema, 3000)) is None
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_one_pass_exclusion_equals_the_evaluated_filter_with_removed_rows_out(compiled, tmp_path, monkeypatch):
+    from hashret.index.attributes import evaluate, exclusion, parse_filter
+
+    if not compiled:  # the kernels not compiled yet: numpy answers the same
+        monkeypatch.setattr(kernels, "_pick_ready", lambda *a: False)
+    n = 3000
+    db, attrs, plain = _data(n, 64, 9)
+    index = HashIndex.create(tmp_path / "ix", 64, chunk_size=700)
+    index.add(db, ids=np.arange(n) * 3, attributes=attrs)
+    index.remove(np.arange(0, n * 3, 21))
+    taken = int((np.datetime64("2021-06-01T00:00:00") - np.datetime64("1970-01-01T00:00:00")).astype("timedelta64[us]")
+                .astype(np.int64))
+    simple = [{"labels": {"any": ["sky"]}}, {"labels": {"any": ["sky", "sand"]}}, {"labels": {"all": ["sea", "cat"]}},
+              {"labels": {"none": ["sea", "snow"]}}, {"labels": {"all": ["sky", "sea", "dog", "cat", "car", "tree",
+                                                                          "road", "snow", "sand"]}},
+              {"year": {"lt": 1995}}, {"year": {"lte": 1995}}, {"year": {"gt": 2027}}, {"year": {"gte": 2027}},
+              {"year": {"gte": 2000, "lt": 2010}}, {"year": {"gt": 2000, "lte": 2010}}, {"year": {"eq": 2001}},
+              {"year": {"ne": 2001}}, {"score": {"lt": 0.25}}, {"score": {"gte": 0.5, "lte": 0.75}},
+              {"genre": {"eq": "folk"}}, {"genre": {"ne": "jazz"}}, {"taken": {"gte": "2021-06-01T00:00:00"}},
+              {"taken": {"lt": taken / 1e6}}]
+    other = [{"year": {"in": [2001, 2002]}}, {"year": {"lt": 1995.5}}, {"year": {"gt": 1991, "gte": 1995}},
+             {"genre": {"eq": "none-such"}}, {"year": {"lt": 1995}, "labels": {"any": ["sky"]}},
+             {"not": {"year": {"eq": 2001}}}, {"id": {"in": [3, 6]}}]
+    state = {}
+    index._scan(lambda segs, deleted, ids_of_rows, columns: state.update(columns=columns, deleted=deleted))
+    cols, deleted = state["columns"], state["deleted"]
+    assert deleted is not None and deleted.any()
+    for expr in simple + other:
+        tree = parse_filter(expr, cols.schema, n)
+        got = exclusion(tree, cols, n, deleted, 64)
+        if expr in other:
+            assert got is None, expr
+            continue
+        want = ~evaluate(tree, cols, n, index.lookup_rows) | (deleted != 0)
+        assert got is not None and got.dtype == np.uint8, expr
+        np.testing.assert_array_equal(got, want.astype(np.uint8), err_msg=str(expr))
+        assert exclusion(tree, cols, n, None, 64).sum() == (~evaluate(tree, cols, n, index.lookup_rows)).sum()
+    index.close()
