@@ -35,12 +35,14 @@ from hashret.experiments.cascade import DEFAULT_DATASET  # noqa: E402
               "trained once per seed, the heads' mean and sd over them in table.md.")
 @click.option("--set", "settings", multiple=True,
               help="Matcher or head field for every matcher, key=value (repeatable).")
+@click.option("--heads", default=None, help="Hash heads to train (comma list; default all five): e.g. "
+              "--heads in-batch for the default head's cascade alone.")
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="Choose each head's knob (HEAD_TUNING, 3 tries each) on the dev part by agreement@1%.")
 @click.option("--merge", default=None, metavar="DIR,DIR,...",
               help="Instead of running: one report of these runs' folders (same data and queries) in --out.")
 @click.option("--out", default="results/cascade", show_default=True, type=click.Path(file_okay=False))
-def cascade(dataset, matchers, bits, n_queries, seeds, settings, tune, merge, out):
+def cascade(dataset, matchers, bits, n_queries, seeds, settings, heads, tune, merge, out):
     """Recall@1/5/10, rSum, time per query and fraction scored for every mode."""
     from hashret.experiments.cascade import merge_runs, run_cascade_benchmark
 
@@ -63,7 +65,9 @@ def cascade(dataset, matchers, bits, n_queries, seeds, settings, tune, merge, ou
     except ValueError:
         seed_list = []
     check(seed_list, f"--seeds must be a comma list of integers, got {seeds!r}")
+    head_list = None if heads is None else [h.strip() for h in heads.split(",") if h.strip()]
     run_cascade_benchmark(dataset=dataset, matchers=names, bits=bits, n_queries=n_queries, seeds=seed_list, tune=tune,
+                          heads=head_list,
                           out=out, options={m: {k: v for k, v in opts.items() if k in f}
                                             for m, f in fields.items()})
 

@@ -194,17 +194,22 @@ def _code_index(model, codes):
 
 def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cgam", "han", "shan"),
                           bits: int = 512, n_queries: int = 300, seeds=(0,), out="results/cascade",
-                          options: dict | None = None, tune: bool = True) -> list:
+                          options: dict | None = None, tune: bool = True, heads=None) -> list:
     """For each seed, train each matcher and its heads on ``dataset``'s train part, evaluate
     on its test part (the gallery, the same queries for every seed) -- each head's knob chosen
     on the first seed's dev part (``tune``, :data:`HEAD_TUNING`) and kept for the later
     seeds -- write table.md (with the
     heads' mean and sd over the seeds), results.json, the per-query timings and plots to
-    ``out``. Returns the records."""
+    ``out``. ``heads``: the hash heads to train (default: all of
+    :data:`~hashret.models.distill.HEADS`); the cascade is timed with the default head, or
+    the first of ``heads`` without it. Returns the records."""
     from hashret.data.scenes import load_scenes
     from hashret.training import seed_everything
 
     check(n_queries > 0, "n_queries must be positive")
+    heads = list(HEADS) if heads is None else list(heads)
+    bad = [h for h in heads if h not in HEADS]
+    check(heads and not bad, f"unknown head {', '.join(bad) or '(none given)'}: use {', '.join(HEADS)}")
     seeds = [int(x) for x in ([seeds] if isinstance(seeds, int) else seeds)]
     check(len(seeds) > 0 and len(set(seeds)) == len(seeds), "give one or more distinct seeds")
     out = Path(out)
@@ -260,7 +265,8 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
             schedule_s = time.perf_counter() - t0
             default = options.get(name, {}).get("head", HEAD_DEFAULTS["head"])
             dev = _dev_scores(model, ds, n_queries) if tune and seed == seeds[0] else None
-            for kind in [default] + [h for h in HEADS if h != default]:
+            kinds = [h for h in [default] + [h for h in HEADS if h != default] if h in heads]
+            for kind in kinds:
                 # the same initialisation (seed) and batches for every head: only the target
                 # differs; each head's knob chosen on the dev part, the same number of tries each
                 # the knob is chosen on the first seed's dev part and kept for the later seeds
@@ -284,7 +290,7 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
                     for k in (1, 5, 10):
                         rec[f"codes_r{k}_{d}"] = rec.pop(f"r{k}_{d}")
                 add({**rec, **operating_points(scores, codes, part, queries)})
-                if kind != default:
+                if kind != kinds[0]:  # the default head's cascade (or the first head asked for)
                     continue
                 for pct in (1, 5):  # the default head's cascade, timed one query at a time
                     # each direction's K from its own gallery: with five captions per image, image->text
@@ -299,7 +305,7 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
                                                      "fraction_scored_t2i": frac["t2i"]}))
     total = time.perf_counter() - t_start
     run = {"dataset": dataset, "name": ds.name, "synthetic": ds.synthetic, "bits": bits, "queries": n_queries,
-           "matchers": list(matchers), "seeds": seeds, "tune": tune, "minutes": round(total / 60, 1)}
+           "matchers": list(matchers), "seeds": seeds, "tune": tune, "heads": heads, "minutes": round(total / 60, 1)}
     (out / "run.json").write_text(json.dumps(run, indent=1))
     _write_report(records, out, run)
     log.info(f"wrote {out}/table.md, results.json and plots in {total / 60:.1f} min")

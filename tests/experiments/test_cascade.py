@@ -178,3 +178,16 @@ def test_runs_in_separate_processes_merge_into_one_report(tmp_path_factory):
         merge_runs([runs[0], runs[2]], tmp_path_factory.mktemp("bad"))
     with pytest.raises(HashretError, match="no finished run"):
         merge_runs([runs[0], merged_dir / "nothing"], tmp_path_factory.mktemp("bad"))
+
+
+def test_a_run_of_chosen_heads_trains_those_alone_and_times_the_first(tmp_path_factory):
+    from hashret.errors import HashretError
+
+    spec = "scenes:n_train=160,n_dev=0,n_test=40,region_dim=16"
+    out = tmp_path_factory.mktemp("heads")
+    records = run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=20, out=out, heads=("pairs",),
+                                    options={"han": FAST, "global": {"epochs": 1}})
+    assert [r["head"] for r in records if r["mode"] == "head"] == ["pairs"]
+    assert {r["head"] for r in records if r["mode"].startswith("cascade")} == {"pairs"}
+    with pytest.raises(HashretError, match="unknown head teacher"):
+        run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=20, out=out, heads=("teacher",))
