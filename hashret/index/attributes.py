@@ -358,7 +358,18 @@ def evaluate(tree, columns, n_rows: int, rows_of_ids, rows=None) -> np.ndarray:
 _BOUNDS = {"gt": (True, None), "gte": (False, None), "lt": (None, True), "lte": (None, False)}
 
 
-def _interval(tree, columns):
+def label_bytes(tree, columns):
+    """A labels condition as (column, the bytes of a row it reads, the bits it asks of each):
+    a row holds label j at bit ``0x80 >> j % 8`` of byte ``j // 8`` (np.packbits order)."""
+    col, _ = columns.chunks(tree[1])
+    want = np.zeros(row_bytes(col), dtype=np.uint8)
+    for j in tree[3]:
+        want[j // 8] |= np.uint8(0x80 >> (j % 8))
+    at = np.flatnonzero(want).astype(np.int64)
+    return col, at, want[at]
+
+
+def interval(tree, columns):
     """A condition on one scalar or category column -- a comparison, ``eq``/``ne``, or the
     ``and`` of a lower and an upper bound (``{"gte": a, "lt": b}``) -- as (column, lo, hi,
     lo_open, hi_open, inside) in the column's type; None for any other form."""
@@ -390,41 +401,6 @@ def _interval(tree, columns):
                 return None
             hi, hi_open = v, high
     return col, dtype.type(lo), dtype.type(hi), lo_open, hi_open, inside
-
-
-def exclusion(tree, columns, n_rows: int, deleted, bits: int) -> np.ndarray | None:
-    """The rows a parsed filter leaves out -- or ``deleted`` has removed -- as a uint8 mask
-    (1 = out, what the scans take), made in one parallel pass over the column, for the forms
-    most filters take: one labels condition, or one scalar / category column's comparison,
-    equality or range. None for any other filter (:func:`evaluate` answers those)."""
-    from hashret.index import kernels
-
-    if tree[0] == "labels":
-        col, parts = columns.chunks(tree[1])
-        _, _, how, labels = tree
-        if not labels:
-            return None
-        want = np.zeros(row_bytes(col), dtype=np.uint8)
-        for j in labels:
-            want[j // 8] |= np.uint8(0x80 >> (j % 8))  # np.packbits order
-        at = np.flatnonzero(want).astype(np.int64)
-        out = np.empty(n_rows, dtype=np.uint8)
-        for lo, values in parts:
-            n = min(len(values), n_rows - lo)
-            kernels.exclude_labels(values[:n], at, want[at], ("any", "all", "none").index(how),
-                                   None if deleted is None else deleted[lo:lo + n], out[lo:lo + n], bits)
-        return out
-    found = _interval(tree, columns) if tree[0] in ("scalar", "category", "and") else None
-    if found is None:
-        return None
-    col, lo_v, hi_v, lo_open, hi_open, inside = found
-    _, parts = columns.chunks(col["name"])
-    out = np.empty(n_rows, dtype=np.uint8)
-    for lo, values in parts:
-        n = min(len(values), n_rows - lo)
-        kernels.exclude_between(values[:n], lo_v, hi_v, lo_open, hi_open, inside,
-                                None if deleted is None else deleted[lo:lo + n], out[lo:lo + n], bits)
-    return out
 
 
 def _test(kind, op, vals, values, col):
@@ -531,3 +507,4 @@ def localise(expr, shard: int, shards: int):
         else:
             out[k] = localise(v, shard, shards)
     return out
+

@@ -11,7 +11,8 @@ Four plans, each exact (the same ids, distances and order as ranking every match
   from the filter's share, counted by the lists or guessed from a sample -- then the filter
   tested on those candidates only; k' grows until k match. No pass over the attributes.
 - **masked** (many rows match): the full scan with the others masked out, as removed rows
-  are: no distance is computed for them past the first level's span test.
+  are: no distance is computed for them past the first level's span test. The mask of a
+  filter's usual forms is made in one parallel pass over its column (:func:`exclusion`).
 - **gathered** (a batch where a share of the rows match): the matching rows' codes copied
   together, rows ascending so that ties keep their order, and scanned.
 
@@ -24,8 +25,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit, prange
 
 from hashret.index import kernels
+from hashret.index.attributes import interval, label_bytes
 
 RANK_FIRST_QUERIES = 4  # a new filter with at most this many queries ranks first, then tests
 RANK_FIRST_MAX = 1 << 15  # candidates a rank-first search takes at most before it gives up
@@ -258,3 +261,107 @@ def range_search(segs, q, radius, bits, deleted, f: Filter, threads):
     chosen, sub = selection.gathered(segs, bits)
     lims, dist, r = kernels.range_search(sub, q, radius, bits, None, threads)
     return lims, dist, chosen[r]
+
+# -- a filter's excluded rows in one pass over its column --------------------------------
+def exclusion(tree, columns, n_rows: int, deleted, bits: int) -> np.ndarray | None:
+    """The rows a parsed filter leaves out -- or ``deleted`` has removed -- as a uint8 mask
+    (1 = out, what the scans take), made in one parallel pass over the column, for the forms
+    most filters take: one labels condition, or one scalar / category column's comparison,
+    equality or range. None for any other filter (numpy's evaluation answers those)."""
+    if tree[0] == "labels":
+        col, at, want = label_bytes(tree, columns)
+        if not len(at):
+            return None
+        parts, how = columns.chunks(tree[1])[1], ("any", "all", "none").index(tree[2])
+        out = np.empty(n_rows, dtype=np.uint8)
+        for lo, values in parts:
+            n = min(len(values), n_rows - lo)
+            _labels_out(values[:n], at, want, how, None if deleted is None else deleted[lo:lo + n],
+                        out[lo:lo + n], bits)
+        return out
+    found = interval(tree, columns) if tree[0] in ("scalar", "category", "and") else None
+    if found is None:
+        return None
+    col, lo_v, hi_v, lo_open, hi_open, inside = found
+    out = np.empty(n_rows, dtype=np.uint8)
+    for lo, values in columns.chunks(col["name"])[1]:
+        n = min(len(values), n_rows - lo)
+        _between_out(values[:n], lo_v, hi_v, lo_open, hi_open, inside,
+                     None if deleted is None else deleted[lo:lo + n], out[lo:lo + n], bits)
+    return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _exclude_labels(values, at, want, how, deleted, has_deleted, out):
+    """out[r] = 1 where row r is out: its label bytes ``values[r, at[i]] & want[i]`` fail
+    ``how`` (0 any, 1 all, 2 none) or the row is removed."""
+    n = values.shape[0]
+    if len(at) == 1:  # the labels asked for in one byte: a loop without branches, vectorised
+        b, w = at[0], want[0]
+        if how == 0:
+            for r in prange(n):
+                out[r] = (values[r, b] & w) == 0
+        elif how == 1:
+            for r in prange(n):
+                out[r] = (values[r, b] & w) != w
+        else:
+            for r in prange(n):
+                out[r] = (values[r, b] & w) != 0
+    else:
+        for r in prange(n):
+            hit = how == 1
+            for i in range(len(at)):
+                got = values[r, at[i]] & want[i]
+                hit = (hit and got == want[i]) if how == 1 else (hit or got != 0)
+            out[r] = hit == (how == 2)
+    if has_deleted:
+        for r in prange(n):
+            out[r] |= deleted[r] != 0
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _exclude_between(values, lo, hi, lo_open, hi_open, inside, deleted, has_deleted, out):
+    """out[r] = 1 where row r is out: ``values[r]`` in the interval (lo, hi) -- each end open
+    or closed -- is not ``inside``, or the row is removed."""
+    n = len(values)
+    flip = np.uint8(1 if inside else 0)
+    # the ends' kinds chosen once, so that each loop is branch-free (vectorised)
+    if lo_open and hi_open:
+        for r in prange(n):
+            out[r] = np.uint8((values[r] > lo) & (values[r] < hi)) ^ flip
+    elif lo_open:
+        for r in prange(n):
+            out[r] = np.uint8((values[r] > lo) & (values[r] <= hi)) ^ flip
+    elif hi_open:
+        for r in prange(n):
+            out[r] = np.uint8((values[r] >= lo) & (values[r] < hi)) ^ flip
+    else:
+        for r in prange(n):
+            out[r] = np.uint8((values[r] >= lo) & (values[r] <= hi)) ^ flip
+    if has_deleted:
+        for r in prange(n):
+            out[r] |= deleted[r] != 0
+
+
+def _labels_out(values, at, want, how: int, deleted, out, bits: int) -> None:
+    """:func:`_exclude_labels` over one chunk (numpy where the kernel is not compiled yet)."""
+    has = deleted is not None
+    args = (values, at, want, np.int64(how), deleted if has else np.zeros(1, np.uint8), has, out)
+    if len(values) and kernels.pick_ready(_exclude_labels, args, bits):
+        _exclude_labels(*args)
+        return
+    hit = np.full(len(values), how == 1)
+    for b, w in zip(at.tolist(), want.tolist()):
+        hit = hit & ((values[:, b] & w) == w) if how == 1 else hit | ((values[:, b] & w) != 0)
+    out[:] = (hit == (how == 2)) | (deleted != 0 if has else False)
+
+
+def _between_out(values, lo, hi, lo_open: bool, hi_open: bool, inside: bool, deleted, out, bits: int) -> None:
+    """:func:`_exclude_between` over one chunk (numpy where the kernel is not compiled yet)."""
+    has = deleted is not None
+    args = (values, lo, hi, lo_open, hi_open, inside, deleted if has else np.zeros(1, np.uint8), has, out)
+    if len(values) and kernels.pick_ready(_exclude_between, args, bits):
+        _exclude_between(*args)
+        return
+    within = ((values > lo) if lo_open else (values >= lo)) & ((values < hi) if hi_open else (values <= hi))
+    out[:] = (within != inside) | (deleted != 0 if has else False)

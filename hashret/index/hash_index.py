@@ -18,7 +18,7 @@ from bitarray import bitarray
 
 from hashret.errors import HashretError, NotFoundError, check, is_integer, os_problem
 from hashret.index import filtered, kernels
-from hashret.index.attributes import Labels, encode, evaluate, exclusion, key, new_schema, parse_filter, value_of
+from hashret.index.attributes import Labels, encode, evaluate, key, new_schema, parse_filter, value_of
 from hashret.index.postings import Postings
 from hashret.index.bits import as_packed
 from hashret.index.rows import Memory, Stored, to_words, word_layout
@@ -514,7 +514,7 @@ class HashIndex:
 
         return filtered.Filter(tree, test, lambda: evaluate(tree, columns, n_rows, self.lookup_rows),
                                self._postings[1], self._kept_selection(filter, n_rows), keep,
-                               lambda deleted: exclusion(tree, columns, n_rows, deleted, self.bits))
+                               lambda deleted: filtered.exclusion(tree, columns, n_rows, deleted, self.bits))
 
     def check_filter(self, filter):
         """Raise HashretError (one line) where ``filter`` cannot be applied to this index."""

@@ -477,7 +477,7 @@ PICK_AHEAD = 16  # rows ahead whose codes are asked for while one is read (every
 _picks_ready: set = set()  # (kernel, argument kinds) this process has code for
 
 
-def _pick_ready(disp, args, bits) -> bool:
+def pick_ready(disp, args, bits) -> bool:
     """Whether to run a pick kernel: compiled (or cached) already, or compiling in the call is
     what this process asked for; otherwise numpy answers while ``hashret warmup`` compiles.
     (Asked once per kind of arguments: numba's typing of each call's arguments costs ~40 us.)"""
@@ -534,7 +534,7 @@ def gather(segs: Segments, rows: np.ndarray, bits: int) -> np.ndarray:
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     out = np.empty((len(rows), segs.n_words), dtype=segs.dtype or np.uint64)
     args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, rows, out.reshape(-1))
-    if len(rows) and _pick_ready(_gather_kernel, args, bits):
+    if len(rows) and pick_ready(_gather_kernel, args, bits):
         _gather_kernel(*args)
     elif len(rows):
         out[:] = segs.rows(rows)
@@ -597,7 +597,7 @@ def kept_rows(keep: np.ndarray, bits: int, threads: int | None = None, segs: Seg
     ~50 ms in numpy, a mispredicted branch every other row); with ``segs``, (rows, their
     words) in the same pass."""
     keep = np.ascontiguousarray(keep).view(np.uint8)
-    if not _pick_ready(_count_kept, (keep, 1), bits):
+    if not pick_ready(_count_kept, (keep, 1), bits):
         rows = np.flatnonzero(keep)
         return rows if segs is None else (rows, segs.rows(rows))
     with threads_used(threads, len(keep)) as n:
@@ -682,7 +682,7 @@ def pick_topk(segs: Segments, queries: np.ndarray, rows: np.ndarray, k: int, bit
         return out_d, out_r
     dist = _scratch(len(queries) * len(rows)).reshape(len(queries), len(rows))
     args = (segs.addrs, segs.seg_rows, segs.n_rows, segs.n_words, queries, rows, dist)
-    if not _pick_ready(_pick_distances, args, bits):
+    if not pick_ready(_pick_distances, args, bits):
         order = np.argsort(report, kind="stable")  # ties by the reported row
         d, r = numpy_topk(Segments.of(segs.rows(rows[order])), queries, kk, bits)
         out_d[:, :kk], out_r[:, :kk] = d, report[order][r]
@@ -692,79 +692,3 @@ def pick_topk(segs: Segments, queries: np.ndarray, rows: np.ndarray, k: int, bit
     _pick_best(dist, report, kk, bits, n_rows, out_d, out_r)
     return out_d, out_r
 
-
-# -- a filter's excluded rows in one pass --------------------------------------------------
-@njit(parallel=True, nogil=True, cache=True)
-def _exclude_labels(values, at, want, how, deleted, has_deleted, out):
-    """out[r] = 1 where row r is out: its label bytes ``values[r, at[i]] & want[i]`` fail
-    ``how`` (0 any, 1 all, 2 none) or the row is removed."""
-    n = values.shape[0]
-    if len(at) == 1:  # the labels asked for in one byte: a loop without branches, vectorised
-        b, w = at[0], want[0]
-        if how == 0:
-            for r in prange(n):
-                out[r] = (values[r, b] & w) == 0
-        elif how == 1:
-            for r in prange(n):
-                out[r] = (values[r, b] & w) != w
-        else:
-            for r in prange(n):
-                out[r] = (values[r, b] & w) != 0
-    else:
-        for r in prange(n):
-            hit = how == 1
-            for i in range(len(at)):
-                got = values[r, at[i]] & want[i]
-                hit = (hit and got == want[i]) if how == 1 else (hit or got != 0)
-            out[r] = hit == (how == 2)
-    if has_deleted:
-        for r in prange(n):
-            out[r] |= deleted[r] != 0
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _exclude_between(values, lo, hi, lo_open, hi_open, inside, deleted, has_deleted, out):
-    """out[r] = 1 where row r is out: ``values[r]`` in the interval (lo, hi) -- each end open
-    or closed -- is not ``inside``, or the row is removed."""
-    n = len(values)
-    flip = np.uint8(1 if inside else 0)
-    # the ends' kinds chosen once, so that each loop is branch-free (vectorised)
-    if lo_open and hi_open:
-        for r in prange(n):
-            out[r] = np.uint8((values[r] > lo) & (values[r] < hi)) ^ flip
-    elif lo_open:
-        for r in prange(n):
-            out[r] = np.uint8((values[r] > lo) & (values[r] <= hi)) ^ flip
-    elif hi_open:
-        for r in prange(n):
-            out[r] = np.uint8((values[r] >= lo) & (values[r] < hi)) ^ flip
-    else:
-        for r in prange(n):
-            out[r] = np.uint8((values[r] >= lo) & (values[r] <= hi)) ^ flip
-    if has_deleted:
-        for r in prange(n):
-            out[r] |= deleted[r] != 0
-
-
-def exclude_labels(values, at, want, how: int, deleted, out, bits: int) -> None:
-    """:func:`_exclude_labels` over one chunk (numpy where the kernel is not compiled yet)."""
-    has = deleted is not None
-    args = (values, at, want, np.int64(how), deleted if has else np.zeros(1, np.uint8), has, out)
-    if len(values) and _pick_ready(_exclude_labels, args, bits):
-        _exclude_labels(*args)
-        return
-    hit = np.full(len(values), how == 1)
-    for b, w in zip(at.tolist(), want.tolist()):
-        hit = hit & ((values[:, b] & w) == w) if how == 1 else hit | ((values[:, b] & w) != 0)
-    out[:] = (hit == (how == 2)) | (deleted != 0 if has else False)
-
-
-def exclude_between(values, lo, hi, lo_open: bool, hi_open: bool, inside: bool, deleted, out, bits: int) -> None:
-    """:func:`_exclude_between` over one chunk (numpy where the kernel is not compiled yet)."""
-    has = deleted is not None
-    args = (values, lo, hi, lo_open, hi_open, inside, deleted if has else np.zeros(1, np.uint8), has, out)
-    if len(values) and _pick_ready(_exclude_between, args, bits):
-        _exclude_between(*args)
-        return
-    within = ((values > lo) if lo_open else (values >= lo)) & ((values < hi) if hi_open else (values <= hi))
-    out[:] = (within != inside) | (deleted != 0 if has else False)

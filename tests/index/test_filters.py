@@ -148,8 +148,8 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
                         over_all.append(rows is None) or real_evaluate(tree, cols, n, look, rows))
     index.search(db[:1], 5, filter={"year": {"gte": 2000}})  # new, most rows, one query: rank first
     assert took == ["rank first"] and masked == [False] and not any(over_all)
-    real_exclusion, passes = hash_index_module.exclusion, []
-    monkeypatch.setattr(hash_index_module, "exclusion", lambda *a: passes.append(1) or real_exclusion(*a))
+    real_exclusion, passes = filtered.exclusion, []
+    monkeypatch.setattr(filtered, "exclusion", lambda *a: passes.append(1) or real_exclusion(*a))
     index.search(db[:9], 5, filter={"year": {"gte": 2000}})  # a batch: one pass over the column, kept
     assert passes and not any(over_all)
     index.search(db[:9], 5, filter={"year": {"ne": 2001}, "labels": {"none": ["sky"]}})  # other forms
@@ -337,8 +337,8 @@ def test_a_repeated_filter_is_evaluated_once_until_the_rows_change(monkeypatch):
     real = hash_index_module.evaluate
     # over every row (not a rank-first search's candidates): what is kept
     monkeypatch.setattr(hash_index_module, "evaluate", lambda *a: (len(a) < 5 and calls.append(1)) or real(*a))
-    real_pass = hash_index_module.exclusion  # (the one-pass form of the same work)
-    monkeypatch.setattr(hash_index_module, "exclusion",
+    real_pass = filtered.exclusion  # (the one-pass form of the same work)
+    monkeypatch.setattr(filtered, "exclusion",
                         lambda *a: (lambda got: (got is not None and calls.append(1)) or got)(real_pass(*a)))
     f = {"year": {"gte": 2000}, "labels": {"any": ["sky"]}}
     index.search(db[:8], 5, filter=f)
@@ -416,8 +416,8 @@ def test_filters_kept_zero_keeps_nothing_and_a_bad_value_is_refused(monkeypatch)
     calls = []
     real = hash_index_module.evaluate
     monkeypatch.setattr(hash_index_module, "evaluate", lambda *a: (len(a) < 5 and calls.append(1)) or real(*a))
-    real_pass = hash_index_module.exclusion  # (the one-pass form of the same work)
-    monkeypatch.setattr(hash_index_module, "exclusion",
+    real_pass = filtered.exclusion  # (the one-pass form of the same work)
+    monkeypatch.setattr(filtered, "exclusion",
                         lambda *a: (lambda got: (got is not None and calls.append(1)) or got)(real_pass(*a)))
     for _ in range(2):
         index.search(db[:8], 5, filter={"year": {"gte": 2000}})
@@ -481,10 +481,11 @@ def test_row_lists_bound_every_filter_and_give_its_rows(monkeypatch):
 
 @pytest.mark.parametrize("compiled", [True, False])
 def test_one_pass_exclusion_equals_the_evaluated_filter_with_removed_rows_out(compiled, tmp_path, monkeypatch):
-    from hashret.index.attributes import evaluate, exclusion, parse_filter
+    from hashret.index.attributes import evaluate, parse_filter
+    from hashret.index.filtered import exclusion
 
     if not compiled:  # the kernels not compiled yet: numpy answers the same
-        monkeypatch.setattr(kernels, "_pick_ready", lambda *a: False)
+        monkeypatch.setattr(kernels, "pick_ready", lambda *a: False)
     n = 3000
     db, attrs, plain = _data(n, 64, 9)
     index = HashIndex.create(tmp_path / "ix", 64, chunk_size=700)
