@@ -360,6 +360,37 @@ def merge_runs(runs, out) -> list:
     return records
 
 
+def dev_choice(records) -> dict:
+    """{matcher: {"head", "knob", "dev_agreement"}}: for each matcher the head -- with its
+    knob -- whose dev agreement@1% (the mean of both directions, on the first seed's dev
+    part, the best of its tries) is highest: the default a first stage should take. Matchers
+    whose heads were not tuned on a dev part are left out."""
+    best: dict = {}
+    for r in records:
+        if r["mode"] != "head" or not r.get("dev_agreement"):
+            continue
+        (field, tried), = r["dev_agreement"].items()
+        score = max(tried.values())
+        if r["matcher"] not in best or score > best[r["matcher"]]["dev_agreement"]:
+            best[r["matcher"]] = {"head": r["head"], "knob": dict(r["chosen"]), "dev_agreement": score}
+    return best
+
+
+def _margins(rows: dict) -> list:
+    """For the distilled head against every control: per direction, its mean agreement@1%
+    minus the best control's, and the larger of the two arms' sd (what the margin must beat)."""
+    out = []
+    if "distilled" not in rows:
+        return out
+    for d in DIRECTIONS:
+        c = f"agreement_{d}"
+        rival = max((h for h in rows if h != "distilled"), key=lambda h: rows[h][c][0], default=None)
+        if rival is not None:
+            margin = rows["distilled"][c][0] - rows[rival][c][0]
+            out.append((d, rival, margin, max(rows["distilled"][c][1], rows[rival][c][1])))
+    return out
+
+
 def _write_report(records, out, run):
     merged = f", the sum of {len(run['merged'])} runs'" if run.get("merged") else ""
     head = (f"# Matchers, hash heads and the cascade on {'SYNTHETIC ' if run['synthetic'] else ''}"
@@ -398,6 +429,19 @@ def _write_report(records, out, run):
                                                                "rsum_every_query")]
             summary.append(f"| {name} | {'**' + kind + '**' if kind == best else kind} | {m['seeds']} | "
                            + " | ".join(cells) + " |")
+    choice = dev_choice(records)
+    if choice:
+        summary += ["", "The dev part's choice of default head (agreement@1%, mean of both directions, first seed):", ""]
+        summary += [f"- {name}: **{c['head']}** ({', '.join(f'{k} {v}' for k, v in c['knob'].items())}; dev "
+                    f"agreement {c['dev_agreement']:.2f})" for name, c in choice.items()]
+    verdicts = []
+    for name, rows in _over_seeds(records).items():
+        for d, rival, margin, sd in _margins(rows):
+            verdicts.append(f"- {name} {'I→T' if d == 'i2t' else 'T→I'}: distilled {margin:+.2f} against the best "
+                            f"control ({rival}); the larger sd {sd:.2f}: "
+                            + ("beats it" if margin > sd else "does not beat it by more than the spread"))
+    if verdicts:
+        summary += ["", "The distilled head against every control, agreement@1% (means over the seeds):", ""] + verdicts
     speed = [""]
     for r in records:
         if r["mode"].startswith("cascade"):

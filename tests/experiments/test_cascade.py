@@ -122,6 +122,7 @@ def test_several_seeds_on_graded_scenes_give_each_seed_its_rows_and_their_mean_a
     for kind in ("distilled", "pairs"):
         v = [r["agreement_i2t"]["1"] for r in heads if r["head"] == kind]
         assert f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" in table
+    assert table.count("against the best control") == 2  # one verdict a direction
 
 
 def test_each_heads_knob_is_chosen_on_the_dev_part_with_the_same_number_of_tries(tmp_path_factory):
@@ -139,6 +140,7 @@ def test_each_heads_knob_is_chosen_on_the_dev_part_with_the_same_number_of_tries
         assert list(tried) == [str(v) for v in values]
         best = max(values, key=lambda v: (tried[str(v)], -values.index(v)))  # ties: the earlier
         assert r["chosen"] == {field: best}
+    assert "The dev part's choice of default head" in (out / "table.md").read_text()
 
 
 def test_later_seeds_keep_the_knob_the_first_seeds_dev_part_chose(tmp_path_factory):
@@ -191,3 +193,22 @@ def test_a_run_of_chosen_heads_trains_those_alone_and_times_the_first(tmp_path_f
     assert {r["head"] for r in records if r["mode"].startswith("cascade")} == {"pairs"}
     with pytest.raises(HashretError, match="unknown head teacher"):
         run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=20, out=out, heads=("teacher",))
+
+
+def test_the_dev_choice_is_the_head_with_the_best_try_on_dev_and_ignores_test_figures():
+    from hashret.experiments.cascade import dev_choice
+
+    def head(matcher, kind, tried, field="tau_teacher", test=50.0):
+        best = max(tried, key=tried.get)
+        return {"matcher": matcher, "mode": "head", "head": kind, "chosen": {field: float(best)},
+                "dev_agreement": {field: tried}, "agreement_i2t": {"1": test}, "agreement_t2i": {"1": test}}
+
+    records = [head("han", "in-batch", {"0.25": 60.0, "1.0": 61.5, "4.0": 59.0}, test=90.0),
+               head("han", "distilled", {"0.25": 62.0, "1.0": 61.0, "4.0": 58.0}),
+               head("han", "pairs", {"0.05": 40.0, "0.025": 41.0, "0.1": 39.0}, field="tau_student", test=99.0),
+               {**head("han", "smoothing", {"0.5": 70.0}), "dev_agreement": None},  # a later seed: not a try
+               head("sgraf", "smoothing", {"0.5": 50.0, "0.1": 55.0, "0.3": 52.0}, field="smoothing_eps"),
+               head("sgraf", "in-batch", {"0.25": 54.0, "1.0": 53.0, "4.0": 52.0})]
+    got = dev_choice(records)
+    assert got["han"] == {"head": "distilled", "knob": {"tau_teacher": 0.25}, "dev_agreement": 62.0}
+    assert got["sgraf"] == {"head": "smoothing", "knob": {"smoothing_eps": 0.1}, "dev_agreement": 55.0}
