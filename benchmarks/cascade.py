@@ -36,7 +36,7 @@ from hashret.experiments.cascade import DEFAULT_DATASET  # noqa: E402
 @click.option("--set", "settings", multiple=True,
               help="Matcher or head field for every matcher, key=value (repeatable).")
 @click.option("--heads", default=None, help="Hash heads to train (comma list; default all five): e.g. "
-              "--heads in-batch for the default head's cascade alone.")
+              "--heads default for each matcher's default head alone.")
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="Choose each head's knob (HEAD_TUNING, 3 tries each) on the dev part by agreement@1%.")
 @click.option("--merge", default=None, metavar="DIR,DIR,...",

@@ -23,7 +23,7 @@ from hashret.errors import check
 from hashret.metrics import recall_at_k
 from hashret.index import HashIndex
 from hashret.index.bits import pack_codes
-from hashret.models.distill import HEAD_DEFAULTS, HEADS, MatcherModel, exhaustive_ranking, rerank
+from hashret.models.distill import HEADS, MatcherModel, exhaustive_ranking, head_config, rerank
 from hashret.training.matching import (codes_recall, ground_truth, head_schedule, part_codes, train_head,
                                       train_matcher)
 
@@ -201,15 +201,15 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
     seeds -- write table.md (with the
     heads' mean and sd over the seeds), results.json, the per-query timings and plots to
     ``out``. ``heads``: the hash heads to train (default: all of
-    :data:`~hashret.models.distill.HEADS`); the cascade is timed with the default head, or
-    the first of ``heads`` without it. Returns the records."""
+    :data:`~hashret.models.distill.HEADS`; ``"default"``: each matcher's default head); the
+    cascade is timed with the default head, or the first of ``heads`` without it. Returns the records."""
     from hashret.data.scenes import load_scenes
     from hashret.training import seed_everything
 
     check(n_queries > 0, "n_queries must be positive")
     heads = list(HEADS) if heads is None else list(heads)
-    bad = [h for h in heads if h not in HEADS]
-    check(heads and not bad, f"unknown head {', '.join(bad) or '(none given)'}: use {', '.join(HEADS)}")
+    bad = [h for h in heads if h not in HEADS and h != "default"]
+    check(heads and not bad, f"unknown head {', '.join(bad) or '(none given)'}: use {', '.join(HEADS)} or default")
     seeds = [int(x) for x in ([seeds] if isinstance(seeds, int) else seeds)]
     check(len(seeds) > 0 and len(set(seeds)) == len(seeds), "give one or more distinct seeds")
     out = Path(out)
@@ -263,9 +263,10 @@ def run_cascade_benchmark(dataset: str = DEFAULT_DATASET, matchers=("sgraf", "cg
             t0 = time.perf_counter()
             schedule = head_schedule(model, ds)  # every head of this matcher trains on these batches
             schedule_s = time.perf_counter() - t0
-            default = options.get(name, {}).get("head", HEAD_DEFAULTS["head"])
+            default = options.get(name, {}).get("head", head_config(name)["head"])
             dev = _dev_scores(model, ds, n_queries) if tune and seed == seeds[0] else None
-            kinds = [h for h in [default] + [h for h in HEADS if h != default] if h in heads]
+            kinds = [h for h in [default] + [h for h in HEADS if h != default]
+                     if h in heads or (h == default and "default" in heads)]
             for kind in kinds:
                 # the same initialisation (seed) and batches for every head: only the target
                 # differs; each head's knob chosen on the dev part, the same number of tries each

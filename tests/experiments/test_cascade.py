@@ -191,6 +191,11 @@ def test_a_run_of_chosen_heads_trains_those_alone_and_times_the_first(tmp_path_f
                                     options={"han": FAST, "global": {"epochs": 1}})
     assert [r["head"] for r in records if r["mode"] == "head"] == ["pairs"]
     assert {r["head"] for r in records if r["mode"].startswith("cascade")} == {"pairs"}
+    from hashret.models.distill import head_config
+
+    records = run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=20, out=out, heads=("default",),
+                                    options={"han": FAST, "global": {"epochs": 1}})
+    assert [r["head"] for r in records if r["mode"] == "head"] == [head_config("han")["head"]]
     with pytest.raises(HashretError, match="unknown head teacher"):
         run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=20, out=out, heads=("teacher",))
 
