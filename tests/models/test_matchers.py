@@ -549,8 +549,11 @@ def test_a_bad_head_setting_is_refused_before_any_training_and_old_configs_still
     from hashret.models.distill import MatcherModel
 
     vocab = ["<pad>", "<unk>", "a"]
-    assert MatcherModel("shan", 16, 12, vocab, head="smoothing").config["tau_teacher"] == 4.0
-    assert MatcherModel("han", 16, 12, vocab).config["tau_teacher"] == 0.25
+    # each matcher's default head and knob are its dev choice; a head asked for keeps the knob
+    assert MatcherModel("shan", 16, 12, vocab, head="smoothing").config["tau_teacher"] == 0.25
+    assert MatcherModel("han", 16, 12, vocab).config["tau_teacher"] == 1.0
+    assert {m: MatcherModel(m, 16, 12, vocab).config["head"] for m in ("sgraf", "cgam", "han", "shan")} == {
+        "sgraf": "distilled", "cgam": "in-batch", "han": "in-batch", "shan": "in-batch"}
     with pytest.raises(HashretError, match="head must be one of distilled, in-batch, pairs, smoothing, shuffled"):
         MatcherModel("han", 16, 12, vocab, head="maybe")
     with pytest.raises(HashretError, match="smoothing_eps must be in"):
