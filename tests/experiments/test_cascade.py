@@ -217,3 +217,19 @@ def test_the_dev_choice_is_the_head_with_the_best_try_on_dev_and_ignores_test_fi
     got = dev_choice(records)
     assert got["han"] == {"head": "distilled", "knob": {"tau_teacher": 0.25}, "dev_agreement": 62.0}
     assert got["sgraf"] == {"head": "smoothing", "knob": {"smoothing_eps": 0.1}, "dev_agreement": 55.0}
+
+
+def test_a_cascade_is_compared_with_the_exhaustive_matcher_of_its_own_seed():
+    from hashret.experiments.cascade import cascade_lines
+
+    def rec(mode, seed, r10, ms):
+        return {"matcher": "cgam", "mode": mode, "head": None if mode == "exhaustive" else "in-batch", "seed": seed,
+                "r10_i2t": r10[0], "r10_t2i": r10[1], "ms_per_query": ms, "ms_per_query_i2t": ms,
+                "ms_per_query_t2i": 2 * ms}
+
+    records = [rec("exhaustive", 0, (97.0, 96.0), 100.0), rec("cascade-1%", 0, (98.5, 97.5), 2.0),
+               rec("exhaustive", 1, (98.5, 100.0), 120.0), rec("cascade-1%", 1, (96.5, 99.5), 4.0)]
+    lines = cascade_lines(records)
+    assert "seed 0: R@10 I→T +1.5, T→I +1.5" in lines[0] and "(I→T 50.0x, T→I 50.0x)" in lines[0]
+    assert "seed 1: R@10 I→T -2.0, T→I -0.5" in lines[1] and "(I→T 30.0x, T→I 30.0x)" in lines[1]
+    assert "over 2 seeds: R@10 I→T -0.25, T→I +0.50" in lines[2] and "at least 30.0x faster I→T" in lines[2]
