@@ -1,6 +1,6 @@
 """Filtered scans: the plans that turn a filter into exact top-k and radius searches.
 
-Four plans, each exact (the same ids, distances and order as ranking every matching item):
+Five plans, each exact (the same ids, distances and order as ranking every matching item):
 
 - **listed** (a filter the row lists bound to few rows, :mod:`hashret.index.postings`): its
   rows taken from the lists -- the rest of the filter tested on them only -- and their
@@ -15,6 +15,10 @@ Four plans, each exact (the same ids, distances and order as ranking every match
   filter's usual forms is made in one parallel pass over its column (:func:`exclusion`).
 - **gathered** (a batch where a share of the rows match): the matching rows' codes copied
   together, rows ascending so that ties keep their order, and scanned.
+- **a list's slice** (a filter whose rows are one slice of a row list -- one label, one
+  value, one range of values -- for any number of queries): that slice of the list's copy
+  of the codes scanned by the walk as the index is, its share of the reads, with nothing
+  made in the call. Preferred to all but the listed picks of a very selective filter.
 
 A :class:`Selection` (the rows a filter selects) is kept by the index for repeated filters,
 with its mask and gathered copy made once.
@@ -50,6 +54,9 @@ GATHER_HALF_K = 100
 PICK_WORK = 1 << 21
 LIST_SHARE = 8  # the lists answer a batch's filter they bound to 1/8 of the rows or fewer,
 PICK_SHARE = 32  # and a few queries' filter bound to 1/32: a picked row costs ~15 scanned ones
+# a slice of a list in value order (a range) is scanned twice (the rows tied at each query's
+# k-th are fetched again to order them by row): only where it is at most this share of the rows
+SLICE_TWICE_SHARE = 0.25
 
 
 class Selection:
@@ -135,13 +142,38 @@ class Filter:
         # exclude(deleted): the rows out, uint8, in one pass over a column -- None for a form
         # it does not take (then evaluate)
         self.exclude = exclude or (lambda deleted: None)
-        self._estimate = self._listed = ()  # () = not asked yet (a search asks each at most once)
+        self._estimate = self._listed = self._lists = ()  # () = not asked yet (a search asks each once)
 
     def estimate(self) -> int | None:
         """At most how many rows the lists say the filter selects (None: they cannot say)."""
         if self._estimate == ():
             self._estimate = self.postings.estimate(self.tree)
         return self._estimate
+
+    def list_rows(self):
+        """``postings.rows(tree)``, asked once: (rows, exact, ascending, source)."""
+        if self._lists == ():
+            self._lists = self.postings.rows(self.tree)
+        return self._lists
+
+    def list_slice(self, segs, bits: int, deleted, n_queries: int):
+        """(codes, rows, removed, ascending) where the filter's rows are exactly one slice of
+        a row list whose codes are copied (or can be, within the budget): that slice of the
+        copy as :class:`~hashret.index.kernels.Segments`, the index rows of its rows, and
+        the removed-row mask in its order (None without removals); None otherwise, or where
+        the listed picks cost less (a few queries, few rows)."""
+        est, n = self.estimate(), segs.n_rows
+        if est is None or (n_queries <= RANK_FIRST_QUERIES and est * PICK_SHARE <= n):
+            return None
+        rows, exact, ascending, source = self.list_rows()
+        if not exact or source is None or (not ascending and len(rows) > SLICE_TWICE_SHARE * n):
+            return None
+        key, lo, hi = source
+        copy = self.postings.codes(key, segs, bits)
+        if copy is None:
+            return None
+        removed = None if deleted is None else self.postings.removed(key, deleted)[lo:hi]
+        return kernels.Segments.of(copy.arrays[0][lo:hi]), rows, removed, ascending
 
     def listed(self, n_rows: int, deleted, n_queries: int) -> Selection | None:
         """The filter's rows from the lists, where they bound it to few rows (or to rows
@@ -155,7 +187,7 @@ class Filter:
         few = est is not None and est * (LIST_SHARE if n_queries > RANK_FIRST_QUERIES else PICK_SHARE) <= n_rows
         if est is None or not (few or n_queries > RANK_FIRST_QUERIES):
             return None
-        rows, exact, ascending, source = self.postings.rows(self.tree)
+        rows, exact, ascending, source = self.list_rows()
         if not (few or (exact and ascending)):
             return None  # many rows, to be sorted: a scan with a mask costs less
         # where the rows lie in their list: only for a search that may pick them (a few queries)
@@ -224,10 +256,43 @@ def rank_first(segs, q, k, bits, deleted, test, threads, share=None):
         kk = min(n, 4 * kk)
 
 
+def slice_topk(part, q, k, bits, threads):
+    """Top-k over a list's slice (``part``, :meth:`Filter.list_slice`), as index rows by
+    (distance, row). A slice in row order keeps ties in order; one in value order is ordered
+    again: the rows within each query's k-th distance fetched by a radius search of the slice
+    and sorted by (distance, row)."""
+    codes, report, removed, ascending = part
+    kk = min(k, codes.n_rows)
+    out_d = np.full((len(q), k), -1, dtype=np.int32)
+    out_r = np.full((len(q), k), -1, dtype=np.int64)
+    if kk == 0:
+        return out_d, out_r
+    dist, rows = kernels.topk(codes, q, kk, bits, removed, threads)
+    if ascending:
+        out_d[:, :kk] = dist
+        out_r[:, :kk] = np.where(rows >= 0, report[np.maximum(rows, 0)], -1)
+        return out_d, out_r
+    found = rows >= 0
+    last = np.where(found.any(axis=1), np.max(np.where(found, dist, -1), axis=1), -1)
+    if last.max() < 0:  # every row of the slice removed
+        return out_d, out_r
+    lims, d, r = kernels.range_search(codes, q, int(last.max()), bits, removed, threads)
+    span = np.int64(report.max()) + 1
+    for i in range(len(q)):
+        sel = slice(lims[i], lims[i + 1])
+        near = d[sel] <= last[i]
+        keys = np.sort(d[sel][near].astype(np.int64) * span + report[r[sel][near]])[:kk]
+        out_d[i, :len(keys)], out_r[i, :len(keys)] = keys // span, keys % span
+    return out_d, out_r
+
+
 def topk(segs, q, k, bits, deleted, f: Filter, threads):
-    """Top-k over the rows ``f`` selects: listed, ranked first, masked or gathered (see the
-    module's notes)."""
+    """Top-k over the rows ``f`` selects: a list's slice, listed, ranked first, masked or
+    gathered (see the module's notes)."""
     n = segs.n_rows
+    part = f.list_slice(segs, bits, deleted, len(q))
+    if part is not None:
+        return slice_topk(part, q, k, bits, threads)
     if f.kept is None and len(q) <= RANK_FIRST_QUERIES and f.listed(n, deleted, len(q)) is None:
         found = rank_first(segs, q, k, bits, deleted, f.test, threads, f.share(n))
         if found is not None:
@@ -252,7 +317,19 @@ def topk(segs, q, k, bits, deleted, f: Filter, threads):
 
 
 def range_search(segs, q, radius, bits, deleted, f: Filter, threads):
-    """``range_search`` over the rows ``f`` selects (masked or gathered, as :func:`topk`)."""
+    """``range_search`` over the rows ``f`` selects (a list's slice, masked or gathered, as
+    :func:`topk`)."""
+    part = f.list_slice(segs, bits, deleted, RANK_FIRST_QUERIES + 1)
+    if part is not None:
+        codes, report, removed, ascending = part
+        lims, dist, r = kernels.range_search(codes, q, radius, bits, removed, threads)
+        rows = report[r]
+        if not ascending:  # in value order: each query's results by (distance, row) again
+            for i in range(len(q)):
+                sel = slice(lims[i], lims[i + 1])
+                order = np.lexsort((rows[sel], dist[sel]))
+                dist[sel], rows[sel] = dist[sel][order], rows[sel][order]
+        return lims, dist, rows
     selection = f.selection(segs.n_rows, deleted, len(q))
     if not selection.gather_pays(segs.n_rows, len(q)):
         return kernels.range_search(segs, q, radius, bits, selection.excluded(), threads)

@@ -35,6 +35,7 @@ class Postings:
         self._labels: dict = {}  # (column, label) -> rows holding it, ascending
         self._orders: dict = {}  # column -> (values sorted, rows in that order)
         self._copies: dict = {}  # list key -> Segments: the codes of the list's rows, in its order
+        self._removed: dict = {}  # list key -> the removed-row mask in the list's order
         self.copied_bytes = 0
 
     def codes(self, key, segs, bits: int):
@@ -43,12 +44,24 @@ class Postings:
         are asked for; None where the copy would pass the budget (:data:`COPIES_SHARE`)."""
         got = self._copies.get(key)
         if got is None:
-            rows = self._label_rows(key[1], key[2]) if key[0] == "label" else self._order(key[1])[1]
+            rows = self.list_rows(key)
             size = len(rows) * segs.n_words * (segs.dtype.itemsize if segs.dtype is not None else 8)
             if self.copied_bytes + size > COPIES_SHARE * self.n_rows * bits / 8:
                 return None
             got = self._copies[key] = kernels.Segments.of(kernels.gather(segs, rows, bits))
             self.copied_bytes += size
+        return got
+
+    def list_rows(self, key) -> np.ndarray:
+        """The rows of list ``key`` in its order: a label's ascending, a column's by value."""
+        return self._label_rows(key[1], key[2]) if key[0] == "label" else self._order(key[1])[1]
+
+    def removed(self, key, deleted: np.ndarray) -> np.ndarray:
+        """The removed-row mask in list ``key``'s order (made once: the lists are of one
+        state of the rows, removals included)."""
+        got = self._removed.get(key)
+        if got is None:
+            got = self._removed[key] = np.ascontiguousarray(deleted[self.list_rows(key)])
         return got
 
     def _label_rows(self, name: str, j: int) -> np.ndarray:

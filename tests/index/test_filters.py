@@ -160,11 +160,16 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     index.search(db[:1], 5, filter={"year": {"eq": 2001}})  # ~2.5%, new: listed, distances where the rows lie
     assert took == ["picked"] and not any(over_all)
     took.clear()
-    index.search(db[:9], 5, filter={"year": {"eq": 2003}})  # a batch: the listed rows copied and scanned
-    assert took == ["gathered"] and not any(over_all)
+    monkeypatch.setattr(filtered, "slice_topk", lambda *a, real=filtered.slice_topk: took.append("slice") or real(*a))
+    index.search(db[:9], 5, filter={"year": {"eq": 2003}})  # a batch: one value's slice of the column's copy
+    assert took == ["slice"] and not any(over_all)
     took.clear()
-    index.search(db[:9], 100, filter={"labels": {"any": ["sky"]}})  # 25%, a batch: listed rows, no pass over all
-    assert took == ["gathered"] and not any(over_all)
+    index.search(db[:9], 100, filter={"labels": {"any": ["sky"]}})  # 25%, a batch: the label's copy
+    index.search(db[:1], 100, filter={"labels": {"any": ["sky"]}})  # and one query
+    assert took == ["slice", "slice"] and not any(over_all)
+    took.clear()
+    index.search(db[:9], 100, filter={"labels": {"any": ["sky", "sea"]}})  # two lists, ~44%: no one slice, masked
+    assert took == [] and masked[-1] and not any(over_all)
     took.clear()
     monkeypatch.setattr(filtered, "PICK_WORK", 0)
     index.search(db[:1], 100, filter={"year": {"eq": 2004}})  # listed, too many to pick: gathered copy
@@ -181,6 +186,49 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     assert (ids == -1).all()
 
 
+@pytest.mark.parametrize("copies", [postings.COPIES_SHARE, 0.0])
+def test_a_filter_that_is_one_slice_of_a_list_scans_that_slice_of_its_copy(copies, tmp_path, monkeypatch):
+    # one label's rows (in row order), one value's, and a range of values (in value order:
+    # the ties at each query's k-th ordered by row again); removals before and after a search
+    monkeypatch.setattr(postings, "COPIES_SHARE", copies)
+    rng = np.random.default_rng(11)
+    n = 9000
+    db = rng.integers(0, 256, size=(30, 8), dtype=np.uint8)[rng.integers(0, 30, n)]  # many ties
+    hot = np.stack([rng.random(n) < 0.3, rng.random(n) < 0.6], axis=1)
+    year = rng.integers(0, 100, n)
+    index = HashIndex.create(tmp_path / "ix", 64, chunk_size=2000)
+    index.add(db, attributes={"labels": Labels(hot, ["a", "b"]), "year": year})
+    slices = []
+    monkeypatch.setattr(filtered, "slice_topk", lambda *a, real=filtered.slice_topk: slices.append(1) or real(*a))
+    alive = np.ones(n, bool)
+    q = rng.integers(0, 256, size=(9, 8), dtype=np.uint8)
+    cases = (({"labels": {"any": ["a"]}}, hot[:, 0], True), ({"labels": {"all": ["b"]}}, hot[:, 1], True),
+             ({"year": {"eq": 42}}, year == 42, True), ({"year": {"lt": 20}}, year < 20, True),
+             ({"year": {"gte": 30}}, year >= 30, False))  # 70%, in value order: not scanned twice
+    for round_ in range(2):
+        for expr, ok, sliced in cases:
+            for qq in (q, q[:1]):
+                for k in (1, 10, 700):
+                    slices.clear()
+                    d, ids = index.search(qq, k, filter=expr)
+                    bd, br = _post_filtered(db, qq, k, ok & alive)
+                    np.testing.assert_array_equal(ids, br, err_msg=f"{expr} {k} {len(qq)}")
+                    np.testing.assert_array_equal(d, bd)
+                    few = ok.sum() * filtered.PICK_SHARE <= n and len(qq) <= filtered.RANK_FIRST_QUERIES
+                    assert bool(slices) == (sliced and copies > 0 and not few), (expr, k, len(qq))
+            lims, dist, ids = index.range_search(q, 22, filter=expr)
+            full = brute_distances(db, q)
+            for i in range(len(q)):
+                rows = np.flatnonzero(ok & alive & (full[i] <= 22))
+                rows = rows[np.lexsort((rows, full[i][rows]))]
+                np.testing.assert_array_equal(ids[lims[i]:lims[i + 1]], rows)
+                np.testing.assert_array_equal(dist[lims[i]:lims[i + 1]], full[i][rows])
+        gone = rng.choice(n, 2500, replace=False)  # the next round: a new state of the rows
+        index.remove(gone)
+        alive[gone] = False
+    index.close()
+
+
 def test_rank_first_grows_its_candidates_until_enough_match_and_stays_exact(monkeypatch):
     # the matching rows are all far from the query: the first candidates hold none of them
     rng = np.random.default_rng(2)
@@ -191,6 +239,7 @@ def test_rank_first_grows_its_candidates_until_enough_match_and_stays_exact(monk
     group = np.r_[np.zeros(3000, int), rng.integers(1, 3, 3000)]  # 1 or 2: far rows only
     index = HashIndex(64)
     index.add(db, attributes={"group": group})
+    monkeypatch.setattr(filtered.Filter, "list_slice", lambda *a: None)  # one value's rows: else a slice
     widths = []
     real_topk = kernels.topk
     monkeypatch.setattr(kernels, "topk", lambda segs, qq, k, *a: widths.append(k) or real_topk(segs, qq, k, *a))
