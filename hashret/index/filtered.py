@@ -18,7 +18,9 @@ Five plans, each exact (the same ids, distances and order as ranking every match
 - **a list's slice** (a filter whose rows are one slice of a row list -- one label, one
   value, one range of values -- for any number of queries): that slice of the list's copy
   of the codes scanned by the walk as the index is, its share of the reads, with nothing
-  made in the call. Preferred to all but the listed picks of a very selective filter.
+  made in the call (a range's rows are in value order: ties at the k-th are ordered by row
+  from a wider top list, see :func:`slice_topk`). Preferred to all but the listed picks of
+  a very selective filter.
 
 A :class:`Selection` (the rows a filter selects) is kept by the index for repeated filters,
 with its mask and gathered copy made once.
@@ -54,9 +56,6 @@ GATHER_HALF_K = 100
 PICK_WORK = 1 << 21
 LIST_SHARE = 8  # the lists answer a batch's filter they bound to 1/8 of the rows or fewer,
 PICK_SHARE = 32  # and a few queries' filter bound to 1/32: a picked row costs ~15 scanned ones
-# a slice of a list in value order (a range) is scanned twice (the rows tied at each query's
-# k-th are fetched again to order them by row): only where it is at most this share of the rows
-SLICE_TWICE_SHARE = 0.25
 
 
 class Selection:
@@ -157,7 +156,7 @@ class Filter:
         return self._lists
 
     def list_slice(self, segs, bits: int, deleted, n_queries: int):
-        """(codes, rows, removed, ascending) where the filter's rows are exactly one slice of
+        """(codes, rows, removed, ascending, n_rows) where the filter's rows are exactly one slice of
         a row list whose codes are copied (or can be, within the budget): that slice of the
         copy as :class:`~hashret.index.kernels.Segments`, the index rows of its rows, and
         the removed-row mask in its order (None without removals); None otherwise, or where
@@ -166,14 +165,14 @@ class Filter:
         if est is None or (n_queries <= RANK_FIRST_QUERIES and est * PICK_SHARE <= n):
             return None
         rows, exact, ascending, source = self.list_rows()
-        if not exact or source is None or (not ascending and len(rows) > SLICE_TWICE_SHARE * n):
+        if not exact or source is None:
             return None
         key, lo, hi = source
         copy = self.postings.codes(key, segs, bits)
         if copy is None:
             return None
         removed = None if deleted is None else self.postings.removed(key, deleted)[lo:hi]
-        return kernels.Segments.of(copy.arrays[0][lo:hi]), rows, removed, ascending
+        return kernels.Segments.of(copy.arrays[0][lo:hi]), rows, removed, ascending, n
 
     def listed(self, n_rows: int, deleted, n_queries: int) -> Selection | None:
         """The filter's rows from the lists, where they bound it to few rows (or to rows
@@ -258,31 +257,46 @@ def rank_first(segs, q, k, bits, deleted, test, threads, share=None):
 
 def slice_topk(part, q, k, bits, threads):
     """Top-k over a list's slice (``part``, :meth:`Filter.list_slice`), as index rows by
-    (distance, row). A slice in row order keeps ties in order; one in value order is ordered
-    again: the rows within each query's k-th distance fetched by a radius search of the slice
-    and sorted by (distance, row)."""
-    codes, report, removed, ascending = part
+    (distance, row). A slice in row order keeps ties in order. One in value order is scanned
+    for its 2k + 64 nearest: where they reach past a query's k-th distance, they hold every
+    row at that distance, ordered by row here; the queries whose k-th distance fills them
+    take a radius search of the slice for the rows within it."""
+    codes, report, removed, ascending, n_rows = part
     kk = min(k, codes.n_rows)
     out_d = np.full((len(q), k), -1, dtype=np.int32)
     out_r = np.full((len(q), k), -1, dtype=np.int64)
     if kk == 0:
         return out_d, out_r
-    dist, rows = kernels.topk(codes, q, kk, bits, removed, threads)
+    wide = kk if ascending else min(codes.n_rows, 2 * kk + 64)
+    dist, rows = kernels.topk(codes, q, wide, bits, removed, threads)
     if ascending:
         out_d[:, :kk] = dist
         out_r[:, :kk] = np.where(rows >= 0, report[np.maximum(rows, 0)], -1)
         return out_d, out_r
-    found = rows >= 0
-    last = np.where(found.any(axis=1), np.max(np.where(found, dist, -1), axis=1), -1)
-    if last.max() < 0:  # every row of the slice removed
-        return out_d, out_r
-    lims, d, r = kernels.range_search(codes, q, int(last.max()), bits, removed, threads)
-    span = np.int64(report.max()) + 1
-    for i in range(len(q)):
-        sel = slice(lims[i], lims[i + 1])
-        near = d[sel] <= last[i]
-        keys = np.sort(d[sel][near].astype(np.int64) * span + report[r[sel][near]])[:kk]
+    span = np.int64(n_rows) + 1  # (not report.max(): a pass over the slice's rows)
+
+    def first_k(i, d, r):  # the rows within query i's k-th distance, by (distance, row)
+        keys = np.sort(d.astype(np.int64) * span + report[r])[:kk]
         out_d[i, :len(keys)], out_r[i, :len(keys)] = keys // span, keys % span
+
+    again, last = [], {}
+    for i in range(len(q)):
+        n_found = int(np.count_nonzero(rows[i] >= 0))
+        if n_found == 0:
+            continue
+        t = dist[i, min(kk, n_found) - 1]
+        if n_found < wide or dist[i, wide - 1] > t:  # every row within t is in the wide list
+            near = (rows[i] >= 0) & (dist[i] <= t)
+            first_k(i, dist[i][near], rows[i][near])
+        else:
+            again.append(i)
+            last[i] = t
+    if again:
+        lims, d, r = kernels.range_search(codes, q[again], int(max(last.values())), bits, removed, threads)
+        for j, i in enumerate(again):
+            sel = slice(lims[j], lims[j + 1])
+            near = d[sel] <= last[i]
+            first_k(i, d[sel][near], r[sel][near])
     return out_d, out_r
 
 
@@ -321,7 +335,7 @@ def range_search(segs, q, radius, bits, deleted, f: Filter, threads):
     :func:`topk`)."""
     part = f.list_slice(segs, bits, deleted, RANK_FIRST_QUERIES + 1)
     if part is not None:
-        codes, report, removed, ascending = part
+        codes, report, removed, ascending, _ = part
         lims, dist, r = kernels.range_search(codes, q, radius, bits, removed, threads)
         rows = report[r]
         if not ascending:  # in value order: each query's results by (distance, row) again
