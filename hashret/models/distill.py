@@ -8,9 +8,9 @@ Hamming neighbours), listwise. ``in-batch`` learns the matcher's in-batch score 
 h_T> / b is trained to reproduce it -- KL between the row (image -> captions) and column
 (caption -> images) softmaxes of teacher and student, each with a temperature, plus the true
 pairs' loss and a quantisation term ||h - sign(h)||^2. Each matcher's default is the head
-its dev part chose (:data:`HEAD_PER_MATCHER`). The controls change the target only: ``pairs`` (one-hot, in-batch contrastive), ``smoothing``
-(the pairs, label-smoothed) and ``shuffled`` (the matcher's scores of each row in a random
-order). Every head of a matcher trains on the same batches (``head_schedule`` in
+its dev part chose (:data:`HEAD_PER_MATCHER`). The controls change the target only:
+``pairs`` (one-hot, in-batch contrastive), ``smoothing`` (the pairs, label-smoothed) and
+``shuffled`` (the matcher's scores of each row in a random order). Every head of a matcher trains on the same batches (``head_schedule`` in
 :mod:`hashret.training.matching`): random at first, then groups of look-alikes, so that the
 in-batch negatives include what the codes confuse.
 """
