@@ -17,10 +17,10 @@ Five plans, each exact (the same ids, distances and order as ranking every match
   together, rows ascending so that ties keep their order, and scanned.
 - **a list's slice** (a filter whose rows are one slice of a row list -- one label, one
   value, one range of values -- for any number of queries): that slice of the list's copy
-  of the codes scanned by the walk as the index is, its share of the reads, with nothing
-  made in the call (a range's rows are in value order: ties at the k-th are ordered by row
-  from a wider top list, see :func:`slice_topk`). Preferred to all but the listed picks of
-  a very selective filter.
+  of the codes, its share of the reads: a few queries' distances
+  each computed and the k best kept by (distance, row); a batch's walked as the index is (a
+  range's rows are in value order: ties at the k-th are ordered by row from a wider top
+  list, or the slice sorted first, see :func:`slice_topk`). Preferred wherever it applies.
 
 A :class:`Selection` (the rows a filter selects) is kept by the index for repeated filters,
 with its mask and gathered copy made once.
@@ -56,6 +56,10 @@ GATHER_HALF_K = 100
 PICK_WORK = 1 << 21
 LIST_SHARE = 8  # the lists answer a batch's filter they bound to 1/8 of the rows or fewer,
 PICK_SHARE = 32  # and a few queries' filter bound to 1/32: a picked row costs ~15 scanned ones
+# a range's slice of up to this many rows is sorted into row order for a batch with k >= 100,
+# where the wider top list of a slice in value order costs more than the sort (10^7 codes,
+# 100 queries, k = 1,000: see docs/filters.md)
+SORT_SLICE_ROWS = 1 << 18
 
 
 class Selection:
@@ -159,10 +163,9 @@ class Filter:
         """(codes, rows, removed, ascending, n_rows) where the filter's rows are exactly one slice of
         a row list whose codes are copied (or can be, within the budget): that slice of the
         copy as :class:`~hashret.index.kernels.Segments`, the index rows of its rows, and
-        the removed-row mask in its order (None without removals); None otherwise, or where
-        the listed picks cost less (a few queries, few rows)."""
+        the removed-row mask in its order (None without removals); None otherwise."""
         est, n = self.estimate(), segs.n_rows
-        if est is None or (n_queries <= RANK_FIRST_QUERIES and est * PICK_SHARE <= n):
+        if est is None:
             return None
         rows, exact, ascending, source = self.list_rows()
         if not exact or source is None:
@@ -257,11 +260,22 @@ def rank_first(segs, q, k, bits, deleted, test, threads, share=None):
 
 def slice_topk(part, q, k, bits, threads):
     """Top-k over a list's slice (``part``, :meth:`Filter.list_slice`), as index rows by
-    (distance, row). A slice in row order keeps ties in order. One in value order is scanned
-    for its 2k + 64 nearest: where they reach past a query's k-th distance, they hold every
-    row at that distance, ordered by row here; the queries whose k-th distance fills them
-    take a radius search of the slice for the rows within it."""
+    (distance, row). Few distances in all (a few queries, or a small slice in value order):
+    each computed and the k best kept by (distance, index row), whatever the slice's order.
+    Else a slice in row order is walked as the index is: ties keep their order. One in value
+    order is put in row order for a batch with a large k where it is small (a stable sort of
+    its runs, one per value, each ascending); otherwise scanned for its 2k + 64 nearest:
+    where they reach past a query's k-th distance, they hold every row at that distance,
+    ordered by row here; the queries whose k-th distance fills them take a radius search of
+    the slice for the rows within it."""
     codes, report, removed, ascending, n_rows = part
+    m = codes.n_rows
+    if len(q) * m <= PICK_WORK and (len(q) <= RANK_FIRST_QUERIES or not ascending):
+        at = kernels.positions(m) if removed is None else np.flatnonzero(removed == 0)
+        return kernels.pick_topk(codes, q, at, k, bits, threads, report=report if removed is None else report[at],
+                                 n_rows=n_rows)
+    if not ascending and len(q) > RANK_FIRST_QUERIES and k >= GATHER_HALF_K and m <= SORT_SLICE_ROWS:
+        codes, report, removed, ascending, n_rows = in_row_order(part)
     kk = min(k, codes.n_rows)
     out_d = np.full((len(q), k), -1, dtype=np.int32)
     out_r = np.full((len(q), k), -1, dtype=np.int64)
@@ -298,6 +312,14 @@ def slice_topk(part, q, k, bits, threads):
             near = d[sel] <= last[i]
             first_k(i, d[sel][near], r[sel][near])
     return out_d, out_r
+
+
+def in_row_order(part):
+    """A list's slice (``part``) in row order: its codes copied in the order of their rows."""
+    codes, report, removed, _, n_rows = part
+    order = np.argsort(report, kind="stable")  # merges the runs of values: ~1/6 of a random sort's time
+    return (kernels.Segments.of(codes.arrays[0][order]), report[order],
+            None if removed is None else removed[order], True, n_rows)
 
 
 def topk(segs, q, k, bits, deleted, f: Filter, threads):

@@ -484,10 +484,10 @@ class HashIndex:
         while len(self._filters) > self._kept_max:
             self._filters.popitem(last=False)
 
-    def _kept_selection(self, filter, n_rows: int):
-        """The :class:`~hashret.index.filtered.Selection` a recent search made of ``filter``
-        (an expression) in this state of the rows, if there is one."""
-        text = key(filter)
+    def _kept_selection(self, text: str | None, n_rows: int):
+        """The :class:`~hashret.index.filtered.Selection` a recent search made of the filter
+        whose :func:`~hashret.index.attributes.key` is ``text`` in this state of the rows, if
+        there is one."""
         token = (self._rows.state, n_rows, text)
         kept = self._filters.get(token) if text is not None else None
         if kept is not None:
@@ -513,7 +513,7 @@ class HashIndex:
                     self._filters.popitem(last=False)
 
         return filtered.Filter(tree, test, lambda: evaluate(tree, columns, n_rows, self.lookup_rows),
-                               self._postings[1], self._kept_selection(filter, n_rows), keep,
+                               self._postings[1], self._kept_selection(text, n_rows), keep,
                                lambda deleted: filtered.exclusion(tree, columns, n_rows, deleted, self.bits))
 
     def check_filter(self, filter):

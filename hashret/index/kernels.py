@@ -492,6 +492,18 @@ def pick_ready(disp, args, bits) -> bool:
     return False
 
 
+def positions(n: int) -> np.ndarray:
+    """0, 1, ..., n - 1 as int64, from one array the process keeps (a slice's picks name
+    every row of it: no arange made per search). Callers must not write to it."""
+    global _POSITIONS
+    if len(_POSITIONS) < n:
+        _POSITIONS = np.arange(max(n, 2 * len(_POSITIONS)), dtype=np.int64)
+    return _POSITIONS[:n]
+
+
+_POSITIONS = np.arange(1 << 16, dtype=np.int64)
+
+
 def _scratch(n: int) -> np.ndarray:
     """n int32 of scratch the calling thread keeps between calls (fresh pages each call were
     page faults: a fifth of picking 10^5 rows)."""

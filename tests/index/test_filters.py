@@ -158,7 +158,7 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     index.search(db[:1], 5, filter={"year": {"ne": 2001}})  # now kept: the masked scan, no ranking first
     assert took == ["rank first"] and masked == [False, True, True, True]
     took.clear(), over_all.clear()
-    index.search(db[:1], 5, filter={"year": {"eq": 2001}})  # ~2.5%, new: listed, distances where the rows lie
+    index.search(db[:1], 5, filter={"year": {"eq": 2001}})  # ~2.5%, new: the value's slice, every distance
     assert took == ["picked"] and not any(over_all)
     took.clear()
     monkeypatch.setattr(filtered, "slice_topk", lambda *a, real=filtered.slice_topk: took.append("slice") or real(*a))
@@ -166,16 +166,16 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     assert took == ["slice"] and not any(over_all)
     took.clear()
     index.search(db[:9], 100, filter={"labels": {"any": ["sky"]}})  # 25%, a batch: the label's copy
-    index.search(db[:1], 100, filter={"labels": {"any": ["sky"]}})  # and one query
-    assert took == ["slice", "slice"] and not any(over_all)
+    index.search(db[:1], 100, filter={"labels": {"any": ["sky"]}})  # and one query: its distances picked
+    assert took == ["slice", "slice", "picked"] and not any(over_all)
     took.clear()
     index.search(db[:9], 100, filter={"labels": {"any": ["sky", "sea"]}})  # two lists, ~44%: no one slice, masked
     assert took == [] and masked[-1] and not any(over_all)
     took.clear()
     monkeypatch.setattr(filtered, "PICK_WORK", 0)
-    index.search(db[:1], 100, filter={"year": {"eq": 2004}})  # listed, too many to pick: gathered copy
-    assert took == ["gathered"]
-    took.clear()
+    index.search(db[:1], 100, filter={"year": {"eq": 2004}, "genre": {"eq": "folk"}})  # listed, too many to pick
+    assert took == ["gathered"]  # ... a gathered copy
+    took.clear(), over_all.clear()
     monkeypatch.setattr(filtered, "PICK_WORK", 1 << 21)
     index.search(db[:1], 200, filter={"year": {"eq": 2002}, "genre": {"eq": "folk"}})  # listed, then tested
     assert took == ["picked"] and over_all == [False]
@@ -187,12 +187,21 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     assert (ids == -1).all()
 
 
-@pytest.mark.parametrize("copies", [postings.COPIES_SHARE, 0.0])
-def test_a_filter_that_is_one_slice_of_a_list_scans_that_slice_of_its_copy(copies, tmp_path, monkeypatch):
+@pytest.mark.parametrize("copies,plan", [(postings.COPIES_SHARE, "picks"), (postings.COPIES_SHARE, "walk"),
+                                         (postings.COPIES_SHARE, "sorted"), (0.0, "picks")])
+def test_a_filter_that_is_one_slice_of_a_list_scans_that_slice_of_its_copy(copies, plan, tmp_path, monkeypatch):
     # one label's rows (in row order), one value's, and a range of values (in value order:
-    # the ties at each query's k-th ordered by row again -- from the wide list, or, where 30
-    # distinct codes fill it, a radius search); removals before and after a search
+    # the ties at each query's k-th ordered by row again -- by the picks' keys, from the
+    # wide list, or, where 30 distinct codes fill it, a radius search; or the slice sorted
+    # first); removals before and after a search
     monkeypatch.setattr(postings, "COPIES_SHARE", copies)
+    if plan != "picks":  # every distance computed: only where there are few
+        monkeypatch.setattr(filtered, "PICK_WORK", 0)
+    if plan == "walk":
+        monkeypatch.setattr(filtered, "SORT_SLICE_ROWS", 0)
+    picked, sorted_ = [], []
+    monkeypatch.setattr(kernels, "pick_topk", lambda *a, real=kernels.pick_topk, **kw: picked.append(1) or real(*a, **kw))
+    monkeypatch.setattr(filtered, "in_row_order", lambda part, real=filtered.in_row_order: sorted_.append(1) or real(part))
     rng = np.random.default_rng(11)
     n = 9000
     db = rng.integers(0, 256, size=(30, 8), dtype=np.uint8)[rng.integers(0, 30, n)]  # many ties
@@ -211,13 +220,16 @@ def test_a_filter_that_is_one_slice_of_a_list_scans_that_slice_of_its_copy(copie
         for expr, ok, sliced in cases:
             for qq in (q, q[:1]):
                 for k in (1, 10, 700):
-                    slices.clear()
+                    slices.clear(), picked.clear(), sorted_.clear()
                     d, ids = index.search(qq, k, filter=expr)
                     bd, br = _post_filtered(db, qq, k, ok & alive)
                     np.testing.assert_array_equal(ids, br, err_msg=f"{expr} {k} {len(qq)}")
                     np.testing.assert_array_equal(d, bd)
-                    few = ok.sum() * filtered.PICK_SHARE <= n and len(qq) <= filtered.RANK_FIRST_QUERIES
-                    assert bool(slices) == (sliced and copies > 0 and not few), (expr, k, len(qq))
+                    assert bool(slices) == (sliced and copies > 0), (expr, k, len(qq))
+                    if slices:
+                        by_value = "year" in expr and "eq" not in expr["year"]
+                        assert bool(picked) == (plan == "picks" and (len(qq) == 1 or by_value))
+                        assert bool(sorted_) == (plan == "sorted" and by_value and len(qq) > 1 and k >= 100)
             lims, dist, ids = index.range_search(q, 22, filter=expr)
             full = brute_distances(db, q)
             for i in range(len(q)):
