@@ -165,7 +165,7 @@ class Filter:
         copy as :class:`~hashret.index.kernels.Segments`, the index rows of its rows, and
         the removed-row mask in its order (None without removals); None otherwise."""
         est, n = self.estimate(), segs.n_rows
-        if est is None:
+        if est is None or not self.postings.one_slice(self.tree):
             return None
         rows, exact, ascending, source = self.list_rows()
         if not exact or source is None:

@@ -530,6 +530,7 @@ def test_row_lists_bound_every_filter_and_give_its_rows(monkeypatch):
         assert est >= len(truth), expr
         rows, exact, ascending, source = lists.rows(tree)
         assert len(np.unique(rows)) == len(rows) and np.isin(truth, rows).all(), expr
+        assert lists.one_slice(tree) == (exact and source is not None), expr  # told before the rows are made
         if exact:
             np.testing.assert_array_equal(np.sort(rows), truth, err_msg=str(expr))
         if ascending:
