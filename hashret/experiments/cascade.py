@@ -64,8 +64,10 @@ def _chosen_head(name, kind, model, ds, schedule, dev, bits, seed, options):
     field, values = HEAD_TUNING[kind]
     if field in options:  # set by the caller: not tuned
         values = (options[field],)
+    elif dev is None:  # nothing to choose on: the matcher's configured knob (not the first try)
+        values = (head_config(name)[field],)
     tried, best, best_head = {}, None, None
-    for value in values if dev is not None else values[:1]:
+    for value in values:
         head = MatcherModel(name, bits, ds.region_dim, ds.vocab.words, seed, **{**options, "head": kind, field: value})
         head.matcher = model.matcher
         train_head(head, ds, schedule)

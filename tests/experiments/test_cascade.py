@@ -196,6 +196,12 @@ def test_a_run_of_chosen_heads_trains_those_alone_and_times_the_first(tmp_path_f
     records = run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=20, out=out, heads=("default",),
                                     options={"han": FAST, "global": {"epochs": 1}})
     assert [r["head"] for r in records if r["mode"] == "head"] == [head_config("han")["head"]]
+    # no dev part to tune on: the head keeps the matcher's configured knob, not HEAD_TUNING's first try
+    from hashret.experiments.cascade import HEAD_TUNING
+
+    field, tries = HEAD_TUNING[head_config("han")["head"]]
+    assert head_config("han")[field] != tries[0]  # (else this would not tell them apart)
+    assert [r["chosen"] for r in records if r["mode"] == "head"] == [{field: head_config("han")[field]}]
     with pytest.raises(HashretError, match="unknown head teacher"):
         run_cascade_benchmark(spec, matchers=("han",), bits=32, n_queries=20, out=out, heads=("teacher",))
 
