@@ -166,8 +166,8 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     assert took == ["slice"] and not any(over_all)
     took.clear()
     index.search(db[:9], 100, filter={"labels": {"any": ["sky"]}})  # 25%, a batch: the label's copy
-    index.search(db[:1], 100, filter={"labels": {"any": ["sky"]}})  # and one query: its distances picked
-    assert took == ["slice", "slice", "picked"] and not any(over_all)
+    index.search(db[:1], 100, filter={"labels": {"any": ["sky"]}})  # and one query: walked, too many to pick
+    assert took == ["slice", "slice"] and not any(over_all)
     took.clear()
     index.search(db[:9], 100, filter={"labels": {"any": ["sky", "sea"]}})  # two lists, ~44%: no one slice, masked
     assert took == [] and masked[-1] and not any(over_all)
@@ -215,7 +215,8 @@ def test_a_filter_that_is_one_slice_of_a_list_scans_that_slice_of_its_copy(copie
     q = rng.integers(0, 256, size=(9, 8), dtype=np.uint8)
     cases = (({"labels": {"any": ["a"]}}, hot[:, 0], True), ({"labels": {"all": ["b"]}}, hot[:, 1], True),
              ({"year": {"eq": 42}}, year == 42, True), ({"year": {"lt": 20}}, year < 20, True),
-             ({"year": {"gte": 30}}, year >= 30, True))  # 70%, in value order
+             ({"year": {"gte": 30}}, year >= 30, True),  # 70%, in value order
+             ({"year": {"lt": 2}}, year < 2, True))  # 2%: few enough to pick, a batch too
     for round_ in range(2):
         for expr, ok, sliced in cases:
             for qq in (q, q[:1]):
@@ -228,8 +229,10 @@ def test_a_filter_that_is_one_slice_of_a_list_scans_that_slice_of_its_copy(copie
                     assert bool(slices) == (sliced and copies > 0), (expr, k, len(qq))
                     if slices:
                         by_value = "year" in expr and "eq" not in expr["year"]
-                        assert bool(picked) == (plan == "picks" and (len(qq) == 1 or by_value))
-                        assert bool(sorted_) == (plan == "sorted" and by_value and len(qq) > 1 and k >= 100)
+                        few = ok.sum() * filtered.PICK_SHARE <= n
+                        dense = plan == "picks" and few and (len(qq) == 1 or by_value)
+                        assert bool(picked) == dense, (expr, k, len(qq))
+                        assert bool(sorted_) == (plan != "walk" and not dense and by_value and len(qq) > 1 and k >= 100)
             lims, dist, ids = index.range_search(q, 22, filter=expr)
             full = brute_distances(db, q)
             for i in range(len(q)):
