@@ -271,6 +271,8 @@ def slice_topk(part, q, k, bits, threads):
     codes, report, removed, ascending, n_rows = part
     m = codes.n_rows
     few = m * PICK_SHARE <= n_rows and len(q) * m <= PICK_WORK  # more: the walk's pruning wins (docs/filters.md)
+    if few and removed is None and len(q) * m < kernels.PICK_ALONE:  # the rows side by side, one thread
+        return kernels.span_topk(codes.arrays[0][:m], q, k, bits, report, n_rows)
     if few and (len(q) <= RANK_FIRST_QUERIES or not ascending):
         at = kernels.positions(m) if removed is None else np.flatnonzero(removed == 0)
         return kernels.pick_topk(codes, q, at, k, bits, threads, report=report if removed is None else report[at],

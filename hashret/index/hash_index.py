@@ -266,6 +266,7 @@ class HashIndex:
                 index.search(codes[:1], 10, filter=listed)  # a filter's few rows, read where they lie
                 index.search(codes[:8], 10, filter=listed)  # ... copied for a batch
                 index.search(codes[:8], 10, filter=np.arange(len(codes)) % 64 == 0)  # a mask's rows copied
+                index.search(codes[:1], 10, filter={"n": {"lt": 64}})  # a small slice of a list's copy
                 for broad in ({"labels": {"any": ["a"]}}, {"n": {"gte": 1}}, {"x": {"lt": 2.0}}, {"c": {"ne": "b"}}):
                     index.search(codes[:8], 10, filter=broad)  # a column's rows out, in one pass
         finally:

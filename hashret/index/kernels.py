@@ -225,6 +225,15 @@ def _numpy_first(disp, probe, queries, dmask, work: int, bits: int) -> bool:
     if _ready(disp, probe()):
         _known_ready.add(known)
         return False
+    _behind_once(bits)
+    return True
+
+
+_said_behind: set = set()
+
+
+def _behind_once(bits: int):
+    """Say so and start the background compile for a width, once a process."""
     if bits not in _said_behind:
         _said_behind.add(bits)
         from hashret.index.cache import cache_dir
@@ -233,10 +242,6 @@ def _numpy_first(disp, probe, queries, dmask, work: int, bits: int) -> bool:
                     f"slower) while it compiles in the background, once (~30 s on 2 cores), into "
                     f"{cache_dir()}; 'hashret warmup --bits {bits}' does it ahead")
         _compile_behind(bits)
-    return True
-
-
-_said_behind: set = set()
 
 
 def _compile_behind(bits: int):
@@ -488,7 +493,7 @@ def pick_ready(disp, args, bits) -> bool:
     if _compile_mode() == "foreground" or _ready(disp, args):
         _picks_ready.add(kinds)
         return True
-    _compile_behind(bits)
+    _behind_once(bits)  # (once a width: a process a search was a process storm)
     return False
 
 
@@ -674,6 +679,35 @@ def _pick_best(dist, rows, k, bits, n_rows, out_d, out_r):
         for j in range(k):  # the first k columns of out_d / out_r
             out_d[qi, j] = keys[j] // span
             out_r[qi, j] = keys[j] % span
+
+
+@njit(nogil=True, cache=True)
+def _span_distances(words, queries, out):
+    """out[q, i] = the distance of query q to row i of ``words``: rows side by side, one
+    thread (a small slice of a list's copy: no row numbers to follow, no launch)."""
+    for qi in range(queries.shape[0]):
+        for i in range(words.shape[0]):
+            d = np.uint64(0)
+            for w in range(words.shape[1]):
+                d += popcount(np.uint64(words[i, w] ^ queries[qi, w]))
+            out[qi, i] = d
+
+
+def span_topk(words: np.ndarray, queries: np.ndarray, k: int, bits: int, report: np.ndarray, n_rows: int):
+    """:func:`pick_topk` of every row of ``words`` (rows side by side: a slice of a list's
+    copy), for a few distances in all (under PICK_ALONE): row i is index row ``report[i]``."""
+    queries = np.ascontiguousarray(queries).reshape(len(queries), -1)
+    kk = min(k, len(words))
+    out_d = np.full((len(queries), k), -1, dtype=np.int32)
+    out_r = np.full((len(queries), k), -1, dtype=np.int64)
+    if kk == 0:
+        return out_d, out_r
+    dist = _scratch(len(queries) * len(words)).reshape(len(queries), len(words))
+    if not pick_ready(_span_distances, (words, queries, dist), bits):
+        return pick_topk(Segments.of(words), queries, np.arange(len(words)), k, bits, 1, report, n_rows)
+    _span_distances(words, queries, dist)
+    _pick_best(dist, report, kk, bits, n_rows, out_d, out_r)
+    return out_d, out_r
 
 
 def pick_topk(segs: Segments, queries: np.ndarray, rows: np.ndarray, k: int, bits: int,

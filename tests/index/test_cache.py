@@ -103,6 +103,33 @@ def test_a_first_search_before_the_compile_is_numpy_and_exact(bits, uncompiled, 
     assert len(said) == 1 and f"'hashret warmup --bits {bits}'" in said[0]
 
 
+def test_a_first_filtered_search_before_the_compile_is_exact(uncompiled):
+    # a small slice of a list's copy (every distance, side by side), and with removed rows
+    # (picked through the list's positions): numpy answers until the kernels are compiled
+    rng = np.random.default_rng(4)
+    db = rng.integers(0, 256, size=(20, 8), dtype=np.uint8)[rng.integers(0, 20, 3000)]  # ties
+    year = rng.integers(0, 100, 3000)
+    q = rng.integers(0, 256, size=(2, 8), dtype=np.uint8)
+    index = HashIndex(64)
+    index.add(db, attributes={"year": year})
+    full = brute_distances(db, q)
+    alive = np.ones(3000, bool)
+    for round_ in range(2):
+        for expr, ok in (({"year": {"eq": 7}}, year == 7), ({"year": {"lt": 2}}, year < 2)):
+            for k in (3, 80):
+                d, ids = index.search(q, k, filter=expr)
+                for i in range(len(q)):
+                    rows = np.flatnonzero(ok & alive)
+                    rows = rows[np.lexsort((rows, full[i][rows]))][:k]
+                    np.testing.assert_array_equal(ids[i, :len(rows)], rows)
+                    np.testing.assert_array_equal(d[i, :len(rows)], full[i][rows])
+                    assert (ids[i, len(rows):] == -1).all()
+        gone = rng.choice(3000, 500, replace=False)
+        index.remove(gone)
+        alive[gone] = False
+    assert uncompiled == [64]
+
+
 def test_a_large_first_search_or_foreground_mode_compiles_in_the_call(uncompiled, monkeypatch):
     index = HashIndex(64)
     index.add(np.random.default_rng(0).integers(0, 256, (500, 8), dtype=np.uint8))

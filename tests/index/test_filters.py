@@ -139,6 +139,7 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     monkeypatch.setattr(filtered.Selection, "gathered", lambda self, segs, bits, real=filtered.Selection.gathered:
                         took.append("gathered") or real(self, segs, bits))
     monkeypatch.setattr(kernels, "pick_topk", lambda *a, real=kernels.pick_topk, **kw: took.append("picked") or real(*a, **kw))
+    monkeypatch.setattr(kernels, "span_topk", lambda *a, real=kernels.span_topk: took.append("spanned") or real(*a))
     masked, over_all = [], []
     real_topk = kernels.topk
     monkeypatch.setattr(kernels, "topk", lambda segs, q, k, bits, deleted=None, threads=None:
@@ -159,11 +160,11 @@ def test_each_plan_is_taken_where_it_pays_and_fewer_matches_than_k_give_fewer_re
     assert took == ["rank first"] and masked == [False, True, True, True]
     took.clear(), over_all.clear()
     index.search(db[:1], 5, filter={"year": {"eq": 2001}})  # ~2.5%, new: the value's slice, every distance
-    assert took == ["picked"] and not any(over_all)
+    assert took == ["spanned"] and not any(over_all)
     took.clear()
     monkeypatch.setattr(filtered, "slice_topk", lambda *a, real=filtered.slice_topk: took.append("slice") or real(*a))
     index.search(db[:9], 5, filter={"year": {"eq": 2003}})  # a batch: one value's slice of the column's copy
-    assert took == ["slice"] and not any(over_all)
+    assert took == ["slice", "spanned"] and not any(over_all)  # ... few distances in all: each computed
     took.clear()
     index.search(db[:9], 100, filter={"labels": {"any": ["sky"]}})  # 25%, a batch: the label's copy
     index.search(db[:1], 100, filter={"labels": {"any": ["sky"]}})  # and one query: walked, too many to pick
@@ -199,8 +200,9 @@ def test_a_filter_that_is_one_slice_of_a_list_scans_that_slice_of_its_copy(copie
         monkeypatch.setattr(filtered, "PICK_WORK", 0)
     if plan == "walk":
         monkeypatch.setattr(filtered, "SORT_SLICE_ROWS", 0)
-    picked, sorted_ = [], []
+    picked, spanned, sorted_ = [], [], []
     monkeypatch.setattr(kernels, "pick_topk", lambda *a, real=kernels.pick_topk, **kw: picked.append(1) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "span_topk", lambda *a, real=kernels.span_topk: spanned.append(1) or real(*a))
     monkeypatch.setattr(filtered, "in_row_order", lambda part, real=filtered.in_row_order: sorted_.append(1) or real(part))
     rng = np.random.default_rng(11)
     n = 9000
@@ -221,7 +223,7 @@ def test_a_filter_that_is_one_slice_of_a_list_scans_that_slice_of_its_copy(copie
         for expr, ok, sliced in cases:
             for qq in (q, q[:1]):
                 for k in (1, 10, 700):
-                    slices.clear(), picked.clear(), sorted_.clear()
+                    slices.clear(), picked.clear(), spanned.clear(), sorted_.clear()
                     d, ids = index.search(qq, k, filter=expr)
                     bd, br = _post_filtered(db, qq, k, ok & alive)
                     np.testing.assert_array_equal(ids, br, err_msg=f"{expr} {k} {len(qq)}")
@@ -229,9 +231,11 @@ def test_a_filter_that_is_one_slice_of_a_list_scans_that_slice_of_its_copy(copie
                     assert bool(slices) == (sliced and copies > 0), (expr, k, len(qq))
                     if slices:
                         by_value = "year" in expr and "eq" not in expr["year"]
-                        few = ok.sum() * filtered.PICK_SHARE <= n
-                        dense = plan == "picks" and few and (len(qq) == 1 or by_value)
-                        assert bool(picked) == dense, (expr, k, len(qq))
+                        few = plan == "picks" and ok.sum() * filtered.PICK_SHARE <= n
+                        side_by_side = few and round_ == 0 and len(qq) * ok.sum() < kernels.PICK_ALONE  # no removals
+                        dense = few and (side_by_side or len(qq) == 1 or by_value)
+                        assert bool(spanned) == side_by_side, (expr, k, len(qq))
+                        assert bool(picked) == (dense and not side_by_side), (expr, k, len(qq))
                         assert bool(sorted_) == (plan != "walk" and not dense and by_value and len(qq) > 1 and k >= 100)
             lims, dist, ids = index.range_search(q, 22, filter=expr)
             full = brute_distances(db, q)

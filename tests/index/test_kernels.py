@@ -452,6 +452,13 @@ def test_picked_rows_equal_brute_force_wherever_they_lie(bits, tmp_path):
                     np.testing.assert_array_equal(d[i, :len(order)], full[i][order])
                     assert (r[i, len(order):] == -1).all() and (d[i, len(order):] == -1).all()
             np.testing.assert_array_equal(kernels.gather(segs, rows, bits), segs.rows(rows))
+            for k in (1, 10, 900):  # the same rows side by side (a list's copy): every distance, one thread
+                d, r = kernels.span_topk(segs.rows(rows), words, k, bits, rows, 3210)
+                for i in range(len(q)):
+                    order = rows[np.lexsort((rows, full[i][rows]))][:k]
+                    np.testing.assert_array_equal(r[i, :len(order)], order)
+                    np.testing.assert_array_equal(d[i, :len(order)], full[i][order])
+                    assert (r[i, len(order):] == -1).all() and (d[i, len(order):] == -1).all()
         keep = rng.random(3210) < 0.3
         np.testing.assert_array_equal(kernels.kept_rows(keep, bits), np.flatnonzero(keep))
         np.testing.assert_array_equal(kernels.kept_rows(keep, bits, threads=1), np.flatnonzero(keep))
