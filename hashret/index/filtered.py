@@ -260,9 +260,9 @@ def rank_first(segs, q, k, bits, deleted, test, threads, share=None):
 
 def slice_topk(part, q, k, bits, threads):
     """Top-k over a list's slice (``part``, :meth:`Filter.list_slice`), as index rows by
-    (distance, row). A slice of at most 1/PICK_SHARE of the rows, for a few queries (or a
-    batch, in value order), with few distances in all: each computed and the k best kept by
-    (distance, index row), whatever the slice's order. Else a slice in row order is walked as the index is: ties keep their order. One in value
+    (distance, row). A slice of at most 1/PICK_SHARE of the rows, for a few queries (or any,
+    where the distances are fewer than PICK_ALONE): each distance computed and the k best kept
+    by (distance, index row), whatever the slice's order. Else a slice in row order is walked as the index is: ties keep their order. One in value
     order is put in row order for a batch with a large k where it is small (a stable sort of
     its runs, one per value, each ascending); otherwise scanned for its 2k + 64 nearest:
     where they reach past a query's k-th distance, they hold every row at that distance,
@@ -273,7 +273,7 @@ def slice_topk(part, q, k, bits, threads):
     few = m * PICK_SHARE <= n_rows and len(q) * m <= PICK_WORK  # more: the walk's pruning wins (docs/filters.md)
     if few and removed is None and len(q) * m < kernels.PICK_ALONE:  # the rows side by side, one thread
         return kernels.span_topk(codes.arrays[0][:m], q, k, bits, report, n_rows)
-    if few and (len(q) <= RANK_FIRST_QUERIES or not ascending):
+    if few and len(q) <= RANK_FIRST_QUERIES:
         at = kernels.positions(m) if removed is None else np.flatnonzero(removed == 0)
         return kernels.pick_topk(codes, q, at, k, bits, threads, report=report if removed is None else report[at],
                                  n_rows=n_rows)

@@ -174,10 +174,11 @@ class Postings:
                 j = min(range(len(lists)), key=lambda i: len(lists[i]))
                 return lists[j], len(lists) == 1, True, (("label", name, labels[j]), 0, len(lists[j]))
             return self._union(lists), True, True, None
-        _, order = self._order(tree[1])
+        values, order = self._order(tree[1])
         slices = [(lo, hi) for lo, hi in self._slices(tree) if hi > lo]
-        if len(slices) == 1:  # one value's rows are ascending (a stable sort); a range's are not
-            lo, hi = slices[0]
-            return order[lo:hi], True, tree[2] in ("eq", "in"), (("order", tree[1]), lo, hi)
+        if len(slices) == 1:  # one value's rows are ascending (a stable sort); a range's are not,
+            lo, hi = slices[0]  # unless it holds one value
+            one_value = tree[2] in ("eq", "in") or values[lo] == values[hi - 1]
+            return order[lo:hi], True, bool(one_value), (("order", tree[1]), lo, hi)
         return (np.concatenate([order[lo:hi] for lo, hi in slices] or [np.zeros(0, np.int64)]), True, False,
                 None)
