@@ -71,6 +71,7 @@ def uncompiled(monkeypatch):
     monkeypatch.setattr(kernels, "_compile_behind", started.append)
     monkeypatch.setattr(kernels, "_said_behind", set())
     monkeypatch.setattr(kernels, "_known_ready", set())
+    monkeypatch.setattr(kernels, "_picks_ready", set())
     return started
 
 
