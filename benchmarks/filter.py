@@ -144,8 +144,8 @@ def main():
                           f"{m['new'] / m['unfiltered']:5.2f} {m['repeat']:7.2f} {m['repeat'] / m['unfiltered']:5.2f} "
                           f"| {m['faiss']:8.2f} {m['faiss'] / m['new']:6.1f}", flush=True)
     if a.milvus_rows:  # after hashret's and faiss' rounds: its server process runs beside nothing
-        cells.append(milvus(a.milvus_rows, codes, hot, year, qs, a, {c["share"] + c["filter"] + str(c["queries"])
-                                                                    + "/" + str(c["k"]): c for c in cells[1:]}))
+        cells.append(milvus(a.milvus_rows, codes, hot, year, qs, a,
+                            {(c["share"], c["filter"], c["queries"], c["k"]): c for c in cells[1:]}))
     if a.out:
         Path(a.out).write_text(json.dumps(cells, indent=1))
 
@@ -210,7 +210,7 @@ def milvus(rows, codes, hot, year, qs, a, ours):
                             want = np.sort(d_all[i][ok])[:k]
                             assert [h["distance"] for h in got[i]] == want.tolist(), "Milvus Lite and brute force disagree"
                         ms = median_ms(run, a.rounds)
-                        mine = ours.get(f"{share}{kind}{nq}/{k}", {}).get("new_ms")
+                        mine = ours.get((share, kind, nq, k), {}).get("new_ms")
                         made["cells"].append({"share": share, "filter": kind, "queries": nq, "k": k, "milvus_ms": round(ms, 3)})
                         print(f"{share:>6} {kind:>6} {nq:>4} {k:>5} | Milvus Lite {ms:9.2f} | hashret new "
                               f"{mine if mine is not None else float('nan'):7.2f} | x {ms / mine if mine else float('nan'):7.1f}",

@@ -159,13 +159,12 @@ class Filter:
             self._lists = self.postings.rows(self.tree)
         return self._lists
 
-    def list_slice(self, segs, bits: int, deleted, n_queries: int):
+    def list_slice(self, segs, bits: int, deleted):
         """(codes, rows, removed, ascending, n_rows) where the filter's rows are exactly one slice of
         a row list whose codes are copied (or can be, within the budget): that slice of the
         copy as :class:`~hashret.index.kernels.Segments`, the index rows of its rows, and
         the removed-row mask in its order (None without removals); None otherwise."""
-        est, n = self.estimate(), segs.n_rows
-        if est is None or not self.postings.one_slice(self.tree):
+        if not self.postings.one_slice(self.tree):
             return None
         rows, exact, ascending, source = self.list_rows()
         if not exact or source is None:
@@ -175,7 +174,7 @@ class Filter:
         if copy is None:
             return None
         removed = None if deleted is None else self.postings.removed(key, deleted)[lo:hi]
-        return kernels.Segments.of(copy.arrays[0][lo:hi]), rows, removed, ascending, n
+        return kernels.Segments.of(copy.arrays[0][lo:hi]), rows, removed, ascending, segs.n_rows
 
     def listed(self, n_rows: int, deleted, n_queries: int) -> Selection | None:
         """The filter's rows from the lists, where they bound it to few rows (or to rows
@@ -247,8 +246,7 @@ def rank_first(segs, q, k, bits, deleted, test, threads, share=None):
         ok = rows >= 0
         ok[ok] = test(rows[ok])
         if (ok.sum(axis=1) >= k).all() or kk >= n:
-            out_d = np.full((len(q), k), -1, dtype=np.int32)
-            out_r = np.full((len(q), k), -1, dtype=np.int64)
+            out_d, out_r = kernels.no_results(len(q), k)
             for i in range(len(q)):
                 keep = np.flatnonzero(ok[i])[:k]
                 out_d[i, :len(keep)], out_r[i, :len(keep)] = dist[i, keep], rows[i, keep]
@@ -280,8 +278,7 @@ def slice_topk(part, q, k, bits, threads):
     if not ascending and len(q) > RANK_FIRST_QUERIES and k >= GATHER_HALF_K and m <= SORT_SLICE_ROWS:
         codes, report, removed, ascending, n_rows = in_row_order(part)
     kk = min(k, codes.n_rows)
-    out_d = np.full((len(q), k), -1, dtype=np.int32)
-    out_r = np.full((len(q), k), -1, dtype=np.int64)
+    out_d, out_r = kernels.no_results(len(q), k)
     if kk == 0:
         return out_d, out_r
     wide = kk if ascending else min(codes.n_rows, 2 * kk + 64)
@@ -329,7 +326,7 @@ def topk(segs, q, k, bits, deleted, f: Filter, threads):
     """Top-k over the rows ``f`` selects: a list's slice, listed, ranked first, masked or
     gathered (see the module's notes)."""
     n = segs.n_rows
-    part = f.list_slice(segs, bits, deleted, len(q))
+    part = f.list_slice(segs, bits, deleted)
     if part is not None:
         return slice_topk(part, q, k, bits, threads)
     if f.kept is None and len(q) <= RANK_FIRST_QUERIES and f.listed(n, deleted, len(q)) is None:
@@ -345,8 +342,7 @@ def topk(segs, q, k, bits, deleted, f: Filter, threads):
         return kernels.pick_topk(segs, q, rows, k, bits, threads)
     if not selection.gather_pays(n, len(q), k):
         return kernels.topk(segs, q, k, bits, selection.excluded(), threads)
-    dist = np.full((len(q), k), -1, dtype=np.int32)
-    rows = np.full((len(q), k), -1, dtype=np.int64)
+    dist, rows = kernels.no_results(len(q), k)
     if selection.n:
         chosen, sub = selection.gathered(segs, bits)
         d, r = kernels.topk(sub, q, min(k, selection.n), bits, None, threads)
@@ -358,7 +354,7 @@ def topk(segs, q, k, bits, deleted, f: Filter, threads):
 def range_search(segs, q, radius, bits, deleted, f: Filter, threads):
     """``range_search`` over the rows ``f`` selects (a list's slice, masked or gathered, as
     :func:`topk`)."""
-    part = f.list_slice(segs, bits, deleted, RANK_FIRST_QUERIES + 1)
+    part = f.list_slice(segs, bits, deleted)
     if part is not None:
         codes, report, removed, ascending, _ = part
         lims, dist, r = kernels.range_search(codes, q, radius, bits, removed, threads)

@@ -693,7 +693,7 @@ def _span_distances(words, queries, out):
             out[qi, i] = d
 
 
-def _no_results(n_queries: int, k: int):
+def no_results(n_queries: int, k: int):
     """(distances, rows) of shape (n_queries, k), all -1: what is not found stays so."""
     return np.full((n_queries, k), -1, dtype=np.int32), np.full((n_queries, k), -1, dtype=np.int64)
 
@@ -703,7 +703,7 @@ def span_topk(words: np.ndarray, queries: np.ndarray, k: int, bits: int, report:
     copy), for a few distances in all (under PICK_ALONE): row i is index row ``report[i]``."""
     queries = np.ascontiguousarray(queries).reshape(len(queries), -1)
     kk = min(k, len(words))
-    out_d, out_r = _no_results(len(queries), k)
+    out_d, out_r = no_results(len(queries), k)
     if kk == 0:
         return out_d, out_r
     dist = _scratch(len(queries) * len(words)).reshape(len(queries), len(words))
@@ -726,7 +726,7 @@ def pick_topk(segs: Segments, queries: np.ndarray, rows: np.ndarray, k: int, bit
     report = rows if report is None else np.ascontiguousarray(report, dtype=np.int64)
     n_rows = segs.n_rows if n_rows is None else int(n_rows)
     kk = min(k, len(rows))
-    out_d, out_r = _no_results(len(queries), k)
+    out_d, out_r = no_results(len(queries), k)
     if kk == 0:
         return out_d, out_r
     dist = _scratch(len(queries) * len(rows)).reshape(len(queries), len(rows))
