@@ -30,7 +30,7 @@ from hashret.models.matchers import (MATCHERS, build_matcher,
 HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "head_batch_size": 64,
                  "head_lr": 2e-3, "tau_teacher": 0.25, "tau_student": 0.05, "quantization": 0.1,
                  "hard_weight": 1.0, "head_group": 2,
-                 "head": "in-batch", "smoothing_eps": 0.5, "list_size": 8}
+                 "head": "in-batch", "smoothing_eps": 0.5, "list_size": 8, "list_weight": 1.0}
 # Each matcher's default head and its knob: the head whose best try had the highest
 # agreement@1% on the dev part of the graded scenes (seed 0; `python benchmarks/cascade.py
 # --dataset scenes:n_train=3000,n_dev=300,n_test=5000,graded=0.5 --seeds 0,1,2`, three tries of
@@ -44,7 +44,8 @@ HEAD_PER_MATCHER = {"sgraf": {"head": "distilled", "tau_teacher": 1.0},
                     "shan": {"head": "in-batch", "tau_teacher": 0.25}}
 # what a hash head learns from (its "head" field): the two distillations, and the controls the
 # cascade benchmark trains beside them on the same batches from the same initialisation
-HEADS = {"distilled": "distilled from the matcher's ranking of the head's own hard candidates",
+HEADS = {"distilled": "distilled from the matcher's in-batch scores and its ranking of the head's own hard "
+                      "candidates",
          "in-batch": "distilled from the matcher's in-batch scores",
          "pairs": "the matching pairs alone",
          "smoothing": "the matching pairs, label-smoothed (smoothing_eps)",
@@ -148,19 +149,25 @@ def shuffled_rows(scores, generator):
 
 
 def distilled_loss(teacher: dict, h_img, h_txt, cfg: dict):
-    """The "distilled" head's loss: :func:`listwise_loss` in both directions over each query's
-    list -- its true pair, then its ``list_size`` candidates -- with ``teacher`` the matcher's
-    list scores ({"i2t": Q x L, "t2i": Q x L}) and the student's <h_I, h_T> / b of the same
-    pairs; ``h_img`` / ``h_txt``: the Q batch items' codes, then the lists' (the captions of
-    each image query, the images of each caption query), in query order; plus quantisation."""
+    """The "distilled" head's loss: the in-batch distillation (:func:`distill_loss` against the
+    matcher's batch x batch scores ``teacher["batch"]``) plus ``list_weight`` x
+    :func:`listwise_loss` in both directions over each query's list -- its true pair, then its
+    ``list_size`` candidates -- with ``teacher["i2t"]`` / ``teacher["t2i"]`` the matcher's list
+    scores (Q x L) and the student's <h_I, h_T> / b of the same pairs. ``h_img`` / ``h_txt``:
+    the Q batch items' codes, then the lists' (the captions of each image query, the images of
+    each caption query), in query order. At ``list_weight`` 0 it is the in-batch head's loss:
+    the lists are the one part the two differ in."""
     n, m, b = len(teacher["i2t"]), cfg["list_size"], h_img.shape[1]
     hi, ht = h_img[:n], h_txt[:n]
+    loss = distill_loss(teacher["batch"], hi, ht, cfg["tau_teacher"], cfg["tau_student"], cfg["quantization"],
+                        cfg["hard_weight"])
+    if not cfg["list_weight"]:
+        return loss
     own = (hi * ht).sum(1, keepdim=True)
     s_i2t = torch.cat([own, torch.einsum("qd,qmd->qm", hi, h_txt[n:].view(n, m, b))], 1) / b / cfg["tau_student"]
     s_t2i = torch.cat([own, torch.einsum("qd,qmd->qm", ht, h_img[n:].view(n, m, b))], 1) / b / cfg["tau_student"]
-    return (listwise_loss(teacher["i2t"], s_i2t, cfg["tau_teacher"], cfg["hard_weight"])
-            + listwise_loss(teacher["t2i"], s_t2i, cfg["tau_teacher"], cfg["hard_weight"])
-            + cfg["quantization"] * quantization_loss(h_img, h_txt))
+    return loss + cfg["list_weight"] * (listwise_loss(teacher["i2t"], s_i2t, cfg["tau_teacher"], cfg["hard_weight"])
+                                        + listwise_loss(teacher["t2i"], s_t2i, cfg["tau_teacher"], cfg["hard_weight"]))
 
 
 def head_loss(head: str, cfg: dict, teacher, h_img, h_txt):

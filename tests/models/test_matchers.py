@@ -212,15 +212,20 @@ def test_each_head_trains_on_its_own_target_and_no_other():
     assert [h for h in HEADS if uses_matcher(h)] == ["distilled", "in-batch", "shuffled"]
 
 
-def test_the_distilled_head_learns_the_matchers_ranking_of_each_list_with_the_true_pair_first():
-    # a direct transcription: per query, KL(softmax(z(t') / tau) || softmax(s)) + CE(s, 0), t'
-    # the matcher's list scores with the true pair lifted above a candidate ranked higher
+def test_the_distilled_head_learns_the_matchers_batch_scores_and_its_ranking_of_each_list():
+    # a direct transcription: the in-batch distillation of the batch's codes, plus per query
+    # KL(softmax(z(t') / tau) || softmax(s)) + CE(s, 0), t' the matcher's list scores with the
+    # true pair lifted above a candidate ranked higher
     g = torch.Generator().manual_seed(5)
     q, m, b = 4, 3, 8
-    cfg = {**HEAD_DEFAULTS, "list_size": m, "quantization": 0.0}
+    cfg = {**HEAD_DEFAULTS, "list_size": m, "quantization": 0.1, "list_weight": 0.7}
     h_img, h_txt = torch.randn(q + q * m, b, generator=g).tanh(), torch.randn(q + q * m, b, generator=g).tanh()
     teacher = {d: torch.randn(q, 1 + m, generator=g) for d in ("i2t", "t2i")}
+    teacher["batch"] = 2 * torch.randn(q, q, generator=g)
     teacher["i2t"][0, 0] = -5.0  # the matcher misranks query 0's true pair
+    in_batch = head_loss("in-batch", cfg, teacher["batch"], h_img[:q], h_txt[:q])
+    # without its lists the distilled head is the in-batch head: they differ in that part alone
+    assert head_loss("distilled", {**cfg, "list_weight": 0.0}, teacher, h_img, h_txt).item() == in_batch.item()
     total = 0.0
     for d in ("i2t", "t2i"):
         t = teacher[d].clone()
@@ -237,7 +242,7 @@ def test_the_distilled_head_learns_the_matchers_ranking_of_each_list_with_the_tr
             p = torch.softmax(z[i], 0)
             total += ((p * (torch.log(p) - torch.log_softmax(s, 0))).sum() - torch.log_softmax(s, 0)[0]) / q
     got = head_loss("distilled", cfg, teacher, h_img, h_txt)
-    assert got.item() == pytest.approx(float(total), rel=1e-5)
+    assert got.item() == pytest.approx(in_batch.item() + cfg["list_weight"] * float(total), rel=1e-5)
     # where the matcher ranks the true pair first, its scores are the target as they are
     fine = torch.tensor([[3.0, 1.0, 0.5, -1.0]] * q)
     s = torch.randn(q, 1 + m, generator=g)

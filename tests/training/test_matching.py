@@ -262,10 +262,11 @@ def test_every_head_trains_on_the_same_batches_and_only_the_matchers_heads_read_
         matching.train_head(model, ds, schedule)
         if kind in ("pairs", "smoothing"):
             assert scored == [] and all(t is None for t in taught), kind
-        elif kind == "distilled":  # the matcher's scores of each query's list, the true pair first
-            assert scored == [] and len(taught) > 0
-            for t in taught:
-                assert set(t) == {"i2t", "t2i"} and t["i2t"].shape[1] == 1 + options["list_size"]
+        elif kind == "distilled":  # the matcher's batch scores, and of each query's list, the true pair first
+            assert len(scored) == len(taught) > 0
+            for s, t in zip(scored, taught):
+                assert set(t) == {"batch", "i2t", "t2i"} and t["i2t"].shape[1] == 1 + options["list_size"]
+                assert torch.equal(s, t["batch"]) and s.shape == (len(t["i2t"]),) * 2
         else:
             assert len(scored) == len(taught) > 0
             for s, t in zip(scored, taught):
