@@ -218,7 +218,7 @@ def test_the_distilled_head_learns_the_matchers_batch_scores_and_its_ranking_of_
     # true pair lifted above a candidate ranked higher
     g = torch.Generator().manual_seed(5)
     q, m, b = 4, 3, 8
-    cfg = {**HEAD_DEFAULTS, "list_size": m, "quantization": 0.1, "list_weight": 0.7}
+    cfg = {**HEAD_DEFAULTS, "list_size": m, "quantization": 0.1, "list_weight": 0.7, "list_hard_weight": 0.4}
     h_img, h_txt = torch.randn(q + q * m, b, generator=g).tanh(), torch.randn(q + q * m, b, generator=g).tanh()
     teacher = {d: torch.randn(q, 1 + m, generator=g) for d in ("i2t", "t2i")}
     teacher["batch"] = 2 * torch.randn(q, q, generator=g)
@@ -240,7 +240,8 @@ def test_the_distilled_head_learns_the_matchers_batch_scores_and_its_ranking_of_
                 (h_txt if d == "i2t" else h_img)[q + i * m + j] for j in range(m)]
             s = torch.stack([query @ x for x in items]) / b / cfg["tau_student"]
             p = torch.softmax(z[i], 0)
-            total += ((p * (torch.log(p) - torch.log_softmax(s, 0))).sum() - torch.log_softmax(s, 0)[0]) / q
+            total += ((p * (torch.log(p) - torch.log_softmax(s, 0))).sum()
+                      - cfg["list_hard_weight"] * torch.log_softmax(s, 0)[0]) / q
     got = head_loss("distilled", cfg, teacher, h_img, h_txt)
     assert got.item() == pytest.approx(in_batch.item() + cfg["list_weight"] * float(total), rel=1e-5)
     # where the matcher ranks the true pair first, its scores are the target as they are
