@@ -200,9 +200,9 @@ def _to_device(batch, device):
 
 def train_head(model: MatcherModel, dataset, schedule=None, progress=False, device="cpu") -> list:
     """Train the hash head on what its ``head`` field names (:data:`~hashret.models.distill.HEADS`):
-    the matcher's ranking of the head's own hard candidates (``distilled``: each epoch, every
-    training query's ``list_size`` nearest items under the head's codes, scored by the frozen
-    matcher), the matcher's in-batch score matrix (``in-batch``), or a control -- the pairs
+    the matcher's in-batch score matrix (``in-batch``), that and the matcher's ranking of the
+    head's own hard candidates (``distilled``: each epoch, every training query's ``list_size``
+    nearest items under the head's codes, scored by the frozen matcher), or a control -- the pairs
     alone, the pairs label-smoothed, the in-batch scores shuffled within each row.
     ``schedule``: the batches (:func:`head_schedule`, made here when not given; the cascade
     benchmark makes one and trains every head of a matcher on it)."""
