@@ -556,10 +556,11 @@ def test_a_bad_head_setting_is_refused_before_any_training_and_old_configs_still
 
     vocab = ["<pad>", "<unk>", "a"]
     # each matcher's default head and knob are its dev choice; a head asked for keeps the knob
-    assert MatcherModel("shan", 16, 12, vocab, head="smoothing").config["tau_teacher"] == 0.25
-    assert MatcherModel("han", 16, 12, vocab).config["tau_teacher"] == 1.0
-    assert {m: MatcherModel(m, 16, 12, vocab).config["head"] for m in ("sgraf", "cgam", "han", "shan")} == {
-        "sgraf": "distilled", "cgam": "in-batch", "han": "in-batch", "shan": "in-batch"}
+    assert MatcherModel("shan", 16, 12, vocab, head="smoothing").config["tau_teacher"] == 1.0
+    assert MatcherModel("shan", 16, 12, vocab, head="smoothing", tau_teacher=4.0).config["tau_teacher"] == 4.0
+    for m in ("sgraf", "cgam", "han", "shan"):
+        cfg = MatcherModel(m, 16, 12, vocab).config
+        assert (cfg["head"], cfg["tau_teacher"], cfg["list_weight"], cfg["list_hard_weight"]) == ("distilled", 1.0, 1.0, 0.0)
     with pytest.raises(HashretError, match="head must be one of distilled, in-batch, pairs, smoothing, shuffled"):
         MatcherModel("han", 16, 12, vocab, head="maybe")
     with pytest.raises(HashretError, match="smoothing_eps must be in"):
