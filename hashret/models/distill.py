@@ -9,7 +9,7 @@ softmaxes of teacher and student, each with a temperature, plus the true pairs' 
 quantisation term ||h - sign(h)||^2. ``distilled`` learns that and the matcher's ranking of
 the head's own hard candidates (its current Hamming neighbours), listwise: the two differ in
 those lists alone. Each matcher's default is the head
-its dev part chose (:data:`HEAD_PER_MATCHER`). The controls change the target only:
+its dev part chose (:data:`HEAD_DEFAULTS`, overridden per matcher in :data:`HEAD_PER_MATCHER`). The controls change the target only:
 ``pairs`` (one-hot, in-batch contrastive), ``smoothing`` (the pairs, label-smoothed) and
 ``shuffled`` (the matcher's scores of each row in a random order). Every head of a matcher trains on the same batches (``head_schedule`` in
 :mod:`hashret.training.matching`): random at first, then groups of look-alikes, so that the
@@ -38,8 +38,9 @@ HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "hea
 # --dataset scenes:n_train=3000,n_dev=300,n_test=5000,graded=0.5 --seeds 0,1,2`, three tries of
 # its knob per head; the test figures and the three seeds' spread are in docs/matchers.md):
 # the distilled head at tau 1 for all four (dev 52.1 / 59.0 / 55.5 / 58.6 for SGRAF / CGAM /
-# HAN / SHAN, the in-batch head's best tries 48.1 / 57.1 / 53.7 / 57.4; every control lower).
-HEAD_PER_MATCHER = {name: {"head": "distilled", "tau_teacher": 1.0} for name in ("sgraf", "cgam", "han", "shan")}
+# HAN / SHAN, the in-batch head's best tries 48.1 / 57.1 / 53.7 / 57.4; every control lower) --
+# HEAD_DEFAULTS' head and tau_teacher, so no matcher departs from them here.
+HEAD_PER_MATCHER: dict = {}
 # what a hash head learns from (its "head" field): the two distillations, and the controls the
 # cascade benchmark trains beside them on the same batches from the same initialisation
 HEADS = {"distilled": "distilled from the matcher's in-batch scores and its ranking of the head's own hard "
