@@ -6,6 +6,7 @@ fingerprint) and ``split.npz``. Each file is written to a temporary name and ren
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from hashret.errors import CorruptError, HashretError, check, os_problem
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -220,8 +223,11 @@ def _build(run_dir: Path, info: dict, weights: bytes):
     name = cfg.pop("model")
     try:
         if cfg.pop("kind", None) == "matcher":
-            from hashret.models.distill import MatcherModel
+            from hashret.models.distill import MatcherModel, saved_head_fields
 
+            cfg, warning = saved_head_fields(cfg)
+            if warning:
+                log.warning(f"{run_dir}: {warning}")
             dims = {k: cfg.pop(k) for k in ("bits", "region_dim", "seed")}
             cfg.pop("vocab_size", None)
             model = MatcherModel(name, vocab=info["vocab"], **dims, **cfg)

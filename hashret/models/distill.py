@@ -53,6 +53,22 @@ HEADS = {"distilled": "distilled from the matcher's in-batch scores and its rank
 LEGACY_DISTILL = {True: "in-batch", False: "pairs", "uniform": "smoothing"}
 
 
+def saved_head_fields(cfg: dict) -> tuple[dict, str | None]:
+    """A matcher config read from a checkpoint, with the head fields added since it was
+    written set as that head was trained, so the config says how its codes were made: before
+    ``list_hard_weight``, the true pair's loss among its list was weighted by ``hard_weight``.
+    Returns (the config, a warning or None): a ``distilled`` head from before ``list_weight``
+    learned its lists alone, without the in-batch term, which no setting of today's fields
+    trains -- it loads (the codes are its weights'), but retraining it trains today's head."""
+    cfg, warning = dict(cfg), None
+    if "list_hard_weight" not in cfg:
+        cfg["list_hard_weight"] = cfg.get("hard_weight", HEAD_DEFAULTS["hard_weight"])
+    if cfg.get("head") == "distilled" and "list_weight" not in cfg:
+        warning = ("its distilled head was trained on the matcher's ranking of its lists alone (the head "
+                   "before the in-batch term was added); retraining it (--distill-from) trains today's head")
+    return cfg, warning
+
+
 def check_head(head):
     check(head in HEADS, f"head must be one of {', '.join(HEADS)} (what the hash head learns from), "
           f"got {head!r}")

@@ -122,6 +122,34 @@ def test_distill_from_trains_only_the_head(runs, tmp_path):
     assert r.exit_code == 2 and r.stderr.startswith("error: ")
 
 
+def test_an_older_checkpoint_says_how_its_head_was_trained(runs, tmp_path, caplog):
+    import shutil
+
+    part = load_scenes(SPEC).part("test")
+    want = load_checkpoint(runs / "han").encode_rows(part, "image", np.arange(5))
+    old = tmp_path / "old"
+    shutil.copytree(runs / "han", old)
+    info = json.loads((old / "config.json").read_text())
+    # written before list_hard_weight: the pair's loss among its list followed hard_weight
+    del info["config"]["list_hard_weight"]
+    info["config"]["hard_weight"] = 0.5
+    (old / "config.json").write_text(json.dumps(info))
+    with caplog.at_level("WARNING"):
+        model = load_checkpoint(old)
+    assert model.config["list_hard_weight"] == 0.5 and not caplog.records
+    np.testing.assert_array_equal(model.encode_rows(part, "image", np.arange(5)), want)
+    # a distilled head from before list_weight learned its lists alone: loads, and says so
+    del info["config"]["list_weight"]
+    for head, warned in (("distilled", True), ("in-batch", False)):
+        info["config"]["head"] = head
+        (old / "config.json").write_text(json.dumps(info))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            model = load_checkpoint(old)
+        assert any("lists alone" in r.getMessage() for r in caplog.records) == warned
+        np.testing.assert_array_equal(model.encode_rows(part, "image", np.arange(5)), want)
+
+
 def test_cli_encode_of_a_matcher_checkpoint(runs, tmp_path):
     r = CliRunner().invoke(main, ["encode", "--checkpoint", str(runs / "han"), "--modality", "text",
                                   "--out", str(tmp_path / "c.npy")])
