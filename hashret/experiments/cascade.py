@@ -1,7 +1,8 @@
 """The matcher benchmark behind ``benchmarks/cascade.py``: for each fine-grained matcher on
 scene data, Recall@1/5/10 both ways and rSum for (a) the matcher ranking the whole gallery,
-(b) each hash head -- the in-batch distilled one and its controls (pairs only, label
-smoothing, the matcher's scores shuffled within rows; :data:`~hashret.models.distill.HEADS`),
+(b) each hash head -- the distilled one and its controls (the in-batch distillation alone,
+pairs only, label smoothing, the matcher's scores shuffled within rows;
+:data:`~hashret.models.distill.HEADS`),
 trained on the same batches from the same initialisation -- by its codes alone, and at the
 cascade's operating points: for K in 0.5, 1, 2 and 5% of the gallery, the *agreement* (the
 share of the matcher's own exhaustive top 10 found in the Hamming top K) and the cascade's
