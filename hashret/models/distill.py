@@ -8,10 +8,11 @@ reproduce it -- KL between the row (image -> captions) and column (caption -> im
 softmaxes of teacher and student, each with a temperature, plus the true pairs' loss and a
 quantisation term ||h - sign(h)||^2. ``distilled`` learns that and the matcher's ranking of
 the head's own hard candidates (its current Hamming neighbours), listwise: the two differ in
-those lists alone. Each matcher's default is the head
-its dev part chose (:data:`HEAD_DEFAULTS`, overridden per matcher in :data:`HEAD_PER_MATCHER`). The controls change the target only:
-``pairs`` (one-hot, in-batch contrastive), ``smoothing`` (the pairs, label-smoothed) and
-``shuffled`` (the matcher's scores of each row in a random order). Every head of a matcher trains on the same batches (``head_schedule`` in
+those lists alone. Each matcher's default is the head its dev part chose
+(:data:`HEAD_DEFAULTS`, overridden per matcher in :data:`HEAD_PER_MATCHER`). The controls
+change the target only: ``pairs`` (one-hot, in-batch contrastive), ``smoothing`` (the pairs,
+label-smoothed) and ``shuffled`` (the matcher's scores of each row in a random order). Every
+head of a matcher trains on the same batches (``head_schedule`` in
 :mod:`hashret.training.matching`): random at first, then groups of look-alikes, so that the
 in-batch negatives include what the codes confuse.
 """
