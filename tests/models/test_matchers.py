@@ -561,6 +561,11 @@ def test_a_bad_head_setting_is_refused_before_any_training_and_old_configs_still
     for m in ("sgraf", "cgam", "han", "shan"):
         cfg = MatcherModel(m, 16, 12, vocab).config
         assert (cfg["head"], cfg["tau_teacher"], cfg["list_weight"], cfg["list_hard_weight"]) == ("distilled", 1.0, 1.0, 0.0)
+        # HAN's heads train 16 epochs (its dev part's probe), the others 8; a setting still wins
+        assert cfg["head_epochs"] == (16 if m == "han" else 8)
+        assert MatcherModel(m, 16, 12, vocab, head="pairs", head_epochs=3).config["head_epochs"] == 3
+    from hashret.models.distill import HEAD_PER_MATCHER
+    assert all(m in MATCHERS and set(f) <= set(HEAD_DEFAULTS) for m, f in HEAD_PER_MATCHER.items())
     with pytest.raises(HashretError, match="head must be one of distilled, in-batch, pairs, smoothing, shuffled"):
         MatcherModel("han", 16, 12, vocab, head="maybe")
     with pytest.raises(HashretError, match="smoothing_eps must be in"):
