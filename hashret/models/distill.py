@@ -38,8 +38,8 @@ HEAD_DEFAULTS = {"head_hidden": 256, "head_word_dim": 32, "head_epochs": 8, "hea
 # agreement@1% on the dev part of the graded scenes (seed 0; `python benchmarks/cascade.py
 # --dataset scenes:n_train=3000,n_dev=300,n_test=5000,graded=0.5 --seeds 0,1,2`, three tries of
 # its knob per head; the test figures and the three seeds' spread are in docs/matchers.md):
-# the distilled head at tau 1 for all four (dev 52.1 / 59.0 / 55.5 / 58.6 for SGRAF / CGAM /
-# HAN / SHAN, the in-batch head's best tries 48.1 / 57.1 / 53.7 / 57.4; every control lower) --
+# the distilled head at tau 1 for all four (dev 52.1 / 59.0 / 57.2 / 58.6 for SGRAF / CGAM /
+# HAN / SHAN, the in-batch head's best tries 48.1 / 57.1 / 55.9 / 57.4; every control lower) --
 # HEAD_DEFAULTS' head and tau_teacher. HAN's heads train twice as long: its distilled head's
 # margin was the thinnest, and of two dev probes (16 epochs, a hidden width of 512; each with
 # the in-batch head too) 16 epochs lifted its dev agreement most, 55.5 -> 57.2 (512 wide: 56.8).

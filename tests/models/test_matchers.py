@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from hashret.data.scenes import make_scenes
-from hashret.models.distill import (HEAD_DEFAULTS, HEADS, LIST_FIRST_GAP, HashHead, distill_loss, head_loss,
-                                    listwise_loss, pairs_only_loss, shuffled_rows, smoothing_loss, uses_matcher)
+from hashret.models.distill import (HEAD_DEFAULTS, HEAD_PER_MATCHER, HEADS, LIST_FIRST_GAP, HashHead, distill_loss,
+                                    head_loss, listwise_loss, pairs_only_loss, shuffled_rows, smoothing_loss,
+                                    uses_matcher)
 from hashret.models.matchers import (MATCHERS, build_matcher, hardest_triplet, masked_max, masked_softmax,
                                      softmax_triplet, sum_triplet)
 
@@ -564,7 +565,6 @@ def test_a_bad_head_setting_is_refused_before_any_training_and_old_configs_still
         # HAN's heads train 16 epochs (its dev part's probe), the others 8; a setting still wins
         assert cfg["head_epochs"] == (16 if m == "han" else 8)
         assert MatcherModel(m, 16, 12, vocab, head="pairs", head_epochs=3).config["head_epochs"] == 3
-    from hashret.models.distill import HEAD_PER_MATCHER
     assert all(m in MATCHERS and set(f) <= set(HEAD_DEFAULTS) for m, f in HEAD_PER_MATCHER.items())
     with pytest.raises(HashretError, match="head must be one of distilled, in-batch, pairs, smoothing, shuffled"):
         MatcherModel("han", 16, 12, vocab, head="maybe")
